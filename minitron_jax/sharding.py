@@ -61,8 +61,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """PartitionSpec for an array of `shape` whose axes have these logical names.
 
-    A dimension that the mesh axes do not divide evenly stays replicated (e.g. 9 heads on 2 devices),
-    and a mesh axis is used at most once per array.
+    A dimension that its mesh axes do not divide evenly uses the longest prefix of them that does,
+    or stays replicated (e.g. 3 KV heads on tensor=2); a mesh axis is used at most once per array.
     """
     used: set[str] = set()
     out = []
@@ -70,8 +70,9 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
         target = RULES.get(name) if name else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]  # keep the longest prefix of mesh axes that divides the dimension
+        if not axes:
             out.append(None)
             continue
         used.update(axes)
