@@ -1,0 +1,74 @@
+"""Model checkpoints in orbax format: `params/` (orbax, sharded), `config.json` (HF), tokenizer files.
+
+`minitron convert` writes one from an HF directory, `minitron export` turns one back into HF.
+Restores go straight into the requested shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from .config import LlamaConfig
+from .hf import SIDE_FILES
+from .model import Llama, is_spec, param_specs
+from .sharding import named_sharding
+
+
+def save_model(model: Llama, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` as an orbax checkpoint directory (temporary name, renamed when complete)."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", model.params())
+        ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+            for name in SIDE_FILES:
+                if model.source and (Path(model.source) / name).exists():
+                    shutil.copy2(Path(model.source) / name, tmp / name)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists() and jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
+    """ShapeDtypeStructs carrying the target sharding of every parameter."""
+    dev = SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(spec):
+        shape, axes = spec
+        sharding = named_sharding(axes, shape, mesh) if mesh is not None else dev
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    return jax.tree.map(leaf, param_specs(cfg), is_leaf=is_spec)
+
+
+def load_model(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
+               remat: str = "none") -> Llama:
+    """Restore a checkpoint written by `save_model` into (sharded) device arrays."""
+    path = Path(path).absolute()
+    if not (path / "params").is_dir() or not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a minitron checkpoint (needs params/ and config.json); "
+                                "create one with `minitron convert HF_DIR OUT`")
+    cfg = LlamaConfig.from_file(path / "config.json")
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    params = ocp.StandardCheckpointer().restore(path / "params", abstract_params(cfg, mesh, dtype))
+    model = Llama(cfg.replace(dtype=dtype.name), params=params, compute_dtype=compute_dtype, remat=remat)
+    model.source = str(path)
+    return model
