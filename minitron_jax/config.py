@@ -119,12 +119,10 @@ class LlamaConfig:
         if isinstance(rope, dict) and "rope_type" not in rope and rope and all(isinstance(v, dict) for v in rope.values()):
             raise ConfigError("per-layer-type rope_parameters are not supported for Llama")
         scaling = d.get("rope_scaling")
-        if rope:  # transformers 5.x: everything, theta included, lives in rope_parameters
-            theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-            params = dict(rope)
-        else:  # transformers 4.x: rope_theta at top level, rope_scaling may be null
-            theta = d.get("rope_theta", 10000.0)
-            params = dict(scaling or {})
+        # As transformers 5.x does: a non-null 4.x `rope_scaling` replaces `rope_parameters`; theta comes from
+        # the chosen dict, else the top-level 4.x `rope_theta`, else the default.
+        params = dict(scaling or rope or {})
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = params.get("rope_type", params.get("type", "default"))
         extra = tuple(sorted((k, float(params[k])) for k in LLAMA3_KEYS if k in params)) if rope_type == "llama3" else ()
 
@@ -138,7 +136,7 @@ class LlamaConfig:
             head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta), rope_type=rope_type, rope_scaling=extra,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers' LlamaConfig default
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"), dtype=str(dtype).replace("torch.", ""))
 
@@ -153,6 +151,8 @@ class LlamaConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-export the config") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object; fix or re-export the config")
         return cls.from_hf_dict(d)
 
     def rope_parameters(self) -> dict[str, Any]:

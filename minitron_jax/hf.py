@@ -188,6 +188,8 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
     """Write an HF directory (safetensors shards, config.json, side files copied from `source`)."""
     cfg.check_transformers_loadable()
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; the export needs a directory path")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; choose another path or pass overwrite=True")
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None

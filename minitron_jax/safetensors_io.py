@@ -36,7 +36,10 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > 100 * 2**20:
                     raise SafetensorsError("header length is implausible")
-                header = json.loads(f.read(n))
+                raw = f.read(n)
+                if len(raw) < n:
+                    raise SafetensorsError(f"file is truncated: the header alone needs {n} bytes")
+                header = json.loads(raw)
         except (struct.error, json.JSONDecodeError, UnicodeDecodeError, SafetensorsError) as e:
             raise SafetensorsError(f"{self.path} is not a valid safetensors file ({e}); re-download or re-export it") from e
         self.metadata = header.pop("__metadata__", {}) or {}
@@ -46,7 +49,12 @@ class SafetensorsFile:
         for name, info in header.items():
             if info["dtype"] not in DTYPES:
                 raise SafetensorsError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-            end = info["data_offsets"][1]
+            begin, end = info["data_offsets"]
+            want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+            if not 0 <= begin <= end or end - begin != want:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name} is {info['dtype']}{info['shape']} ({want} bytes) but its data_offsets "
+                    f"{info['data_offsets']} span {end - begin} bytes; the file is corrupt, re-export it")
             if self.data_start + end > size:
                 raise SafetensorsError(f"{self.path} is truncated: tensor {name} ends past the end of the file; re-download it")
         self._mmap = None

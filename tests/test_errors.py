@@ -293,7 +293,7 @@ def test_truncated_safetensors(ckpt, no_weight_reads):
 def test_truncated_inside_header(ckpt, no_weight_reads):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:200])
-    with pytest.raises(SafetensorsError, match=r"is not a valid safetensors file .*re-download or re-export it"):
+    with pytest.raises(SafetensorsError, match=r"(is not a valid safetensors file|is truncated).*re-(download|export)"):
         load(ckpt)
 
 
@@ -430,10 +430,7 @@ def test_save_overwrite_and_empty_dir_are_allowed(ckpt, tmp_path):
                                       np.asarray(model.params()["layers"]["q_proj"]))
 
 
-# ---------------------------------------------------------------------------- known gaps (see report)
-@pytest.mark.xfail(strict=True, reason="bug: LlamaConfig.from_hf_dict defaults tie_word_embeddings to True; "
-                                       "transformers' LlamaConfig defaults it to False, and the untied lm_head.weight "
-                                       "is then silently discarded")
+# ---------------------------------------------------------------------------- config edge cases, as transformers reads them
 def test_missing_tie_key_follows_transformers(ckpt):
     import transformers
     cfg = read_config(ckpt)
@@ -442,8 +439,6 @@ def test_missing_tie_key_follows_transformers(ckpt):
     assert LlamaConfig.from_hf_dict(cfg).tie_word_embeddings is False
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with both rope_parameters and a non-null rope_scaling, transformers 5.x "
-                                       "uses rope_scaling; from_hf_dict silently uses rope_parameters")
 def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
     import transformers
     cfg = read_config(ckpt)  # has rope_parameters {"rope_type": "default"}
@@ -453,8 +448,6 @@ def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
     assert LlamaConfig.from_hf_dict(cfg).rope_type == "llama3"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: SafetensorsFile does not check data_offsets against shape x dtype, so "
-                                       "the mismatch surfaces mid-load as a bare numpy reshape error")
 def test_header_size_disagreeing_with_shape(ckpt, no_weight_reads):
     import struct
     f = ckpt / "model.safetensors"
@@ -470,8 +463,6 @@ def test_header_size_disagreeing_with_shape(ckpt, no_weight_reads):
         load(ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a config.json holding valid JSON that is not an object raises "
-                                       "AttributeError instead of ConfigError")
 def test_config_json_not_an_object(ckpt, no_weight_reads):
     (ckpt / "config.json").write_text("[1, 2, 3]")
     with pytest.raises(ConfigError, match=r"config\.json"):
