@@ -1,0 +1,250 @@
+"""Minitron activation-importance scores (spec section 2), from jitted, sharded forward passes.
+
+Per layer, the model's `capture` hook reduces each activation over the sequence to one value per
+sample and channel (`seq_agg`), inside the layer loop; across samples we keep sums of x and x^2 in
+fp32 on device, so every batch aggregation (`batch_agg`) is exact and one compile serves all batches:
+  l2: sqrt(sum_b x_b^2)   mean: sum_b x_b / n   var: sum_b x_b^2 / n - mean^2
+Default (l2, mean) is ModelOpt's: score[c] = sqrt(sum_b (mean_s |a[b,s,c]|)^2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .model import forward
+from .progress import Progress
+from .safetensors_io import SafetensorsFile, write_file
+from .sharding import named_sharding
+
+SEQ_AGGS = ("mean", "l2", "var")
+BATCH_AGGS = ("l2", "mean", "var")
+MLP_SITES = {"down_proj_in": "down_proj_in", "pre_activation": "mlp_pre"}
+SCORE_KEYS = ("mlp", "heads", "kv_groups", "hidden", "layer_bi", "layer_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    batch_agg: str = "l2"
+    seq_agg: str = "mean"
+    mlp_site: str = "down_proj_in"  # or "pre_activation" (the paper's X W1^T)
+
+    def __post_init__(self):
+        if self.batch_agg not in BATCH_AGGS:
+            raise ValueError(f"batch_agg={self.batch_agg!r}: choose one of {BATCH_AGGS}")
+        if self.seq_agg not in SEQ_AGGS:
+            raise ValueError(f"seq_agg={self.seq_agg!r}: choose one of {SEQ_AGGS}")
+        if self.mlp_site not in MLP_SITES:
+            raise ValueError(f"mlp_site={self.mlp_site!r}: choose one of {sorted(MLP_SITES)}")
+
+
+def seq_reduce(a: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """[B, S, C] -> [B, C] over real tokens (mask [B, S]), in fp32."""
+    a = a.astype(jnp.float32)
+    m = mask[..., None]
+    n = jnp.maximum(mask.sum(1), 1.0)[:, None]
+    if how == "mean":
+        return (jnp.abs(a) * m).sum(1) / n
+    if how == "l2":
+        return jnp.sqrt((a * a * m).sum(1))
+    mean = (a * m).sum(1) / n
+    return jnp.maximum((a * a * m).sum(1) / n - mean * mean, 0.0)
+
+
+def _capture_fn(sc: ScoreConfig) -> Callable:
+    site = MLP_SITES[sc.mlp_site]
+
+    def capture(acts, mask):
+        red = {"mlp": seq_reduce(acts[site], mask, sc.seq_agg),
+               "o_proj_in": seq_reduce(acts["o_proj_in"], mask, sc.seq_agg),
+               "attn_norm": seq_reduce(acts["attn_norm"], mask, sc.seq_agg),
+               "mlp_norm": seq_reduce(acts["mlp_norm"], mask, sc.seq_agg)}
+        x, y = acts["layer_in"].astype(jnp.float32), acts["layer_out"].astype(jnp.float32)
+        cos = (x * y).sum(-1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1), 1e-12)
+        return red, ((1.0 - cos) * mask).sum()
+
+    return capture
+
+
+def init_state(cfg: LlamaConfig) -> dict[str, Any]:
+    L, H, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    Q = cfg.num_attention_heads * cfg.head_dim
+    widths = {"mlp": F, "o_proj_in": Q, "attn_norm": H, "mlp_norm": H}
+    z = lambda c: jnp.zeros((L, c), jnp.float32)  # noqa: E731
+    return {"s1": {k: z(c) for k, c in widths.items()}, "s2": {k: z(c) for k, c in widths.items()},
+            "n": jnp.zeros((), jnp.float32), "bi": jnp.zeros((L,), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
+
+
+def make_step(cfg: LlamaConfig, sc: ScoreConfig, compute_dtype=None) -> Callable:
+    """step(params, state, ids, mask) -> state: one forward, statistics added on device."""
+    capture = _capture_fn(sc)
+
+    def step(params, state, ids, mask):
+        _, (red, bi) = forward(params, cfg, ids, attention_mask=mask, capture=capture, return_hidden=True,
+                               compute_dtype=compute_dtype)
+        real = (mask.sum(1) > 0).astype(jnp.float32)[None, :, None]  # rows that are all padding count for nothing
+        s1 = {k: state["s1"][k] + (v * real).sum(1) for k, v in red.items()}
+        s2 = {k: state["s2"][k] + (v * v * real).sum(1) for k, v in red.items()}
+        return {"s1": s1, "s2": s2, "n": state["n"] + real.sum(), "bi": state["bi"] + bi,
+                "tokens": state["tokens"] + mask.sum()}
+
+    return step
+
+
+def batch_aggregate(s1, s2, n, how: str):
+    if how == "l2":
+        return np.sqrt(s2)
+    mean = s1 / n
+    return mean if how == "mean" else np.maximum(s2 / n - mean * mean, 0.0)
+
+
+def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[str, np.ndarray]:
+    """Accumulated statistics -> per-axis scores (spec section 2 table)."""
+    st = jax.tree.map(lambda x: np.asarray(x, np.float64), state)
+    agg = {k: batch_aggregate(st["s1"][k], st["s2"][k], st["n"], sc.batch_agg) for k in st["s1"]}
+    L, d = cfg.num_hidden_layers, cfg.head_dim
+    heads = np.sqrt((agg["o_proj_in"].reshape(L, cfg.num_attention_heads, d) ** 2).sum(-1))
+    kv = np.sqrt((heads.reshape(L, cfg.num_key_value_heads, cfg.num_kv_groups) ** 2).sum(-1))
+    scores = {"mlp": agg["mlp"], "heads": heads, "kv_groups": kv,
+              "hidden": (agg["attn_norm"] + agg["mlp_norm"]).sum(0),
+              "layer_bi": st["bi"] / st["tokens"]}
+    return {k: v.astype(np.float32) for k, v in scores.items()}
+
+
+def _batches(samples: np.ndarray, batch_size: int):
+    n = len(samples)
+    if n == 0:
+        raise ValueError("no calibration samples")
+    for i in range(0, n, batch_size):
+        ids = samples[i:i + batch_size]
+        mask = np.ones(ids.shape, np.float32)
+        if len(ids) < batch_size:  # pad the last batch with masked rows: same shapes, one compile
+            pad = batch_size - len(ids)
+            ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+            mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), np.float32)])
+        yield ids, mask
+
+
+def _put(x, mesh):
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, named_sharding(("batch", "seq"), x.shape, mesh))
+
+
+def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int = 8,
+                   score_config: ScoreConfig = ScoreConfig(), mesh=None, compute_dtype=None,
+                   log=None, metrics_path=None) -> dict[str, np.ndarray]:
+    """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given."""
+    step = jax.jit(make_step(cfg, score_config, compute_dtype), donate_argnums=1)
+    n_batches = -(-len(samples) // batch_size)
+    prog = Progress(n_batches, "score", metrics_path=metrics_path, stream=log)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        state = init_state(cfg)
+        for ids, mask in _batches(samples, batch_size):
+            state = step(params, state, _put(ids, mesh), _put(mask, mesh))
+            jax.block_until_ready(state["n"])
+            prog.update(tokens=int(mask.sum()))
+    prog.close()
+    return finalize(state, cfg, score_config)
+
+
+# ---------------------------------------------------------------------------- depth metrics by LM loss
+def make_loss_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
+    """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, count)."""
+
+    def loss_sum(params, ids, mask, gates):
+        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        w = mask[:, 1:] * mask[:, :-1]
+        return (nll * w).sum(), w.sum()
+
+    return loss_sum
+
+
+def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.ndarray, *, batch_size: int = 8,
+                 mesh=None, compute_dtype=None, desc: str = "layer-loss", log=None) -> np.ndarray:
+    """Mean LM loss of the model under each row of `gate_sets` [K, L] (0 = layer skipped); one compile."""
+    fn = jax.jit(make_loss_fn(cfg, compute_dtype))
+    batches = [(_put(i, mesh), _put(m, mesh)) for i, m in _batches(samples, batch_size)]
+    prog = Progress(len(gate_sets), desc, stream=log)
+    out = []
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        for gates in np.asarray(gate_sets, np.float32):
+            tot = cnt = 0.0
+            for ids, mask in batches:
+                s, c = fn(params, ids, mask, jnp.asarray(gates))
+                tot, cnt = tot + float(s), cnt + float(c)
+            out.append(tot / cnt)
+            prog.update(tokens=int(cnt))
+    prog.close()
+    return np.asarray(out, np.float32)
+
+
+def layer_skip_losses(params, cfg: LlamaConfig, samples: np.ndarray, **kw) -> np.ndarray:
+    """[L]: LM loss with layer l skipped (higher = more important)."""
+    L = cfg.num_hidden_layers
+    return gated_losses(params, cfg, samples, 1.0 - np.eye(L, dtype=np.float32), **kw)
+
+
+def window_gates(num_layers: int, k: int) -> np.ndarray:
+    """[L-k+1, L]: row i skips the contiguous layers i .. i+k-1."""
+    if not 0 < k < num_layers:
+        raise ValueError(f"window of {k} layers: must be between 1 and {num_layers - 1}")
+    g = np.ones((num_layers - k + 1, num_layers), np.float32)
+    for i in range(num_layers - k + 1):
+        g[i, i:i + k] = 0.0
+    return g
+
+
+# ---------------------------------------------------------------------------- files
+def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
+    """One scores.safetensors (keys as SCORE_KEYS, plus any window_* arrays) with string metadata."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    entries = [(k, v.shape, np.dtype(np.float32), (lambda v=v: np.asarray(v, np.float32))) for k, v in scores.items()]
+    write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
+    tmp.replace(path)
+    return path
+
+
+def load_scores(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    f = SafetensorsFile(path)
+    return {n: np.array(f.tensor(n)) for n in f.names()}, dict(f.metadata)
+
+
+def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """PNG: per-layer head and neuron maps, layer importance, sorted hidden-channel scores."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    for a, key, name in ((ax[0, 0], "heads", "query heads"), (ax[0, 1], "mlp", "MLP neurons")):
+        im = a.imshow(scores[key], aspect="auto", interpolation="nearest", cmap="viridis")
+        a.set(title=f"{name} importance", xlabel="index", ylabel="layer")
+        fig.colorbar(im, ax=a)
+    a = ax[1, 0]
+    a.bar(np.arange(len(scores["layer_bi"])), scores["layer_bi"], label="Block Influence")
+    a.set(title="layer importance", xlabel="layer", ylabel="BI = mean(1 - cos)")
+    if "layer_loss" in scores:
+        b = a.twinx()
+        b.plot(scores["layer_loss"], "r.-", label="LM loss with layer skipped")
+        b.set_ylabel("loss", color="r")
+    a = ax[1, 1]
+    a.plot(np.sort(scores["hidden"])[::-1])
+    a.set(title="hidden channels (sorted)", xlabel="rank", ylabel="score", yscale="log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return Path(path)

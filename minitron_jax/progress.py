@@ -1,0 +1,40 @@
+"""Progress lines (step, tokens/s, ETA) on stderr and a JSONL metrics file, for every long job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, *, metrics_path: str | Path | None = None,
+                 every_s: float = 5.0, stream=None):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream or sys.stderr
+        self.metrics = open(metrics_path, "a") if metrics_path else None
+        self.start = self.last_print = time.perf_counter()
+        self.step = self.tokens = 0
+
+    def update(self, steps: int = 1, tokens: int = 0, **metrics) -> dict:
+        self.step += steps
+        self.tokens += tokens
+        now = time.perf_counter()
+        elapsed = now - self.start
+        rec = {"stage": self.desc, "step": self.step, "total": self.total, "tokens": self.tokens,
+               "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed, **metrics}
+        if self.metrics:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        if now - self.last_print >= self.every_s or self.step >= self.total or self.step == steps:
+            eta = elapsed / self.step * (self.total - self.step) if self.step else float("nan")
+            extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"[{self.desc}] {self.step}/{self.total} {rec['tokens_per_s']:.0f} tok/s "
+                  f"elapsed {elapsed:.0f}s ETA {eta:.0f}s {extra}".rstrip(), file=self.stream, flush=True)
+            self.last_print = now
+        return rec
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
