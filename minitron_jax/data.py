@@ -60,7 +60,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[tuple[str
             raise DataError(f"dataset {path} has no {text_field!r} column (columns: {ds.column_names})")
         docs = [(f"{path.name}:{i}", t) for i, t in enumerate(ds[text_field])]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        # .json files in a directory are metadata (markers, configs), not JSONL data
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
         docs = [d for f in files for d in _read_file(f, text_field)]
     else:
         docs = _read_file(path, text_field)

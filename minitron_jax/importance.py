@@ -9,8 +9,8 @@ Default (l2, mean) is ModelOpt's: score[c] = sqrt(sum_b (mean_s |a[b,s,c]|)^2).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
+from .evaluate import batches, gated_losses, mesh_context, put
 from .model import forward
 from .progress import Progress
 from .safetensors_io import SafetensorsFile, write_file
-from .sharding import named_sharding
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
@@ -118,37 +118,17 @@ def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[s
     return {k: v.astype(np.float32) for k, v in scores.items()}
 
 
-def _batches(samples: np.ndarray, batch_size: int):
-    n = len(samples)
-    if n == 0:
-        raise ValueError("no calibration samples")
-    for i in range(0, n, batch_size):
-        ids = samples[i:i + batch_size]
-        mask = np.ones(ids.shape, np.float32)
-        if len(ids) < batch_size:  # pad the last batch with masked rows: same shapes, one compile
-            pad = batch_size - len(ids)
-            ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), np.float32)])
-        yield ids, mask
-
-
-def _put(x, mesh):
-    if mesh is None:
-        return jnp.asarray(x)
-    return jax.device_put(x, named_sharding(("batch", "seq"), x.shape, mesh))
-
-
 def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int = 8,
                    score_config: ScoreConfig = ScoreConfig(), mesh=None, compute_dtype=None,
-                   log=None, metrics_path=None) -> dict[str, np.ndarray]:
+                   stream=None, metrics_path=None) -> dict[str, np.ndarray]:
     """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given."""
     step = jax.jit(make_step(cfg, score_config, compute_dtype), donate_argnums=1)
     n_batches = -(-len(samples) // batch_size)
-    prog = Progress(n_batches, "score", metrics_path=metrics_path, stream=log)
-    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    prog = Progress(n_batches, "score", metrics_path=metrics_path, stream=stream)
+    with mesh_context(mesh):
         state = init_state(cfg)
-        for ids, mask in _batches(samples, batch_size):
-            state = step(params, state, _put(ids, mesh), _put(mask, mesh))
+        for ids, mask in batches(samples, batch_size):
+            state = step(params, state, put(ids, mesh), put(mask, mesh))
             jax.block_until_ready(state["n"])
             prog.update(tokens=int(mask.sum()))
     prog.close()
@@ -156,38 +136,6 @@ def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size:
 
 
 # ---------------------------------------------------------------------------- depth metrics by LM loss
-def make_loss_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
-    """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, count)."""
-
-    def loss_sum(params, ids, mask, gates):
-        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        w = mask[:, 1:] * mask[:, :-1]
-        return (nll * w).sum(), w.sum()
-
-    return loss_sum
-
-
-def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.ndarray, *, batch_size: int = 8,
-                 mesh=None, compute_dtype=None, desc: str = "layer-loss", log=None) -> np.ndarray:
-    """Mean LM loss of the model under each row of `gate_sets` [K, L] (0 = layer skipped); one compile."""
-    fn = jax.jit(make_loss_fn(cfg, compute_dtype))
-    batches = [(_put(i, mesh), _put(m, mesh)) for i, m in _batches(samples, batch_size)]
-    prog = Progress(len(gate_sets), desc, stream=log)
-    out = []
-    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        for gates in np.asarray(gate_sets, np.float32):
-            tot = cnt = 0.0
-            for ids, mask in batches:
-                s, c = fn(params, ids, mask, jnp.asarray(gates))
-                tot, cnt = tot + float(s), cnt + float(c)
-            out.append(tot / cnt)
-            prog.update(tokens=int(cnt))
-    prog.close()
-    return np.asarray(out, np.float32)
-
-
 def layer_skip_losses(params, cfg: LlamaConfig, samples: np.ndarray, **kw) -> np.ndarray:
     """[L]: LM loss with layer l skipped (higher = more important)."""
     L = cfg.num_hidden_layers
@@ -228,8 +176,9 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
 
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     for a, key, name in ((ax[0, 0], "heads", "query heads"), (ax[0, 1], "mlp", "MLP neurons")):
-        im = a.imshow(scores[key], aspect="auto", interpolation="nearest", cmap="viridis")
-        a.set(title=f"{name} importance", xlabel="index", ylabel="layer")
+        im = a.imshow(np.maximum(scores[key], 1e-8), aspect="auto", interpolation="nearest", cmap="viridis",
+                      norm=matplotlib.colors.LogNorm())
+        a.set(title=f"{name} importance (log scale)", xlabel="index", ylabel="layer")
         fig.colorbar(im, ax=a)
     a = ax[1, 0]
     a.bar(np.arange(len(scores["layer_bi"])), scores["layer_bi"], label="Block Influence")
@@ -248,3 +197,30 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
     plt.close(fig)
     tmp.replace(path)
     return Path(path)
+
+
+def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
+                batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
+                layer_loss_samples: int = 0, text_field: str = "text") -> Path:
+    """Calibration data -> `out_dir/scores.safetensors` (+ scores.png, metrics.jsonl); returns the file."""
+    from .data import load_samples
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field)  # fails fast on bad data
+    params, cfg = model.params(), model.config
+    scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, mesh=mesh,
+                            compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
+    if layer_loss_samples:
+        prog = Progress(cfg.num_hidden_layers, "layer-loss", metrics_path=out_dir / "metrics.jsonl")
+        scores["layer_loss"] = layer_skip_losses(params, cfg, rows[:layer_loss_samples], batch_size=batch_size,
+                                                 mesh=mesh, compute_dtype=model.compute_dtype, progress=prog)
+        prog.close()
+    meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
+            "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
+            "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
+            "config": json.dumps(cfg.to_hf_dict())}
+    path = save_scores(out_dir / "scores.safetensors", scores, meta)
+    plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "
+                f"{samples} x {seq_len} tokens, ({score_config.batch_agg}, {score_config.seq_agg})")
+    return path

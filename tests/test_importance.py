@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import minitron_jax as mj
-from minitron_jax.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates, gated_losses
+from minitron_jax.evaluate import gated_losses
+from minitron_jax.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
 from minitron_jax.sharding import make_mesh
 from helpers import LLAMA3_ROPE, save_tiny
 

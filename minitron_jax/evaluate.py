@@ -1,0 +1,179 @@
+"""Evaluation: LM loss / perplexity on packed text, and multiple-choice log-likelihood tasks.
+
+Tasks are JSONL lines `{"context": str, "choices": [str, ...], "answer": int}` scored as
+lm-evaluation-harness does: the sum of log p(choice tokens | context) picks the answer (`acc`), and
+the same divided by the choice's length in bytes (`acc_norm`). `next_line_task` builds such a task
+from held-out text (the true next line among four) so depth search and reports have a downstream
+metric without a hub. Every function takes optional `layer_gates` (0 = skip a layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LlamaConfig
+from .data import DataError
+from .model import forward
+from .sharding import named_sharding
+
+
+def make_loss_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
+    """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, their count)."""
+
+    def loss_sum(params, ids, mask, gates):
+        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        w = mask[:, 1:] * mask[:, :-1]
+        return (nll * w).sum(), w.sum()
+
+    return loss_sum
+
+
+def batches(samples: np.ndarray, batch_size: int):
+    """Fixed-shape (ids, mask) batches; the last one is padded with masked rows (one compile)."""
+    if len(samples) == 0:
+        raise DataError("no samples to evaluate")
+    for i in range(0, len(samples), batch_size):
+        ids = samples[i:i + batch_size]
+        mask = np.ones(ids.shape, np.float32)
+        pad = batch_size - len(ids)
+        if pad:
+            ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+            mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), np.float32)])
+        yield ids, mask
+
+
+def put(x, mesh):
+    """Host batch -> device, split over the mesh's batch axes when there is a mesh."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, named_sharding(("batch", "seq"), x.shape, mesh))
+
+
+def mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.ndarray, *, batch_size: int = 8,
+                 mesh=None, compute_dtype=None, progress=None) -> np.ndarray:
+    """Mean LM loss under each row of `gate_sets` [K, L]; one compile for all rows and batches."""
+    fn = jax.jit(make_loss_fn(cfg, compute_dtype))
+    with mesh_context(mesh):
+        data = [(put(i, mesh), put(m, mesh)) for i, m in batches(samples, batch_size)]
+        out = []
+        for gates in np.asarray(gate_sets, np.float32):
+            tot = cnt = 0.0
+            for ids, mask in data:
+                s, c = fn(params, ids, mask, jnp.asarray(gates))
+                tot, cnt = tot + float(s), cnt + float(c)
+            out.append(tot / cnt)
+            if progress is not None:
+                progress.update(tokens=int(cnt))
+    return np.asarray(out, np.float32)
+
+
+def lm_loss(params, cfg: LlamaConfig, samples: np.ndarray, **kw) -> float:
+    """Mean next-token cross-entropy of the model on packed rows `samples` [N, S]."""
+    return float(gated_losses(params, cfg, samples, np.ones((1, cfg.num_hidden_layers), np.float32), **kw)[0])
+
+
+# ---------------------------------------------------------------------------- multiple choice
+def load_task(path: str | Path) -> list[dict[str, Any]]:
+    items = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if not {"context", "choices", "answer"} <= set(item) or not 0 <= item["answer"] < len(item["choices"]):
+            raise DataError(f"{path}:{i + 1}: a task line needs context, choices and a valid answer index")
+        items.append(item)
+    if not items:
+        raise DataError(f"{path} holds no task items")
+    return items
+
+
+def next_line_task(docs: Sequence[tuple[str, str]], n_items: int, seed: int = 0, context_lines: int = 4,
+                   n_choices: int = 4, min_chars: int = 20) -> list[dict[str, Any]]:
+    """Pick the true next line among `n_choices` lines of the same text (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    per_doc = [[ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars] for _, text in docs]
+    per_doc = [lines for lines in per_doc if len(lines) > context_lines + n_choices]
+    if not per_doc:
+        raise DataError("the held-out text has too few long lines to build a next-line task")
+    items = []
+    for _ in range(n_items):
+        lines = per_doc[rng.integers(len(per_doc))]
+        i = int(rng.integers(context_lines, len(lines)))
+        distractors = rng.choice([j for j in range(len(lines)) if lines[j] != lines[i]], n_choices - 1, replace=False)
+        choices = [lines[i]] + [lines[j] for j in distractors]
+        order = rng.permutation(n_choices)
+        items.append({"context": "\n".join(lines[i - context_lines:i]) + "\n",
+                      "choices": [choices[o] for o in order], "answer": int(np.argmin(order))})
+    return items
+
+
+def _encode_pairs(items, tokenizer, max_len: int):
+    rows, spans = [], []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for item in items:
+        ctx = bos + tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        for choice in item["choices"]:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = (ctx + cont)[-max_len:]
+            rows.append(ids)
+            spans.append(len(cont) if len(cont) < len(ids) else len(ids) - 1)
+    return rows, spans
+
+
+def make_choice_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
+    def choice_logprob(params, ids, mask, target_mask, gates):
+        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        return (tok * target_mask[:, 1:]).sum(-1)
+
+    return choice_logprob
+
+
+def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], *, gate_sets=None,
+                    batch_size: int = 16, max_len: int = 256, compute_dtype=None, progress=None) -> list[dict[str, float]]:
+    """acc and acc_norm for each row of `gate_sets` (default: the full model)."""
+    rows, spans = _encode_pairs(items, tokenizer, max_len)
+    width = min(max_len, -(-max(len(r) for r in rows) // 32) * 32)
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    tmask = np.zeros((len(rows), width), np.float32)
+    for r, (row, span) in enumerate(zip(rows, spans)):
+        ids[r, :len(row)] = row
+        mask[r, :len(row)] = 1
+        tmask[r, len(row) - span:len(row)] = 1
+    fn = jax.jit(make_choice_fn(cfg, compute_dtype))
+    gate_sets = np.ones((1, cfg.num_hidden_layers), np.float32) if gate_sets is None else np.asarray(gate_sets, np.float32)
+    nbytes = np.asarray([len(c.encode()) for it in items for c in it["choices"]], np.float64)
+    results = []
+    for gates in gate_sets:
+        lp = []
+        for i in range(0, len(rows), batch_size):
+            sl = slice(i, i + batch_size)
+            pad = batch_size - len(ids[sl])
+            b = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, mask, tmask)]
+            lp.append(np.asarray(fn(params, *map(jnp.asarray, b), jnp.asarray(gates)))[: batch_size - pad])
+        lp = np.concatenate(lp)
+        k = acc = acc_norm = 0
+        for it in items:
+            n = len(it["choices"])
+            acc += int(np.argmax(lp[k:k + n]) == it["answer"])
+            acc_norm += int(np.argmax(lp[k:k + n] / nbytes[k:k + n]) == it["answer"])
+            k += n
+        results.append({"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)})
+        if progress is not None:
+            progress.update(tokens=int(mask.sum()))
+    return results
