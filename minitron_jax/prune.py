@@ -16,6 +16,7 @@ Every target is validated against the config before any array is touched.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from typing import Any, Callable
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .config import LlamaConfig
-from .model import param_specs
+from .model import is_spec, param_specs
 from .sharding import named_sharding
 
 SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -42,25 +43,20 @@ class PruneError(ValueError):
 
 
 def _layer_list(v) -> tuple[int, ...]:
-    if isinstance(v, str):
-        out = []
-        for part in filter(None, v.replace(" ", "").split(",")):
-            a, sep, b = part.partition("-")
-            if not (a.isdigit() and (b.isdigit() if sep else True)) or (sep and int(b) < int(a)):
-                raise PruneError(f"drop_layers: cannot read {part!r}; write 0-indexed layers as '16-30' or '16,17,18'")
-            out += range(int(a), int(b) + 1) if sep else [int(a)]
-        return tuple(out)
-    return tuple(int(i) for i in (v or ()))
+    if not isinstance(v, str):
+        return (int(v),) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in (v or ()))
+    out = []
+    for part in filter(None, v.replace(" ", "").split(",")):
+        a, sep, b = part.partition("-")
+        if not (a.isdigit() and (b.isdigit() if sep else True)) or (sep and int(b) < int(a)):
+            raise PruneError(f"drop_layers: cannot read {part!r}; write 0-indexed layers as '16-30' or '16,17,18'")
+        out += range(int(a), int(b) + 1) if sep else [int(a)]
+    return tuple(out)
 
 
-def _ranges(ix) -> str:
-    parts, ix = [], sorted(ix)
-    for i in ix:
-        if parts and parts[-1][1] == i - 1:
-            parts[-1][1] = i
-        else:
-            parts.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+def _ranges(ix) -> str:  # (1, 2, 3, 7) -> "1-3,7"
+    runs = [[i for _, i in g] for _, g in itertools.groupby(enumerate(sorted(ix)), lambda p: p[1] - p[0])]
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +78,15 @@ class PruneTarget:
     def parse(cls, spec: "str | dict | PruneTarget") -> "PruneTarget":
         if isinstance(spec, cls):
             return spec
-        if isinstance(spec, str):
-            items, key = {}, None
-            for tok in filter(None, (t.strip() for t in spec.split(","))):
-                if "=" in tok:
-                    key, val = (s.strip() for s in tok.split("=", 1))
-                    key = ALIASES.get(key, key)
-                    if key in items:
-                        raise PruneError(f"target {spec!r} sets {key} twice")
-                    items[key] = val
-                elif key == "drop_layers":
-                    items[key] += "," + tok
-                else:
-                    raise PruneError(f"cannot read {tok!r} in target {spec!r}: write key=value pairs, "
-                                     "e.g. 'hidden_size=432,intermediate_size=1024,drop_layers=16-29'")
-            spec = items
+        if isinstance(spec, str):  # split at commas followed by "key=", so drop_layers=1,2,5-7 stays whole
+            items = [tok.split("=", 1) for tok in re.split(r",\s*(?=\w+\s*=)", spec.strip()) if tok]
+            if bad := [tok[0] for tok in items if len(tok) != 2]:
+                raise PruneError(f"cannot read {bad[0]!r} in target {spec!r}: write key=value pairs, "
+                                 "e.g. 'hidden_size=432,intermediate_size=1024,drop_layers=16-29'")
+            keys = [ALIASES.get(k.strip(), k.strip()) for k, _ in items]
+            if len(set(keys)) < len(keys):
+                raise PruneError(f"target {spec!r} sets a key twice")
+            spec = {k: v.strip() for k, (_, v) in zip(keys, items)}
         if not isinstance(spec, dict):
             raise PruneError(f"a pruning target is a string, dict or PruneTarget, not {type(spec).__name__}")
         valid = SIZES + ("drop_layers", "depth_metric")
@@ -106,20 +96,19 @@ class PruneTarget:
             if k not in valid:
                 raise PruneError(f"unknown target key {k!r}; valid keys: {', '.join(valid)} "
                                  f"(short forms: {', '.join(ALIASES)})")
-            if k in SIZES and v is not None:
-                try:
-                    v = int(v) if isinstance(v, str) or float(v) == int(v) else v
-                except (TypeError, ValueError):
-                    raise PruneError(f"{k}={v!r} is not an integer") from None
-            kw[k] = v
+            if k in SIZES and isinstance(v, str):
+                if not v.strip().lstrip("-").isdigit():
+                    raise PruneError(f"{k}={v!r} is not an integer")
+                v = int(v)
+            kw[k] = int(v) if isinstance(v, np.integer) else v
         return cls(**kw)
 
-    def __str__(self) -> str:
+    from_dict = parse
+
+    def __str__(self) -> str:  # parse(str(t)) == t
         parts = [f"{k}={getattr(self, k)}" for k in SIZES if getattr(self, k) is not None]
-        if self.drop_layers:
-            parts.append(f"drop_layers={_ranges(self.drop_layers)}")
-        if self.depth_metric != "bi":
-            parts.append(f"depth_metric={self.depth_metric}")
+        parts += [f"drop_layers={_ranges(self.drop_layers)}"] * bool(self.drop_layers)
+        parts += [f"depth_metric={self.depth_metric}"] * (self.depth_metric != "bi")
         return ",".join(parts) or "(unchanged)"
 
 
@@ -133,7 +122,7 @@ def validate(cfg: LlamaConfig, target) -> LlamaConfig:
         if v is None:
             continue
         if not isinstance(v, int) or isinstance(v, bool):
-            raise PruneError(f"{f}={v!r} must be an integer")
+            raise PruneError(f"{f}={v!r} is not an integer")
         if f == "num_hidden_layers" and v <= 0:
             raise PruneError(f"num_hidden_layers={v} would drop all layers; keep 1..{L}")
         if not 1 <= v <= src:
@@ -178,40 +167,29 @@ def validate(cfg: LlamaConfig, target) -> LlamaConfig:
 pruned_config = validate
 
 
-def count_params(cfg: LlamaConfig) -> int:
-    return cfg.param_count()
+count_params = LlamaConfig.param_count
 
 
 def dry_run(config: "str | LlamaConfig", target) -> tuple[LlamaConfig, int]:
     """Pruned config and its parameter count from a config.json (or LlamaConfig) alone."""
     cfg = config if isinstance(config, LlamaConfig) else LlamaConfig.from_file(config)
-    new = pruned_config(cfg, target)
-    return new, new.param_count()
+    return (new := pruned_config(cfg, target)), new.param_count()
 
 
 def required_scores(cfg: LlamaConfig, target) -> dict[str, tuple[int, ...]]:
     """Score keys (with their shapes) that pruning `cfg` to `target` needs."""
-    t, new = PruneTarget.parse(target), validate(cfg, target)
-    L = cfg.num_hidden_layers
-    need = {}
-    if new.hidden_size < cfg.hidden_size:
-        need["hidden"] = (cfg.hidden_size,)
-    if new.intermediate_size < cfg.intermediate_size:
-        need["mlp"] = (L, cfg.intermediate_size)
-    if new.num_key_value_heads < cfg.num_key_value_heads:
-        need["kv_groups"] = (L, cfg.num_key_value_heads)
-    if new.num_kv_groups < cfg.num_kv_groups:
-        need["heads"] = (L, cfg.num_attention_heads)
-    if new.num_hidden_layers < L and not t.drop_layers:
-        need[DEPTH_METRICS[t.depth_metric]] = (L,)
-    return need
+    t, new, L = PruneTarget.parse(target), validate(cfg, target), cfg.num_hidden_layers
+    need = {"hidden": (new.hidden_size < cfg.hidden_size, (cfg.hidden_size,)),
+            "mlp": (new.intermediate_size < cfg.intermediate_size, (L, cfg.intermediate_size)),
+            "kv_groups": (new.num_key_value_heads < cfg.num_key_value_heads, (L, cfg.num_key_value_heads)),
+            "heads": (new.num_kv_groups < cfg.num_kv_groups, (L, cfg.num_attention_heads)),
+            DEPTH_METRICS[t.depth_metric]: (new.num_hidden_layers < L and not t.drop_layers, (L,))}
+    return {k: shape for k, (needed, shape) in need.items() if needed}
 
 
 def _check_scores(cfg, target, scores) -> dict[str, np.ndarray]:
-    need = required_scores(cfg, target)
-    scores = scores or {}
-    out = {}
-    for key, shape in need.items():
+    scores, out = scores or {}, {}
+    for key, shape in required_scores(cfg, target).items():
         if key not in scores:
             raise PruneError(f"scores lack {key!r} (shape {list(shape)}), needed for target {PruneTarget.parse(target)}; "
                              f"scores present: {sorted(scores)}. Compute it with minitron_jax.importance")
@@ -241,10 +219,9 @@ def plan(cfg: LlamaConfig, scores: dict, target) -> dict[str, np.ndarray | None]
     t, new = PruneTarget.parse(target), validate(cfg, target)
     sc = _check_scores(cfg, t, scores)
     L, G, Gt = cfg.num_hidden_layers, cfg.num_kv_groups, new.num_kv_groups
-    if t.drop_layers:
-        drop = set(t.drop_layers)
-    else:  # the (L - target) lowest by the depth metric; lowest = least important for both metrics
-        drop = set(np.argsort(sc.get(DEPTH_METRICS[t.depth_metric], np.zeros(L)), kind="stable")[: L - new.num_hidden_layers].tolist())
+    # explicit drop_layers, else the (L - target) lowest by the depth metric (lowest = least important)
+    metric = sc.get(DEPTH_METRICS[t.depth_metric], np.zeros(L))
+    drop = set(t.drop_layers or np.argsort(metric, kind="stable")[: L - new.num_hidden_layers].tolist())
     layers = np.array([i for i in range(L) if i not in drop])
     p = {"layers": layers if len(layers) < L else None, "hidden": None, "mlp": None, "q_heads": None, "kv_groups": None}
     if new.hidden_size < cfg.hidden_size:
@@ -264,32 +241,27 @@ def plan(cfg: LlamaConfig, scores: dict, target) -> dict[str, np.ndarray | None]
     return p
 
 
-def _xp(x):
-    return np if isinstance(x, np.ndarray) else jnp
+def _take(x, idx, axis):  # NumPy stays NumPy, JAX stays JAX
+    return (np if isinstance(x, np.ndarray) else jnp).take(x, idx, axis=axis)
 
 
-def _take(x, idx, axis):
-    return _xp(x).take(x, idx, axis=axis)
-
-
-def _take_per_layer(x, idx, axis):  # idx [L', k]: a different keep-set for every layer
+def _take_per_layer(x, idx, axis):  # idx [L', k]: a different keep-set in every layer
     idx = idx[:, :, None] if axis == 1 else idx[:, None, :]
-    return _xp(x).take_along_axis(x, idx, axis=axis)
+    return (np if isinstance(x, np.ndarray) else jnp).take_along_axis(x, idx, axis=axis)
 
 
 def prune(params: dict[str, Any], cfg: LlamaConfig, scores: dict, target) -> tuple[dict[str, Any], LlamaConfig]:
-    """Pure: slice `params` (NumPy or JAX arrays, layout of `model.param_specs`) to `target`.
-    NumPy in gives NumPy out; sharded JAX arrays come back sharded on the same mesh by the same rules."""
+    """Pure: slice `params` (NumPy or JAX arrays, layout of `model.param_specs`) to `target`; returns
+    (params, pruned config). NumPy in gives NumPy out; sharded JAX arrays come back sharded on the same
+    mesh by the same logical rules. Arrays on an axis that is not pruned are passed through, not copied."""
     new = validate(cfg, target)
     p = plan(cfg, scores, target)  # every check happens before this line touches an array
     out = {k: v for k, v in params.items() if k != "layers"}
     lay = dict(params["layers"])
     if p["layers"] is not None:
         lay = {k: _take(v, p["layers"], 0) for k, v in lay.items()}
-    if (h := p["hidden"]) is not None:
-        for k in ("embed_tokens", "lm_head"):
-            if k in out:
-                out[k] = _take(out[k], h, 1)
+    if (h := p["hidden"]) is not None:  # lm_head is absent when tied: one matrix, sliced once
+        out.update({k: _take(out[k], h, 1) for k in ("embed_tokens", "lm_head") if k in out})
         out["norm"] = _take(out["norm"], h, 0)
         lay.update({k: _take(lay[k], h, lay[k].ndim - 1) for k in HIDDEN_IN})
         lay.update({k: _take(lay[k], h, 1) for k in HIDDEN_OUT})
@@ -307,17 +279,15 @@ def prune(params: dict[str, Any], cfg: LlamaConfig, scores: dict, target) -> tup
 
 
 def _reshard(new: dict, old: dict, cfg: LlamaConfig) -> dict:
-    specs = param_specs(cfg)
-
+    """Sliced arrays whose source had a NamedSharding go back onto that mesh by the logical rules."""
     def fix(n, o, spec):
         sh = getattr(o, "sharding", None)
         if n is o or not isinstance(n, jax.Array) or not isinstance(sh, NamedSharding):
             return n
         return jax.device_put(n, named_sharding(spec[1], n.shape, sh.mesh))
-
-    out = {k: fix(v, old[k], specs[k]) for k, v in new.items() if k != "layers"}
-    out["layers"] = {k: fix(v, old["layers"][k], specs["layers"][k]) for k, v in new["layers"].items()}
-    return out
+    if not any(isinstance(getattr(x, "sharding", None), NamedSharding) for x in jax.tree.leaves(old)):
+        return new  # NumPy or single-device input: nothing to restore
+    return jax.tree.map(fix, new, old, param_specs(cfg), is_leaf=lambda x: x is None or is_spec(x))
 
 
 # ---------------------------------------------------------------------------- budget search
@@ -333,10 +303,8 @@ def parse_count(x) -> int:
     return int(round(float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m[2]]))
 
 
-def _spread(items: list, k: int) -> list:
-    if len(items) <= k:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, k).round().astype(int)]
+def _spread(items: list, k: int) -> list:  # k items evenly spaced through the list
+    return list(items) if len(items) <= k else [items[i] for i in np.linspace(0, len(items) - 1, k).round().astype(int)]
 
 
 def candidate_targets(cfg: LlamaConfig, budget, tol: float = 0.05, max_candidates: int = 24, *,
@@ -380,15 +348,14 @@ def candidate_targets(cfg: LlamaConfig, budget, tol: float = 0.05, max_candidate
                     hidden_size=hid if hid < H else None, intermediate_size=f if f < F else None,
                     num_attention_heads=heads if heads < cfg.num_attention_heads else None,
                     num_hidden_layers=n if n < L else None, depth_metric=depth_metric))
-    quota, left = {k: 0 for k in fams}, max_candidates
+    quota, left = {k: 0 for k in fams}, max_candidates  # share the cap evenly among the families
     while left and any(quota[k] < len(v) for k, v in fams.items()):
-        for k, v in fams.items():
-            if left and quota[k] < len(v):
-                quota[k], left = quota[k] + 1, left - 1
+        for k in (k for k, v in fams.items() if quota[k] < len(v) and left):
+            quota[k], left = quota[k] + 1, left - 1
     return [t for k, v in fams.items() for t in _spread(v, quota[k])]
 
 
-def _key(loss: float) -> float:
+def _nan_last(loss: float) -> float:
     return math.inf if math.isnan(loss) else loss
 
 
@@ -410,10 +377,9 @@ def search(params: dict[str, Any], cfg: LlamaConfig, scores: dict, budget,
         loss = float(evaluate(p, c))
         table.append({"target": t, "spec": str(t), "params": c.param_count(), "loss": loss, "config": c})
         log(f"[{i + 1}/{len(cands)}] {t}: {c.param_count():,} params, loss {loss:.4f}")
-        if best is None or _key(loss) < _key(best[0]):
-            best = (loss, p, c)
-        del p
-    table.sort(key=lambda r: _key(r["loss"]))
+        if best is None or _nan_last(loss) < _nan_last(best[0]):
+            best = (loss, p, c)  # only the best pruned model is kept in memory
+    table.sort(key=lambda r: _nan_last(r["loss"]))
     width = max(len(r["spec"]) for r in table)
     log(f"{'target':<{width}}  {'params':>15}  loss")
     for r in table:
