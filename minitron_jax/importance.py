@@ -201,8 +201,12 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
 
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
-                layer_loss_samples: int = 0, text_field: str = "text") -> Path:
-    """Calibration data -> `out_dir/scores.safetensors` (+ scores.png, metrics.jsonl); returns the file."""
+                layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text") -> Path:
+    """Calibration data -> `out_dir/scores.safetensors` (+ scores.png, metrics.jsonl); returns the file.
+
+    `layer_loss_samples` > 0 adds `layer_loss` [L] (LM loss with each layer skipped, on that many rows).
+    `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
+    with the block skipped, or 1 - acc_norm on `task_items` (multiple-choice) when given."""
     from .data import load_samples
 
     out_dir = Path(out_dir)
@@ -216,9 +220,23 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
         scores["layer_loss"] = layer_skip_losses(params, cfg, rows[:layer_loss_samples], batch_size=batch_size,
                                                  mesh=mesh, compute_dtype=model.compute_dtype, progress=prog)
         prog.close()
+    if window:
+        gates = window_gates(cfg.num_hidden_layers, window)
+        prog = Progress(len(gates), f"window-{window}", metrics_path=out_dir / "metrics.jsonl")
+        if task_items:
+            from .evaluate import multiple_choice
+            res = multiple_choice(params, cfg, tokenizer, task_items, gate_sets=gates, batch_size=batch_size,
+                                  compute_dtype=model.compute_dtype, progress=prog)
+            scores["layer_window"] = np.asarray([1.0 - r["acc_norm"] for r in res], np.float32)
+        else:
+            n = layer_loss_samples or min(len(rows), 32)
+            scores["layer_window"] = gated_losses(params, cfg, rows[:n], gates, batch_size=batch_size, mesh=mesh,
+                                                  compute_dtype=model.compute_dtype, progress=prog)
+        prog.close()
     meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
             "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
+            "window": window, "window_metric": ("task" if task_items else "loss") if window else "",
             "config": json.dumps(cfg.to_hf_dict())}
     path = save_scores(out_dir / "scores.safetensors", scores, meta)
     plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "

@@ -33,7 +33,9 @@ from .sharding import named_sharding
 SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 ALIASES = {"hidden": "hidden_size", "ffn": "intermediate_size", "heads": "num_attention_heads",
            "kv_heads": "num_key_value_heads", "layers": "num_hidden_layers", "drop": "drop_layers"}
-DEPTH_METRICS = {"bi": "layer_bi", "loss": "layer_loss"}  # both: the LOWEST score is dropped first
+# lowest score is dropped first; "window" scores contiguous blocks: layer_window[i] is the loss (or
+# 1 - task accuracy) with layers i .. i+k-1 skipped, and the best block is dropped whole
+DEPTH_METRICS = {"bi": "layer_bi", "loss": "layer_loss", "window": "layer_window"}
 HIDDEN_IN = ("input_layernorm", "post_attention_layernorm", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 HIDDEN_OUT = ("o_proj", "down_proj")
 
@@ -69,7 +71,7 @@ class PruneTarget:
     num_key_value_heads: int | None = None
     num_hidden_layers: int | None = None
     drop_layers: tuple[int, ...] = ()
-    depth_metric: str = "bi"  # "bi" | "loss": used when num_hidden_layers is given without drop_layers
+    depth_metric: str = "bi"  # "bi" | "loss" | "window": used when num_hidden_layers is given without drop_layers
 
     def __post_init__(self):
         object.__setattr__(self, "drop_layers", _layer_list(self.drop_layers))
@@ -183,7 +185,8 @@ def required_scores(cfg: LlamaConfig, target) -> dict[str, tuple[int, ...]]:
             "mlp": (new.intermediate_size < cfg.intermediate_size, (L, cfg.intermediate_size)),
             "kv_groups": (new.num_key_value_heads < cfg.num_key_value_heads, (L, cfg.num_key_value_heads)),
             "heads": (new.num_kv_groups < cfg.num_kv_groups, (L, cfg.num_attention_heads)),
-            DEPTH_METRICS[t.depth_metric]: (new.num_hidden_layers < L and not t.drop_layers, (L,))}
+            DEPTH_METRICS[t.depth_metric]: (new.num_hidden_layers < L and not t.drop_layers,
+                                            (new.num_hidden_layers + 1,) if t.depth_metric == "window" else (L,))}
     return {k: shape for k, (needed, shape) in need.items() if needed}
 
 
@@ -221,7 +224,12 @@ def plan(cfg: LlamaConfig, scores: dict, target) -> dict[str, np.ndarray | None]
     L, G, Gt = cfg.num_hidden_layers, cfg.num_kv_groups, new.num_kv_groups
     # explicit drop_layers, else the (L - target) lowest by the depth metric (lowest = least important)
     metric = sc.get(DEPTH_METRICS[t.depth_metric], np.zeros(L))
-    drop = set(t.drop_layers or np.argsort(metric, kind="stable")[: L - new.num_hidden_layers].tolist())
+    k = L - new.num_hidden_layers
+    if t.depth_metric == "window" and k and not t.drop_layers:
+        start = int(np.argmin(metric))
+        drop = set(range(start, start + k))
+    else:
+        drop = set(t.drop_layers or np.argsort(metric, kind="stable")[:k].tolist())
     layers = np.array([i for i in range(L) if i not in drop])
     p = {"layers": layers if len(layers) < L else None, "hidden": None, "mlp": None, "q_heads": None, "kv_groups": None}
     if new.hidden_size < cfg.hidden_size:

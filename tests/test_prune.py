@@ -230,7 +230,7 @@ SRC = LlamaConfig.from_hf_dict(SMOLLM2)
     ("num_hidden_layers=20,drop_layers=0-4", r"leaves 25; set num_hidden_layers=25"),
     ("drop_layers=0-29", r"drops all 30 layers"),
     ("num_hidden_layers=0", r"would drop all layers"),
-    ("depth_metric=ppl,num_hidden_layers=3", r"choose one of \['bi', 'loss'\]"),
+    ("depth_metric=ppl,num_hidden_layers=3", r"choose one of \['bi', 'loss', 'window'\]"),
     ("hiden_size=3", r"unknown target key 'hiden_size'"),
     ("drop_layers=5-2", r"cannot read '5-2'"),
     ("hidden_size=4.5", r"not an integer")])
@@ -323,3 +323,15 @@ def test_pruned_model_loads_in_transformers(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     assert rel_err(forward(new_p, new_cfg, jnp.asarray(ids)), ref) <= 1e-5
+
+
+def test_window_depth_metric_drops_the_best_contiguous_block():
+    """depth_metric=window drops the whole block whose removal scored best (lowest)."""
+    from minitron_jax.prune import plan
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    window = np.array([3.0, 2.5, 1.0, 4.0])  # k = 3 -> 4 windows; window 2 (layers 2,3,4) is best
+    p = plan(cfg, {"layer_window": window}, "num_hidden_layers=3,depth_metric=window")
+    assert p["layers"].tolist() == [0, 1, 5]
+    with pytest.raises(PruneError, match="layer_window"):
+        plan(cfg, {"layer_window": window[:3]}, "num_hidden_layers=3,depth_metric=window")
