@@ -48,14 +48,14 @@ class ScoreConfig:
 def seq_reduce(a: jax.Array, mask: jax.Array, how: str) -> jax.Array:
     """[B, S, C] -> [B, C] over real tokens (mask [B, S]), in fp32."""
     a = a.astype(jnp.float32)
-    m = mask[..., None]
     n = jnp.maximum(mask.sum(1), 1.0)[:, None]
+    msum = lambda x: jnp.einsum("bsc,bs->bc", x, mask)  # noqa: E731  (masked sum over the sequence)
     if how == "mean":
-        return (jnp.abs(a) * m).sum(1) / n
+        return msum(jnp.abs(a)) / n
     if how == "l2":
-        return jnp.sqrt((a * a * m).sum(1))
-    mean = (a * m).sum(1) / n
-    return jnp.maximum((a * a * m).sum(1) / n - mean * mean, 0.0)
+        return jnp.sqrt(msum(a * a))
+    mean = msum(a) / n
+    return jnp.maximum(msum(a * a) / n - mean * mean, 0.0)
 
 
 def _capture_fn(sc: ScoreConfig) -> Callable:
