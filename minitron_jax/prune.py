@@ -360,7 +360,13 @@ def candidate_targets(cfg: LlamaConfig, budget, tol: float = 0.05, max_candidate
     while left and any(quota[k] < len(v) for k, v in fams.items()):
         for k in (k for k, v in fams.items() if quota[k] < len(v) and left):
             quota[k], left = quota[k] + 1, left - 1
-    return [t for k, v in fams.items() for t in _spread(v, quota[k])]
+    out = [t for k, v in fams.items() for t in _spread(v, quota[k])]
+    if not out:
+        emb = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2)
+        raise PruneError(f"no candidate shapes within +-{tol:.0%} of {budget:,} params (source {cfg.param_count():,}, "
+                         f"of which embeddings {emb:,}); widen tol, lower min_layers or use finer "
+                         "hidden_multiple / ffn_multiple")
+    return out
 
 
 def _nan_last(loss: float) -> float:

