@@ -32,6 +32,8 @@ def _read_file(path: Path, field: str) -> list[tuple[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i + 1} is not valid JSON ({e}); JSONL needs one object per line") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i + 1} is a JSON {type(row).__name__}, not an object; JSONL needs one object per line")
             if field not in row:
                 raise DataError(f"{path}:{i + 1} has no {field!r} field (keys: {sorted(row)}); pass text_field=...")
             out.append((f"{path.name}:{i + 1}", row[field]))

@@ -91,9 +91,15 @@ def load_task(path: str | Path) -> list[dict[str, Any]]:
     for i, line in enumerate(Path(path).read_text().splitlines()):
         if not line.strip():
             continue
-        item = json.loads(line)
-        if not {"context", "choices", "answer"} <= set(item) or not 0 <= item["answer"] < len(item["choices"]):
-            raise DataError(f"{path}:{i + 1}: a task line needs context, choices and a valid answer index")
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i + 1} is not valid JSON ({e})") from e
+        if (not isinstance(item, dict) or not {"context", "choices", "answer"} <= set(item)
+                or not isinstance(item["answer"], int) or not 0 <= item["answer"] < len(item["choices"])
+                or not all(isinstance(c, str) and c for c in item["choices"])):
+            raise DataError(f"{path}:{i + 1}: a task line needs context, non-empty string choices and a valid "
+                            'integer answer index, e.g. {"context": "...", "choices": ["a", "b"], "answer": 0}')
         items.append(item)
     if not items:
         raise DataError(f"{path} holds no task items")
@@ -105,15 +111,16 @@ def next_line_task(docs: Sequence[tuple[str, str]], n_items: int, seed: int = 0,
     """Pick the true next line among `n_choices` lines of the same text (deterministic for a seed)."""
     rng = np.random.default_rng(seed)
     per_doc = [[ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars] for _, text in docs]
-    per_doc = [lines for lines in per_doc if len(lines) > context_lines + n_choices]
+    per_doc = [lines for lines in per_doc if len(lines) > context_lines + n_choices and len(set(lines)) >= n_choices]
     if not per_doc:
         raise DataError("the held-out text has too few long lines to build a next-line task")
     items = []
     for _ in range(n_items):
         lines = per_doc[rng.integers(len(per_doc))]
         i = int(rng.integers(context_lines, len(lines)))
-        distractors = rng.choice([j for j in range(len(lines)) if lines[j] != lines[i]], n_choices - 1, replace=False)
-        choices = [lines[i]] + [lines[j] for j in distractors]
+        others = sorted(set(lines) - {lines[i]})  # distinct distractors, never the answer itself
+        distractors = rng.choice(len(others), n_choices - 1, replace=False)
+        choices = [lines[i]] + [others[j] for j in distractors]
         order = rng.permutation(n_choices)
         items.append({"context": "\n".join(lines[i - context_lines:i]) + "\n",
                       "choices": [choices[o] for o in order], "answer": int(np.argmin(order))})
@@ -146,6 +153,8 @@ def make_choice_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
 def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], *, gate_sets=None,
                     batch_size: int = 16, max_len: int = 256, compute_dtype=None, progress=None) -> list[dict[str, float]]:
     """acc and acc_norm for each row of `gate_sets` (default: the full model)."""
+    if not items:
+        raise DataError("no multiple-choice items to evaluate")
     rows, spans = _encode_pairs(items, tokenizer, max_len)
     width = min(max_len, -(-max(len(r) for r in rows) // 32) * 32)
     ids = np.zeros((len(rows), width), np.int32)

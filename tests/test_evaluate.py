@@ -1,0 +1,255 @@
+"""LM loss, layer-gated losses and multiple-choice scoring against transformers (PyTorch, fp32, CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import minitron_jax as mj
+from helpers import save_tiny
+from minitron_jax.data import DataError
+from minitron_jax.evaluate import gated_losses, lm_loss, load_task, multiple_choice, next_line_task
+from minitron_jax.sharding import make_mesh
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    ref = save_tiny(path, num_hidden_layers=4)
+    model = mj.from_pretrained(path)
+    return path, ref, model.params(), model.config
+
+
+def torch_loss(ref, ids, drop_layer=None):
+    layers = ref.model.layers
+    try:
+        if drop_layer is not None:
+            ref.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != drop_layer])
+        with torch.no_grad():
+            t = torch.tensor(ids, dtype=torch.long)
+            return float(ref(t, labels=t, use_cache=False).loss)
+    finally:
+        ref.model.layers = layers
+
+
+def samples(n=5, s=24, seed=0):
+    return np.random.RandomState(seed).randint(0, 128, (n, s)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- lm loss
+@pytest.mark.parametrize("batch_size", [5, 2])  # divides N; leaves a padded last batch
+def test_lm_loss_matches_transformers(tiny, batch_size):
+    _, ref, params, cfg = tiny
+    x = samples()
+    got = lm_loss(params, cfg, x, batch_size=batch_size)
+    want = torch_loss(ref, x)
+    assert got == pytest.approx(want, rel=REL)
+
+
+def test_lm_loss_on_mesh(tiny):
+    path, ref, _, _ = tiny
+    mesh = make_mesh(2, 2, 2)
+    model = mj.from_pretrained(path, mesh=mesh)
+    x = samples(n=6, seed=4)
+    got = lm_loss(model.params(), model.config, x, batch_size=4, mesh=mesh)
+    assert got == pytest.approx(torch_loss(ref, x), rel=REL)
+
+
+def test_gated_losses_match_layer_removal(tiny):
+    _, ref, params, cfg = tiny
+    L = cfg.num_hidden_layers
+    x = samples(n=3, seed=1)
+    gates = np.ones((L + 1, L), np.float32)
+    for l in range(L):
+        gates[l + 1, l] = 0
+    got = gated_losses(params, cfg, x, gates, batch_size=2)
+    assert got.shape == (L + 1,)
+    assert got[0] == pytest.approx(lm_loss(params, cfg, x, batch_size=2), rel=REL)
+    assert got[0] == pytest.approx(torch_loss(ref, x), rel=REL)
+    for l in range(L):
+        assert got[l + 1] == pytest.approx(torch_loss(ref, x, drop_layer=l), rel=REL), f"layer {l}"
+    assert len(set(np.round(got, 6).tolist())) == L + 1  # every gate set changes the loss
+
+
+def test_no_samples(tiny):
+    _, _, params, cfg = tiny
+    with pytest.raises(DataError, match="no samples"):
+        lm_loss(params, cfg, np.zeros((0, 8), np.int32))
+
+
+# ---------------------------------------------------------------------------- multiple choice
+class CharTokenizer:
+    """One token per character, ids in [3, 128); BOS = 1."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def encode(self, text):
+        return [3 + ord(c) % 125 for c in text]
+
+    def __call__(self, text, add_special_tokens=False):
+        assert not add_special_tokens
+        return {"input_ids": self.encode(text)}
+
+
+ITEMS = [
+    {"context": "The cat sat on the ", "choices": ["mat", "hat é", "dog house", "x"], "answer": 0},
+    {"context": "One, two, ", "choices": ["three", "four", "ünf"], "answer": 2},
+    {"context": "Hello", "choices": [" world", "!", " there friend", "...", "éé"], "answer": 1},
+    {"context": "abc", "choices": ["d", "def"], "answer": 1},
+    {"context": "To be or not to be, that is the", "choices": [" question", " answer", " ñ"], "answer": 0},
+] + [  # equal-length choices: the pick depends on the model, not on the length
+    {"context": ctx, "choices": ["abc", "xyz", "qrs", "klm"], "answer": i % 4}
+    for i, ctx in enumerate(["Pick: ", "Another one ", "and so on", "1 2 3 ", "zz"])
+]
+
+
+def torch_choice_logprobs(ref, tok, items, drop_layer=None):
+    """Sum of log p(choice tokens | BOS + context) per choice; one right-padded causal batch (no mask needed)."""
+    rows, spans = [], []
+    for it in items:
+        ctx = [tok.bos_token_id] + tok.encode(it["context"])
+        for c in it["choices"]:
+            rows.append(ctx + tok.encode(c))
+            spans.append((len(ctx), len(rows[-1])))
+    ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+    layers = ref.model.layers
+    try:
+        if drop_layer is not None:
+            ref.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != drop_layer])
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(ids, use_cache=False).logits.double(), -1)
+    finally:
+        ref.model.layers = layers
+    lps = [sum(float(logp[r, p - 1, ids[r, p]]) for p in range(a, b)) for r, (a, b) in enumerate(spans)]
+    out, k = [], 0
+    for it in items:
+        out.append(np.asarray(lps[k:k + len(it["choices"])]))
+        k += len(it["choices"])
+    return out
+
+
+def expected_scores(items, lps):
+    acc = np.mean([np.argmax(lp) == it["answer"] for it, lp in zip(items, lps)])
+    norm = np.mean([np.argmax(lp / np.asarray([len(c.encode("utf-8")) for c in it["choices"]])) == it["answer"]
+                    for it, lp in zip(items, lps)])
+    return acc, norm
+
+
+@pytest.fixture(scope="module")
+def torch_lps(tiny):
+    """Per item, torch's choice log-likelihoods for the full model and with layer 1 removed."""
+    ref = tiny[1]
+    return torch_choice_logprobs(ref, CharTokenizer(), ITEMS), torch_choice_logprobs(ref, CharTokenizer(), ITEMS, 1)
+
+
+def byte_norm(it, lp):
+    return lp / np.asarray([len(c.encode("utf-8")) for c in it["choices"]])
+
+
+def test_multiple_choice_matches_torch(tiny, torch_lps):
+    _, _, params, cfg = tiny
+    full, drop = torch_lps
+    # answers = torch's picks (full model / layer 1 removed); torch's byte-normalised picks; the given ones
+    pred = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, full)]
+    pred_drop = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, drop)]
+    pred_norm = [dict(it, answer=int(np.argmax(byte_norm(it, lp)))) for it, lp in zip(ITEMS, full)]
+    assert [it["answer"] for it in pred] != [it["answer"] for it in pred_norm]  # acc_norm is not acc here
+    assert [it["answer"] for it in pred] != [it["answer"] for it in pred_drop]  # the gate matters here
+
+    gates = np.ones((2, cfg.num_hidden_layers), np.float32)
+    gates[1, 1] = 0
+    res = multiple_choice(params, cfg, CharTokenizer(), pred_drop, gate_sets=gates, batch_size=64)  # 1 padded batch
+    assert len(res) == 2 and res[0]["n"] == res[1]["n"] == len(ITEMS)
+    assert res[1]["acc"] == 1.0 and res[1]["acc_norm"] == pytest.approx(expected_scores(pred_drop, drop)[1])
+    assert res[0]["acc"] == pytest.approx(expected_scores(pred_drop, full)[0]) and res[0]["acc"] < 1
+    assert res[0]["acc_norm"] == pytest.approx(expected_scores(pred_drop, full)[1])
+
+    items = pred + pred_norm + ITEMS
+    (res,) = multiple_choice(params, cfg, CharTokenizer(), items, batch_size=7)  # padded last batch
+    acc, norm = expected_scores(items, full * 3)
+    assert res["n"] == len(items) and res["acc"] == pytest.approx(acc) and res["acc_norm"] == pytest.approx(norm)
+    n = len(ITEMS)
+    assert res["acc"] >= n / len(items) and res["acc_norm"] >= n / len(items)
+
+
+# ---------------------------------------------------------------------------- next-line task
+TEXT = "\n".join(f"This is line number {i:02d} of the held-out text." for i in range(30))
+DOCS = [("a.txt", TEXT), ("b.txt", "short\n" * 50), ("c.txt", TEXT.replace("line", "row"))]
+
+
+def test_next_line_task():
+    items = next_line_task(DOCS, n_items=20, seed=3)
+    assert items == next_line_task(DOCS, n_items=20, seed=3)
+    assert items != next_line_task(DOCS, n_items=20, seed=4)
+    used = set()
+    for it in items:
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        ctx = it["context"].rstrip("\n").split("\n")
+        assert len(ctx) == 4
+        doc = next(t for _, t in DOCS if ctx[0] in t.splitlines())
+        used.add(doc)
+        lines = doc.splitlines()
+        k = lines.index(ctx[-1])
+        assert lines[k - 3:k + 1] == ctx
+        assert it["choices"][it["answer"]] == lines[k + 1]  # the true next line
+        assert all(c in lines for c in it["choices"])  # distractors from the same text
+    assert len({it["answer"] for it in items}) > 1  # the answer position is shuffled
+    assert len(used) == 2  # both long documents are drawn from, never the short-line one
+
+
+def test_next_line_task_too_short():
+    with pytest.raises(DataError, match="too few long lines"):
+        next_line_task([("s.txt", "tiny\nlines\n")], n_items=3)
+    with pytest.raises(DataError, match="too few long lines"):
+        next_line_task([("s.txt", "\n".join(TEXT.splitlines()[:8]))], n_items=3)  # 8 <= 4 + 4
+
+
+# ---------------------------------------------------------------------------- load_task
+def test_load_task(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join(json.dumps(it) for it in ITEMS) + "\n\n")
+    assert load_task(p) == ITEMS
+
+
+@pytest.mark.parametrize("bad", [
+    {"context": "c", "choices": ["a", "b"], "answer": 2},
+    {"context": "c", "choices": ["a", "b"], "answer": -1},
+    {"context": "c", "choices": ["a", "b"]},
+])
+def test_load_task_bad_item(tmp_path, bad):
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:2: .*valid integer answer index"):
+        load_task(p)
+
+
+def test_load_task_empty(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no task items"):
+        load_task(p)
+
+
+def test_task_lines_rejected_with_line_numbers(tmp_path):
+    from minitron_jax.data import DataError
+    from minitron_jax.evaluate import load_task
+    for bad in ('{"context": "a", "choices": ["x", ""], "answer": 0}', '{"context": "a", "choices": ["x"], "answer": "0"}',
+                "[1, 2]", "{not json"):
+        p = tmp_path / "t.jsonl"
+        p.write_text('{"context": "a", "choices": ["x", "y"], "answer": 1}\n' + bad + "\n")
+        with pytest.raises(DataError, match=r"t\.jsonl:2"):
+            load_task(p)
+
+
+def test_next_line_choices_are_distinct_even_with_repeated_lines():
+    from minitron_jax.evaluate import next_line_task
+    lines = ["the first long line of this text", "the second long line of this text"] * 6
+    lines += ["a third different long line here", "and a fourth different long line"]
+    for item in next_line_task([("doc", "\n".join(lines))], 20, seed=0):
+        assert len(set(item["choices"])) == 4
