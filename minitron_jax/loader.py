@@ -1,0 +1,199 @@
+"""Training data: documents -> packed fixed-length rows -> a resumable, process-sharded batch stream.
+
+The order of rows is a pure function of (seed, step), so any process count reads the same global
+batches and a run resumes from nothing but ``{"step", "seed", "global_batch", "rows"}``.
+Ordering uses ``grain.MapDataset.source(rows).shuffle(seed).repeat()``: with shuffle *before* repeat,
+grain reshuffles every epoch (epoch e uses seed + e). Each epoch gives ``len(rows) // global_batch``
+steps (the remainder is dropped, a different remainder each epoch), so a batch never spans epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from minitron_jax import data
+from minitron_jax.data import DataError
+
+class PackedRows:
+    """[N, S] int32 token rows, optional [N, S] int32 segment ids (None: one segment, no padding)."""
+
+    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray | None = None):
+        self.tokens, self.segment_ids = tokens, segment_ids
+        self.seq_len = int(tokens.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_tokens(self) -> int:  # real (non-padding) tokens
+        return self.tokens.size if self.segment_ids is None else int(np.count_nonzero(self.segment_ids))
+
+    def __getitem__(self, i: int) -> dict:
+        seg = np.ones(self.seq_len, np.int32) if self.segment_ids is None else np.array(self.segment_ids[i], np.int32)
+        return {"input_ids": np.array(self.tokens[i], np.int32), "segment_ids": seg, "mask": (seg > 0).astype(np.float32)}
+
+
+def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0, pad_id: int = 0) -> PackedRows:
+    """Split documents into <= seq_len pieces, pack by first-fit-decreasing; segment ids 1..n per row, 0 = pad."""
+    pieces = [d[k:k + seq_len] for d in token_docs for k in range(0, len(d), seq_len)]
+    tie = np.random.default_rng(seed).permutation(len(pieces))  # seeded order among equal lengths
+    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i]), tie[i]))
+    n = 1 << max(1, (len(pieces) - 1).bit_length())
+    tree = [seq_len] * (2 * n)  # max free space per subtree; unopened rows are empty (free = seq_len)
+    rows: dict[int, list[int]] = {}  # rows open left to right, so insertion order = row order
+    for i in order:
+        need, j = len(pieces[i]), 1
+        while j < n:  # leftmost row with room: first fit in O(log n)
+            j = 2 * j if tree[2 * j] >= need else 2 * j + 1
+        rows.setdefault(j - n, []).append(i)
+        tree[j] -= need
+        while j > 1:
+            j //= 2
+            tree[j] = max(tree[2 * j], tree[2 * j + 1])
+    tokens = np.full((len(rows), seq_len), pad_id, np.int32)
+    segs = np.zeros((len(rows), seq_len), np.int32)
+    for r, members in enumerate(rows.values()):
+        at = 0
+        for s, i in enumerate(members, 1):
+            tokens[r, at:at + len(pieces[i])], segs[r, at:at + len(pieces[i])] = pieces[i], s
+            at += len(pieces[i])
+    return PackedRows(tokens, segs)
+
+
+def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str) -> PackedRows:
+    token_docs = data.tokenize_documents(docs, tokenizer)
+    if packing == "first_fit":
+        return pack_first_fit(token_docs, seq_len, seed, tokenizer.pad_token_id or 0)
+    if (n := sum(len(d) for d in token_docs)) < seq_len:
+        raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
+                        f"add data or lower seq_len")
+    return PackedRows(data.pack(token_docs, seq_len, None, seed))
+
+
+def _cache_key(path: Path, tokenizer, **args) -> str:
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    stats = [(p.relative_to(path).as_posix() if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    tok = [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), vocab,
+           tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    blob = json.dumps(["loader-cache-v1", str(path.resolve()), stats, tok, args], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat", holdout: Sequence[str] = (),
+                 holdout_fraction: float = 0.0, seed: int = 0, cache_dir: str | Path | None = None,
+                 text_field: str = "text") -> tuple[PackedRows, PackedRows | None]:
+    """(train, held_out or None) packed rows of seq_len; cached as .npy under cache_dir when given."""
+    if packing not in ("concat", "first_fit"):
+        raise ValueError(f"packing={packing!r}; use 'concat' or 'first_fit'")
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive")
+    path, want_held = Path(path), bool(holdout) or holdout_fraction > 0
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        key = _cache_key(path, tokenizer, seq_len=seq_len, packing=packing, holdout=list(holdout),
+                         holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
+        if (cache / f"{key}.json").is_file():  # the marker is written last: arrays without it are ignored
+            names = json.loads((cache / f"{key}.json").read_text())
+            a = {n: np.load(cache / f"{key}.{n}.npy", mmap_mode="r") for n in names}
+            held = PackedRows(a["held_tokens"], a.get("held_segs")) if "held_tokens" in a else None
+            return PackedRows(a["train_tokens"], a.get("train_segs")), held
+    docs = data.read_documents(path, text_field)
+    train_docs, held_docs = data.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+    if not train_docs:
+        raise DataError(f"all {len(docs)} documents in {path} were held out; nothing is left to train on")
+    if want_held and not held_docs:
+        raise DataError(f"the held-out split of {path} is empty (holdout={list(holdout)}, fraction={holdout_fraction})")
+    train = _pack(train_docs, tokenizer, seq_len, packing, seed, "training")
+    held = _pack(held_docs, tokenizer, seq_len, packing, seed, "held-out") if want_held else None
+    if cache_dir is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{split}_{kind}": v for split, r in (("train", train), ("held", held)) if r is not None
+                  for kind, v in (("tokens", r.tokens), ("segs", r.segment_ids)) if v is not None}
+        for name, arr in [*arrays.items(), ("marker", None)]:
+            final = cache / (f"{key}.json" if arr is None else f"{key}.{name}.npy")
+            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                if arr is None:
+                    f.write(json.dumps(sorted(arrays)).encode())
+                else:
+                    np.save(f, arr)
+            os.replace(tmp, final)
+    return train, held
+
+
+def _stack(items: list[dict]) -> dict:
+    return {k: np.stack([it[k] for it in items]) for k in ("input_ids", "segment_ids", "mask")}
+
+
+class Loader:
+    """Global batch of step t = rows of the seeded order [t*B, (t+1)*B); this process reads its 1/P slice."""
+
+    def __init__(self, rows: PackedRows, global_batch: int, *, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None):
+        import grain
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if global_batch <= 0 or global_batch % process_count:
+            raise DataError(f"global_batch={global_batch} must be a positive multiple of the process count "
+                            f"{process_count} (every process reads global_batch / process_count rows)")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+        if len(rows) < global_batch:
+            raise DataError(
+                f"the data has {rows.n_tokens:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
+                f"needs {global_batch} rows ({global_batch * rows.seq_len:,} tokens); add data, or lower the global "
+                f"batch or the sequence length")
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = global_batch // process_count
+        self.steps_per_epoch = len(rows) // global_batch
+        self._order = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+        self._step = 0
+
+    @property
+    def peek_step(self) -> int:  # the step the next batch belongs to
+        return self._step
+
+    def batch_at(self, step: int) -> dict:
+        """This process's slice of global batch `step`: input_ids/segment_ids int32, mask float32, [b, S]."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        start = epoch * len(self.rows) + j * self.global_batch + self.process_index * self.local_batch
+        return _stack([self._order[i] for i in range(start, start + self.local_batch)])
+
+    def __next__(self) -> dict:
+        self._step += 1
+        return self.batch_at(self._step - 1)
+
+    next = __next__
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def get_state(self) -> dict:  # JSON-able; independent of the process count
+        return {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": len(self.rows)}
+
+    def set_state(self, state: dict) -> None:
+        mine = self.get_state()
+        for k in ("seed", "global_batch", "rows"):
+            if k in state and state[k] != mine[k]:
+                raise DataError(f"loader state has {k}={state[k]}, but this loader has {k}={mine[k]}; resuming would "
+                                f"give a different data order (use the run's original {k})")
+        self._step = int(state["step"])
+
+
+def eval_batches(rows: PackedRows, batch: int, max_batches: int | None = None) -> Iterator[dict]:
+    """Rows in fixed order, `batch` at a time; the last batch is padded with mask-0 rows (same shapes)."""
+    n = len(rows) if max_batches is None else min(len(rows), max_batches * batch)
+    pad = {k: np.zeros(rows.seq_len, np.float32 if k == "mask" else np.int32) for k in ("input_ids", "segment_ids", "mask")}
+    for s in range(0, n, batch):
+        items = [rows[i] for i in range(s, min(s + batch, n))]
+        yield _stack(items + [pad] * (batch - len(items)))
