@@ -1,0 +1,197 @@
+"""Knowledge-distillation losses, computed so that no model's full [B, S, V] logits ever exist.
+
+Conventions (spec section 5, as in NeMo / Minitron): the logit loss is the forward
+KL(teacher || student) = sum_v p_t (log p_t - log p_s), p = softmax(z / T), summed over the
+vocabulary and averaged over real target tokens (sum of `mask`), without a T^2 factor unless
+`t2_scale`. Teacher inputs are wrapped in `stop_gradient`. Everything is reduced in fp32.
+
+Memory: the per-position inputs are cut along the sequence into chunks of `chunk_size` positions
+(the last one padded with mask 0); `jax.lax.map` runs over the chunks, each computing both models'
+logits for its positions (hidden @ head.T, fp32 accumulation) and reducing them to sums at once.
+The chunk body is `jax.checkpoint`ed, so the backward pass recomputes a chunk's logits instead of
+storing them: the extra memory is a few [B, chunk, V] fp32 arrays, whatever S is.
+
+top_k > 0 keeps the teacher's k largest logits per position and renormalises the teacher
+distribution over them (p_t^k = softmax of those k logits / T); the student side stays the
+*full-vocabulary* log-softmax read at those k indices, so KL = sum_k p_t^k (log p_t^k - log p_s).
+The student is thus still pushed down on tokens outside the teacher's top k (its mass there
+lowers every log p_s), and top_k = V reproduces the full KL exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    top_k: int = 0             # 0 = full vocabulary
+    chunk_size: int = 256      # sequence positions per chunk
+    hidden_weight: float = 0.0  # 0 = off; multiplier on the dynamically weighted hidden loss
+    t2_scale: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"KDConfig.temperature must be a finite number > 0, got {self.temperature!r}")
+        for name in ("kl_weight", "ce_weight", "hidden_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"KDConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("KDConfig: kl_weight and ce_weight are both 0, so the loss would be constant")
+        for name, lo in (("top_k", 0), ("chunk_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"KDConfig.{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.t2_scale, bool):
+            raise ValueError(f"KDConfig.t2_scale must be a bool, got {self.t2_scale!r}")
+
+
+# ---------------------------------------------------------------------------- per-position pieces
+def _logits(hidden, head):
+    """[B, C, H] @ [V, H].T -> fp32 [B, C, V] (bf16 x bf16 products are exact in fp32)."""
+    dt = jnp.promote_types(hidden.dtype, head.dtype)
+    return jnp.einsum("bch,vh->bcv", hidden.astype(dt), head.astype(dt), preferred_element_type=F32)
+
+
+def _kl_rows(zs, zt, temperature: float, top_k: int = 0):
+    """Forward KL(teacher || student) per position from fp32 logits [..., V] -> [...]."""
+    ls = jax.nn.log_softmax(zs / temperature, axis=-1)
+    if top_k:
+        vals, idx = jax.lax.top_k(zt / temperature, top_k)
+        lt = jax.nn.log_softmax(vals, axis=-1)
+        ls = jnp.take_along_axis(ls, idx, axis=-1)
+    else:
+        lt = jax.nn.log_softmax(zt / temperature, axis=-1)
+    return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+
+
+def _ce_rows(logits, targets):
+    """logsumexp(z) - z[target] per position; out-of-range targets (e.g. -100 on masked positions)
+    are clipped (their mask is 0). Reductions only: no [.., V] log-softmax buffer."""
+    t = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+
+
+def _chunked_sums(body, consts, per_pos, chunk_size: int):
+    """Sum `body(consts, *chunk)` (a tuple of scalars) over sequence chunks of the [B, S, ...]
+    arrays `per_pos`; the body is rematerialised in the backward pass."""
+    s = per_pos[0].shape[1]
+    c = max(1, min(chunk_size, s))
+    n = -(-s // c)
+
+    def split(x):  # [B, S, ...] -> [n, B, c, ...], padded with zeros (mask 0)
+        if n * c != s:
+            x = jnp.pad(x, [(0, 0), (0, n * c - s)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
+
+    body = jax.checkpoint(body)
+    outs = jax.lax.map(lambda xs: body(consts, *xs), tuple(split(x) for x in per_pos))
+    return tuple(jnp.sum(o) for o in outs)
+
+
+def _token_count(mask):
+    tokens = jnp.sum(mask)
+    return tokens, jnp.where(tokens > 0, tokens, 1.0)
+
+
+def _check(hidden, head, targets, mask, who: str):
+    if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[-1] != head.shape[-1]:
+        raise ValueError(f"{who}: hidden {hidden.shape} must be [B, S, H] and head {head.shape} [V, H]")
+    if targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"{who}: targets {targets.shape} and mask {mask.shape} must be [B, S] = "
+                         f"{hidden.shape[:2]}")
+
+
+# ---------------------------------------------------------------------------- public losses
+def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets, mask, cfg: KDConfig):
+    """Chunked distillation loss from final-norm hidden states and [V, H] output matrices.
+
+    loss = kl_weight * KL (* T^2 if t2_scale) + ce_weight * CE(student, targets at T = 1).
+    Returns `(loss, {"loss", "kl", "ce", "tokens"})`; `kl` is unscaled, `ce` is always computed.
+    """
+    _check(student_hidden, student_head, targets, mask, "kd_loss (student)")
+    _check(teacher_hidden, teacher_head, targets, mask, "kd_loss (teacher)")
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(f"kd_loss: vocabularies differ: student {student_head.shape[0]}, "
+                         f"teacher {teacher_head.shape[0]}")
+    if cfg.top_k > student_head.shape[0]:
+        raise ValueError(f"kd_loss: top_k={cfg.top_k} exceeds the vocabulary ({student_head.shape[0]})")
+    teacher_hidden, teacher_head = jax.lax.stop_gradient((teacher_hidden, teacher_head))
+    mask = mask.astype(F32)
+    t = float(cfg.temperature)
+
+    def body(heads, hs, ht, tgt, m):
+        zs, zt = _logits(hs, heads[0]), _logits(ht, heads[1])
+        kl = jnp.sum(_kl_rows(zs, zt, t, cfg.top_k) * m)
+        ce = jnp.sum(_ce_rows(zs, tgt) * m)
+        # a term with weight 0 is only logged: no backward work for it
+        return (kl if cfg.kl_weight else jax.lax.stop_gradient(kl),
+                ce if cfg.ce_weight else jax.lax.stop_gradient(ce))
+
+    kl_sum, ce_sum = _chunked_sums(body, (student_head, teacher_head),
+                                   (student_hidden, teacher_hidden, targets, mask), cfg.chunk_size)
+    tokens, denom = _token_count(mask)
+    kl, ce = kl_sum / denom, ce_sum / denom
+    loss = cfg.kl_weight * (kl * t * t if cfg.t2_scale else kl) + cfg.ce_weight * ce
+    return loss, {"loss": loss, "kl": kl, "ce": ce, "tokens": tokens}
+
+
+def kl_divergence_logits(student_logits, teacher_logits, mask, temperature: float = 1.0, top_k: int = 0):
+    """Unchunked reference: forward KL on full logits [B, S, V], masked mean over tokens."""
+    zt = jax.lax.stop_gradient(teacher_logits).astype(F32)
+    m = mask.astype(F32)
+    kl = _kl_rows(student_logits.astype(F32), zt, float(temperature), top_k)
+    return jnp.sum(kl * m) / _token_count(m)[1]
+
+
+def lm_loss_from_hidden(hidden, head, targets, mask, chunk_size: int = 256):
+    """Chunked next-token cross-entropy (teacher correction, LM fine-tuning), mean over real tokens."""
+    _check(hidden, head, targets, mask, "lm_loss_from_hidden")
+    mask = mask.astype(F32)
+
+    def body(w, h, tgt, m):
+        return (jnp.sum(_ce_rows(_logits(h, w), tgt) * m),)
+
+    (ce_sum,) = _chunked_sums(body, head, (hidden, targets, mask), chunk_size)
+    return ce_sum / _token_count(mask)[1]
+
+
+def hidden_cosine_loss(student_states, teacher_states, proj, mask, eps: float = 1e-8):
+    """Mean over K layers and real tokens of 1 - cos(student @ proj, teacher).
+
+    student_states [K, B, S, Hs], teacher_states [K, B, S, Ht], proj [Hs, Ht] (one shared learned
+    map), mask [B, S]."""
+    if student_states.shape[:3] != teacher_states.shape[:3] or proj.shape != (
+            student_states.shape[-1], teacher_states.shape[-1]):
+        raise ValueError(f"hidden_cosine_loss: student {student_states.shape}, teacher "
+                         f"{teacher_states.shape} and proj {proj.shape} do not fit "
+                         "[K,B,S,Hs], [K,B,S,Ht], [Hs,Ht]")
+    sp = jnp.einsum("kbsh,ht->kbst", student_states.astype(F32), proj.astype(F32))
+    tt = jax.lax.stop_gradient(teacher_states).astype(F32)
+    norms = (jnp.maximum(jnp.linalg.norm(sp, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(tt, axis=-1), eps))
+    cos = jnp.sum(sp * tt, axis=-1) / norms
+    m = mask.astype(F32)
+    return jnp.sum((1.0 - cos) * m) / (student_states.shape[0] * _token_count(m)[1])
+
+
+def dynamic_hidden_weight(logit_loss, hidden_loss, eps: float = 1e-8):
+    """Weight that brings the intermediate loss to the logit loss's magnitude (no gradient)."""
+    return jax.lax.stop_gradient(logit_loss / jnp.maximum(hidden_loss, eps))
+
+
+def add_hidden_loss(logit_loss, hidden_loss, cfg: KDConfig):
+    """logit_loss + hidden_weight * dynamic_weight * hidden_loss (logit_loss alone when off)."""
+    if not cfg.hidden_weight:
+        return logit_loss
+    return logit_loss + cfg.hidden_weight * dynamic_hidden_weight(logit_loss, hidden_loss) * hidden_loss
