@@ -64,20 +64,14 @@ def test_mesh_matches_single_device(pair, reference, tmp_path):
 
 
 def test_two_processes_match_one(pair, reference, tmp_path):
-    """Two local processes with 4 fake devices each, joined by jax.distributed on 127.0.0.1."""
-    import portpicker
-    port = portpicker.pick_unused_port()
+    """launch/local.sh: two processes with 4 fake devices each, joined by jax.distributed on 127.0.0.1."""
     out = tmp_path / "mp"
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_DEFAULT_MATMUL_PRECISION": "highest", "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
-               "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "minitron_jax.cli", "distill",
-                                       *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    env = {**os.environ, "PYTHON": sys.executable, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    proc = subprocess.run(["bash", "launch/local.sh", "2", "4", "distill",
+                           *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
     np.testing.assert_allclose([r["loss"] for r in metrics(out)][:5], [r["loss"] for r in metrics(reference)[:5]],
                                rtol=1e-5)
     assert (out / "student_hf" / "model.safetensors").exists()
