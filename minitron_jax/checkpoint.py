@@ -7,8 +7,6 @@ Restores go straight into the requested shardings.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -17,7 +15,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from .config import LlamaConfig
-from .hf import SIDE_FILES
+from .atomic import atomic_directory, copy_side_files
 from .model import Llama, is_spec, param_specs
 from .sharding import named_sharding
 
@@ -27,23 +25,13 @@ def save_model(model: Llama, path: str | Path, *, overwrite: bool = False) -> Pa
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(path) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", model.params())
         ckptr.wait_until_finished()
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-            for name in SIDE_FILES:
-                if model.source and (Path(model.source) / name).exists():
-                    shutil.copy2(Path(model.source) / name, tmp / name)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists() and jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            copy_side_files(model.source, tmp)
     return path
 
 

@@ -79,6 +79,15 @@ def layer_map(student_layers: int, teacher_layers: int) -> np.ndarray:
     return np.asarray([round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)])
 
 
+def next_token_targets(ids, mask, seg):
+    """Targets shifted left by one, and the mask of positions whose target is real and in the same document."""
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    tmask = mask * jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    if seg is not None:  # no target across a packed-document boundary
+        tmask = tmask * jnp.concatenate([(seg[:, 1:] == seg[:, :-1]), jnp.zeros_like(seg[:, :1], bool)], 1)
+    return targets, tmask
+
+
 def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tx, kd: KDConfig) -> Callable:
     """step(state, teacher_params, batch) -> (state, metrics); batch arrays are [A, b, S]."""
     cdt = rc.compute_dtype
@@ -89,10 +98,7 @@ def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None
     def loss_fn(trainable, teacher, mb):
         student = trainable["model"]
         ids, seg, mask = mb["input_ids"], mb["segment_ids"], mb["mask"]
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        tmask = mask * jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-        if seg is not None:  # no target across a document boundary
-            tmask = tmask * jnp.concatenate([(seg[:, 1:] == seg[:, :-1]), jnp.zeros_like(seg[:, :1], bool)], 1)
+        targets, tmask = next_token_targets(ids, mask, seg)
         kw = dict(attention_mask=mask, segment_ids=seg, remat=rc.remat, return_hidden=True)
         out = forward(student, s_cfg, ids, compute_dtype=cdt, capture=grab, **kw)
         h_s, states_s = out if hidden else (out, None)
@@ -141,12 +147,8 @@ def make_eval_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
     """eval(student, teacher, batch) -> sums of (kl, ce, tokens) on one [b, S] batch."""
 
     def ev(student, teacher, mb):
-        ids, mask = mb["input_ids"], mb["mask"]
-        seg = mb["segment_ids"]
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        tmask = mask * jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-        if seg is not None:
-            tmask = tmask * jnp.concatenate([(seg[:, 1:] == seg[:, :-1]), jnp.zeros_like(seg[:, :1], bool)], 1)
+        ids, seg, mask = mb["input_ids"], mb["segment_ids"], mb["mask"]
+        targets, tmask = next_token_targets(ids, mask, seg)
         kw = dict(attention_mask=mask, segment_ids=seg, return_hidden=True)
         h_s = forward(student, s_cfg, ids, compute_dtype=rc.compute_dtype, **kw)
         n = tmask.sum()

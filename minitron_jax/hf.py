@@ -10,8 +10,6 @@ complete. Pickle (`.bin`) checkpoints are refused, never unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from .config import ConfigError, LlamaConfig
-from .model import LAYER_PARAMS, Llama, is_spec, param_specs
+from .atomic import atomic_directory, copy_side_files
+from .config import LlamaConfig
+from .model import LAYER_PARAMS, Llama, param_specs
 from .safetensors_io import SafetensorsFile, write_file
 from .sharding import named_sharding
 
@@ -32,10 +31,6 @@ LAYER_HF = {"input_layernorm": "input_layernorm", "q_proj": "self_attn.q_proj",
 TOP_HF = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 # Non-parameter buffers some exporters leave behind; safe to ignore.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-              "added_tokens.json", "vocab.json", "merges.txt")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config or cannot be read safely."""
@@ -222,11 +217,7 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
         cur_bytes += nbytes
     shards.append(cur)
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path) as tmp:
         weight_map, total = {}, 0
         for n, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -236,27 +227,14 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
                 for e in shard:
                     e[3]()
             weight_map.update({e[0]: fname for e in shard})
-        if jax.process_index() != 0:
-            return path
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        hf_cfg = cfg.to_hf_dict()
-        if out_dtype is not None:
-            hf_cfg["dtype"] = hf_cfg["torch_dtype"] = out_dtype.name
-        else:
-            hf_cfg["dtype"] = hf_cfg["torch_dtype"] = np.dtype(entries[0][2]).name
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        if source is not None:
-            for name in SIDE_FILES:
-                if (Path(source) / name).exists():
-                    shutil.copy2(Path(source) / name, tmp / name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists() and jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if jax.process_index() == 0:
+            if len(shards) > 1:
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            hf_cfg = cfg.to_hf_dict()
+            hf_cfg["dtype"] = hf_cfg["torch_dtype"] = (out_dtype or np.dtype(entries[0][2])).name
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            copy_side_files(source, tmp)
     return path
 
 

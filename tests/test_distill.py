@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minitron_jax.cli import main
-from minitron_jax.distill import TrainingError, train
+from minitron_jax.distill import train
 from minitron_jax.hf import open_checkpoint
 from minitron_jax.recipe import load_recipe
 from distill_helpers import make_pair, metrics, run_cli

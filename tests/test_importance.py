@@ -3,7 +3,6 @@ model (not our forward), for every axis and every aggregation option; sharded eq
 
 import itertools
 
-import jax
 import numpy as np
 import pytest
 import torch

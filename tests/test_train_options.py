@@ -1,7 +1,6 @@
 """Trainer options: YAML recipes + overrides, gradient accumulation and remat leave the update unchanged,
 bf16 compute and the intermediate hidden-state loss run, teacher correction lowers the LM loss."""
 
-import json
 
 import numpy as np
 import pytest

@@ -70,7 +70,7 @@ def main() -> None:
     t_score = timed(lambda: jax.block_until_ready(step(params, state, ids, mask)), args.iters)
     f, s = statistics.median(t_fwd), statistics.median(t_score)
     print(f"SmolLM2-135M fp32, batch {args.batch} x {args.seq}, {jax.devices()[0].platform}, median of {args.iters}")
-    print(f"| pass | tokens/s | s/batch |\n|---|---|---|")
+    print("| pass | tokens/s | s/batch |\n|---|---|---|")
     print(f"| plain forward (logits) | {tokens / f:.0f} | {f:.3f} |")
     print(f"| scoring step (capture + accumulate) | {tokens / s:.0f} | {s:.3f} |")
     print(f"scoring cost / forward cost = {s / f:.3f} (target <= 1.15)")
