@@ -137,7 +137,7 @@ def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["trainable"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
