@@ -367,7 +367,8 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
                 mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         loader=ocp.args.JsonSave(loader.get_state())))
                 last_saved = step
-            if crash_after and step == crash_after:  # fault injection for tests: die like a killed job
+            if crash_after and step == crash_after:  # fault injection for tests: SIGKILL once earlier saves landed
+                mngr.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop["sig"]:
                 mngr.wait_until_finished()
