@@ -5,11 +5,13 @@ KL(teacher || student) = sum_v p_t (log p_t - log p_s), p = softmax(z / T), summ
 vocabulary and averaged over real target tokens (sum of `mask`), without a T^2 factor unless
 `t2_scale`. Teacher inputs are wrapped in `stop_gradient`. Everything is reduced in fp32.
 
-Memory: the per-position inputs are cut along the sequence into chunks of `chunk_size` positions
-(the last one padded with mask 0); `jax.lax.map` runs over the chunks, each computing both models'
-logits for its positions (hidden @ head.T, fp32 accumulation) and reducing them to sums at once.
-The chunk body is `jax.checkpoint`ed, so the backward pass recomputes a chunk's logits instead of
-storing them: the extra memory is a few [B, chunk, V] fp32 arrays, whatever S is.
+Memory and speed: the per-position inputs are cut along the sequence into chunks of `chunk_size`
+positions (the last one padded with mask 0) and scanned; each chunk computes both models' logits
+for its positions (hidden @ head.T, fp32 accumulation) and reduces them to sums at once. Under
+differentiation a `custom_vjp` computes each chunk's logit gradient in the same pass (logits are
+built once, never stored or recomputed) and accumulates the head gradient as [H, V], transposed
+once at the end: the extra memory is a few [B, chunk, V] fp32 arrays plus one head-sized buffer,
+whatever S is. (Forward-mode autodiff through these losses is not supported.)
 
 top_k > 0 keeps the teacher's k largest logits per position and renormalises the teacher
 distribution over them (p_t^k = softmax of those k logits / T); the student side stays the
@@ -83,21 +85,59 @@ def _ce_rows(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
 
-def _chunked_sums(body, consts, per_pos, chunk_size: int):
-    """Sum `body(consts, *chunk)` (a tuple of scalars) over sequence chunks of the [B, S, ...]
-    arrays `per_pos`; the body is rematerialised in the backward pass."""
-    s = per_pos[0].shape[1]
+def _split(x, n: int, c: int):
+    """[B, S, ...] -> [n, B, c, ...], padded with zeros (mask 0)."""
+    s = x.shape[1]
+    if n * c != s:
+        x = jnp.pad(x, [(0, 0), (0, n * c - s)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
+
+
+def _fused_chunked(body, head, hidden, consts, per_pos, chunk_size: int):
+    """`body(logits_chunk, consts, *chunks) -> (objective, logged)` (scalars), where logits_chunk =
+    hidden_chunk @ head.T in fp32, summed over sequence chunks of `hidden` [B, S, H] and the
+    [B, S, ...] arrays `per_pos`.
+
+    Differentiable in `head` and `hidden` through `objective` only (`consts`, `per_pos` and the
+    logged sums get no gradient). Under differentiation the forward pass computes each chunk's
+    gradient at once (logits computed once, never stored, never recomputed): the residuals are one
+    head-sized and one hidden-sized array, and the backward pass only scales them. The head
+    gradient accumulates as [H, V] (hidden_chunk.T @ dlogits: the small operand is the transposed
+    one) and is transposed once at the end."""
+    s = hidden.shape[1]
     c = max(1, min(chunk_size, s))
     n = -(-s // c)
 
-    def split(x):  # [B, S, ...] -> [n, B, c, ...], padded with zeros (mask 0)
-        if n * c != s:
-            x = jnp.pad(x, [(0, 0), (0, n * c - s)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
+    def run(head, hidden, consts, per_pos, grads: bool):
+        xs = (_split(hidden, n, c), tuple(_split(x, n, c) for x in per_pos))
+        if not grads:
+            objs, logged = jax.lax.map(lambda x: body(_logits(x[0], head), consts, *x[1]), xs)
+            return jnp.sum(objs), tuple(jnp.sum(v) for v in logged)
 
-    body = jax.checkpoint(body)
-    outs = jax.lax.map(lambda xs: body(consts, *xs), tuple(split(x) for x in per_pos))
-    return tuple(jnp.sum(o) for o in outs)
+        dt = jnp.promote_types(hidden.dtype, head.dtype)
+
+        def chunk(g_head_t, x):
+            h = x[0].astype(dt)
+            (obj, logged), gz = jax.value_and_grad(body, has_aux=True)(_logits(h, head), consts, *x[1])
+            gz = gz.astype(dt)
+            gh = jnp.einsum("bcv,vh->bch", gz, head.astype(dt), preferred_element_type=F32)
+            g_head_t = g_head_t + jnp.einsum("bch,bcv->hv", h, gz, preferred_element_type=F32)
+            return g_head_t, (obj, logged, gh.astype(hidden.dtype))
+
+        g_head_t, (objs, logged, gh) = jax.lax.scan(chunk, jnp.zeros(head.shape[::-1], F32), xs)
+        gh = jnp.moveaxis(gh, 0, 1).reshape(hidden.shape[0], n * c, *hidden.shape[2:])[:, :s]
+        return (jnp.sum(objs), tuple(jnp.sum(v) for v in logged)), (g_head_t.T.astype(head.dtype), gh)
+
+    @jax.custom_vjp
+    def fused(head, hidden, consts, per_pos):
+        return run(head, hidden, consts, per_pos, False)
+
+    def bwd(grads, ct):  # the logged sums' cotangents are ignored (they are returned stop_gradient-ed)
+        return tuple((ct[0] * g).astype(g.dtype) for g in grads) + (None, None)
+
+    fused.defvjp(lambda *args: run(*args, True), bwd)
+    obj, logged = fused(head, hidden, consts, tuple(per_pos))
+    return obj, jax.lax.stop_gradient(logged)
 
 
 def _token_count(mask):
@@ -131,19 +171,21 @@ def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets,
     mask = mask.astype(F32)
     t = float(cfg.temperature)
 
-    def body(heads, hs, ht, tgt, m):
-        zs, zt = _logits(hs, heads[0]), _logits(ht, heads[1])
+    kl_scale = cfg.kl_weight * (t * t if cfg.t2_scale else 1.0)
+
+    def body(zs, wt, ht, tgt, m):
+        zt = _logits(ht, wt)
         kl = jnp.sum(_kl_rows(zs, zt, t, cfg.top_k) * m)
         ce = jnp.sum(_ce_rows(zs, tgt) * m)
         # a term with weight 0 is only logged: no backward work for it
-        return (kl if cfg.kl_weight else jax.lax.stop_gradient(kl),
-                ce if cfg.ce_weight else jax.lax.stop_gradient(ce))
+        terms = ([kl_scale * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
+        return sum(terms[1:], terms[0]), (kl, ce)
 
-    kl_sum, ce_sum = _chunked_sums(body, (student_head, teacher_head),
-                                   (student_hidden, teacher_hidden, targets, mask), cfg.chunk_size)
+    obj, (kl_sum, ce_sum) = _fused_chunked(body, student_head, student_hidden, teacher_head,
+                                           (teacher_hidden, targets, mask), cfg.chunk_size)
     tokens, denom = _token_count(mask)
     kl, ce = kl_sum / denom, ce_sum / denom
-    loss = cfg.kl_weight * (kl * t * t if cfg.t2_scale else kl) + cfg.ce_weight * ce
+    loss = obj / denom
     return loss, {"loss": loss, "kl": kl, "ce": ce, "tokens": tokens}
 
 
@@ -160,10 +202,10 @@ def lm_loss_from_hidden(hidden, head, targets, mask, chunk_size: int = 256):
     _check(hidden, head, targets, mask, "lm_loss_from_hidden")
     mask = mask.astype(F32)
 
-    def body(w, h, tgt, m):
-        return (jnp.sum(_ce_rows(_logits(h, w), tgt) * m),)
+    def body(z, _, tgt, m):
+        return jnp.sum(_ce_rows(z, tgt) * m), ()
 
-    (ce_sum,) = _chunked_sums(body, head, (hidden, targets, mask), chunk_size)
+    ce_sum, _ = _fused_chunked(body, head, hidden, (), (targets, mask), chunk_size)
     return ce_sum / _token_count(mask)[1]
 
 

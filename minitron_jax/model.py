@@ -104,7 +104,32 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w.T with w in HF layout [out, in]."""
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    return _linear(x, w.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _linear(x, w):
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+def _linear_fwd(x, w):
+    return _linear(x, w), (x, w)
+
+
+def _linear_bwd(res, g):
+    """The weight gradient contracts both operands over tokens, so one of them is transposed (XLA:CPU
+    copies it): transpose the narrower of x [.., in] and g [.., out], not always g."""
+    x, w = res
+    dx = jnp.einsum("...o,oi->...i", g, w)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x.shape[-1] < g.shape[-1]:
+        dw = jnp.einsum("ti,to->io", x2, g2).T
+    else:
+        dw = jnp.einsum("to,ti->oi", g2, x2)
+    return dx, dw
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def default_positions(attention_mask, segment_ids, shape) -> jax.Array:
