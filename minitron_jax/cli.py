@@ -160,6 +160,23 @@ def cmd_train(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
 
 
+def cmd_plan(args) -> None:
+    from .config import LlamaConfig
+    from .plan import estimate, format_plan
+    from .prune import validate
+    from .recipe import load_recipe
+    teacher = LlamaConfig.from_file(args.teacher)
+    student = validate(teacher, args.target) if args.target else teacher
+    overrides = list(args.overrides)
+    config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
+    rc = load_recipe(config, ["teacher=-", "student=-", "data=-", *overrides])
+    plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
+                    args.peak_tflops * 1e12, args.mfu)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -230,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ... (teacher, student, data, steps, "
                        "batch_size, seq_len, save_every, out, resume, ...)")
         t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
+    pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")
+    pl.add_argument("--teacher", required=True, help="teacher HF directory or config.json")
+    pl.add_argument("--target", default=None, help="pruning target of the student (default: the teacher's shape)")
+    pl.add_argument("--devices", type=int, required=True)
+    pl.add_argument("--peak-tflops", type=float, required=True, help="per-device peak, e.g. 989 (H100 bf16 dense)")
+    pl.add_argument("--mfu", type=float, default=0.4)
+    pl.add_argument("--json", default=None)
+    pl.set_defaults(fn=cmd_plan)
 
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")

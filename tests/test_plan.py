@@ -1,0 +1,46 @@
+"""`minitron plan`: the 8B -> 4B recipes planned from config.json alone agree with the spec's counts,
+and per-device parameter memory follows the sharding rules."""
+
+import json
+
+import pytest
+
+from minitron_jax.cli import main
+from minitron_jax.config import LlamaConfig
+from minitron_jax.plan import estimate, per_device_param_bytes
+from minitron_jax.prune import validate
+from minitron_jax.recipe import load_recipe
+
+LLAMA = "configs/llama31_8b_config.json"
+
+
+@pytest.mark.parametrize("recipe,target,student", [
+    ("configs/llama31_8b_to_4b_width_tpu.yaml", "hidden_size=3072,intermediate_size=9216", 4_512_746_496),
+    ("configs/llama31_8b_to_4b_depth_gpu.yaml", "num_hidden_layers=16", 4_540_469_248),
+])
+def test_8b_recipes_plan(tmp_path, recipe, target, student):
+    main(["plan", recipe, "--teacher", LLAMA, "--target", target, "--devices", "64", "--peak-tflops", "459",
+          "--mfu", "0.4", "--json", str(tmp_path / "p.json")])
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["teacher_params"] == 8_030_261_248 and p["student_params"] == student
+    assert p["tokens_per_step"] == 1152 * 8192 and round(p["total_tokens"] / 1e9) == 94  # the papers' 94B tokens
+    mem = p["memory_per_device_bytes"]
+    # FSDP over 64 devices: each holds ~1/64 of every matrix (norm vectors are replicated)
+    assert 4 * student / 64 <= mem["student_params_fp32"] <= 1.01 * 4 * student / 64
+    assert 2 * 8_030_261_248 / 64 <= mem["teacher_params"] <= 1.01 * 2 * 8_030_261_248 / 64
+    assert mem["optimizer_state"] == 2 * mem["student_params_fp32"]
+
+
+def test_param_bytes_follow_sharding_rules():
+    cfg = LlamaConfig.from_file(LLAMA)
+    one = per_device_param_bytes(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, 4)
+    assert one == 4 * cfg.param_count()
+    tp = per_device_param_bytes(cfg, {"data": 2, "fsdp": 1, "tensor": 8}, 4)  # data parallel replicates
+    assert 4 * cfg.param_count() / 8 <= tp <= 1.01 * 4 * cfg.param_count() / 8
+
+
+def test_plan_rejects_a_mesh_that_does_not_fit():
+    cfg = LlamaConfig.from_file(LLAMA)
+    rc = load_recipe(None, ["teacher=-", "student=-", "data=-", "mesh=[2,3,1]"])
+    with pytest.raises(ValueError, match="does not fit 64 devices"):
+        estimate(cfg, validate(cfg, "num_hidden_layers=16"), rc, 64, 1e15, 0.4)
