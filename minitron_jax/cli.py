@@ -181,7 +181,16 @@ def cmd_run(args) -> None:
     from .pipeline import Pipeline, load_pipeline
     overrides = list(args.overrides)
     config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
-    Pipeline(load_pipeline(config, overrides), log=lambda m: print(m, flush=True)).run()
+    cfg = load_pipeline(config, overrides)
+    if args.dry_run:
+        import jax
+
+        from .distill import measure_peak_flops
+        from .pipeline import dry_run
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops() / jax.device_count()
+        dry_run(cfg, args.devices or jax.device_count(), peak, args.mfu)
+        return
+    Pipeline(cfg, log=lambda m: print(m, flush=True)).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="the whole pipeline: fetch, score, prune, distill, evaluate, export, report")
     rn.add_argument("overrides", nargs="*", help="[PIPELINE.yaml] key=value ... (out=..., distill.steps=...)")
+    rn.add_argument("--dry-run", action="store_true", help="plan only: counts, memory per device, FLOPs, step time")
+    rn.add_argument("--devices", type=int, default=None, help="for --dry-run (default: the devices here)")
+    rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
+    rn.add_argument("--mfu", type=float, default=0.4)
     rn.set_defaults(fn=cmd_run)
 
     pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")

@@ -32,6 +32,7 @@ class PipelineConfig:
         "steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "min_lr": 1e-5, "warmup": 15,
         "eval_every": 50, "eval_batches": 4, "save_every": 50})
     eval: dict = dataclasses.field(default_factory=lambda: {"samples": 16, "seq_len": 256, "task_items": 100})
+    recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
     seed: int = 0
 
 
@@ -49,8 +50,37 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
         raise RecipeError(f"unknown pipeline keys {unknown}; valid: {sorted(fields)}")
     cfg = PipelineConfig(**values)
     for section in ("score", "prune", "distill", "eval"):
+        if section == "distill" and cfg.recipe:  # the recipe file supplies the defaults instead
+            continue
+        if section == "prune" and "prune" in values:  # a target or a budget, not both
+            continue
         cfg.__dict__[section] = {**getattr(PipelineConfig(), section), **getattr(cfg, section)}
     return cfg
+
+
+def distill_recipe(cfg: PipelineConfig, **values):
+    """The distillation RunConfig: the recipe file (if any), then `distill:` keys, then `values`."""
+    return load_recipe(cfg.recipe, {**cfg.distill, **values})
+
+
+def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, log=print) -> dict:
+    """Plan the run from configs alone: counts, per-device memory, FLOPs, step time (no weights)."""
+    from .config import LlamaConfig
+    from .plan import estimate, format_plan
+    from .prune import dry_run as prune_dry_run
+
+    teacher = Path(cfg.teacher) if cfg.teacher != "smollm2" else None
+    if teacher is None:
+        from .assets import fetch_smollm2
+        teacher = fetch_smollm2(progress=log)
+    t_cfg = LlamaConfig.from_file(teacher)
+    if "target" not in cfg.prune:
+        raise RecipeError("--dry-run needs an explicit prune.target (a --params budget is chosen by loss)")
+    s_cfg, _ = prune_dry_run(t_cfg, cfg.prune["target"])
+    rc = distill_recipe(cfg, teacher="-", student="-", data="-")
+    plan = estimate(t_cfg, s_cfg, rc, devices, peak_flops, mfu)
+    log(format_plan(plan))
+    return plan
 
 
 class Pipeline:
@@ -94,8 +124,7 @@ class Pipeline:
         if "target" in self.cfg.prune:
             validate(cfg, PruneTarget.parse(self.cfg.prune["target"]))
         split_documents(read_documents(data), holdout=self.cfg.holdout)
-        load_recipe(None, {"teacher": str(teacher), "student": str(teacher), "data": str(data),
-                           **self.cfg.distill})
+        distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -117,8 +146,8 @@ class Pipeline:
 
         if c.finetune_steps:
             def finetune():
-                rc = load_recipe(None, {**c.distill, **common, "mode": "finetune", "student": str(teacher_dir),
-                                        "steps": c.finetune_steps, "out": str(self.out / "finetune"), "resume": True})
+                rc = distill_recipe(c, **common, mode="finetune", student=str(teacher_dir), steps=c.finetune_steps,
+                                    out=str(self.out / "finetune"), resume=True)
                 return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
             teacher_dir = Path(self.stage("finetune", finetune)["teacher"])
 
@@ -156,8 +185,8 @@ class Pipeline:
         pruned = self.stage("prune", do_prune)
 
         def distill():
-            rc = load_recipe(None, {**c.distill, **common, "teacher": str(teacher_dir), "student": pruned["student"],
-                                    "out": str(self.out / "distill"), "resume": True})
+            rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
+                                out=str(self.out / "distill"), resume=True)
             summary = train(rc, self.log)
             return {"summary": summary, "student": summary["student_hf"],
                     "tokens": rc.steps * rc.batch_size * rc.seq_len}

@@ -44,3 +44,13 @@ def test_plan_rejects_a_mesh_that_does_not_fit():
     rc = load_recipe(None, ["teacher=-", "student=-", "data=-", "mesh=[2,3,1]"])
     with pytest.raises(ValueError, match="does not fit 64 devices"):
         estimate(cfg, validate(cfg, "num_hidden_layers=16"), rc, 64, 1e15, 0.4)
+
+
+@pytest.mark.parametrize("kind,student", [("width", "4,512,746,496"), ("depth", "4,540,469,248")])
+def test_run_dry_run_of_8b_pipelines(capsys, kind, student):
+    for hw in ("tpu", "gpu"):
+        main(["run", f"configs/pipeline_llama31_8b_{kind}_{hw}.yaml", "--dry-run", "--devices", "64",
+              "--peak-tflops", "459"])
+        out = capsys.readouterr().out
+        assert "teacher parameters: 8,030,261,248" in out and f"student parameters: {student}" in out
+        assert "93,994,352,640 tokens" in out  # 9960 steps x 1152 x 8192: the papers' 94B tokens
