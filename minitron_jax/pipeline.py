@@ -243,9 +243,24 @@ class Pipeline:
                 continue
             table.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.3f} | {r['held_out_ppl']:.1f} | "
                          f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} |")
+        sample = self.generate(distilled["student"])
         md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
                         *table, "", f"Exported student (loads in transformers): `{distilled['student']}`", "",
+                        "transformers `generate` (greedy) with the exported student:", "", "```", sample, "```", "",
                         "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
         (self.out / "report" / "report.md").write_text(md)
-        self.log("\n".join(table) + f"\n\nstudent: {distilled['student']}\nreport: {self.out / 'report' / 'report.md'}")
-        return {"report": str(self.out / "report" / "report.md")}
+        self.log("\n".join(table) + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
+                 f"report: {self.out / 'report' / 'report.md'}")
+        return {"report": str(self.out / "report" / "report.md"), "sample": sample}
+
+    def generate(self, student: str, prompt: str = "To be, or not to be,", tokens: int = 30) -> str:
+        """Load the exported student with transformers (PyTorch) and continue a prompt greedily."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(student)
+        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0], skip_special_tokens=True)

@@ -29,7 +29,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
     assert results["distilled"]["distill_tokens"] == 4 * 4 * 64
     assert (out / "score" / "scores.png").exists() and (out / "report" / "loss_curves.png").exists()
-    assert "| distilled |" in (out / "report" / "report.md").read_text() and "| distilled |" in printed
+    report = (out / "report" / "report.md").read_text()
+    assert "| distilled |" in report and "| distilled |" in printed
+    sample = json.loads((out / "report" / "done.json").read_text())["sample"]
+    assert sample.startswith("To be, or not to be,") and sample in report  # transformers generated from the export
 
     student = out / "distill" / "student_hf"
     hf = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
