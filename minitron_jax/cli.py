@@ -193,6 +193,27 @@ def cmd_run(args) -> None:
     Pipeline(cfg, log=lambda m: print(m, flush=True)).run()
 
 
+def cmd_eval(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .data import pack, read_documents, split_documents, tokenize_documents
+    from .evaluate import evaluate_model, load_task, next_line_task
+    from .hf import from_pretrained
+    model = from_pretrained(args.model, mesh=_mesh(args.mesh), dtype="float32")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    docs = read_documents(args.data)
+    if args.holdout:
+        docs = split_documents(docs, holdout=args.holdout.split(","))[1]
+    rows = pack(tokenize_documents(docs, tok), args.seq_len, args.samples, seed=args.seed)
+    items = load_task(args.task) if args.task else next_line_task(docs, args.task_items, seed=args.seed)
+    result = {"model": args.model, "task": args.task or "next-line",
+              **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -271,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
     rn.add_argument("--mfu", type=float, default=0.4)
     rn.set_defaults(fn=cmd_run)
+
+    ev = sub.add_parser("eval", help="held-out perplexity and a multiple-choice task (JSON)")
+    ev.add_argument("--model", required=True, help="HF directory")
+    ev.add_argument("--data", required=True, help="held-out text (or the corpus, with --holdout)")
+    ev.add_argument("--holdout", default=None, help="comma-separated document names to evaluate on")
+    ev.add_argument("--task", default=None, help="multiple-choice JSONL {context, choices, answer}; "
+                    "default: pick the true next line among four, built from the text")
+    ev.add_argument("--task-items", type=int, default=100)
+    ev.add_argument("--samples", type=int, default=16)
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--mesh", default=None)
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(fn=cmd_eval)
 
     pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
     pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")

@@ -186,3 +186,12 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         if progress is not None:
             progress.update(tokens=int(mask.sum()))
     return results
+
+
+def evaluate_model(params, cfg: LlamaConfig, tokenizer, rows: np.ndarray, items: Sequence[dict], *,
+                   batch_size: int = 8) -> dict[str, float]:
+    """Held-out loss / perplexity on packed `rows` plus accuracy on multiple-choice `items`."""
+    import math
+    loss = lm_loss(params, cfg, rows, batch_size=batch_size)
+    mc = multiple_choice(params, cfg, tokenizer, items, batch_size=batch_size)[0]
+    return {"params": cfg.param_count(), "tokens": int(rows.size), "loss": loss, "perplexity": math.exp(loss), **mc}

@@ -202,19 +202,17 @@ class Pipeline:
 
     def evaluate(self, models: dict[str, Path], tok, data: Path, rows, tokens: dict) -> dict:
         from .data import read_documents, split_documents
-        from .evaluate import lm_loss, multiple_choice, next_line_task
+        from .evaluate import evaluate_model, next_line_task
         from .hf import from_pretrained
-        import math
 
         _, held = split_documents(read_documents(data), holdout=self.cfg.holdout)
         items = next_line_task(held, self.cfg.eval["task_items"], seed=self.cfg.seed)
         out = {}
         for name, path in models.items():
             m = from_pretrained(path, dtype="float32")
-            loss = lm_loss(m.params(), m.config, rows, batch_size=4)
-            acc = multiple_choice(m.params(), m.config, tok, items, batch_size=16)[0]
-            out[name] = {"params": m.config.param_count(), "held_out_loss": loss, "held_out_ppl": math.exp(loss),
-                         "next_line_acc": acc["acc"], "next_line_acc_norm": acc["acc_norm"],
+            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8)
+            out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],
+                         "next_line_acc": r["acc"], "next_line_acc_norm": r["acc_norm"],
                          "distill_tokens": tokens.get(name, 0), "path": str(path)}
             self.log(f"{name}: {json.dumps({k: v for k, v in out[name].items() if k != 'path'})}")
         return out

@@ -91,3 +91,21 @@ def test_prune_refuses_before_loading(scored, tmp_path):
         main(["prune", "--model", str(model_dir), "--scores", "missing.safetensors", "--target", "hidden_size=50",
               "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_command(scored, tmp_path):
+    """`minitron eval`: perplexity and next-line accuracy as JSON, loss equal to transformers'."""
+    import math
+    from transformers import AutoTokenizer
+    from minitron_jax.data import pack, read_documents, split_documents, tokenize_documents
+    _, model_dir, data = scored
+    main(["eval", "--model", str(model_dir), "--data", str(data), "--holdout", "sonnets", "--samples", "2",
+          "--seq-len", "32", "--task-items", "4", "--json", str(tmp_path / "e.json")])
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["tokens"] == 64 and r["task"] == "next-line" and 0 <= r["acc"] <= 1 and r["n"] == 4
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = pack(tokenize_documents(split_documents(read_documents(data), holdout=["sonnets"])[1], tok), 32, 2, seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = float(hf(torch.tensor(rows, dtype=torch.long), labels=torch.tensor(rows, dtype=torch.long)).loss)
+    assert abs(r["loss"] - want) <= 1e-5 * want and abs(r["perplexity"] - math.exp(want)) <= 1e-4 * math.exp(want)
