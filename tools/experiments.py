@@ -1,0 +1,125 @@
+"""Paper findings reproduced in miniature on SmolLM2-135M + Shakespeare; writes docs/RESULTS.md.
+
+    python tools/experiments.py [--out runs/experiments] [--calib 64] [--eval 16] [--items 50]
+
+Implemented so far (pruning-only; no retraining, so each takes minutes on a CPU):
+  4. aggregation ablation: held-out loss right after width pruning, per (batch, seq) aggregation
+     (paper, Table 11, 15B -> 8B: (l2,mean) 7.18 < (mean,mean) 7.21 < (l2,l2) 8.73 < (var,var) 10.55);
+  5. depth selection: Block Influence vs LM loss with one layer skipped vs the best contiguous window.
+Experiments 1-3 and 6 need distillation runs per arm and are not run yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HELD_OUT = ("hamlet", "sonnets", "tempest")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/experiments")
+    ap.add_argument("--calib", type=int, default=64, help="calibration rows of 256 tokens")
+    ap.add_argument("--eval", type=int, default=16, help="held-out rows of 256 tokens")
+    ap.add_argument("--items", type=int, default=50, help="next-line task items")
+    ap.add_argument("--doc", default="docs/RESULTS.md")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from OUT/results.json")
+    args = ap.parse_args()
+    if args.doc_only:
+        return write_doc(json.loads((Path(args.out) / "results.json").read_text()), args)
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import minitron_jax as mj
+    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.data import pack, read_documents, split_documents, tokenize_documents
+    from minitron_jax.evaluate import evaluate_model, gated_losses, next_line_task
+    from minitron_jax.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
+    from minitron_jax.prune import prune
+
+    t0 = time.time()
+    model_dir = fetch_smollm2()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train, held = split_documents(read_documents(fetch_shakespeare()), holdout=HELD_OUT)
+    calib = pack(tokenize_documents(train, tok), 256, args.calib, seed=0)
+    evals = pack(tokenize_documents(held, tok), 256, args.eval, seed=1)
+    items = next_line_task(held, args.items, seed=0)
+    model = mj.from_pretrained(model_dir)
+    params, cfg = model.params(), model.config
+    ev = lambda p, c: evaluate_model(p, c, tok, evals, items, batch_size=8)  # noqa: E731
+    results: dict = {"teacher": ev(params, cfg)}
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    width = "hidden_size=432,intermediate_size=1024"
+    results["aggregation"] = {}
+    for b, s in (("l2", "mean"), ("mean", "mean"), ("l2", "l2"), ("var", "var")):
+        scores = compute_scores(params, cfg, calib, batch_size=8, score_config=ScoreConfig(batch_agg=b, seq_agg=s))
+        results["aggregation"][f"({b},{s})"] = ev(*prune(params, cfg, scores, width))
+        log(f"aggregation ({b},{s}): {results['aggregation'][f'({b},{s})']['loss']:.4f}")
+
+    L, keep = cfg.num_hidden_layers, 15
+    scores = compute_scores(params, cfg, calib, batch_size=8)
+    scores["layer_loss"] = layer_skip_losses(params, cfg, calib[:8], batch_size=8)
+    scores["layer_window"] = gated_losses(params, cfg, calib[:8], window_gates(L, L - keep), batch_size=8)
+    results["depth"] = {}
+    for metric in ("bi", "loss", "window"):
+        p, c = prune(params, cfg, scores, f"num_hidden_layers={keep},depth_metric={metric}")
+        results["depth"][metric] = ev(p, c)
+        log(f"depth {metric}: {results['depth'][metric]['loss']:.4f}")
+    start = int(np.argmin(scores["layer_window"]))
+    results["depth_choices"] = {
+        "bi": sorted(np.argsort(scores["layer_bi"])[: L - keep].tolist()),
+        "loss": sorted(np.argsort(scores["layer_loss"])[: L - keep].tolist()),
+        "window": list(range(start, start + L - keep))}
+    results["seconds"] = round(time.time() - t0)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    write_doc(results, args)
+
+
+def write_doc(r: dict, args) -> None:
+    cmd = f"python tools/experiments.py --calib {args.calib} --eval {args.eval} --items {args.items}"
+    t = r["teacher"]
+    row = lambda name, x: (f"| {name} | {x['params']:,} | {x['loss']:.3f} | {x['perplexity']:.1f} | "  # noqa: E731
+                           f"{x['acc']:.2f} ({x['acc_norm']:.2f}) |")
+    head = ["| model | params | held-out loss | ppl | next-line acc (norm) |", "|---|---|---|---|---|"]
+    agg = r["aggregation"]
+    order = sorted(agg, key=lambda k: agg[k]["loss"])
+    paper = ["(l2,mean)", "(mean,mean)", "(l2,l2)", "(var,var)"]
+    dep = r["depth"]
+    lines = [
+        "# Minitron findings in miniature (SmolLM2-135M-Instruct, Shakespeare)", "",
+        f"Generated by `{cmd}` ({r['seconds']} s on the 2-core CPU this project is developed on). Held-out text:",
+        f"{', '.join(HELD_OUT)} ({args.eval} x 256 tokens for loss; {args.items} next-line items, the true next line",
+        f"among four). Calibration: {args.calib} x 256 tokens of the other works. No retraining in these tables.", "",
+        *head, row("teacher (unpruned)", t), "",
+        "## 4. Aggregation ablation (loss right after width pruning to hidden 432, ffn 1024)", "",
+        *head, *[row(k, agg[k]) for k in paper], "",
+        f"Ranking here (lower loss first): {' < '.join(order)}. Paper (Table 11, 15B -> 8B, LM loss): "
+        "(l2,mean) 7.18 < (mean,mean) 7.21 < (l2,l2) 8.73 < (var,var) 10.55.",
+        f"Agreement: best here {order[0]} (paper: (l2,mean)); worst here {order[-1]} (paper: (var,var)); "
+        f"(l2,mean) vs (mean,mean): {agg['(l2,mean)']['loss']:.3f} vs {agg['(mean,mean)']['loss']:.3f} "
+        "(paper: 7.18 vs 7.21).", "",
+        "## 5. Depth selection: 30 -> 15 layers", "",
+        *head, *[row(f"{m}: drop {r['depth_choices'][m]}", dep[m]) for m in ("bi", "loss", "window")], "",
+        "bi = lowest Block Influence (one pass); loss = lowest LM loss when skipped alone (8 x 256 tokens);",
+        "window = the contiguous block of 15 whose removal gives the lowest LM loss. The paper (2408.11796) found",
+        "the contiguous block better downstream than layers chosen one by one; here the next-line accuracy is",
+        f"{dep['window']['acc_norm']:.2f} (window) vs {dep['loss']['acc_norm']:.2f} (loss) vs "
+        f"{dep['bi']['acc_norm']:.2f} (BI), length-normalised, on {args.items} items (one item = "
+        f"{100 / args.items:.0f} points: small differences are noise).", "",
+        "## Not yet run", "",
+        "1. prune + distill vs random init on equal tokens; 2. logit KD vs CE fine-tuning; 3. width vs depth",
+        "after distillation; 6. with and without teacher correction: each needs a distillation run per arm.", ""]
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
