@@ -20,23 +20,29 @@ class DataError(ValueError):
     """Input data that cannot give what was asked for."""
 
 
+def read_jsonl(path: str | Path):
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i + 1} is not valid JSON ({e}); JSONL needs one object per line") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i + 1} is a JSON {type(row).__name__}, not an object; JSONL needs one object per line")
+        yield i + 1, row
+
+
 def _read_file(path: Path, field: str) -> list[tuple[str, str]]:
     if path.suffix == ".txt":
         return [(path.name, path.read_text(errors="replace"))]
     if path.suffix in (".jsonl", ".json"):
         out = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i + 1} is not valid JSON ({e}); JSONL needs one object per line") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i + 1} is a JSON {type(row).__name__}, not an object; JSONL needs one object per line")
+        for n, row in read_jsonl(path):
             if field not in row:
-                raise DataError(f"{path}:{i + 1} has no {field!r} field (keys: {sorted(row)}); pass text_field=...")
-            out.append((f"{path.name}:{i + 1}", row[field]))
+                raise DataError(f"{path}:{n} has no {field!r} field (keys: {sorted(row)}); pass text_field=...")
+            out.append((f"{path.name}:{n}", row[field]))
         return out
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

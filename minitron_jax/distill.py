@@ -182,7 +182,7 @@ def to_global(local: dict[str, np.ndarray], mesh, lead: bool) -> dict[str, jax.A
             continue
         gshape = list(v.shape)
         gshape[1 if lead else 0] *= jax.process_count()
-        sh = batch_sharding(mesh, gshape) if lead else NamedSharding(mesh, named_sharding(("batch", "seq"), gshape, mesh).spec)
+        sh = batch_sharding(mesh, gshape) if lead else named_sharding(("batch", "seq"), gshape, mesh)
         out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
     return out
 
@@ -335,7 +335,7 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
     start_eval = evaluate(state["trainable"]["model"]) if step == 0 else {}
     if start_eval:
         log(f"step 0 held-out: {json.dumps({k: round(v, 4) for k, v in start_eval.items()})}")
-        prog.metrics and prog.metrics.write(json.dumps({"stage": rc.mode, "step": 0, **start_eval}) + "\n")
+        prog.record({"stage": rc.mode, "step": 0, **start_eval})
     last_saved = mngr.latest_step()
     crash_after = int(os.environ.get("MINITRON_CRASH_AFTER_STEP", "0"))
     summary: dict[str, Any] = {"start_eval": start_eval}

@@ -10,7 +10,6 @@ metric without a hub. Every function takes optional `layer_gates` (0 = skip a la
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
-from .data import DataError
+from .data import DataError, read_jsonl
 from .model import forward
 from .sharding import named_sharding
 
@@ -88,17 +87,11 @@ def lm_loss(params, cfg: LlamaConfig, samples: np.ndarray, **kw) -> float:
 # ---------------------------------------------------------------------------- multiple choice
 def load_task(path: str | Path) -> list[dict[str, Any]]:
     items = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1} is not valid JSON ({e})") from e
-        if (not isinstance(item, dict) or not {"context", "choices", "answer"} <= set(item)
+    for n, item in read_jsonl(path):
+        if (not {"context", "choices", "answer"} <= set(item)
                 or not isinstance(item["answer"], int) or not 0 <= item["answer"] < len(item["choices"])
                 or not all(isinstance(c, str) and c for c in item["choices"])):
-            raise DataError(f"{path}:{i + 1}: a task line needs context, non-empty string choices and a valid "
+            raise DataError(f"{path}:{n}: a task line needs context, non-empty string choices and a valid "
                             'integer answer index, e.g. {"context": "...", "choices": ["a", "b"], "answer": 0}')
         items.append(item)
     if not items:

@@ -24,9 +24,7 @@ class Progress:
         elapsed = now - self.start
         rec = {"stage": self.desc, "step": self.step, "total": self.total, "tokens": self.tokens,
                "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed, **metrics}
-        if self.metrics:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+        self.record(rec)
         if now - self.last_print >= self.every_s or self.step >= self.total or self.step == steps:
             eta = elapsed / self.step * (self.total - self.step) if self.step else float("nan")
             extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -34,6 +32,12 @@ class Progress:
                   f"elapsed {elapsed:.0f}s ETA {eta:.0f}s {extra}".rstrip(), file=self.stream, flush=True)
             self.last_print = now
         return rec
+
+    def record(self, rec: dict) -> None:
+        """Append one JSON object to the metrics file (if any)."""
+        if self.metrics:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
 
     def close(self) -> None:
         if self.metrics:
