@@ -190,7 +190,7 @@ def cmd_run(args) -> None:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops() / jax.device_count()
         dry_run(cfg, args.devices or jax.device_count(), peak, args.mfu)
         return
-    Pipeline(cfg, log=lambda m: print(m, flush=True)).run()
+    Pipeline(cfg, log=lambda m: print(m, flush=True)).run(until=args.until)
 
 
 def cmd_eval(args) -> None:
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--devices", type=int, default=None, help="for --dry-run (default: the devices here)")
     rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
     rn.add_argument("--mfu", type=float, default=0.4)
+    rn.add_argument("--until", default=None, choices=("finetune", "score", "prune", "distill", "evaluate"),
+                    help="stop after this stage (a later run without it resumes from there)")
     rn.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="held-out perplexity and a multiple-choice task (JSON)")

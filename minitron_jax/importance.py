@@ -199,6 +199,36 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
     return Path(path)
 
 
+def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size: int, layer_loss_samples: int = 0,
+                     window: int = 0, tokenizer=None, task_items=None, mesh=None, compute_dtype=None,
+                     metrics_path=None) -> dict:
+    """Add the depth scores that need one forward per candidate (in place; returns `scores`).
+
+    `layer_loss_samples` > 0 adds `layer_loss` [L] (LM loss with each layer skipped, on that many rows).
+    `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
+    with the block skipped (on `layer_loss_samples` rows, else up to 32), or 1 - acc_norm on
+    `task_items` (multiple-choice) when given."""
+    if layer_loss_samples:
+        prog = Progress(cfg.num_hidden_layers, "layer-loss", metrics_path=metrics_path)
+        scores["layer_loss"] = layer_skip_losses(params, cfg, rows[:layer_loss_samples], batch_size=batch_size,
+                                                 mesh=mesh, compute_dtype=compute_dtype, progress=prog)
+        prog.close()
+    if window:
+        gates = window_gates(cfg.num_hidden_layers, window)
+        prog = Progress(len(gates), f"window-{window}", metrics_path=metrics_path)
+        if task_items:
+            from .evaluate import multiple_choice
+            res = multiple_choice(params, cfg, tokenizer, task_items, gate_sets=gates, batch_size=batch_size,
+                                  compute_dtype=compute_dtype, progress=prog)
+            scores["layer_window"] = np.asarray([1.0 - r["acc_norm"] for r in res], np.float32)
+        else:
+            n = layer_loss_samples or min(len(rows), 32)
+            scores["layer_window"] = gated_losses(params, cfg, rows[:n], gates, batch_size=batch_size, mesh=mesh,
+                                                  compute_dtype=compute_dtype, progress=prog)
+        prog.close()
+    return scores
+
+
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
                 layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text") -> Path:
@@ -215,24 +245,9 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     params, cfg = model.params(), model.config
     scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, mesh=mesh,
                             compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
-    if layer_loss_samples:
-        prog = Progress(cfg.num_hidden_layers, "layer-loss", metrics_path=out_dir / "metrics.jsonl")
-        scores["layer_loss"] = layer_skip_losses(params, cfg, rows[:layer_loss_samples], batch_size=batch_size,
-                                                 mesh=mesh, compute_dtype=model.compute_dtype, progress=prog)
-        prog.close()
-    if window:
-        gates = window_gates(cfg.num_hidden_layers, window)
-        prog = Progress(len(gates), f"window-{window}", metrics_path=out_dir / "metrics.jsonl")
-        if task_items:
-            from .evaluate import multiple_choice
-            res = multiple_choice(params, cfg, tokenizer, task_items, gate_sets=gates, batch_size=batch_size,
-                                  compute_dtype=model.compute_dtype, progress=prog)
-            scores["layer_window"] = np.asarray([1.0 - r["acc_norm"] for r in res], np.float32)
-        else:
-            n = layer_loss_samples or min(len(rows), 32)
-            scores["layer_window"] = gated_losses(params, cfg, rows[:n], gates, batch_size=batch_size, mesh=mesh,
-                                                  compute_dtype=model.compute_dtype, progress=prog)
-        prog.close()
+    add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
+                     window=window, tokenizer=tokenizer, task_items=task_items, mesh=mesh,
+                     compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
     meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
             "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,

@@ -26,7 +26,10 @@ class PipelineConfig:
     holdout: list = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
     out: str = "runs/smollm2_cpu"
     finetune_steps: int = 0  # teacher correction on the corpus first (0 = skip)
-    score: dict = dataclasses.field(default_factory=lambda: {"samples": 64, "seq_len": 256, "batch_size": 8})
+    # layer_samples: rows for the per-layer (or per-window) LM-loss scores that a target with
+    # depth_metric=loss|window needs; they are computed only when the target asks for them
+    score: dict = dataclasses.field(default_factory=lambda: {"samples": 64, "seq_len": 256, "batch_size": 8,
+                                                              "layer_samples": 8})
     prune: dict = dataclasses.field(default_factory=lambda: {"target": "hidden_size=432,intermediate_size=1024"})
     distill: dict = dataclasses.field(default_factory=lambda: {
         "steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "min_lr": 1e-5, "warmup": 15,
@@ -98,14 +101,39 @@ class Pipeline:
         tmp.replace(self.out / stage / "done.json")
         return info
 
+    def settings(self, name: str) -> dict:
+        """The settings a stage's output depends on (its own and every earlier stage's)."""
+        c = self.cfg
+        keys = ["teacher", "data", "holdout", "seed", "finetune_steps"]
+        keys += ["recipe", "distill"] if c.finetune_steps else []
+        order = {"finetune": [], "score": ["score"], "prune": ["score", "prune"],
+                 "distill": ["score", "prune", "recipe", "distill"]}
+        keys += order.get(name, ["score", "prune", "recipe", "distill", "eval"])
+        out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
+        if name == "score" and "target" in c.prune:  # the depth scores it computes follow the target
+            from .prune import PruneTarget
+            t = PruneTarget.parse(c.prune["target"])
+            if t.depth_metric != "bi" and not t.drop_layers:
+                out["depth_scores"] = [t.num_hidden_layers, t.depth_metric]
+        return json.loads(json.dumps(out, default=str))
+
     def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        settings = self.settings(name)
         if (info := self.done(name)) is not None:
+            old = info.get("settings", settings)  # markers from before settings were recorded: trusted
+            if old != settings:
+                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise RecipeError(
+                    f"{self.out / name} was made with other settings ({', '.join(changed)} changed: "
+                    f"{json.dumps({k: old.get(k) for k in changed})} then, {json.dumps({k: settings.get(k) for k in changed})} "
+                    f"now). Choose another out=, or delete {self.out / name} and the stages after it to redo them.")
             self.log(f"== {name}: done earlier ({self.out / name}), skipped")
             return info
         self.log(f"== {name}")
         t0 = time.perf_counter()
         info = fn()
         info["seconds"] = round(time.perf_counter() - t0, 1)
+        info["settings"] = settings
         return self.mark(name, info)
 
     # ------------------------------------------------------------------ inputs
@@ -127,14 +155,18 @@ class Pipeline:
         distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
 
     # ------------------------------------------------------------------ run
-    def run(self) -> dict:
+    def run(self, until: str | None = None) -> dict:
+        """Run (or resume) every stage, or stop after `until` ("score", "prune", ...); returns the
+        evaluation results, or the output of the `until` stage."""
+        if until is not None and until not in STAGES:
+            raise RecipeError(f"until={until!r}: choose one of {', '.join(STAGES)}")
         from transformers import AutoTokenizer
 
         from .distill import train
         from .hf import from_pretrained, save_params
-        from .importance import compute_scores, load_scores, plot_scores, save_scores
+        from .importance import add_depth_scores, compute_scores, load_scores, plot_scores, save_scores
         from .loader import build_corpus
-        from .prune import PruneTarget, prune, search
+        from .prune import PruneTarget, prune, required_scores, search
         from .evaluate import lm_loss
 
         teacher_dir, data = self.inputs()
@@ -150,24 +182,33 @@ class Pipeline:
                                     out=str(self.out / "finetune"), resume=True)
                 return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
             teacher_dir = Path(self.stage("finetune", finetune)["teacher"])
+        if until == "finetune":
+            return self.done("finetune") or {}
 
         def score():
             train_rows, _ = build_corpus(data, tok, c.score["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
             rows = train_rows.tokens[: c.score["samples"]]
             model = from_pretrained(teacher_dir)
             (self.out / "score").mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "score" / "metrics.jsonl"
             scores = compute_scores(model.params(), model.config, rows, batch_size=c.score["batch_size"],
-                                    metrics_path=self.out / "score" / "metrics.jsonl")
+                                    metrics_path=metrics)
+            need = required_scores(model.config, c.prune["target"]) if "target" in c.prune else {}
+            n = c.score["layer_samples"]
+            add_depth_scores(scores, model.params(), model.config, rows[:n], batch_size=c.score["batch_size"],
+                             layer_loss_samples=n if "layer_loss" in need else 0, metrics_path=metrics,
+                             window=model.config.num_hidden_layers - need["layer_window"][0] + 1
+                             if "layer_window" in need else 0)
             path = save_scores(self.out / "score" / "scores.safetensors", scores,
                                {"samples": len(rows), "seq_len": c.score["seq_len"], "source_model": str(teacher_dir),
-                                "batch_agg": "l2", "seq_agg": "mean"})
+                                "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n})
             plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score['seq_len']}")
             return {"scores": str(path)}
         scores_path = self.stage("score", score)["scores"]
+        if until == "score":
+            return self.done("score")
 
-        def eval_rows():
-            _, held = build_corpus(data, tok, c.eval["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
-            return held.tokens[: c.eval["samples"]]
+        eval_rows = lambda: self.eval_rows(data, tok)  # noqa: E731
 
         def do_prune():
             model = from_pretrained(teacher_dir)
@@ -183,6 +224,8 @@ class Pipeline:
             save_params(params, cfg, self.out / "prune" / "student_hf", source=teacher_dir, overwrite=True)
             return {"target": target, "params": cfg.param_count(), "student": str(self.out / "prune" / "student_hf")}
         pruned = self.stage("prune", do_prune)
+        if until == "prune":
+            return self.done("prune")
 
         def distill():
             rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
@@ -191,14 +234,24 @@ class Pipeline:
             return {"summary": summary, "student": summary["student_hf"],
                     "tokens": rc.steps * rc.batch_size * rc.seq_len}
         distilled = self.stage("distill", distill)
+        if until == "distill":
+            return self.done("distill")
 
         def evaluate():
             return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
                                   "distilled": Path(distilled["student"])}, tok, data, eval_rows(),
                                  {"distilled": distilled["tokens"]})
         results = self.stage("evaluate", evaluate)
+        if until == "evaluate":
+            return self.done("evaluate")
         self.stage("report", lambda: self.report(results, pruned, distilled))
         return results
+
+    def eval_rows(self, data: Path, tok):
+        """The held-out rows every model is scored on (never trained on)."""
+        from .loader import build_corpus
+        _, held = build_corpus(data, tok, self.cfg.eval["seq_len"], holdout=tuple(self.cfg.holdout), seed=self.cfg.seed)
+        return held.tokens[: self.cfg.eval["samples"]]
 
     def evaluate(self, models: dict[str, Path], tok, data: Path, rows, tokens: dict) -> dict:
         from .data import read_documents, split_documents
@@ -237,7 +290,7 @@ class Pipeline:
         table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens |",
                  "|---|---|---|---|---|---|"]
         for name, r in results.items():
-            if name == "seconds":
+            if not isinstance(r, dict) or "params" not in r:  # seconds, settings
                 continue
             table.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.3f} | {r['held_out_ppl']:.1f} | "
                          f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} |")

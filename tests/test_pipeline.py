@@ -2,14 +2,18 @@
 transformers with logits equal to the JAX student's, every stage leaves its output, and a re-run
 resumes (skips finished stages)."""
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
 from minitron_jax.cli import main
+from minitron_jax.recipe import RecipeError
 from distill_helpers import make_pair
 from helpers import rel_err
 
@@ -45,3 +49,46 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     main(args)  # a second run finds every stage done
     again = capsys.readouterr().out
     assert again.count("done earlier") == 5
+
+
+def test_pipeline_depth_targets_score_what_they_need(tmp_path):
+    """A target with depth_metric=loss (or window) makes the score stage compute per-layer (per-block) LM
+    losses; they equal the loss of the model with that layer (block) really removed, and the pruned
+    student is exactly the teacher minus the lowest-scoring layers. `until=prune` stops before training."""
+    from transformers import AutoTokenizer
+
+    from minitron_jax.evaluate import lm_loss
+    from minitron_jax.importance import load_scores
+    from minitron_jax.loader import build_corpus
+    from minitron_jax.pipeline import Pipeline, load_pipeline
+    from minitron_jax.prune import prune
+
+    teacher, _, data = make_pair(tmp_path / "pair")
+    t = mj.from_pretrained(teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    rows = build_corpus(data, tok, 64, holdout=("tempest",), seed=0)[0].tokens[:4]
+    for metric, drop_sets in (("loss", [[l] for l in range(4)]), ("window", [[0, 1], [1, 2], [2, 3]])):
+        out = tmp_path / metric
+        cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
+                                   "score.samples=8", "score.seq_len=64", "score.batch_size=4", "score.layer_samples=4",
+                                   f"prune.target=num_hidden_layers=2,depth_metric={metric}"])
+        info = Pipeline(cfg, log=lambda m: None).run(until="prune")
+        assert not (out / "distill").exists() and info["params"] < t.config.param_count()
+        scores, _ = load_scores(out / "score" / "scores.safetensors")
+        key = "layer_loss" if metric == "loss" else "layer_window"
+        removed = [lm_loss(*prune(t.params(), t.config, None, "drop_layers=" + ",".join(map(str, d))), rows,
+                           batch_size=4) for d in drop_sets]
+        np.testing.assert_allclose(scores[key], removed, rtol=1e-5)
+        dropped = drop_sets[int(np.argmin(removed))] if metric == "window" else list(np.argsort(removed)[:2])
+        ref, _ = prune(t.params(), t.config, None, "drop_layers=" + ",".join(map(str, sorted(dropped))))
+        got = mj.from_pretrained(out / "prune" / "student_hf").params()
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # the same out with another width target: the cached scores are reused, the stale pruned model is refused;
+    # another depth target needs other depth scores, so the cached scores are refused too
+    for target, stage, key in (("num_hidden_layers=2,depth_metric=window,intermediate_size=64", "prune", "prune"),
+                               ("num_hidden_layers=3,depth_metric=window", "score", "depth_scores")):
+        changed = dataclasses.replace(cfg, prune={"target": target})
+        with pytest.raises(RecipeError, match=rf"window/{stage} was made with other settings \({key} changed"):
+            Pipeline(changed, log=lambda m: None).run(until="prune")
