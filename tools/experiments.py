@@ -1,7 +1,7 @@
 """Paper findings reproduced in miniature on SmolLM2-135M + Shakespeare; writes docs/RESULTS.md.
 
     python tools/experiments.py --part pruning   # 4 and 5: no retraining, ~5 min on a 2-core CPU
-    python tools/experiments.py --part distill   # 1, 2, 3 and 6: one training run per arm, ~70 min
+    python tools/experiments.py --part distill   # 1, 2, 3 and 6: one training run per arm, ~55 min
     python tools/experiments.py --doc-only       # rewrite the doc from OUT/results.json
 
 Pruning part (held-out loss right after pruning):
@@ -117,11 +117,13 @@ def curve(metrics: Path) -> list[list[float]]:
 
 def distill_experiments(args) -> dict:
     import jax
+    import numpy as np
     from transformers import AutoTokenizer
 
     from minitron_jax.config import LlamaConfig
     from minitron_jax.distill import train
     from minitron_jax.hf import save_params
+    from minitron_jax.importance import load_scores
     from minitron_jax.model import init_params
     from minitron_jax.pipeline import Pipeline, distill_recipe, load_pipeline
 
@@ -174,13 +176,37 @@ def distill_experiments(args) -> dict:
     # 3. depth pruning to about the same size, distilled the same way
     _, depth = pipeline("depth_kd", out / "depth_kd", f"prune.target={DEPTH_TARGET}")
     r["pruned_depth"], r["depth_kd"] = depth["pruned"], depth["distilled"]
+    layer_loss = load_scores(out / "depth_kd" / "score" / "scores.safetensors")[0]["layer_loss"]
+    r["depth_dropped"] = sorted(np.argsort(layer_loss)[:15].tolist())
     # 6. teacher correction: fine-tune the teacher on the training works, then score, prune, distill from it
-    _, corr = pipeline("corrected_kd", out / "corrected_kd", f"finetune_steps={args.correction_steps}")
+    cpipe, corr = pipeline("corrected_kd", out / "corrected_kd", f"finetune_steps={args.correction_steps}")
+    r["correction_seconds"] = cpipe.done("finetune")["seconds"]
     r["corrected_teacher"], r["pruned_corrected"], r["corrected_kd"] = corr["teacher"], corr["pruned"], corr["distilled"]
     # 1b. random init trained conventionally (LM loss): training from scratch
     r["random_ce"] = trained("random_ce", init_dir, "finetune", **lr)
     r["seconds"] = round(time.time() - t0)
+    # per-row held-out losses of every final model, for paired comparisons with a standard error
+    r["row_losses"] = row_losses({k: v["path"] for k, v in r.items() if isinstance(v, dict) and "path" in v}, rows)
     return r
+
+
+def row_losses(models: dict[str, str], rows) -> dict[str, list[float]]:
+    from minitron_jax.evaluate import lm_loss
+    from minitron_jax.hf import from_pretrained
+    out = {}
+    for name, path in models.items():
+        m = from_pretrained(path, dtype="float32")
+        out[name] = [lm_loss(m.params(), m.config, rows[i:i + 1], batch_size=1) for i in range(len(rows))]
+    return out
+
+
+def paired(r: dict, a: str, b: str) -> str:
+    """Held-out loss of a minus b, with the standard error of the mean over the held-out rows."""
+    import numpy as np
+    if a not in r.get("row_losses", {}) or b not in r["row_losses"]:
+        return f"{r[a]['held_out_loss'] - r[b]['held_out_loss']:+.3f}"
+    d = np.asarray(r["row_losses"][a]) - np.asarray(r["row_losses"][b])
+    return f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} (paired over {len(d)} rows)"
 
 
 def write_doc(results: dict, args) -> None:
@@ -188,11 +214,11 @@ def write_doc(results: dict, args) -> None:
              "Every number below comes from `tools/experiments.py` (the command is given per part), run on the",
              "2-core CPU this project is developed on. Held-out text for every model: "
              f"{', '.join(HELD_OUT)} (never trained on).", ""]
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     if "distill" in results:
-        lines += distill_doc(results["distill"], Path(args.doc).parent)
+        lines += distill_doc(results["distill"], Path(args.doc).parent, results.get("pruning"))
     if "pruning" in results:
         lines += pruning_doc(results["pruning"])
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.doc).with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(args.doc)
@@ -218,7 +244,7 @@ def plot_curves(r: dict, arms: dict, path: Path) -> None:
         c = r[key].get("curve") or []
         ax.plot([x[0] for x in c], [x[1] for x in c], "o-", label=label)
     ax.axhline(r["teacher"]["held_out_loss"], color="k", ls="--", label="teacher")
-    ax.set(xlabel="training step (x 1024 tokens)", ylabel="held-out LM loss", yscale="log",
+    ax.set(xlabel="training step (x 1024 tokens)", ylabel="held-out LM loss (nats)",
            title="held-out loss during training, every arm on the same batches")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -226,17 +252,18 @@ def plot_curves(r: dict, arms: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def distill_doc(r: dict, doc_dir: Path) -> list[str]:
+def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
     a = r["args"]
     arms = {"width_kd": "width pruned + KD (main job)", "width_ce": "width pruned + LM-loss fine-tuning",
-            "random_kd": f"random init + KD (lr {a['scratch_lr']:g})",
-            "random_ce": f"random init + LM loss (lr {a['scratch_lr']:g})",
+            "random_kd": f"random init + KD, lr {a['scratch_lr']:g}",
+            "random_ce": f"random init + LM loss, lr {a['scratch_lr']:g}",
             "depth_kd": "depth pruned + KD", "corrected_kd": "width pruned from corrected teacher + KD"}
     arms = {k: v for k, v in arms.items() if k in r}
     tokens = r["width_kd"]["distill_tokens"]
     sigs = {k: batch_signature(r[k]) for k in arms}
     same = len({v for v in sigs.values() if v}) == 1 and all(sigs.values())
     plot_curves(r, arms, doc_dir / "results_curves.png")
+    minutes = (sum(r[k].get("seconds", 0) for k in arms if k != "width_kd") + r.get("correction_seconds", 0)) / 60
 
     def row(label, x, trained=True):
         return (f"| {label} | {x['params']:,} | {x['held_out_loss']:.3f} | {x['held_out_ppl']:.1f} | "
@@ -249,16 +276,16 @@ def distill_doc(r: dict, doc_dir: Path) -> list[str]:
     t, ct = r["teacher"]["held_out_loss"], r.get("corrected_teacher", {}).get("held_out_loss")
     out = [
         "## Distillation experiments (1, 2, 3, 6)", "",
-        "`python tools/experiments.py --part distill` "
-        f"({r['seconds'] / 60:.0f} min for the arms it trained; the width + KD arm is the README's main job",
-        "`minitron run`, reused from `runs/smollm2_cpu`). Every arm trains for 150 steps of 4 x 256 tokens "
+        f"`python tools/experiments.py --part distill`: the arms it trains took {minutes:.0f} min of wall time in all",
+        "(per arm in the table, plus the teacher correction); the width + KD arm is the README's main job `minitron run`,",
+        "reused from `runs/smollm2_cpu`; a re-run with every arm done takes about 2 min. Each arm trains 150 steps of 4 x 256 tokens "
         f"({tokens:,} tokens),",
         "AdamW, cosine LR 1e-4 -> 1e-5 after 15 warm-up steps unless stated, on the same batches in the same order "
         f"({'checked: the logged batch fingerprints are identical across arms' if same else 'batch fingerprints: ' + json.dumps(sigs)}).",
         f"Evaluation: {a['eval']} x 256 held-out tokens (loss, perplexity) and 100 next-line items (the true next line",
         "among four; accuracy, length-normalised in brackets; one item is one point, so differences under ~10 points",
         "are noise). KD is forward KL(teacher || student) on logits, temperature 1, no CE term (spec section 5).", "",
-        "| model | params | held-out loss | ppl | next-line acc (norm) | training tokens | training min |",
+        "| model | params | held-out loss | ppl | next-line acc (norm) | training tokens | wall min (train + evals) |",
         "|---|---|---|---|---|---|---|",
         row("teacher: SmolLM2-135M-Instruct", r["teacher"], False),
         *([row(f"teacher after correction ({a['correction_steps']} LM-loss steps)", r["corrected_teacher"], False)]
@@ -273,10 +300,11 @@ def distill_doc(r: dict, doc_dir: Path) -> list[str]:
         out += ["### 1. Prune + distill vs random init, same tokens", "",
                 f"Held-out loss {loss['width_kd']:.3f} (ppl {ppl('width_kd'):.1f}) for the pruned + distilled student vs "
                 f"{loss[best]:.3f} (ppl {ppl(best):.1f}) for the best random-init arm ({arms[best]}).",
-                "The random-init arms use a 10x higher peak LR than the pruned arms, the usual choice from scratch; at",
-                "1e-4 they would learn less in 150 steps. Paper: a 4B pruned from 8B and distilled on 100B tokens scored",
+                f"The random-init arms use a peak LR of {a['scratch_lr']:g} (10x the pruned arms'), the usual kind of choice "
+                "from scratch; they were not run at 1e-4. Paper: a 4B pruned from 8B and distilled on 100B tokens scored",
                 "42.45 MMLU vs 26.24 for a 4B trained from scratch on 400B tokens; Minitron-8B needed 40x fewer tokens.",
-                f"Agreement: {'yes' if loss['width_kd'] < loss[best] else 'no'}; here the pruned start is worth a "
+                f"Agreement: {'yes' if loss['width_kd'] < loss[best] else 'no'}: pruned - random = "
+                f"{paired(r, 'width_kd', best)} nats; the pruned start is worth a "
                 f"{ppl(best) / ppl('width_kd'):.1f}x lower perplexity at equal tokens. At this budget the random-init "
                 "arms are far from converged, so the size of the gap says little beyond \"pruning gives a much better "
                 "start\".", ""]
@@ -286,25 +314,28 @@ def distill_doc(r: dict, doc_dir: Path) -> list[str]:
                 f"Held-out loss {loss['width_kd']:.3f} with KD vs {loss['width_ce']:.3f} with LM loss on the same tokens "
                 f"(next-line {r['width_kd']['next_line_acc_norm']:.2f} vs {r['width_ce']['next_line_acc_norm']:.2f}).",
                 "Paper (2407.14679): retrain with logit distillation only, not conventional LM-loss training.",
-                f"Agreement: {'yes' if kd_better else 'no'} (difference {abs(loss['width_kd'] - loss['width_ce']):.3f} nats "
-                "on the held-out loss)."
+                f"Agreement: {'yes' if kd_better else 'no'}: KD - CE = {paired(r, 'width_kd', 'width_ce')} nats "
+                "of held-out loss."
                 + ("" if kd_better else
                    " The held-out metric is LM loss on Shakespeare, which the CE arm optimises directly on the "
                    "other works, while KD pulls the student towards a teacher that was never trained on "
                    f"Shakespeare (teacher loss {t:.3f}). This is the distribution shift teacher correction (6) "
-                   "addresses."), ""]
+                   "addresses.")
+                + ("" if "corrected_kd" not in r else
+                   f" KD from the corrected teacher vs CE: {loss['corrected_kd']:.3f} vs {loss['width_ce']:.3f} "
+                   f"({paired(r, 'corrected_kd', 'width_ce')} nats; the teacher saw "
+                   f"{a['correction_steps'] * 1024:,} extra tokens)."), ""]
     if "depth_kd" in r:
         out += ["### 3. Width vs depth pruning at about the same size, both distilled", "",
                 f"Width (hidden 432, ffn 1024; {r['width_kd']['params']:,} params): held-out loss {loss['width_kd']:.3f}, "
                 f"next-line {r['width_kd']['next_line_acc_norm']:.2f}. Depth (`{DEPTH_TARGET}`, the best "
-                f"depth metric in experiment 5; {r['depth_kd']['params']:,} params): {loss['depth_kd']:.3f}, "
+                f"depth metric in experiment 5, here dropping layers {r.get('depth_dropped')}; {r['depth_kd']['params']:,} params): {loss['depth_kd']:.3f}, "
                 f"next-line {r['depth_kd']['next_line_acc_norm']:.2f}. Before training: "
-                f"{loss['pruned_width']:.3f} vs {r['pruned_depth']['held_out_loss']:.3f}.",
+                f"{loss['pruned_width']:.3f} vs {r['pruned_depth']['held_out_loss']:.3f}." + depth_note(r, pruning),
                 "Paper (2408.11796): at 4B, width beat depth on accuracy (MMLU 60.5 vs 58.7, HellaSwag 76.1 vs 73.2); "
                 "depth was faster at inference.",
-                f"Agreement: {'yes' if loss['width_kd'] < loss['depth_kd'] else 'no'} (width "
-                f"{'lower' if loss['width_kd'] < loss['depth_kd'] else 'higher'} by "
-                f"{abs(loss['width_kd'] - loss['depth_kd']):.3f} nats).", ""]
+                f"Agreement: {'yes' if loss['width_kd'] < loss['depth_kd'] else 'no'}: width - depth = "
+                f"{paired(r, 'width_kd', 'depth_kd')} nats of held-out loss.", ""]
     if "corrected_kd" in r:
         drop = 100 * (t - ct) / t
         out += ["### 6. With and without teacher correction", "",
@@ -316,9 +347,22 @@ def distill_doc(r: dict, doc_dir: Path) -> list[str]:
                 "Paper (2408.11796): correction lowered the teacher's loss on the new data by more than 6% and the "
                 "distilled student was better for it.",
                 f"Agreement: {'yes' if drop > 6 and loss['corrected_kd'] < loss['width_kd'] else 'no'} "
-                f"(teacher {drop:.1f}% lower; student {loss['width_kd'] - loss['corrected_kd']:+.3f} nats better). "
+                f"(teacher: corrected - original = {paired(r, 'corrected_teacher', 'teacher')} nats; student: "
+                f"corrected - uncorrected = {paired(r, 'corrected_kd', 'width_kd')} nats). "
                 "The corrected arm saw the correction tokens too (through the teacher), as in the paper.", ""]
     return out
+
+
+def depth_note(r: dict, pruning: dict | None) -> str:
+    """How the pipeline's per-layer-loss choice differs from experiment 5's (other calibration rows)."""
+    if not pruning or "depth_dropped" not in r:
+        return ""
+    mine, theirs = set(r["depth_dropped"]), set(pruning["depth_choices"]["loss"])
+    if mine == theirs:
+        return " The pipeline dropped the same layers as experiment 5's loss metric."
+    return (f" The pipeline scored layers on 8 rows of its own calibration set and dropped {sorted(mine - theirs)} "
+            f"where experiment 5 (other rows) dropped {sorted(theirs - mine)}: the one-at-a-time loss choice is "
+            "sensitive to the few rows it is measured on.")
 
 
 def pruning_doc(r: dict) -> list[str]:
@@ -333,7 +377,8 @@ def pruning_doc(r: dict) -> list[str]:
     dep = r["depth"]
     return [
         "## Pruning experiments (4, 5): no retraining", "",
-        f"`{cmd}` ({r['seconds']} s). Held-out: {a['eval']} x 256 tokens for loss; {a['items']} next-line items.",
+        f"`{cmd}` ({r['seconds']} s). Held-out: {a['eval']} x 256 tokens for loss; {a['items']} next-line items. These",
+        "are other samples of the held-out works than the distillation part uses: compare numbers within a part.",
         f"Calibration: {a['calib']} x 256 tokens of the other works.", "",
         *head, row("teacher (unpruned)", r["teacher"]), "",
         "### 4. Aggregation ablation (loss right after width pruning to hidden 432, ffn 1024)", "",
