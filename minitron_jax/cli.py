@@ -215,6 +215,7 @@ def cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import STAGES  # light: yaml and dataclasses only
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--devices", type=int, default=None, help="for --dry-run (default: the devices here)")
     rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
     rn.add_argument("--mfu", type=float, default=0.4)
-    rn.add_argument("--until", default=None, choices=("finetune", "score", "prune", "distill", "evaluate"),
+    rn.add_argument("--until", default=None, choices=STAGES[:-1],
                     help="stop after this stage (a later run without it resumes from there)")
     rn.set_defaults(fn=cmd_run)
 

@@ -181,9 +181,12 @@ class Pipeline:
                 rc = distill_recipe(c, **common, mode="finetune", student=str(teacher_dir), steps=c.finetune_steps,
                                     out=str(self.out / "finetune"), resume=True)
                 return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
-            teacher_dir = Path(self.stage("finetune", finetune)["teacher"])
-        if until == "finetune":
-            return self.done("finetune") or {}
+            corrected = self.stage("finetune", finetune)
+            teacher_dir = Path(corrected["teacher"])
+            if until == "finetune":
+                return corrected
+        if until == "finetune":  # no teacher correction configured
+            return {}
 
         def score():
             train_rows, _ = build_corpus(data, tok, c.score["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
@@ -204,17 +207,16 @@ class Pipeline:
                                 "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n})
             plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score['seq_len']}")
             return {"scores": str(path)}
-        scores_path = self.stage("score", score)["scores"]
+        scored = self.stage("score", score)
         if until == "score":
-            return self.done("score")
-
-        eval_rows = lambda: self.eval_rows(data, tok)  # noqa: E731
+            return scored
+        scores_path = scored["scores"]
 
         def do_prune():
             model = from_pretrained(teacher_dir)
             scores, _ = load_scores(scores_path)
             if "params" in c.prune:
-                rows = eval_rows()[: 4]  # calibration loss for ranking; held-out rows are never trained on
+                rows = self.eval_rows(data, tok)[: 4]  # calibration loss for ranking; held-out rows are never trained on
                 params, cfg, table = search(model.params(), model.config, scores, c.prune["params"],
                                             lambda p, k: lm_loss(p, k, rows, batch_size=4), log=self.log)
                 target = str(table[0]["spec"])
@@ -225,7 +227,7 @@ class Pipeline:
             return {"target": target, "params": cfg.param_count(), "student": str(self.out / "prune" / "student_hf")}
         pruned = self.stage("prune", do_prune)
         if until == "prune":
-            return self.done("prune")
+            return pruned
 
         def distill():
             rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
@@ -235,15 +237,15 @@ class Pipeline:
                     "tokens": rc.steps * rc.batch_size * rc.seq_len}
         distilled = self.stage("distill", distill)
         if until == "distill":
-            return self.done("distill")
+            return distilled
 
         def evaluate():
             return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
-                                  "distilled": Path(distilled["student"])}, tok, data, eval_rows(),
+                                  "distilled": Path(distilled["student"])}, tok, data, self.eval_rows(data, tok),
                                  {"distilled": distilled["tokens"]})
         results = self.stage("evaluate", evaluate)
         if until == "evaluate":
-            return self.done("evaluate")
+            return results
         self.stage("report", lambda: self.report(results, pruned, distilled))
         return results
 

@@ -161,7 +161,8 @@ def distill_experiments(args) -> dict:
         res = main.evaluate({name: Path(summary["student_hf"])}, tok, data, rows, {name: tokens})[name]
         res.update(curve=curve(out / name / "metrics.jsonl"), seconds=round(time.time() - t, 1), lr=rc.lr,
                    mode=mode)
-        done.write_text(json.dumps(res, indent=2))
+        done.with_suffix(".tmp").write_text(json.dumps(res, indent=2))
+        done.with_suffix(".tmp").replace(done)
         return res
 
     # 2. the same pruned student fine-tuned with plain LM loss (cross-entropy) instead of logit KD
