@@ -16,7 +16,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from .config import LlamaConfig
 from .atomic import atomic_directory, copy_side_files
-from .model import Llama, is_spec, param_specs
+from .model import Llama, is_param_spec, param_specs
 from .sharding import named_sharding
 
 
@@ -40,11 +40,10 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
     dev = SingleDeviceSharding(jax.devices()[0])
 
     def leaf(spec):
-        shape, axes = spec
-        sharding = named_sharding(axes, shape, mesh) if mesh is not None else dev
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+        sharding = named_sharding(spec.axes, spec.shape, mesh) if mesh is not None else dev
+        return jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype), sharding=sharding)
 
-    return jax.tree.map(leaf, param_specs(cfg), is_leaf=is_spec)
+    return jax.tree.map(leaf, param_specs(cfg), is_leaf=is_param_spec)
 
 
 def load_model(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,

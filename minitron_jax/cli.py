@@ -140,6 +140,7 @@ def cmd_prune(args) -> None:
         pruned = Llama(new, params=params)
         pruned.source = str(Path(args.model).resolve())
         save_model(pruned, out, overwrite=args.overwrite)
+    P.save_prune_record(out, P.prune_record(cfg, scores, args.target or table[0]["spec"], source=args.model))
     report = {"source": str(args.model), "scores": str(args.scores), "score_metadata": {k: v for k, v in meta.items() if k != "config"},
               "params_before": cfg.param_count(), "params_after": new.param_count(), "config": new.to_hf_dict(),
               "search": [{k: r[k] for k in ("spec", "params", "loss")} for r in table] if table else None}
@@ -149,11 +150,8 @@ def cmd_prune(args) -> None:
 
 def cmd_train(args) -> None:
     from .distill import train
-    from .recipe import load_recipe
-    overrides = list(args.overrides)
-    config = None
-    if overrides and "=" not in overrides[0]:
-        config = overrides.pop(0)
+    from .recipe import load_recipe, split_config
+    config, overrides = split_config(args.overrides)
     if args.cmd == "finetune":
         overrides = ["mode=finetune"] + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
     summary = train(load_recipe(config, overrides))
@@ -164,11 +162,10 @@ def cmd_plan(args) -> None:
     from .config import LlamaConfig
     from .plan import estimate, format_plan
     from .prune import validate
-    from .recipe import load_recipe
+    from .recipe import load_recipe, split_config
     teacher = LlamaConfig.from_file(args.teacher)
     student = validate(teacher, args.target) if args.target else teacher
-    overrides = list(args.overrides)
-    config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
+    config, overrides = split_config(args.overrides)
     rc = load_recipe(config, ["teacher=-", "student=-", "data=-", *overrides])
     plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
                     args.peak_tflops * 1e12, args.mfu)
@@ -179,9 +176,8 @@ def cmd_plan(args) -> None:
 
 def cmd_run(args) -> None:
     from .pipeline import Pipeline, load_pipeline
-    overrides = list(args.overrides)
-    config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
-    cfg = load_pipeline(config, overrides)
+    from .recipe import split_config
+    cfg = load_pipeline(*split_config(args.overrides))
     if args.dry_run:
         import jax
 
@@ -332,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    if argv is None:  # the `minitron` command itself: run under mimalloc (allocator.py)
+        from .allocator import ensure
+        ensure()
     from .config import ConfigError
     from .data import DataError
     from .hf import CheckpointError

@@ -93,6 +93,16 @@ class LlamaConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + emb + h
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs of one forward pass per token at sequence length `seq_len`: 2 x the matmul
+        weights (every projection and the lm_head; not the input embedding lookup, not the norms) plus
+        causal attention (QK^T and AV over on average half the sequence: 2 x L x S x heads x head_dim)."""
+        h = self.hidden_size
+        matmul_params = self.param_count() - self.vocab_size * h * (0 if self.tie_word_embeddings else 1)
+        matmul_params -= h * (2 * self.num_hidden_layers + 1)  # norms
+        attn = 2 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
+        return 2.0 * matmul_params + attn
+
     # ----------------------------------------------------------------- HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "LlamaConfig":

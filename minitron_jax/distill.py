@@ -2,12 +2,18 @@
 
 One jitted step with explicit shardings and a donated train state: the frozen teacher (no gradient,
 no optimizer state) and the student are sharded by the same logical rules over the
-(data, fsdp, tensor) mesh; gradient accumulation scans over micro-batches; AdamW with warm-up +
-cosine decay and global-norm clipping. Orbax checkpoints (async, keep last N, every N steps and on
-SIGTERM) hold the student parameters, optimizer state, step and data-loader state, so `resume=true`
-continues exactly. Metrics go to a JSONL file, TensorBoard and a progress line.
-"""
+(data, fsdp, tensor) mesh; AdamW with warm-up + cosine decay and global-norm clipping.
 
+The loss is built from small objective terms chosen once from the recipe (`lm_term` for teacher
+correction; `kd_term`, plus `hidden_term` when hidden_weight > 0, for distillation). Gradient
+accumulation scans over micro-batches and sums each term's token sums divided by the whole step's
+token count, so the update is the full batch's token mean whatever the packing or process count.
+
+`train` is a linear loop (batch, step, NaN check) followed by hooks: evaluation, metrics (JSONL,
+TensorBoard, progress line), the caller's hooks, checkpointing. Orbax checkpoints (async, keep last N,
+every N steps and on SIGTERM) hold the student parameters, optimizer state, step and data-loader
+state, so `resume=true` continues exactly.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -28,11 +34,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import LlamaConfig
-from .losses import KDConfig, add_hidden_loss, hidden_cosine_loss, kd_loss, lm_loss_from_hidden
+from .losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss, kd_loss,
+                     lm_loss_from_hidden, next_token_targets)
 from .model import forward, lm_head_weight, rms_norm
 from .progress import Progress
+from .prune import PRUNE_RECORD, load_prune_record
 from .recipe import RunConfig, dump
-from .sharding import named_sharding
+from .sharding import batch_sharding, to_global
 
 
 class TrainingError(RuntimeError):
@@ -40,14 +48,6 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- FLOPs / MFU
-def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Matmul FLOPs of one forward per token (weights incl. lm_head, plus causal attention)."""
-    matmul_params = cfg.param_count() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    matmul_params -= cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # norms
-    attn = 2 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim  # QK^T + AV, causal half
-    return 2.0 * matmul_params + attn
-
-
 def measure_peak_flops(n: int = 2048, reps: int = 8) -> float:
     """FLOP/s of a large fp32 matmul on the first device, best of `reps` (the MFU denominator when
     `peak_tflops` is not given), times the device count. A busy machine makes it an underestimate."""
@@ -78,76 +78,162 @@ def make_optimizer(rc: RunConfig) -> tuple[optax.GradientTransformation, Callabl
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> np.ndarray:
-    """Teacher layer matched to each student layer for the intermediate loss (proportional depth)."""
+    """Teacher layer matched to each student layer when the pruning is not recorded (proportional depth)."""
     return np.asarray([round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)])
 
 
-def next_token_targets(ids, mask, seg):
-    """Targets shifted left by one, and the mask of positions whose target is real and in the same document."""
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    tmask = mask * jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    if seg is not None:  # no target across a packed-document boundary
-        tmask = tmask * jnp.concatenate([(seg[:, 1:] == seg[:, :-1]), jnp.zeros_like(seg[:, :1], bool)], 1)
-    return targets, tmask
+def hidden_init(student_dir, s_cfg: LlamaConfig, t_cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher layer of each student layer [Ls], initial projection [Hs, Ht]) for the hidden-state loss.
+
+    From the student's `minitron_prune.json` (written at prune time) when it has one: the teacher layer
+    each student layer was cut from, and the selection of the kept hidden channels (proj[i, kept[i]] = 1,
+    so the projected student state starts as the teacher's state on those channels). Without a record:
+    proportional depth and eye(Hs, Ht)."""
+    rec = load_prune_record(student_dir)
+    if rec is None:
+        return layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers), np.eye(s_cfg.hidden_size, t_cfg.hidden_size,
+                                                                                    dtype=np.float32)
+    layers, kept, src = np.asarray(rec["layers"], np.int64), np.asarray(rec["hidden"], np.int64), rec["source_config"]
+    fix = (f"; distil from the teacher it was pruned from ({rec.get('source')}), or delete "
+           f"{Path(student_dir) / PRUNE_RECORD} to pair layers by depth")
+    if (src.get("num_hidden_layers"), src.get("hidden_size")) != (t_cfg.num_hidden_layers, t_cfg.hidden_size):
+        raise TrainingError(f"the student was pruned from a model with {src.get('num_hidden_layers')} layers and hidden "
+                            f"size {src.get('hidden_size')}, but the teacher has {t_cfg.num_hidden_layers} and "
+                            f"{t_cfg.hidden_size}" + fix)
+    if len(layers) != s_cfg.num_hidden_layers or len(kept) != s_cfg.hidden_size:
+        raise TrainingError(f"{PRUNE_RECORD} lists {len(layers)} layers and {len(kept)} hidden channels, but the "
+                            f"student has {s_cfg.num_hidden_layers} and {s_cfg.hidden_size}" + fix)
+    if not (0 <= layers.min() and layers.max() < t_cfg.num_hidden_layers and 0 <= kept.min()
+            and kept.max() < t_cfg.hidden_size):
+        raise TrainingError(f"{PRUNE_RECORD} holds indices outside the teacher's layers or hidden channels" + fix)
+    proj = np.zeros((s_cfg.hidden_size, t_cfg.hidden_size), np.float32)
+    proj[np.arange(len(kept)), kept] = 1.0
+    return layers, proj
 
 
-def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tx, kd: KDConfig) -> Callable:
-    """step(state, teacher_params, batch) -> (state, metrics); batch arrays are [A, b, S]."""
+# ---------------------------------------------------------------------------- objectives
+# Each objective term is a small function of one micro-batch's forward outputs `o` and `n`, the whole
+# step's real-target count: it returns (value, logged metrics), sums over the micro-batch divided by n,
+# so that micro-batch values add up to the step's token means whatever the packing or process count.
+def lm_term(o: dict, kd: KDConfig, n):
+    """Next-token cross-entropy of the student (teacher correction)."""
+    ce = lm_loss_from_hidden(o["h_s"], o["head_s"], o["targets"], o["tmask"], kd.chunk_size, normalizer=n)
+    return ce, {"ce": ce}
+
+
+def kd_term(o: dict, kd: KDConfig, n):
+    """kl_weight x KL(teacher || student) + ce_weight x CE on the logits."""
+    loss, m = kd_loss(o["h_s"], o["h_t"], o["head_s"], o["head_t"], o["targets"], o["tmask"], kd, normalizer=n)
+    return loss, {"kl": m["kl"], "ce": m["ce"]}
+
+
+def hidden_term(o: dict, kd: KDConfig, n):
+    """1 - cosine between each student layer's output (after the final norm, projected by the learned
+    `proj`) and the output of its teacher layer, mean over layers and tokens."""
+    h = hidden_cosine_loss(o["states_s"], o["states_t"], o["proj"], o["tmask"], normalizer=n)
+    return h, {"hidden_loss": h}
+
+
+def combine(parts: dict, kd: KDConfig):
+    """The step's loss from its summed terms: logit + hidden_weight x dynamic weight x hidden, where the
+    dynamic weight (logit / hidden, no gradient) is taken from the whole step's sums."""
+    return add_hidden_loss(parts["logit"], parts["hidden"], kd) if "hidden" in parts else parts["logit"]
+
+
+def make_objective(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, kd: KDConfig,
+                   teacher_layers=None) -> Callable:
+    """objective(trainable, teacher, mb, n) -> ({"logit": ., ["hidden": .]}, metrics) for one [b, S]
+    micro-batch; the terms are chosen once here from the recipe (LM for finetune; KD, plus the hidden
+    term when hidden_weight > 0, for distill)."""
     cdt = rc.compute_dtype
     hidden = rc.hidden_weight > 0 and rc.mode == "distill"
-    tmap = jnp.asarray(layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)) if hidden else None
+    terms = {"logit": lm_term} if rc.mode == "finetune" else {"logit": kd_term}
+    if hidden:
+        terms["hidden"] = hidden_term
+        tmap = jnp.asarray(layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+                           if teacher_layers is None else teacher_layers)
     grab = (lambda acts, m: acts["layer_out"]) if hidden else None  # noqa: E731
 
-    def loss_fn(trainable, teacher, mb):
+    def run(params, cfg, mb, dtype):
+        out = forward(params, cfg, mb["input_ids"], attention_mask=mb["mask"], segment_ids=mb["segment_ids"],
+                      remat=rc.remat, return_hidden=True, compute_dtype=dtype, capture=grab)
+        if not hidden:
+            return out, None
+        h, states = out  # layer outputs [L, B, S, H], compared after the model's final norm
+        return h, jax.vmap(lambda x: rms_norm(x, params["norm"], cfg.rms_norm_eps))(states)
+
+    def objective(trainable, teacher, mb, n):
         student = trainable["model"]
-        ids, seg, mask = mb["input_ids"], mb["segment_ids"], mb["mask"]
-        targets, tmask = next_token_targets(ids, mask, seg)
-        kw = dict(attention_mask=mask, segment_ids=seg, remat=rc.remat, return_hidden=True)
-        out = forward(student, s_cfg, ids, compute_dtype=cdt, capture=grab, **kw)
-        h_s, states_s = out if hidden else (out, None)
-        if rc.mode == "finetune":
-            loss = lm_loss_from_hidden(h_s, lm_head_weight(student, s_cfg), targets, tmask, kd.chunk_size)
-            return loss, {"loss": loss, "ce": loss}
-        teacher = jax.lax.stop_gradient(teacher)
-        out_t = forward(teacher, t_cfg, ids, compute_dtype=rc.teacher_dtype or cdt, capture=grab, **kw)
-        h_t, states_t = out_t if hidden else (out_t, None)
-        loss, metrics = kd_loss(h_s, h_t, lm_head_weight(student, s_cfg), lm_head_weight(teacher, t_cfg),
-                                targets, tmask, kd)
-        if hidden:
-            eps = s_cfg.rms_norm_eps
-            s_n = jax.vmap(lambda x: rms_norm(x, student["norm"], eps))(states_s)
-            t_n = jax.vmap(lambda x: rms_norm(x, teacher["norm"], t_cfg.rms_norm_eps))(states_t[tmap])
-            h_loss = hidden_cosine_loss(s_n, t_n, trainable["proj"], tmask)
-            loss = add_hidden_loss(loss, h_loss, kd)
-            metrics = {**metrics, "hidden_loss": h_loss, "loss": loss}
-        return loss, metrics
+        targets, tmask = next_token_targets(mb["input_ids"], mb["mask"], mb["segment_ids"])
+        o = {"targets": targets, "tmask": tmask, "head_s": lm_head_weight(student, s_cfg)}
+        o["h_s"], o["states_s"] = run(student, s_cfg, mb, cdt)
+        if rc.mode == "distill":
+            teacher = jax.lax.stop_gradient(teacher)
+            o["h_t"], states_t = run(teacher, t_cfg, mb, rc.teacher_dtype or cdt)
+            o["head_t"] = lm_head_weight(teacher, t_cfg)
+            if hidden:
+                o["states_t"], o["proj"] = states_t[tmap], trainable["proj"]
+        parts, metrics = {}, {}
+        for name, term in terms.items():
+            parts[name], m = term(o, kd, n)
+            metrics.update(m)
+        return parts, metrics
+
+    return objective
+
+
+# ---------------------------------------------------------------------------- the jitted step
+def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tx, kd: KDConfig,
+                    teacher_layers=None) -> Callable:
+    """step(state, teacher_params, batch) -> (state, metrics); batch arrays are [A, b, S].
+
+    Gradient accumulation scans the A micro-batches, summing each term's value and gradient with every
+    micro-batch normalised by the whole step's real-target count: the update equals the full batch's
+    token mean. With the hidden-state loss and A > 1 the two terms' gradients are kept apart (one more
+    gradient buffer, two backward passes per micro-batch) and combined once the step's dynamic weight
+    is known."""
+    objective = make_objective(rc, s_cfg, t_cfg, kd, teacher_layers)
+    hidden = rc.hidden_weight > 0 and rc.mode == "distill"
 
     def step(state, teacher, batch):
         A = batch["input_ids"].shape[0]
+        separate = hidden and A > 1
+        _, tmask = jax.vmap(next_token_targets)(batch["input_ids"], batch["mask"], batch["segment_ids"])
+        n = jnp.maximum(jnp.sum(tmask), 1.0)  # global: the same on every process
 
-        def micro(carry, mb):
-            g_acc, m_acc = carry
-            (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], teacher, mb)
-            g_acc = jax.tree.map(lambda a, b: a + b / A, g_acc, g)
-            m_acc = jax.tree.map(lambda a, b: a + b / A, m_acc, {k: v for k, v in m.items() if k != "tokens"})
-            return (g_acc, m_acc), None
+        def micro(acc, mb):
+            if separate:
+                parts, vjp, m = jax.vjp(lambda tr: objective(tr, teacher, mb, n), state["trainable"], has_aux=True)
+                g = {k: vjp({j: jnp.asarray(float(j == k), jnp.float32) for j in parts})[0] for k in parts}
+            else:
+                def total(tr):
+                    parts, m = objective(tr, teacher, mb, n)
+                    return combine(parts, kd), (parts, m)
+                (_, (parts, m)), g = jax.value_and_grad(total, has_aux=True)(state["trainable"])
+                g = {"total": g}
+            return jax.tree.map(jnp.add, acc, (g, parts, m)), None
 
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state["trainable"])
-        m0 = jax.eval_shape(lambda: loss_fn(state["trainable"], teacher,
-                                            jax.tree.map(lambda x: x[0], batch))[1])
-        m0 = {k: jnp.zeros((), jnp.float32) for k in m0 if k != "tokens"}
-        (grads, metrics), _ = jax.lax.scan(micro, (zeros, m0), batch)
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)  # noqa: E731
+        shapes = jax.eval_shape(lambda: objective(state["trainable"], teacher, jax.tree.map(lambda x: x[0], batch), n))
+        g0 = {k: zeros(state["trainable"]) for k in (shapes[0] if separate else ("total",))}
+        (g, parts, metrics), _ = jax.lax.scan(micro, (g0, zeros(shapes[0]), zeros(shapes[1])), batch)
+        if separate:
+            w = kd.hidden_weight * dynamic_hidden_weight(parts["logit"], parts["hidden"])
+            grads = jax.tree.map(lambda a, b: a + w * b, g["logit"], g["hidden"])
+        else:
+            grads = g["total"]
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["trainable"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics = {**metrics, "loss": combine(parts, kd), "grad_norm": optax.tree.norm(grads)}
         return {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
 
 
 def make_eval_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, kd: KDConfig) -> Callable:
-    """eval(student, teacher, batch) -> sums of (kl, ce, tokens) on one [b, S] batch."""
+    """eval(student, teacher, batch) -> sums of (kl, ce, tokens) on one [b, S] batch (the logged KL and CE do
+    not depend on the training weights: any kl_weight / ce_weight works, CE-only included)."""
 
     def ev(student, teacher, mb):
         ids, seg, mask = mb["input_ids"], mb["segment_ids"], mb["mask"]
@@ -155,36 +241,15 @@ def make_eval_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
         kw = dict(attention_mask=mask, segment_ids=seg, return_hidden=True)
         h_s = forward(student, s_cfg, ids, compute_dtype=rc.compute_dtype, **kw)
         n = tmask.sum()
-        ce = lm_loss_from_hidden(h_s, lm_head_weight(student, s_cfg), targets, tmask, kd.chunk_size)
         if teacher is None:
-            return {"ce": ce * n, "kl": jnp.zeros(()), "tokens": n}
+            ce = lm_loss_from_hidden(h_s, lm_head_weight(student, s_cfg), targets, tmask, kd.chunk_size, normalizer=1.0)
+            return {"ce": ce, "kl": jnp.zeros(()), "tokens": n}
         h_t = forward(teacher, t_cfg, ids, compute_dtype=rc.teacher_dtype or rc.compute_dtype, **kw)
         _, m = kd_loss(h_s, h_t, lm_head_weight(student, s_cfg), lm_head_weight(teacher, t_cfg), targets, tmask,
-                       dataclasses.replace(kd, ce_weight=0.0))
-        return {"ce": ce * n, "kl": m["kl"] * n, "tokens": n}
+                       kd, normalizer=1.0)
+        return {"ce": m["ce"], "kl": m["kl"], "tokens": n}
 
     return ev
-
-
-# ---------------------------------------------------------------------------- sharding helpers
-def batch_sharding(mesh, shape) -> NamedSharding:
-    """[A, b, S] batches: micro-batch axis replicated, rows over the batch axes."""
-    spec = named_sharding(("batch", "seq"), shape[1:], mesh).spec
-    return NamedSharding(mesh, P(None, *spec))
-
-
-def to_global(local: dict[str, np.ndarray], mesh, lead: bool) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global sharded arrays (each process holds its own rows)."""
-    out = {}
-    for k, v in local.items():
-        if v is None:
-            out[k] = None
-            continue
-        gshape = list(v.shape)
-        gshape[1 if lead else 0] *= jax.process_count()
-        sh = batch_sharding(mesh, gshape) if lead else named_sharding(("batch", "seq"), gshape, mesh)
-        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
-    return out
 
 
 def tree_shardings(tree):
@@ -240,8 +305,64 @@ def _checkpoint_manager(path: Path, rc: RunConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(path.absolute(), options=opts, item_names=("state", "loader"))
 
 
-def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Run distillation (or fine-tuning) as the recipe says; returns a summary dict."""
+@dataclasses.dataclass
+class Run:
+    """What hooks see after each step: the recipe, the output directory, the checkpoint manager, the
+    step just taken, the new state (do not keep it: the next step donates it) and this step's record
+    (hooks add to it). A hook sets `stop` to end the run after this step's hooks with a checkpoint."""
+    rc: RunConfig
+    out: Path
+    checkpoints: ocp.CheckpointManager
+    loader: Any
+    log: Callable[[str], Any]
+    step: int = 0
+    state: Any = None
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_saved: int | None = None
+    stop: str | None = None  # why the run ends early ("SIGTERM"), None while it goes on
+
+
+Hook = Callable[[Run], Any]
+
+
+def evaluation_hook(evaluate: Callable[[Any], dict]) -> Hook:
+    """Held-out loss (and KL) every eval_every steps and at the last step."""
+    def hook(run: Run):
+        if run.step % run.rc.eval_every == 0 or run.step == run.rc.steps:
+            run.record.update(evaluate(run.state["trainable"]["model"]))
+    return hook
+
+
+def metrics_hook(prog: Progress, tb) -> Hook:
+    """metrics.jsonl, TensorBoard and the progress line every log_every steps (and with held-out results)."""
+    def hook(run: Run):
+        rc, rec = run.rc, run.record
+        if run.step % rc.log_every == 0 or run.step == rc.steps or "held_out_loss" in rec:
+            prog.update(steps=run.step - prog.step, tokens=rc.batch_size * rc.seq_len * (run.step - prog.step), **rec)
+            if tb is not None:
+                for k, v in rec.items():
+                    tb.add_scalar(k, v, run.step)
+    return hook
+
+
+def checkpoint_hook(run: Run) -> None:
+    """Save every save_every steps, at the last step, and when the run stops early (preemption)."""
+    if run.step % run.rc.save_every == 0 or run.step == run.rc.steps or run.stop:
+        run.checkpoints.save(run.step, args=ocp.args.Composite(state=ocp.args.StandardSave(run.state),
+                                                               loader=ocp.args.JsonSave(run.loader.get_state())))
+        run.last_saved = run.step
+    if run.stop:
+        run.checkpoints.wait_until_finished()
+        run.log(f"{run.stop}: saved step {run.step} to {run.out / 'checkpoints'}; rerun with resume=true to continue")
+
+
+def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[Hook, ...] | list[Hook] = ()
+          ) -> dict[str, Any]:
+    """Run distillation (or fine-tuning) as the recipe says; returns a summary dict.
+
+    The loop is linear: next batch, jitted step, NaN check, then the hooks in order: evaluation,
+    metrics, the caller's `hooks` (each `hook(run: Run)`), checkpointing. SIGTERM (preemption) sets
+    `run.stop`: the step finishes, is checkpointed, and `train` returns with `preempted_at`."""
     from .hf import from_pretrained, save_params
     from .loader import Loader, build_corpus, eval_batches
     from .sharding import make_mesh
@@ -254,6 +375,8 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not rc.resume:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints: pass resume=true to continue, or choose another out")
+    hidden = rc.hidden_weight > 0 and rc.mode == "distill"
+    teacher_layers, proj = hidden_init(rc.student, s_cfg, t_cfg) if hidden else (None, None)
     out.mkdir(parents=True, exist_ok=True)
     train_rows, held = build_corpus(rc.data, tok, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
                                     holdout_fraction=0.0 if rc.holdout else rc.holdout_fraction, seed=rc.seed,
@@ -271,9 +394,8 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
                   chunk_size=rc.chunk_size, hidden_weight=rc.hidden_weight)
     tx, schedule = make_optimizer(rc)
     trainable = {"model": student.params()}
-    if rc.hidden_weight > 0 and rc.mode == "distill":
-        trainable["proj"] = jax.device_put(jnp.eye(s_cfg.hidden_size, t_cfg.hidden_size, dtype=jnp.float32),
-                                           NamedSharding(mesh, P()))
+    if hidden:
+        trainable["proj"] = jax.device_put(jnp.asarray(proj), NamedSharding(mesh, P()))
     with jax.set_mesh(mesh):
         state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
                  "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
@@ -296,7 +418,7 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
     micro_shape = (A, rc.batch_size // A, rc.seq_len)
     b_sh = {k: batch_sharding(mesh, micro_shape) for k in ("input_ids", "segment_ids", "mask")}
     t_sh = tree_shardings(t_params) if t_params is not None else None
-    step_fn = jax.jit(make_train_step(rc, s_cfg, t_cfg, tx, kd), in_shardings=(shardings, t_sh, b_sh),
+    step_fn = jax.jit(make_train_step(rc, s_cfg, t_cfg, tx, kd, teacher_layers), in_shardings=(shardings, t_sh, b_sh),
                       out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(rc, s_cfg, t_cfg, kd))
 
@@ -316,31 +438,29 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
             res["held_out_kl"] = tot["kl"] / tot["tokens"]
         return res
 
-    stop = {"sig": None}  # SIGTERM (preemption): finish the step, checkpoint, exit cleanly
-    try:
-        prev = signal.signal(signal.SIGTERM, lambda s, f: stop.update(sig=s))
+    run = Run(rc=rc, out=out, checkpoints=mngr, loader=loader, log=log, step=int(jax.device_get(state["step"])),
+              state=state, last_saved=mngr.latest_step())
+    try:  # SIGTERM (preemption): finish the step, checkpoint, return
+        prev = signal.signal(signal.SIGTERM, lambda s, f: setattr(run, "stop", "SIGTERM"))
     except ValueError:  # not the main thread: no handler
         prev = None
     tb = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
         tb = SummaryWriter(str(out / "tensorboard"))
-    step = int(jax.device_get(state["step"]))
-    fwd_s = forward_flops_per_token(s_cfg, rc.seq_len)
-    fwd_t = forward_flops_per_token(t_cfg, rc.seq_len) if t_cfg is not None else 0.0
-    flops_step = rc.batch_size * rc.seq_len * (3 * fwd_s + fwd_t)
+    flops_step = rc.batch_size * rc.seq_len * (3 * s_cfg.flops_per_token(rc.seq_len)
+                                                + (t_cfg.flops_per_token(rc.seq_len) if t_cfg is not None else 0.0))
     peak = rc.peak_tflops * 1e12 if rc.peak_tflops else measure_peak_flops()
     prog = Progress(rc.steps, rc.mode, metrics_path=(out / "metrics.jsonl") if jax.process_index() == 0 else None)
-    prog.step = step
-    start_eval = evaluate(state["trainable"]["model"]) if step == 0 else {}
+    prog.step = run.step
+    start_eval = evaluate(state["trainable"]["model"]) if run.step == 0 else {}
     if start_eval:
         log(f"step 0 held-out: {json.dumps({k: round(v, 4) for k, v in start_eval.items()})}")
         prog.record({"stage": rc.mode, "step": 0, **start_eval})
-    last_saved = mngr.latest_step()
-    crash_after = int(os.environ.get("MINITRON_CRASH_AFTER_STEP", "0"))
+    all_hooks = [evaluation_hook(evaluate), metrics_hook(prog, tb), *hooks, checkpoint_hook]
     summary: dict[str, Any] = {"start_eval": start_eval}
     try:
-        while step < rc.steps:
+        while run.step < rc.steps and not run.stop:
             local = loader.next()
             fingerprint = zlib.crc32(local["input_ids"].tobytes())  # which rows this process saw
             local = {k: v.reshape(A, b_local // A, *v.shape[1:]) for k, v in local.items()}
@@ -352,32 +472,17 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
             dt = time.perf_counter() - t0
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(
-                    f"loss is {metrics['loss']} at step {step + 1}: stopped without saving this state. The last good "
-                    f"checkpoint is step {last_saved} in {ckpt_dir} (resume=true continues from it); "
+                    f"loss is {metrics['loss']} at step {run.step + 1}: stopped without saving this state. The last "
+                    f"good checkpoint is step {run.last_saved} in {ckpt_dir} (resume=true continues from it); "
                     "lower lr, check the data, or use fp32 compute")
-            step += 1
-            rec = {**metrics, "lr": float(schedule(step - 1)), "step_time_s": dt,
-                   "mfu": flops_step / dt / peak, "batch_fingerprint": fingerprint}
-            if step % rc.eval_every == 0 or step == rc.steps:
-                rec.update(evaluate(state["trainable"]["model"]))
-            if step % rc.log_every == 0 or step == rc.steps or "held_out_loss" in rec:
-                prog.update(steps=step - prog.step, tokens=rc.batch_size * rc.seq_len * (step - prog.step), **rec)
-                if tb is not None:
-                    for k, v in rec.items():
-                        tb.add_scalar(k, v, step)
-            summary.update(rec)
-            if step % rc.save_every == 0 or step == rc.steps or stop["sig"]:
-                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        loader=ocp.args.JsonSave(loader.get_state())))
-                last_saved = step
-            if crash_after and step == crash_after:  # fault injection for tests: SIGKILL once earlier saves landed
-                mngr.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop["sig"]:
-                mngr.wait_until_finished()
-                log(f"SIGTERM: saved step {step} to {ckpt_dir}; rerun with resume=true to continue")
-                summary["preempted_at"] = step
-                return summary
+            run.step, run.state = run.step + 1, state
+            run.record = {**metrics, "lr": float(schedule(run.step - 1)), "step_time_s": dt,
+                          "mfu": flops_step / dt / peak, "batch_fingerprint": fingerprint}
+            for hook in all_hooks:
+                hook(run)
+            summary.update(run.record)
+        if run.stop and run.last_saved != run.step:  # SIGTERM landed after this step's checkpoint hook
+            checkpoint_hook(run)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -386,7 +491,10 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None) -> dict[str, A
             tb.close()
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
-    summary["step"] = step
+    if run.stop:
+        summary["preempted_at"] = run.step
+        return summary
+    summary["step"] = run.step
     if rc.export:
         params = state["trainable"]["model"]
         summary["student_hf"] = str(save_params(params, s_cfg, out / "student_hf", source=rc.student,

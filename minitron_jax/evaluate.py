@@ -2,9 +2,9 @@
 
 Tasks are JSONL lines `{"context": str, "choices": [str, ...], "answer": int}` scored as
 lm-evaluation-harness does: the sum of log p(choice tokens | context) picks the answer (`acc`), and
-the same divided by the choice's length in bytes (`acc_norm`). `next_line_task` builds such a task
-from held-out text (the true next line among four) so depth search and reports have a downstream
-metric without a hub. Every function takes optional `layer_gates` (0 = skip a layer).
+the same divided by the choice's length in characters, `len(choice)` (`acc_norm`). `next_line_task`
+builds such a task from held-out text (the true next line among four) so depth search and reports
+have a downstream metric without a hub. Every function takes optional `layer_gates` (0 = skip a layer).
 """
 
 from __future__ import annotations
@@ -19,19 +19,24 @@ import numpy as np
 
 from .config import LlamaConfig
 from .data import DataError, read_jsonl
-from .model import forward
-from .sharding import named_sharding
+from .losses import lm_loss_from_hidden, next_token_targets, token_logprob_sums
+from .model import forward, lm_head_weight
+from .sharding import put
+
+CHUNK = 256  # sequence positions per chunk of the next-token loss
 
 
-def make_loss_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
-    """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, their count)."""
+def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) -> Callable:
+    """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, their count).
+
+    The training loss (`losses.lm_loss_from_hidden`, chunked over the sequence): no [B, S, V] logits."""
 
     def loss_sum(params, ids, mask, gates):
-        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        w = mask[:, 1:] * mask[:, :-1]
-        return (nll * w).sum(), w.sum()
+        h = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype,
+                    return_hidden=True)
+        targets, tmask = next_token_targets(ids, mask)
+        n = tmask.sum()
+        return lm_loss_from_hidden(h, lm_head_weight(params, cfg), targets, tmask, chunk_size) * n, n
 
     return loss_sum
 
@@ -48,13 +53,6 @@ def batches(samples: np.ndarray, batch_size: int):
             ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
             mask = np.concatenate([mask, np.zeros((pad, ids.shape[1]), np.float32)])
         yield ids, mask
-
-
-def put(x, mesh):
-    """Host batch -> device, split over the mesh's batch axes when there is a mesh."""
-    if mesh is None:
-        return jnp.asarray(x)
-    return jax.device_put(x, named_sharding(("batch", "seq"), x.shape, mesh))
 
 
 def mesh_context(mesh):
@@ -133,12 +131,17 @@ def _encode_pairs(items, tokenizer, max_len: int):
     return rows, spans
 
 
-def make_choice_fn(cfg: LlamaConfig, compute_dtype=None) -> Callable:
+def make_choice_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) -> Callable:
+    """choice_logprob(params, ids, mask, target_mask, gates) -> [B] sums of log p(token | prefix) over the
+    tokens marked in `target_mask` (chunked: `losses.token_logprob_sums`)."""
+
     def choice_logprob(params, ids, mask, target_mask, gates):
-        logits = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        return (tok * target_mask[:, 1:]).sum(-1)
+        h = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype,
+                    return_hidden=True)
+        targets, _ = next_token_targets(ids, mask)
+        # position t predicts token t+1: it is scored when token t+1 belongs to the choice
+        scored = jnp.concatenate([target_mask[:, 1:], jnp.zeros_like(target_mask[:, :1])], axis=1)
+        return token_logprob_sums(h, lm_head_weight(params, cfg), targets, scored, chunk_size)
 
     return choice_logprob
 
@@ -159,7 +162,7 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         tmask[r, len(row) - span:len(row)] = 1
     fn = jax.jit(make_choice_fn(cfg, compute_dtype))
     gate_sets = np.ones((1, cfg.num_hidden_layers), np.float32) if gate_sets is None else np.asarray(gate_sets, np.float32)
-    nbytes = np.asarray([len(c.encode()) for it in items for c in it["choices"]], np.float64)
+    nchars = np.asarray([len(c) for it in items for c in it["choices"]], np.float64)  # lm-eval: characters
     results = []
     for gates in gate_sets:
         lp = []
@@ -173,7 +176,7 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         for it in items:
             n = len(it["choices"])
             acc += int(np.argmax(lp[k:k + n]) == it["answer"])
-            acc_norm += int(np.argmax(lp[k:k + n] / nbytes[k:k + n]) == it["answer"])
+            acc_norm += int(np.argmax(lp[k:k + n] / nchars[k:k + n]) == it["answer"])
             k += n
         results.append({"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)})
         if progress is not None:

@@ -46,10 +46,10 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     out = {}
     for key in ("embed_tokens", "norm", "lm_head"):
         if key in specs:
-            out[hf_name(key)] = specs[key][0]
-    for key, (shape, _) in specs["layers"].items():
+            out[hf_name(key)] = specs[key].shape
+    for key, spec in specs["layers"].items():
         for i in range(cfg.num_hidden_layers):
-            out[hf_name(key, i)] = shape[1:]
+            out[hf_name(key, i)] = spec.shape[1:]
     return out
 
 
@@ -146,8 +146,8 @@ def load_params(path: str | Path, cfg: LlamaConfig | None = None, *, mesh: Mesh 
         return jax.make_array_from_callback(shape, sharding, read)
 
     specs = param_specs(cfg)
-    params: dict[str, Any] = {k: build(k, *specs[k], stacked=False) for k in specs if k != "layers"}
-    params["layers"] = {k: build(k, *specs["layers"][k], stacked=True) for k in LAYER_PARAMS}
+    params: dict[str, Any] = {k: build(k, s.shape, s.axes, stacked=False) for k, s in specs.items() if k != "layers"}
+    params["layers"] = {k: build(k, s.shape, s.axes, stacked=True) for k, s in specs["layers"].items()}
     return params, cfg.replace(dtype=target.name)
 
 

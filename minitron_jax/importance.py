@@ -1,9 +1,11 @@
 """Minitron activation-importance scores (spec section 2), from jitted, sharded forward passes.
 
 Per layer, the model's `capture` hook reduces each activation over the sequence to one value per
-sample and channel (`seq_agg`), inside the layer loop; across samples we keep sums of x and x^2 in
-fp32 on device, so every batch aggregation (`batch_agg`) is exact and one compile serves all batches:
-  l2: sqrt(sum_b x_b^2)   mean: sum_b x_b / n   var: sum_b x_b^2 / n - mean^2
+sample and channel (`seq_agg`; `var` is centred: two passes over the masked sequence), inside the
+layer loop; across samples we keep the count n, the mean and M2 = sum_b (x_b - mean)^2 per channel in
+fp32 on device, merged batch by batch with Chan's centred update (no E[x^2] - E[x]^2 cancellation on
+activations with a large mean), so one compile serves all batches. The batch aggregation (`batch_agg`):
+  l2: sqrt(sum_b x_b^2) = sqrt(M2 + n mean^2)   mean: mean   var: M2 / n
 Default (l2, mean) is ModelOpt's: score[c] = sqrt(sum_b (mean_s |a[b,s,c]|)^2).
 """
 
@@ -19,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
-from .evaluate import batches, gated_losses, mesh_context, put
+from .evaluate import batches, gated_losses, mesh_context
 from .model import forward
 from .progress import Progress
 from .safetensors_io import SafetensorsFile, write_file
+from .sharding import put
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
 MLP_SITES = {"down_proj_in": "down_proj_in", "pre_activation": "mlp_pre"}
-SCORE_KEYS = ("mlp", "heads", "kv_groups", "hidden", "layer_bi", "layer_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,9 @@ def seq_reduce(a: jax.Array, mask: jax.Array, how: str) -> jax.Array:
         return msum(jnp.abs(a)) / n
     if how == "l2":
         return jnp.sqrt(msum(a * a))
-    mean = msum(a) / n
-    return jnp.maximum(msum(a * a) / n - mean * mean, 0.0)
+    mean = msum(a) / n  # centred second pass: no cancellation when |mean| >> std
+    d = a - mean[:, None, :]
+    return msum(d * d) / n
 
 
 def _capture_fn(sc: ScoreConfig) -> Callable:
@@ -78,37 +81,53 @@ def init_state(cfg: LlamaConfig) -> dict[str, Any]:
     Q = cfg.num_attention_heads * cfg.head_dim
     widths = {"mlp": F, "o_proj_in": Q, "attn_norm": H, "mlp_norm": H}
     z = lambda c: jnp.zeros((L, c), jnp.float32)  # noqa: E731
-    return {"s1": {k: z(c) for k, c in widths.items()}, "s2": {k: z(c) for k, c in widths.items()},
+    return {"mean": {k: z(c) for k, c in widths.items()}, "m2": {k: z(c) for k, c in widths.items()},
             "n": jnp.zeros((), jnp.float32), "bi": jnp.zeros((L,), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
 
 
+def merge_moments(n, mean, m2, x, w):
+    """Chan's parallel update of (count, mean, M2) with the rows of x [..., B, C] weighted 0/1 by w [B].
+
+    Centred throughout: the batch's own M2 is taken about its own mean, then combined by the shift of
+    the means, so fp32 keeps the precision of the spread even when |mean| >> std."""
+    nb = w.sum()
+    wx = w[:, None]
+    mean_b = (x * wx).sum(-2) / jnp.maximum(nb, 1.0)
+    d = (x - mean_b[..., None, :]) * wx
+    m2_b = (d * d).sum(-2)
+    n_new = n + nb
+    delta = mean_b - mean
+    frac = nb / jnp.maximum(n_new, 1.0)
+    return n_new, mean + delta * frac, m2 + m2_b + delta * delta * n * frac
+
+
 def make_step(cfg: LlamaConfig, sc: ScoreConfig, compute_dtype=None) -> Callable:
-    """step(params, state, ids, mask) -> state: one forward, statistics added on device."""
+    """step(params, state, ids, mask) -> state: one forward, statistics merged on device."""
     capture = _capture_fn(sc)
 
     def step(params, state, ids, mask):
         _, (red, bi) = forward(params, cfg, ids, attention_mask=mask, capture=capture, return_hidden=True,
                                compute_dtype=compute_dtype)
-        real = (mask.sum(1) > 0).astype(jnp.float32)[None, :, None]  # rows that are all padding count for nothing
-        s1 = {k: state["s1"][k] + (v * real).sum(1) for k, v in red.items()}
-        s2 = {k: state["s2"][k] + (v * v * real).sum(1) for k, v in red.items()}
-        return {"s1": s1, "s2": s2, "n": state["n"] + real.sum(), "bi": state["bi"] + bi,
-                "tokens": state["tokens"] + mask.sum()}
+        real = (mask.sum(1) > 0).astype(jnp.float32)  # rows that are all padding count for nothing
+        mean, m2 = {}, {}
+        for k, v in red.items():  # v [L, B, C]
+            n, mean[k], m2[k] = merge_moments(state["n"], state["mean"][k], state["m2"][k], v, real)
+        return {"mean": mean, "m2": m2, "n": n, "bi": state["bi"] + bi, "tokens": state["tokens"] + mask.sum()}
 
     return step
 
 
-def batch_aggregate(s1, s2, n, how: str):
+def batch_aggregate(n, mean, m2, how: str):
+    """(count, mean, M2) of the per-sample values -> the `batch_agg` statistic."""
     if how == "l2":
-        return np.sqrt(s2)
-    mean = s1 / n
-    return mean if how == "mean" else np.maximum(s2 / n - mean * mean, 0.0)
+        return np.sqrt(m2 + n * mean * mean)
+    return mean if how == "mean" else m2 / n
 
 
 def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[str, np.ndarray]:
     """Accumulated statistics -> per-axis scores (spec section 2 table)."""
     st = jax.tree.map(lambda x: np.asarray(x, np.float64), state)
-    agg = {k: batch_aggregate(st["s1"][k], st["s2"][k], st["n"], sc.batch_agg) for k in st["s1"]}
+    agg = {k: batch_aggregate(st["n"], st["mean"][k], st["m2"][k], sc.batch_agg) for k in st["mean"]}
     L, d = cfg.num_hidden_layers, cfg.head_dim
     heads = np.sqrt((agg["o_proj_in"].reshape(L, cfg.num_attention_heads, d) ** 2).sum(-1))
     kv = np.sqrt((heads.reshape(L, cfg.num_key_value_heads, cfg.num_kv_groups) ** 2).sum(-1))
@@ -154,7 +173,7 @@ def window_gates(num_layers: int, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- files
 def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
-    """One scores.safetensors (keys as SCORE_KEYS, plus any window_* arrays) with string metadata."""
+    """One scores.safetensors (one fp32 array per score key, e.g. mlp, heads, layer_window) with string metadata."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     entries = [(k, v.shape, np.dtype(np.float32), (lambda v=v: np.asarray(v, np.float32))) for k, v in scores.items()]

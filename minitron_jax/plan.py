@@ -18,32 +18,24 @@ import jax
 import numpy as np
 
 from .config import LlamaConfig
-from .distill import forward_flops_per_token
-from .model import is_spec, param_specs
+from .model import is_param_spec, param_specs
 from .recipe import RunConfig
-from .sharding import MESH_AXES, spec_for
+from .sharding import MESH_AXES, resolve_mesh_shape, spec_for
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def mesh_sizes(mesh: list[int], devices: int) -> dict[str, int]:
-    sizes = list(mesh)
-    if sizes.count(-1) > 1 or devices % math.prod(s for s in sizes if s != -1):
-        raise ValueError(f"mesh {mesh} does not fit {devices} devices")
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = devices // math.prod(s for s in sizes if s != -1)
-    if math.prod(sizes) != devices:
-        raise ValueError(f"mesh {sizes} uses {math.prod(sizes)} devices, not {devices}")
-    return dict(zip(MESH_AXES, sizes))
+    return dict(zip(MESH_AXES, resolve_mesh_shape(mesh, devices)))
 
 
 def per_device_param_bytes(cfg: LlamaConfig, sizes: dict[str, int], itemsize: int) -> int:
     """Bytes of one device's shard of every parameter, under the project's sharding rules."""
     mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
     total = 0
-    for shape, axes in jax.tree.leaves(param_specs(cfg), is_leaf=is_spec):
-        spec = spec_for(axes, shape, mesh)
-        local = list(shape)
+    for p in jax.tree.leaves(param_specs(cfg), is_leaf=is_param_spec):
+        spec = spec_for(p.axes, p.shape, mesh)
+        local = list(p.shape)
         for i, s in enumerate(spec):
             names = (s,) if isinstance(s, str) else (s or ())
             local[i] //= math.prod(sizes[n] for n in names)
@@ -79,8 +71,8 @@ def estimate(teacher: LlamaConfig | None, student: LlamaConfig, rc: RunConfig, d
         if teacher else 0)  # the teacher keeps nothing for backward: about one layer at a time
     mem["total"] = sum(mem.values())
     tokens = rc.batch_size * rc.seq_len
-    flops = tokens * (3 * forward_flops_per_token(student, rc.seq_len)
-                      + (forward_flops_per_token(teacher, rc.seq_len) if teacher and rc.mode == "distill" else 0))
+    flops = tokens * (3 * student.flops_per_token(rc.seq_len)
+                      + (teacher.flops_per_token(rc.seq_len) if teacher and rc.mode == "distill" else 0))
     step_s = flops / (devices * peak_flops_per_device * mfu)
     return {"mesh": sizes, "devices": devices, "teacher_params": teacher.param_count() if teacher else None,
             "student_params": student.param_count(), "tokens_per_step": tokens, "flops_per_step": flops,

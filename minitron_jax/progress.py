@@ -1,4 +1,7 @@
-"""Progress lines (step, tokens/s, ETA) on stderr and a JSONL metrics file, for every long job."""
+"""Progress lines (step, tokens/s, ETA) on stderr and a JSONL metrics file, for every long job.
+
+Each `update` record carries `tokens_per_s`, the throughput of that update's own interval (its tokens
+over the wall time since the previous update), and `tokens_per_s_avg`, the average since the start."""
 
 from __future__ import annotations
 
@@ -14,16 +17,18 @@ class Progress:
         self.total, self.desc, self.every_s = total, desc, every_s
         self.stream = stream or sys.stderr
         self.metrics = open(metrics_path, "a") if metrics_path else None
-        self.start = self.last_print = time.perf_counter()
+        self.start = self.last_print = self.last_update = time.perf_counter()
         self.step = self.tokens = 0
 
     def update(self, steps: int = 1, tokens: int = 0, **metrics) -> dict:
         self.step += steps
         self.tokens += tokens
         now = time.perf_counter()
-        elapsed = now - self.start
+        elapsed, interval = now - self.start, now - self.last_update
+        self.last_update = now
         rec = {"stage": self.desc, "step": self.step, "total": self.total, "tokens": self.tokens,
-               "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed, **metrics}
+               "tokens_per_s": tokens / interval if interval > 0 else 0.0,
+               "tokens_per_s_avg": self.tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed, **metrics}
         self.record(rec)
         if now - self.last_print >= self.every_s or self.step >= self.total or self.step == steps:
             eta = elapsed / self.step * (self.total - self.step) if self.step else float("nan")

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -27,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .config import LlamaConfig
-from .model import is_spec, param_specs
+from .model import is_param_spec, param_specs
 from .sharding import named_sharding
 
 SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -105,8 +108,6 @@ class PruneTarget:
             kw[k] = int(v) if isinstance(v, np.integer) else v
         return cls(**kw)
 
-    from_dict = parse
-
     def __str__(self) -> str:  # parse(str(t)) == t
         parts = [f"{k}={getattr(self, k)}" for k in SIZES if getattr(self, k) is not None]
         parts += [f"drop_layers={_ranges(self.drop_layers)}"] * bool(self.drop_layers)
@@ -166,16 +167,11 @@ def validate(cfg: LlamaConfig, target) -> LlamaConfig:
                        num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=n_layers)
 
 
-pruned_config = validate
-
-
-count_params = LlamaConfig.param_count
-
 
 def dry_run(config: "str | LlamaConfig", target) -> tuple[LlamaConfig, int]:
     """Pruned config and its parameter count from a config.json (or LlamaConfig) alone."""
     cfg = config if isinstance(config, LlamaConfig) else LlamaConfig.from_file(config)
-    return (new := pruned_config(cfg, target)), new.param_count()
+    return (new := validate(cfg, target)), new.param_count()
 
 
 def required_scores(cfg: LlamaConfig, target) -> dict[str, tuple[int, ...]]:
@@ -292,10 +288,55 @@ def _reshard(new: dict, old: dict, cfg: LlamaConfig) -> dict:
         sh = getattr(o, "sharding", None)
         if n is o or not isinstance(n, jax.Array) or not isinstance(sh, NamedSharding):
             return n
-        return jax.device_put(n, named_sharding(spec[1], n.shape, sh.mesh))
+        return jax.device_put(n, named_sharding(spec.axes, n.shape, sh.mesh))
     if not any(isinstance(getattr(x, "sharding", None), NamedSharding) for x in jax.tree.leaves(old)):
         return new  # NumPy or single-device input: nothing to restore
-    return jax.tree.map(fix, new, old, param_specs(cfg), is_leaf=lambda x: x is None or is_spec(x))
+    return jax.tree.map(fix, new, old, param_specs(cfg), is_leaf=lambda x: x is None or is_param_spec(x))
+
+
+# ---------------------------------------------------------------------------- what pruning kept
+PRUNE_RECORD = "minitron_prune.json"  # beside a pruned student's config.json
+
+
+def prune_record(cfg: LlamaConfig, scores: dict, target, *, source=None) -> dict[str, Any]:
+    """What `prune(params, cfg, scores, target)` keeps, as JSON-able data (indices of the source `cfg`):
+    `layers` [L'] is the source layer each student layer came from and `hidden` [H'] the kept hidden
+    channels (always listed); `mlp` [L', F'], `q_heads` [L', Hq'] and `kv_groups` [L', Hkv'] per
+    student layer, None where that axis was not pruned. The distiller pairs hidden states by
+    `layers` and starts its projection as the selection of `hidden`."""
+    t, new = PruneTarget.parse(target), validate(cfg, target)
+    p = plan(cfg, scores, t)
+    full = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    rec = {k: (np.arange(full[k]) if p[k] is None and k in full else p[k]) for k in p}
+    return {"source": None if source is None else str(source), "target": str(t),
+            "source_config": {f: getattr(cfg, f) for f in SIZES},
+            "pruned_config": {f: getattr(new, f) for f in SIZES},
+            **{k: None if v is None else np.asarray(v).tolist() for k, v in rec.items()}}
+
+
+def save_prune_record(directory, record: dict[str, Any]) -> Path:
+    """Write `record` (from `prune_record`) as `directory/minitron_prune.json` (process 0 only)."""
+    path = Path(directory) / PRUNE_RECORD
+    if jax.process_index() == 0:
+        tmp = path.with_name(f".{PRUNE_RECORD}.tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def load_prune_record(directory) -> dict[str, Any] | None:
+    """The record saved beside a pruned student, or None if the directory has none."""
+    path = Path(directory) / PRUNE_RECORD
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PruneError(f"{path} is not valid JSON ({e}); re-run the prune, or delete the file to pair "
+                         "layers by depth instead") from e
+    if missing := [k for k in ("layers", "hidden", "source_config") if k not in (rec if isinstance(rec, dict) else {})]:
+        raise PruneError(f"{path} lacks {missing}; re-run the prune, or delete the file to pair layers by depth instead")
+    return rec
 
 
 # ---------------------------------------------------------------------------- budget search

@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -37,25 +38,42 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """Mesh over ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+def resolve_mesh_shape(sizes: Sequence[int], devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes with the one -1 (if any) filled so that the product is `devices`."""
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != len(MESH_AXES):
+        raise ValueError(f"mesh {sizes}: give {len(MESH_AXES)} sizes ({', '.join(MESH_AXES)}), e.g. [1, -1, 1]")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh sizes {sizes}: at most one of data/fsdp/tensor may be -1")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes {sizes} must be positive (or -1 to fill)")
     known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed sizes {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
-            f"but {len(devices)} are available; make the product equal {len(devices)} or use -1 for one axis")
+    if -1 in sizes and devices % known == 0:
+        sizes[sizes.index(-1)] = devices // known
+    if -1 in sizes or math.prod(sizes) != devices:
+        got = "x".join(str(s) for s in sizes)
+        raise ValueError(f"mesh {got} (data x fsdp x tensor) does not fit {devices} devices: {devices} are "
+                         f"available; make the product equal {devices} or use -1 for one axis")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """Mesh over ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape((data, fsdp, tensor), len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_axes_for(name: str | None) -> tuple[str, ...]:
+    """The mesh axes that logical axis `name` maps to (none: replicated); unknown names are an error."""
+    if name is None:
+        return ()
+    if name not in RULES:
+        raise KeyError(f"logical axis {name!r} is not in sharding.RULES; known axes: {', '.join(RULES)}. "
+                       "Fix the name, or add it to RULES (None = replicated)")
+    target = RULES[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
@@ -67,9 +85,7 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) ->
     used: set[str] = set()
     out = []
     for name, dim in zip(logical, shape):
-        target = RULES.get(name) if name else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in mesh_axes_for(name) if a not in used and mesh.shape[a] > 1)
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]  # keep the longest prefix of mesh axes that divides the dimension
         if not axes:
@@ -92,14 +108,29 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh))
 
 
-def describe(tree, mesh: Mesh | None = None) -> dict[str, str]:
-    """Path -> sharding spec string, for logs and tests."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k): str(getattr(v, "sharding", None).spec if hasattr(getattr(v, "sharding", None), "spec") else "-")
-            for k, v in flat}
+# ---------------------------------------------------------------------------- batch placement
+def put(x, mesh):
+    """Host batch -> device, split over the mesh's batch axes when there is a mesh."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, named_sharding(("batch", "seq"), x.shape, mesh))
 
 
-def local_shard_bytes(x: jax.Array) -> int:
-    """Bytes of `x` held by its first addressable shard (what one device stores)."""
-    shard = x.addressable_shards[0]
-    return int(np.prod(shard.data.shape)) * x.dtype.itemsize
+def batch_sharding(mesh, shape) -> NamedSharding:
+    """[A, b, S] batches: micro-batch axis replicated, rows over the batch axes."""
+    spec = named_sharding(("batch", "seq"), shape[1:], mesh).spec
+    return NamedSharding(mesh, P(None, *spec))
+
+
+def to_global(local: dict[str, np.ndarray], mesh, lead: bool) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global sharded arrays (each process holds its own rows)."""
+    out = {}
+    for k, v in local.items():
+        if v is None:
+            out[k] = None
+            continue
+        gshape = list(v.shape)
+        gshape[1 if lead else 0] *= jax.process_count()
+        sh = batch_sharding(mesh, gshape) if lead else named_sharding(("batch", "seq"), gshape, mesh)
+        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
+    return out

@@ -1,7 +1,8 @@
 """Check a converted model against transformers: logits and LM loss on the same tokens.
 
-This is the conversion smoke test users run before trusting an import (and the project's main
-job until the full pipeline exists): HF -> orbax -> HF, then compare.
+`minitron parity` runs it after a round trip HF -> orbax -> HF, as the smoke test users run before
+trusting an import or export. The JAX loss is the project's own chunked next-token loss
+(`evaluate.lm_loss`, as in evaluation and training); the reference is transformers' `labels=` loss.
 """
 
 from __future__ import annotations
@@ -11,15 +12,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from .evaluate import lm_loss
 from .hf import from_pretrained
-
-
-def lm_loss(logits, ids) -> float:
-    """Mean next-token cross-entropy in fp32."""
-    logits = jnp.asarray(logits, jnp.float32)
-    return float(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.asarray(ids)[:, 1:]).mean())
 
 
 def compare_with_transformers(model_dir: str | Path, text: str, *, seq_len: int = 256, batch: int = 1,
@@ -38,7 +33,8 @@ def compare_with_transformers(model_dir: str | Path, text: str, *, seq_len: int 
     t0 = time.perf_counter()
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        ref = ref_model(torch.tensor(ids)).logits.float().numpy()
+        out_t = ref_model(torch.tensor(ids), labels=torch.tensor(ids))
+        ref, loss_torch = out_t.logits.float().numpy(), float(out_t.loss)
     log(f"transformers forward: {time.perf_counter() - t0:.1f}s")
 
     t0 = time.perf_counter()
@@ -49,4 +45,5 @@ def compare_with_transformers(model_dir: str | Path, text: str, *, seq_len: int 
     return {"tokens": int(ids.size), "params": model.config.param_count(),
             "max_abs_err": float(np.abs(out - ref).max()),
             "rel_err": float(np.abs(out - ref).max() / np.abs(ref).max()),
-            "loss_jax": lm_loss(out, ids), "loss_torch": lm_loss(ref, ids), "top1_agreement": agree}
+            "loss_jax": lm_loss(model.params(), model.config, ids, batch_size=batch), "loss_torch": loss_torch,
+            "top1_agreement": agree}

@@ -33,7 +33,7 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     import minitron_jax as mj
     from minitron_jax.assets import fetch_shakespeare
     from minitron_jax.hf import save_params
-    from minitron_jax.prune import prune
+    from minitron_jax.prune import prune, prune_record, save_prune_record
     from helpers import save_tiny
 
     teacher, student, data = root / "teacher", root / "student", root / "data"
@@ -49,21 +49,46 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     train_tokenizer(sorted(data.iterdir()), vocab).save_pretrained(teacher)
     t = mj.from_pretrained(teacher)
     rng = np.random.default_rng(0)
-    p, c = prune(t.params(), t.config, {"hidden": rng.random(72), "mlp": rng.random((4, 96))},
-                 target)
+    scores = {"hidden": rng.random(72), "mlp": rng.random((4, 96)), "layer_bi": rng.random(4)}
+    p, c = prune(t.params(), t.config, scores, target)
     save_params(p, c, student, source=teacher)
+    save_prune_record(student, prune_record(t.config, scores, target, source=teacher))
     return teacher, student, data
 
 
+def short_documents(data: Path, out: Path, seed: int = 0) -> Path:
+    """The training texts of `data` cut into many documents of 10..400 characters (a JSONL file), plus
+    the held-out tempest text: first_fit rows then hold very different numbers of real targets."""
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(out / "short.jsonl", "w") as f:
+        for p in sorted(data.glob("*.txt")):
+            if "tempest" in p.name:
+                shutil.copy(p, out / p.name)
+                continue
+            text, at = p.read_text(), 0
+            while at < len(text):
+                n = int(rng.integers(10, 400))
+                if text[at:at + n].strip():
+                    f.write(json.dumps({"text": text[at:at + n]}) + "\n")
+                at += n
+    return out
+
+
 def run_cli(args: list[str], devices: int = 8, env: dict | None = None, check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+            timeout: int = 600, program: tuple[str, ...] = ("-m", "minitron_jax.cli")) -> subprocess.CompletedProcess:
+    """`minitron ARGS` (or `python PROGRAM ARGS`) in a fresh process with `devices` fake CPU devices."""
     e = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
          "JAX_DEFAULT_MATMUL_PRECISION": "highest", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "minitron_jax.cli", *args], env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, *program, *args], env=e, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def train_with_hook(action: str, step: int, args: list[str], **kw) -> subprocess.CompletedProcess:
+    """tests/train_with_hook.py: a run with a fault-injection hook (SIGKILL or SIGTERM at `step`)."""
+    return run_cli([action, str(step), *args], program=(str(Path(__file__).with_name("train_with_hook.py")),), **kw)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -14,9 +14,9 @@ from minitron_jax.cli import main
 from minitron_jax.distill import train
 from minitron_jax.hf import open_checkpoint
 from minitron_jax.recipe import load_recipe
-from distill_helpers import make_pair, metrics, run_cli
+from distill_helpers import make_pair, metrics, run_cli, short_documents, train_with_hook
 
-COMMON = ["batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "peak_tflops=1"]
+COMMON = ["batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "peak_tflops=1", "warmup=1"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,17 @@ def pair(tmp_path_factory):
 def args(pair, out, *extra):
     t, s, d = pair
     return [f"teacher={t}", f"student={s}", f"data={d}", f"out={out}", *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def short_pair(pair, tmp_path_factory):
+    """The pair with many short documents: first_fit rows then hold very different numbers of tokens."""
+    return (*pair[:2], short_documents(pair[2], tmp_path_factory.mktemp("short") / "data"))
+
+
+# the reference run and the runs compared with it: first_fit packing and 2 micro-batches per step, so
+# that every comparison also checks the token weighting of gradient accumulation
+PACKED = ("steps=10", "save_every=5", "mesh=[2,2,2]", "packing=first_fit", "grad_accum=2")
 
 
 def test_kd_halves_held_out_kl(tmp_path):
@@ -48,27 +59,28 @@ def test_kd_halves_held_out_kl(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(pair, tmp_path_factory):
+def reference(short_pair, tmp_path_factory):
     """10 steps on 8 devices, (2, 2, 2) mesh, in a fresh process: the trajectory the others must match."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_cli(["distill", *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]")])
+    run_cli(["distill", *args(short_pair, out, *PACKED)])
     return out
 
 
-def test_mesh_matches_single_device(pair, reference, tmp_path):
+def test_mesh_matches_single_device(short_pair, reference, tmp_path):
     # same recipe (the LR schedule depends on `steps`), one device
-    run_cli(["distill", *args(pair, tmp_path / "one", "steps=10", "save_every=5", "mesh=[1,1,1]")], devices=1)
+    run_cli(["distill", *args(short_pair, tmp_path / "one", *PACKED, "mesh=[1,1,1]")], devices=1)
     ref, one = metrics(reference)[:5], metrics(tmp_path / "one")[:5]
     np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in ref], rtol=1e-5)
     assert [r["batch_fingerprint"] for r in one] == [r["batch_fingerprint"] for r in ref]
 
 
-def test_two_processes_match_one(pair, reference, tmp_path):
-    """launch/local.sh: two processes with 4 fake devices each, joined by jax.distributed on 127.0.0.1."""
+def test_two_processes_match_one(short_pair, reference, tmp_path):
+    """launch/local.sh: two processes with 4 fake devices each, joined by jax.distributed on 127.0.0.1.
+    Each process's rows form its part of every micro-batch, so which rows share a micro-batch depends on
+    the process count: only the token-weighted accumulation makes the losses agree."""
     out = tmp_path / "mp"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    proc = subprocess.run(["bash", "launch/local.sh", "2", "4", "distill",
-                           *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]")],
+    proc = subprocess.run(["bash", "launch/local.sh", "2", "4", "distill", *args(short_pair, out, *PACKED)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
@@ -77,13 +89,12 @@ def test_two_processes_match_one(pair, reference, tmp_path):
     assert (out / "student_hf" / "model.safetensors").exists()
 
 
-def test_killed_job_resumes_exactly(pair, reference, tmp_path):
+def test_killed_job_resumes_exactly(short_pair, reference, tmp_path):
     out = tmp_path / "killed"
-    crashed = run_cli(["distill", *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]")],
-                      env={"MINITRON_CRASH_AFTER_STEP": "7"}, check=False)
-    assert crashed.returncode == -9  # SIGKILL: no cleanup ran
+    crashed = train_with_hook("kill", 7, args(short_pair, out, *PACKED), check=False)
+    assert crashed.returncode == -9, crashed.stdout[-3000:] + crashed.stderr[-3000:]  # SIGKILL: no cleanup ran
     assert not (out / "student_hf").exists()
-    resumed = run_cli(["distill", *args(pair, out, "steps=10", "save_every=5", "mesh=[2,2,2]", "resume=true")])
+    resumed = run_cli(["distill", *args(short_pair, out, *PACKED, "resume=true")])
     assert "at step 5" in resumed.stdout + resumed.stderr
     runs = metrics(out)  # steps 1-7 of the killed run, then 6-10 of the resumed one
     assert [r["step"] for r in runs] == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]
@@ -95,23 +106,18 @@ def test_killed_job_resumes_exactly(pair, reference, tmp_path):
                                    rtol=0, atol=1e-7, err_msg=name)
 
 
-def test_sigterm_checkpoints_and_resumes(pair, reference, tmp_path):
+def test_sigterm_checkpoints_and_resumes(short_pair, reference, tmp_path):
+    """A hook raises SIGTERM at step 3 (save_every=100: no checkpoint is due): the trainer finishes the
+    step, checkpoints it, exits 0; the resumed run ends with the uninterrupted run's weights."""
     out = tmp_path / "preempted"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    p = subprocess.Popen([sys.executable, "-m", "minitron_jax.cli", "distill",
-                          *args(pair, out, "steps=10", "save_every=100", "mesh=[2,2,2]")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    import time
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
-        time.sleep(0.05)
-    p.terminate()
-    log = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, log[-3000:]
-    if "SIGTERM: saved step" not in log:  # the run finished before the signal landed
-        pytest.skip("run completed before SIGTERM arrived")
-    run_cli(["distill", *args(pair, out, "steps=10", "save_every=100", "mesh=[2,2,2]", "resume=true")])
+    stopped = train_with_hook("sigterm", 3, args(short_pair, out, *PACKED, "save_every=100"))
+    log = stopped.stdout + stopped.stderr
+    assert "SIGTERM: saved step 3" in log and "preempted_at=3" in log, log[-3000:]
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+    assert not (out / "student_hf").exists()
+    resumed = run_cli(["distill", *args(short_pair, out, *PACKED, "save_every=100", "resume=true")])
+    assert "at step 3" in resumed.stdout + resumed.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, 11))
     a, b = open_checkpoint(out / "student_hf"), open_checkpoint(reference / "student_hf")
     for name in a:
         np.testing.assert_allclose(np.asarray(a[name].tensor(name)), np.asarray(b[name].tensor(name)),

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import minitron_jax
 from minitron_jax import CheckpointError, ConfigError, LlamaConfig
 from minitron_jax import hf as hf_mod
-from minitron_jax.model import is_spec, param_specs
+from minitron_jax.model import is_param_spec, param_specs
 from minitron_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -100,9 +100,9 @@ def tiny_model(cfg: LlamaConfig) -> minitron_jax.Llama:
     """A random `Llama` for `cfg`, built from host arrays. (`Llama(cfg, rngs=nnx.Rngs(0))` gives the same
     kind of model but compiles one random op per parameter shape: ~3.5 s on CPU per new config.)"""
     rng = np.random.default_rng(0)
-    specs = jax.tree.leaves(param_specs(cfg), is_leaf=is_spec)
-    leaves = [jnp.asarray(0.02 * rng.standard_normal(shape, dtype=np.float32)) for shape, _ in specs]
-    params = jax.tree.unflatten(jax.tree.structure(param_specs(cfg), is_leaf=is_spec), leaves)
+    specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=is_param_spec)
+    leaves = [jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32)) for s in specs]
+    params = jax.tree.unflatten(treedef, leaves)
     return minitron_jax.Llama(cfg, params=params)
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 import minitron_jax as mj
 from helpers import save_tiny
 from minitron_jax.data import DataError
-from minitron_jax.evaluate import gated_losses, lm_loss, load_task, multiple_choice, next_line_task
+from minitron_jax.evaluate import (gated_losses, lm_loss, load_task, make_choice_fn, make_loss_fn, multiple_choice,
+                                   next_line_task)
 from minitron_jax.sharding import make_mesh
 
 REL = 1e-5
@@ -80,6 +82,52 @@ def test_no_samples(tiny):
         lm_loss(params, cfg, np.zeros((0, 8), np.int32))
 
 
+def jaxpr_shapes(jaxpr):
+    """Shapes of every value in a jaxpr, nested jaxprs (scan, map, custom_vjp, pjit) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out += jaxpr_shapes(sub)
+    return out
+
+
+def test_chunked_eval_loss_equals_full_logits_reference(tiny):
+    """make_loss_fn (the chunked training loss; 7-position chunks over 24, padded rows) equals the masked
+    next-token NLL from transformers' full fp32 logits re-derived in float64."""
+    _, ref, params, cfg = tiny
+    x = samples(n=3, seed=7)
+    mask = np.ones(x.shape, np.float32)
+    mask[1, 15:] = 0
+    mask[2, 3:] = 0
+    gates = np.ones(cfg.num_hidden_layers, np.float32)
+    got_sum, got_n = jax.jit(make_loss_fn(cfg, chunk_size=7))(params, x, mask, gates)
+    with torch.no_grad():
+        logits = ref(torch.tensor(x, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).logits
+    logp = torch.log_softmax(logits.double(), -1).numpy()
+    nll = -np.take_along_axis(logp[:, :-1], x[:, 1:, None], -1)[..., 0]
+    w = mask[:, 1:] * mask[:, :-1]
+    assert float(got_n) == w.sum()
+    assert float(got_sum) == pytest.approx((nll * w).sum(), rel=REL)
+
+
+def test_eval_never_builds_full_logits(tiny):
+    """Evaluation, gated (depth) losses and multiple choice run the chunked loss: no value of
+    [B, S, V] size or larger exists in their jitted programs (before: [B, S, V] fp32 log-softmax)."""
+    _, _, params, cfg = tiny
+    b, s, v = 4, 24, cfg.vocab_size
+    ids, mask = np.zeros((b, s), np.int32), np.ones((b, s), np.float32)
+    gates = np.ones(cfg.num_hidden_layers, np.float32)
+    for fn, args in ((make_loss_fn(cfg, chunk_size=8), (ids, mask, gates)),
+                     (make_choice_fn(cfg, chunk_size=8), (ids, mask, mask, gates))):
+        shapes = jaxpr_shapes(jax.make_jaxpr(fn)(params, *args).jaxpr)
+        assert any(sh[-1:] == (v,) and np.prod(sh) >= b * 8 * v for sh in shapes)  # the chunk's logits
+        assert max(np.prod(sh) for sh in shapes) < b * s * v
+
+
 # ---------------------------------------------------------------------------- multiple choice
 class CharTokenizer:
     """One token per character, ids in [3, 128); BOS = 1."""
@@ -136,8 +184,7 @@ def torch_choice_logprobs(ref, tok, items, drop_layer=None):
 
 def expected_scores(items, lps):
     acc = np.mean([np.argmax(lp) == it["answer"] for it, lp in zip(items, lps)])
-    norm = np.mean([np.argmax(lp / np.asarray([len(c.encode("utf-8")) for c in it["choices"]])) == it["answer"]
-                    for it, lp in zip(items, lps)])
+    norm = np.mean([np.argmax(char_norm(it, lp)) == it["answer"] for it, lp in zip(items, lps)])
     return acc, norm
 
 
@@ -148,6 +195,11 @@ def torch_lps(tiny):
     return torch_choice_logprobs(ref, CharTokenizer(), ITEMS), torch_choice_logprobs(ref, CharTokenizer(), ITEMS, 1)
 
 
+def char_norm(it, lp):
+    """lm-evaluation-harness's acc_norm: log-likelihood / len(choice) in characters."""
+    return lp / np.asarray([len(c) for c in it["choices"]])
+
+
 def byte_norm(it, lp):
     return lp / np.asarray([len(c.encode("utf-8")) for c in it["choices"]])
 
@@ -155,10 +207,10 @@ def byte_norm(it, lp):
 def test_multiple_choice_matches_torch(tiny, torch_lps):
     _, _, params, cfg = tiny
     full, drop = torch_lps
-    # answers = torch's picks (full model / layer 1 removed); torch's byte-normalised picks; the given ones
+    # answers = torch's picks (full model / layer 1 removed); torch's length-normalised picks; the given ones
     pred = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, full)]
     pred_drop = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, drop)]
-    pred_norm = [dict(it, answer=int(np.argmax(byte_norm(it, lp)))) for it, lp in zip(ITEMS, full)]
+    pred_norm = [dict(it, answer=int(np.argmax(char_norm(it, lp)))) for it, lp in zip(ITEMS, full)]
     assert [it["answer"] for it in pred] != [it["answer"] for it in pred_norm]  # acc_norm is not acc here
     assert [it["answer"] for it in pred] != [it["answer"] for it in pred_drop]  # the gate matters here
 
@@ -176,6 +228,43 @@ def test_multiple_choice_matches_torch(tiny, torch_lps):
     assert res["n"] == len(items) and res["acc"] == pytest.approx(acc) and res["acc_norm"] == pytest.approx(norm)
     n = len(ITEMS)
     assert res["acc"] >= n / len(items) and res["acc_norm"] >= n / len(items)
+
+
+def test_choice_logprobs_equal_torch(tiny):
+    """make_choice_fn's per-row sums of log p(choice tokens | context) equal transformers' (float64 re-derivation)."""
+    _, ref, params, cfg = tiny
+    tok = CharTokenizer()
+    want = np.concatenate(torch_choice_logprobs(ref, tok, ITEMS))
+    rows, spans = [], []
+    for it in ITEMS:
+        ctx = [tok.bos_token_id] + tok.encode(it["context"])
+        for c in it["choices"]:
+            rows.append(ctx + tok.encode(c))
+            spans.append(len(ctx))
+    ids = np.zeros((len(rows), 48), np.int32)
+    mask, tmask = np.zeros(ids.shape, np.float32), np.zeros(ids.shape, np.float32)
+    for r, (row, start) in enumerate(zip(rows, spans)):
+        ids[r, :len(row)], mask[r, :len(row)], tmask[r, start:len(row)] = row, 1, 1
+    got = jax.jit(make_choice_fn(cfg, chunk_size=16))(params, ids, mask, tmask, np.ones(cfg.num_hidden_layers, np.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=REL)
+
+
+NON_ASCII = [{"context": ctx, "choices": ["éèê", "abcd", "klmn", "pqrs", "wxyz"], "answer": 0}
+             for ctx in ["Pick one: ", "Which? ", "a b c ", "The answer is ", "Q: ", "zzz ", "Hm, ", "ok "]]
+
+
+def test_acc_norm_divides_by_characters_not_bytes(tiny):
+    """Non-ASCII choices (2 UTF-8 bytes per character): the character rule and the byte rule pick
+    differently on some items; acc_norm follows lm-evaluation-harness's len(choice)."""
+    _, ref, params, cfg = tiny
+    lps = torch_choice_logprobs(ref, CharTokenizer(), NON_ASCII)
+    items = [dict(it, answer=int(np.argmax(char_norm(it, lp)))) for it, lp in zip(NON_ASCII, lps)]
+    by_bytes = [int(np.argmax(byte_norm(it, lp))) for it, lp in zip(NON_ASCII, lps)]
+    differ = sum(it["answer"] != b for it, b in zip(items, by_bytes))
+    assert differ >= 2  # the two rules rank differently here, so the byte rule would score < 1
+    (res,) = multiple_choice(params, cfg, CharTokenizer(), items, batch_size=8)
+    assert res["acc_norm"] == 1.0
+    assert res["acc"] == pytest.approx(expected_scores(items, lps)[0])
 
 
 # ---------------------------------------------------------------------------- next-line task

@@ -3,6 +3,8 @@ model (not our forward), for every axis and every aggregation option; sharded eq
 
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,41 @@ def test_layer_skip_losses_match_torch(tiny):
         assert abs(got[layer] - want) <= 1e-5 * abs(want), layer
     windows = gated_losses(model.params(), model.config, samples[:4], window_gates(3, 2), batch_size=2)
     assert windows.shape == (2,)
+
+
+# ---------------------------------------------------------------------------- centred variances
+def test_seq_var_is_centred_on_offset_activations():
+    """seq_reduce(.., "var") on activations offset by 1e3 equals float64 NumPy (E[x^2] - E[x]^2 in
+    fp32 loses ~all digits of a unit variance there)."""
+    from minitron_jax.importance import seq_reduce
+    rng = np.random.RandomState(0)
+    a = (1e3 + rng.randn(3, 64, 5) * np.array([1.0, 0.5, 2.0, 0.3, 1.0])).astype(np.float32).astype(np.float64)
+    mask = np.ones((3, 64))
+    mask[1, 40:] = 0  # a padded row: only its real tokens count
+    mask[2, :] = 0    # an all-padding row
+    got = np.asarray(seq_reduce(jnp.asarray(a, jnp.float32), jnp.asarray(mask, jnp.float32), "var"))
+    want = np.stack([a[0].var(0), a[1, :40].var(0)])
+    # fp32 holds 1e3 to ~6e-5, so ~1e-4 relative is the floor; the uncentred formula is off by ~1e-1
+    np.testing.assert_allclose(got[:2], want, rtol=1e-3)
+    assert np.all(got[2] == 0)
+
+
+def test_batch_moments_merge_is_centred_on_offset_values():
+    """Chan's merge over several batches (with padded rows and an all-padding batch) equals float64
+    NumPy for every batch aggregation on values offset by 1e3."""
+    from minitron_jax.importance import batch_aggregate, merge_moments
+    rng = np.random.RandomState(1)
+    L, C = 2, 6
+    batches = [(1e3 + rng.randn(L, 4, C) * 0.5).astype(np.float32).astype(np.float64) for _ in range(4)]
+    weights = [np.ones(4), np.array([1.0, 1, 0, 0]), np.zeros(4), np.array([0.0, 1, 1, 1])]
+    n, mean, m2 = jnp.zeros(()), jnp.zeros((L, C)), jnp.zeros((L, C))
+    merge = jax.jit(merge_moments)
+    for x, w in zip(batches, weights):
+        n, mean, m2 = merge(n, mean, m2, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    rows = np.concatenate([x[:, w > 0] for x, w in zip(batches, weights)], axis=1)  # [L, n, C]
+    assert float(n) == rows.shape[1] == 9
+    st = [np.asarray(v, np.float64) for v in (n, mean, m2)]
+    # fp32 holds 1e3 to ~6e-5 (mean, shift of means): ~1e-4 relative is the floor; uncentred sums are off by > 1e-1
+    np.testing.assert_allclose(batch_aggregate(*st, "var"), rows.var(1), rtol=1e-3)
+    np.testing.assert_allclose(batch_aggregate(*st, "mean"), rows.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(batch_aggregate(*st, "l2"), np.sqrt((rows ** 2).sum(1)), rtol=1e-6)

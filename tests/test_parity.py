@@ -1,5 +1,6 @@
 """Logits of the Flax model equal transformers' (PyTorch, fp32, CPU) on tiny random Llamas."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,3 +104,33 @@ def test_capture_is_free_and_matches_transformers_hidden_states(tmp_path):
         assert rel_err(stats["layer_in"][layer], hs[layer].numpy()) <= TOL
     for layer in range(L - 1):
         assert rel_err(stats["layer_out"][layer], hs[layer + 1].numpy()) <= TOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_specs_match_transformers(tied):
+    """param_specs: one ParamSpec per HF tensor, with HF's shape and HF's initialiser (ones = norms)."""
+    from transformers import LlamaForCausalLM
+    from minitron_jax.hf import hf_name
+    from minitron_jax.model import ParamSpec, init_params, is_param_spec, param_specs
+    from helpers import tiny_hf_config
+
+    hf_cfg = tiny_hf_config(head_dim=24, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    hf = dict(LlamaForCausalLM(hf_cfg).named_parameters())
+    cfg = mj.LlamaConfig.from_hf_dict(hf_cfg.to_dict())
+    specs = param_specs(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_param_spec)[0]
+    assert all(isinstance(s, ParamSpec) for _, s in flat)
+    seen = set()
+    for path, s in flat:
+        keys = [p.key for p in path]
+        for i in range(cfg.num_hidden_layers) if keys[0] == "layers" else [None]:
+            name = hf_name(keys[-1], i)
+            seen.add(name)
+            t = hf[name].detach().numpy()
+            assert s.shape == ((cfg.num_hidden_layers,) if i is not None else ()) + t.shape, name
+            assert s.init == ("ones" if np.all(t == 1) else "normal"), name
+    assert seen == set(hf)
+    params = init_params(cfg, jax.random.key(0))
+    for (path, s), x in zip(flat, jax.tree.leaves(params)):
+        assert x.shape == s.shape and (np.all(np.asarray(x) == 1) == (s.init == "ones")), path

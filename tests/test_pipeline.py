@@ -23,7 +23,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
             "score.samples=8", "score.seq_len=64", "prune.target=hidden_size=54,intermediate_size=64",
-            "distill.steps=4", "distill.batch_size=4", "distill.seq_len=64", "distill.eval_every=2",
+            "distill.steps=4", "distill.warmup=0", "distill.batch_size=4", "distill.seq_len=64", "distill.eval_every=2",
             "distill.save_every=2", "distill.mesh=[1,1,8]", "distill.peak_tflops=1",
             "eval.samples=4", "eval.seq_len=64", "eval.task_items=8"]
     main(args)
@@ -60,7 +60,7 @@ def test_pipeline_depth_targets_score_what_they_need(tmp_path):
     from minitron_jax.evaluate import lm_loss
     from minitron_jax.importance import load_scores
     from minitron_jax.loader import build_corpus
-    from minitron_jax.pipeline import Pipeline, load_pipeline
+    from minitron_jax.pipeline import Pipeline, PruneSettings, load_pipeline
     from minitron_jax.prune import prune
 
     teacher, _, data = make_pair(tmp_path / "pair")
@@ -89,6 +89,35 @@ def test_pipeline_depth_targets_score_what_they_need(tmp_path):
     # another depth target needs other depth scores, so the cached scores are refused too
     for target, stage, key in (("num_hidden_layers=2,depth_metric=window,intermediate_size=64", "prune", "prune"),
                                ("num_hidden_layers=3,depth_metric=window", "score", "depth_scores")):
-        changed = dataclasses.replace(cfg, prune={"target": target})
+        changed = dataclasses.replace(cfg, prune=PruneSettings(target=target))
         with pytest.raises(RecipeError, match=rf"window/{stage} was made with other settings \({key} changed"):
             Pipeline(changed, log=lambda m: None).run(until="prune")
+
+
+def test_pipeline_scores_windows_by_a_task(tmp_path):
+    """`score.task` reaches the score stage: the windows of a depth_metric=window target are scored by
+    1 - acc_norm on the task, equal to the task score of the model with that block really removed."""
+    from transformers import AutoTokenizer
+
+    from minitron_jax.data import read_documents, split_documents
+    from minitron_jax.evaluate import multiple_choice, next_line_task
+    from minitron_jax.importance import load_scores
+    from minitron_jax.pipeline import Pipeline, load_pipeline
+    from minitron_jax.prune import prune
+
+    teacher, _, data = make_pair(tmp_path / "pair", sharpen=8.0)
+    t = mj.from_pretrained(teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    items = next_line_task(split_documents(read_documents(data), holdout=["tempest"])[0], 64, seed=0)
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = tmp_path / "run"
+    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
+                               "score.samples=8", "score.seq_len=64", "score.batch_size=4", f"score.task={task}",
+                               "prune.target=num_hidden_layers=2,depth_metric=window"])
+    Pipeline(cfg, log=lambda m: None).run(until="score")
+    scores, meta = load_scores(out / "score" / "scores.safetensors")
+    ref = [1 - multiple_choice(*prune(t.params(), t.config, None, f"drop_layers={a},{a + 1}"), tok, items)[0]["acc_norm"]
+           for a in range(3)]
+    np.testing.assert_allclose(scores["layer_window"], ref, rtol=0, atol=1e-6)
+    assert meta["window_task"] == str(task)

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 import minitron_jax as mj
 from minitron_jax.config import LlamaConfig
 from minitron_jax.hf import save_params
-from minitron_jax.model import forward, is_spec, param_specs
+from minitron_jax.model import forward, is_param_spec, param_specs
 from minitron_jax.prune import (PruneError, PruneTarget, candidate_targets, dry_run, parse_count, plan, prune,
-                                pruned_config, search)
+                                search, validate)
 from minitron_jax.sharding import make_mesh
 from helpers import LLAMA3_ROPE, rel_err, save_tiny
 
@@ -32,8 +32,8 @@ def tiny_cfg(tied=False, **kw):
 def tiny_params(cfg, seed=0):
     """NumPy parameters in the layout of param_specs; norms around 1 so that a wrong norm slice shows."""
     rng = np.random.RandomState(seed)
-    init = lambda shape, axes: ((1 if axes[-1] == "norm" else 0) + 0.2 * rng.randn(*shape)).astype(np.float32)
-    return jax.tree.map(lambda s: init(*s), param_specs(cfg), is_leaf=is_spec)
+    init = lambda s: ((1 if s.init == "ones" else 0) + 0.2 * rng.randn(*s.shape)).astype(np.float32)  # noqa: E731
+    return jax.tree.map(init, param_specs(cfg), is_leaf=is_param_spec)
 
 
 def rand_scores(cfg, seed=1):
@@ -167,7 +167,7 @@ def test_hidden_slicing_matches_numpy(tied):
         for k in ("gate_proj", "up_proj"):
             np.testing.assert_array_equal(new[k][i], lay[k][l][N][:, H])
         np.testing.assert_array_equal(new["down_proj"][i], lay["down_proj"][l][H][:, N])
-    # pruned_config's count equals the arrays prune() returns (tied embeddings counted once)
+    # validate's count equals the arrays prune() returns (tied embeddings counted once)
     assert sum(x.size for x in jax.tree.leaves(new_p)) == new_cfg.param_count()
     assert isinstance(new_p["layers"]["q_proj"], np.ndarray)  # NumPy in, NumPy out
 
@@ -236,7 +236,7 @@ SRC = LlamaConfig.from_hf_dict(SMOLLM2)
     ("hidden_size=4.5", r"not an integer")])
 def test_infeasible_targets_fail_before_work(target, match):
     with pytest.raises(PruneError, match=match):
-        pruned_config(SRC, target)
+        validate(SRC, target)
     with pytest.raises(PruneError, match=match):
         prune(None, SRC, None, target)  # no arrays, no scores: validation comes first
 
@@ -263,11 +263,18 @@ def test_parse_targets_and_counts():
     assert PruneTarget.parse(str(t)) == t and str(t) == "hidden_size=48,drop_layers=16-18,20-22"
     assert PruneTarget.parse({"num_hidden_layers": 16, "depth_metric": "loss"}) == \
         PruneTarget(num_hidden_layers=16, depth_metric="loss")
-    assert PruneTarget.from_dict({"drop_layers": [3, 1], "ffn": "64"}) == PruneTarget(intermediate_size=64, drop_layers=(3, 1))
+    assert PruneTarget.parse({"drop_layers": [3, 1], "ffn": "64"}) == PruneTarget(intermediate_size=64, drop_layers=(3, 1))
     assert parse_count("80M") == 80_000_000 and parse_count("1.5B") == 1_500_000_000
     assert parse_count("4.5e9") == 4_500_000_000 and parse_count("800k") == 800_000 and parse_count(12) == 12
     with pytest.raises(PruneError, match="80M, 1.5B"):
         parse_count("eighty")
+
+
+def test_no_dead_aliases():
+    """One name per function: PruneTarget.parse and prune.validate (the aliases and count_params are gone)."""
+    import minitron_jax.prune as prune_module
+    assert not hasattr(PruneTarget, "from_dict")
+    assert not [n for n in ("pruned_config", "count_params") if hasattr(prune_module, n)]
 
 
 # ---------------------------------------------------------------------------- budget search
@@ -278,7 +285,7 @@ def test_candidates_for_llama_and_smollm2():
         assert 10 <= len(cands) <= 24 and len(set(cands)) == len(cands)
         b = parse_count(budget)
         for t in cands:
-            new = pruned_config(cfg, t)
+            new = validate(cfg, t)
             assert abs(new.param_count() - b) <= 0.05 * b
             new.check_transformers_loadable()
         kinds = {(t.num_hidden_layers is None, t.hidden_size is None) for t in cands}

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import minitron_jax as mj
 from minitron_jax.model import forward
-from minitron_jax.sharding import make_mesh, named_sharding, spec_for
+from minitron_jax.sharding import constrain, make_mesh, named_sharding, spec_for
 from helpers import LLAMA3_ROPE, rel_err, save_tiny
 
 CFG = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
@@ -69,3 +69,57 @@ def test_indivisible_dims_stay_replicated():
     assert spec_for(("batch", "seq"), (4, 8), mesh) == P(("data", "fsdp"), None)
     assert spec_for(("batch", "seq"), (2, 8), mesh) == P("data", None)
     assert spec_for(("batch", "seq"), (1, 8), mesh) == P(None, None)
+
+
+def test_batch_placement_lives_in_sharding():
+    """put / batch_sharding / to_global: rows split over (data, fsdp); values unchanged."""
+    from minitron_jax import evaluate, importance
+    from minitron_jax.sharding import batch_sharding, put, to_global
+
+    assert evaluate.put is put and importance.put is put  # one home, no copies
+    mesh = make_mesh(2, 2, 2)
+    x = np.arange(4 * 8, dtype=np.int32).reshape(4, 8)
+    y = put(x, mesh)
+    assert y.sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(y), x)
+    assert isinstance(put(x, None), jax.Array)
+    assert batch_sharding(mesh, (2, 4, 8)).spec == P(None, ("data", "fsdp"), None)
+    lead = np.arange(2 * 4 * 8, dtype=np.int32).reshape(2, 4, 8)
+    g = to_global({"input_ids": lead, "segment_ids": None}, mesh, lead=True)
+    assert g["segment_ids"] is None and g["input_ids"].sharding.spec == P(None, ("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(g["input_ids"]), lead)  # one process: global == local
+    g = to_global({"mask": x}, mesh, lead=False)
+    assert g["mask"].sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(g["mask"]), x)
+
+
+@pytest.mark.parametrize("module,name", [("sharding", "describe"), ("sharding", "local_shard_bytes"),
+                                         ("importance", "SCORE_KEYS")])
+def test_dead_code_is_gone(module, name):
+    import importlib
+    assert not hasattr(importlib.import_module(f"minitron_jax.{module}"), name)
+
+
+def test_unknown_logical_axis_is_an_error():
+    """RULES lookups are strict: a misspelled logical axis raises (None still means replicated)."""
+    mesh = make_mesh(2, 2, 2)
+    assert spec_for((None, "embed"), (4, 8), mesh) == P(None, "fsdp")
+    with pytest.raises(KeyError, match="'emebd' is not in sharding.RULES; known axes: layers, vocab, embed"):
+        spec_for(("layers", "emebd"), (4, 8), mesh)
+    with jax.set_mesh(mesh), pytest.raises(KeyError, match="'act_emb' is not in sharding.RULES"):
+        jax.jit(lambda x: constrain(x, ("batch", "act_emb")))(jnp.zeros((4, 8)))
+
+
+@pytest.mark.parametrize("sizes,n", [((1, -1, 2), 8), ((2, 2, 2), 8), ((-1, 1, 1), 4), ((2, 2, 1), 8),
+                                     ((-1, -1, 2), 8), ((3, -1, 1), 8), ((0, 2, 4), 8), ((1, 1, 1), 2)])
+def test_one_mesh_shape_resolver(sizes, n):
+    """make_mesh and plan.mesh_sizes resolve (data, fsdp, tensor) the same way, errors included."""
+    from minitron_jax.plan import mesh_sizes
+    try:
+        want = make_mesh(*sizes, devices=jax.devices()[:n]).shape
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            mesh_sizes(list(sizes), n)
+        assert str(got.value) == str(e)
+        return
+    assert mesh_sizes(list(sizes), n) == dict(want)

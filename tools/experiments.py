@@ -30,7 +30,7 @@ BASE = "configs/smollm2_cpu.yaml"
 DEPTH_TARGET = "num_hidden_layers=15,depth_metric=loss"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("pruning", "distill", "all"), default="all")
     ap.add_argument("--out", default="runs/experiments")
@@ -39,10 +39,23 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=16, help="held-out rows of 256 tokens")
     ap.add_argument("--items", type=int, default=50, help="next-line task items (pruning part)")
     ap.add_argument("--correction-steps", type=int, default=60, help="teacher-correction steps (experiment 6)")
+    ap.add_argument("--correction-lr", type=float, default=1e-4,
+                    help="teacher-correction peak LR (cosine to 1/10 of it; experiment 6 ran the distillation's 1e-4)")
+    ap.add_argument("--correction-warmup", type=int, default=15, help="teacher-correction warm-up steps")
     ap.add_argument("--scratch-lr", type=float, default=1e-3, help="peak LR of the random-init arms")
     ap.add_argument("--doc", default="docs/RESULTS.md")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from OUT/results.json")
-    args = ap.parse_args()
+    return ap
+
+
+def correction_overrides(args) -> list[str]:
+    """The pipeline's `finetune` section for experiment 6, every value explicit."""
+    return [f"finetune.steps={args.correction_steps}", f"finetune.lr={args.correction_lr}",
+            f"finetune.min_lr={args.correction_lr / 10}", f"finetune.warmup={args.correction_warmup}"]
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     path = Path(args.out) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.doc_only:
@@ -128,7 +141,8 @@ def distill_experiments(args) -> dict:
     from minitron_jax.pipeline import Pipeline, distill_recipe, load_pipeline
 
     out, t0 = Path(args.out), time.time()
-    r: dict = {"args": {"eval": args.eval, "correction_steps": args.correction_steps, "scratch_lr": args.scratch_lr}}
+    r: dict = {"args": {"eval": args.eval, "correction_steps": args.correction_steps, "scratch_lr": args.scratch_lr,
+                        "correction_lr": args.correction_lr, "correction_warmup": args.correction_warmup}}
     ev = [f"eval.samples={args.eval}"]
 
     def pipeline(name: str, outdir: Path, *overrides: str) -> tuple[Pipeline, dict]:
@@ -180,7 +194,7 @@ def distill_experiments(args) -> dict:
     layer_loss = load_scores(out / "depth_kd" / "score" / "scores.safetensors")[0]["layer_loss"]
     r["depth_dropped"] = sorted(np.argsort(layer_loss)[:15].tolist())
     # 6. teacher correction: fine-tune the teacher on the training works, then score, prune, distill from it
-    cpipe, corr = pipeline("corrected_kd", out / "corrected_kd", f"finetune_steps={args.correction_steps}")
+    cpipe, corr = pipeline("corrected_kd", out / "corrected_kd", *correction_overrides(args))
     r["correction_seconds"] = cpipe.done("finetune")["seconds"]
     r["corrected_teacher"], r["pruned_corrected"], r["corrected_kd"] = corr["teacher"], corr["pruned"], corr["distilled"]
     # 1b. random init trained conventionally (LM loss): training from scratch
@@ -339,9 +353,11 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
                 f"{paired(r, 'width_kd', 'depth_kd')} nats of held-out loss.", ""]
     if "corrected_kd" in r:
         drop = 100 * (t - ct) / t
+        schedule = (f"peak LR {a['correction_lr']:g}, {a['correction_warmup']} warm-up steps"
+                    if "correction_lr" in a else "same LR schedule")
         out += ["### 6. With and without teacher correction", "",
                 f"Teacher correction ({a['correction_steps']} steps of LM loss on the training works, "
-                f"{a['correction_steps'] * 1024:,} tokens, same LR schedule) lowered the teacher's held-out loss from "
+                f"{a['correction_steps'] * 1024:,} tokens, {schedule}) lowered the teacher's held-out loss from "
                 f"{t:.3f} to {ct:.3f} ({drop:.1f}%). The corrected teacher was then scored, pruned to the same shape and "
                 f"distilled from: held-out loss {loss['corrected_kd']:.3f} vs {loss['width_kd']:.3f} without correction "
                 f"(next-line {r['corrected_kd']['next_line_acc_norm']:.2f} vs {r['width_kd']['next_line_acc_norm']:.2f}).",
