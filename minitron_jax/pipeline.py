@@ -356,8 +356,11 @@ class Pipeline:
         train_rows = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "held_out_kl" in r]
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        ax[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
-        ax[0].set(title="distillation loss (forward KL)", xlabel="step", ylabel="KL")
+        ax[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="training objective")
+        if all("kl" in r for r in train_rows):
+            ax[0].plot([r["step"] for r in train_rows], [r["kl"] for r in train_rows], "--", label="forward KL")
+        ax[0].set(title="distillation loss per step", xlabel="step", ylabel="loss")
+        ax[0].legend()
         ax[1].plot([r["step"] for r in evals], [r["held_out_loss"] for r in evals], "o-")
         ax[1].set(title="held-out LM loss of the student", xlabel="step", ylabel="loss")
         fig.tight_layout()
