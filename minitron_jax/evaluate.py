@@ -35,8 +35,7 @@ def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) 
         h = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype,
                     return_hidden=True)
         targets, tmask = next_token_targets(ids, mask)
-        n = tmask.sum()
-        return lm_loss_from_hidden(h, lm_head_weight(params, cfg), targets, tmask, chunk_size) * n, n
+        return lm_loss_from_hidden(h, lm_head_weight(params, cfg), targets, tmask, chunk_size, normalizer=1.0), tmask.sum()
 
     return loss_sum
 

@@ -213,13 +213,19 @@ class Pipeline:
         from .config import LlamaConfig
         from .data import read_documents, split_documents
         from .evaluate import load_task
-        from .prune import parse_count, validate
+        from .prune import parse_count, required_scores, validate
         cfg = LlamaConfig.from_file(teacher)
-        if self.cfg.prune.target is not None:
-            validate(cfg, self.cfg.prune.target)
+        target = self.cfg.prune.target
+        if target is not None:
+            validate(cfg, target)
         else:
             parse_count(self.cfg.prune.params)
         if self.cfg.score.task:
+            if target is None or "layer_window" not in required_scores(cfg, target):  # it would go unused
+                chosen = f"prune.target={target}" if target is not None else f"prune.params={self.cfg.prune.params}"
+                raise RecipeError(f"score.task={self.cfg.score.task} scores the layer windows of a depth_metric=window "
+                                  f"target; {chosen} has none: remove score.task or use depth_metric=window, e.g. "
+                                  f"prune.target=num_hidden_layers=N,depth_metric=window")
             load_task(self.cfg.score.task)
         split_documents(read_documents(data), holdout=self.cfg.holdout)
         distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))

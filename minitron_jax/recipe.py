@@ -162,7 +162,7 @@ def coerce(hint, value: Any, key: str) -> Any:
             raise RecipeError(f"{key}={value!r}: {key} is a section; give a mapping of its keys, e.g. {key}.KEY=VALUE")
         return build(hint, value, key, prefix=key + ".")
     if value is None:
-        raise RecipeError(f"{key} needs a value")
+        raise RecipeError(f"{key} needs a value" + (f" (an empty list is {key}=[])" if origin is list else ""))
     if isinstance(value, dict):
         path = key
         while isinstance(value, dict) and value:
@@ -178,7 +178,9 @@ def coerce(hint, value: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)):
             raise ValueError(value)
         conv = _CONVERT[hint]
-        if conv is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        if conv in (int, float) and isinstance(value, bool):  # YAML reads yes/true as a bool, never a number
+            raise ValueError(value)
+        if conv is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return conv(value)
     except (TypeError, ValueError):
@@ -242,6 +244,9 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict:
         *path, last = [p.strip() for p in key.split(".")]
         if not last or not all(path):
             raise RecipeError(f"override key {key!r}: expected key or section.key")
+        if not path and last == "base":
+            raise RecipeError("base= names a base file inside a YAML config, not on the command line: give that "
+                              "file as the config and these keys as overrides")
         node = out
         for i, p in enumerate(path):
             if not isinstance(node.setdefault(p, {}), dict):  # x=1 and x.y=2 together

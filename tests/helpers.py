@@ -1,10 +1,16 @@
-"""Shared test fixtures: tiny random transformers Llama models saved as HF directories."""
+"""Shared test helpers: tiny random transformers Llama models saved as HF directories, and the
+config.json / loading helpers of the checkpoint-corruption tests."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+import minitron_jax
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -36,3 +42,32 @@ def rel_err(a, b, mask=None) -> float:
     if mask is not None:
         a, b = a[mask], b[mask]
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ---------------------------------------------------------------------------- checkpoints to corrupt
+# (test_config.py, test_hf.py, test_safetensors_io.py: the `tiny_dirs` / `ckpt` / `no_weight_reads`
+# fixtures in conftest.py save a tiny random `transformers.LlamaForCausalLM` with TINY's shape)
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+def read_config(d: Path) -> dict:
+    return json.loads((d / "config.json").read_text())
+
+
+def write_config(d: Path, cfg: dict) -> None:
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def load(d: Path):
+    return minitron_jax.from_pretrained(d)
+
+
+def transformers_refuses(**shape) -> bool:
+    import transformers
+    try:
+        transformers.LlamaConfig(**{**TINY, **shape})
+    except Exception as e:  # huggingface_hub StrictDataclassClassValidationError (not a ValueError)
+        assert "not a multiple of the number of attention heads" in str(e)
+        return True
+    return False

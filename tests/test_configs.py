@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.pipeline import (FinetuneSettings, PipelineConfig, PruneSettings, distill_recipe, finetune_recipe,
+from minitron_jax.data import DataError
+from minitron_jax.pipeline import (FinetuneSettings, Pipeline, PipelineConfig, PruneSettings, distill_recipe, finetune_recipe,
                                    load_pipeline)
 from minitron_jax.prune import PruneTarget, dry_run, validate
 from minitron_jax.recipe import RecipeError, RunConfig, load, load_recipe
@@ -132,12 +133,16 @@ def test_dotted_overrides_reach_any_depth_with_types_from_the_hints():
     cfg = load(Outer, None, ["mid.inner.x=3", "mid.inner.ids=4,5", "mid.rate=2e-4", "flag=yes", "mid.inner.name=007"])
     assert cfg == Outer(Mid(Inner(3, [4, 5], "007"), 2e-4), True)
     assert load(Outer, None, ["mid.inner.name="]) == Outer()  # an empty value is None for an optional field
+    assert load(Outer, None, ["mid.inner.ids=[]"]) == Outer()
     assert load(Outer, None, {"mid.inner.x": 4, "mid": {"rate": 1.0}}) == Outer(Mid(Inner(4), 1.0))  # a dict too
     for bad, msg in (("mid.inner.x=2.5", r"mid.inner.x=2.5 is not a valid int"),
                      ("mid.inner.x.y=2", r"mid.inner.x takes a value \(int\), not keys: mid.inner.x.y= has nowhere to go"),
                      ("mid.inner.z=2", r"unknown mid.inner keys \['z'\]; valid keys: x, ids, name"),
                      ("mid=3", r"mid=3: mid is a section"),
-                     ("flag=maybe", r"flag='maybe' is not a valid bool")):
+                     ("flag=maybe", r"flag='maybe' is not a valid bool"),
+                     ("mid.rate=true", r"mid.rate=True is not a valid float"),  # a bool is no number
+                     ("mid.inner.ids=", r"mid.inner.ids needs a value \(an empty list is mid.inner.ids=\[\]\)"),
+                     ("base=x.yaml", r"base= names a base file inside a YAML config, not on the command line")):
         with pytest.raises(RecipeError, match=msg):
             load(Outer, None, [bad])
 
@@ -224,6 +229,25 @@ def test_experiment_6_passes_the_schedule_it_ran():
     rc = finetune_recipe(cfg, student="t", data="d")
     assert (rc.mode, rc.steps, rc.lr, rc.min_lr, rc.warmup) == ("finetune", 60, 1e-4, 1e-5, 15)
     assert rc == distill_recipe(cfg, mode="finetune", steps=60, student="t", data="d")  # what ran then
+
+
+# ---------------------------------------------------------------------------- score.task
+@pytest.mark.parametrize("target", ["drop_layers=15-30", "num_hidden_layers=16,depth_metric=bi",
+                                    "hidden_size=3072,intermediate_size=9216"])
+def test_a_task_for_a_target_without_windows_is_refused(tmp_path, target):
+    """score.task scores the windows of a depth_metric=window target; with any other target it would be
+    silently unused, so it is refused before any work (before the task file is even read)."""
+    cfg = load_pipeline(CONFIGS / "pipeline_llama31_8b_depth_gpu.yaml",
+                        [f"prune.target={target}", f"score.task={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(RecipeError, match=rf"score.task={tmp_path / 'missing.jsonl'} scores the layer windows of a "
+                       r"depth_metric=window target; prune.target=.* has none: remove score.task or use depth_metric=window"):
+        Pipeline(cfg).validate(Path(cfg.teacher), tmp_path / "no_data")
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n')
+    window = load_pipeline(CONFIGS / "pipeline_llama31_8b_depth_gpu.yaml",
+                           ["prune.target=num_hidden_layers=16,depth_metric=window", f"score.task={task}"])
+    with pytest.raises(DataError, match="data path .*no_data does not exist"):  # task accepted and read; the data check comes next
+        Pipeline(window).validate(Path(window.teacher), tmp_path / "no_data")
 
 
 # ---------------------------------------------------------------------------- the 8B depth pipelines

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     return path, ref, model, samples
 
 
-def test_scores_match_torch_hooks(tiny):
+def test_head_dim_scores_match_torch_hooks(tiny):
     _, ref, model, samples = tiny
     got = compute_scores(model.params(), model.config, samples, batch_size=4)
     want = numpy_scores(torch_activations(ref, samples), model.config, "l2", "mean", "down_proj_in")

@@ -1,7 +1,10 @@
 """`minitron plan`: the 8B -> 4B recipes planned from config.json alone agree with the spec's counts,
-and per-device parameter memory follows the sharding rules."""
+and per-device parameter memory follows the sharding rules; the weights-free planner does not import the
+trainer."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +57,9 @@ def test_run_dry_run_of_8b_pipelines(capsys, kind, student):
         out = capsys.readouterr().out
         assert "teacher parameters: 8,030,261,248" in out and f"student parameters: {student}" in out
         assert "93,994,352,640 tokens" in out  # 9960 steps x 1152 x 8192: the papers' 94B tokens
+
+
+def test_plan_does_not_import_the_trainer():
+    code = "import sys, minitron_jax.plan; assert 'minitron_jax.distill' not in sys.modules, 'plan imports distill'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

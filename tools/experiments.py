@@ -28,6 +28,11 @@ from pathlib import Path
 HELD_OUT = ("hamlet", "sonnets", "tempest")
 BASE = "configs/smollm2_cpu.yaml"
 DEPTH_TARGET = "num_hidden_layers=15,depth_metric=loss"
+# the pruning part (4, 5): row length, the width target of 4, the layers 5 keeps, the rows of the skip losses
+SEQ_LEN = 256
+WIDTH_TARGET = "hidden_size=432,intermediate_size=1024"
+KEEP_LAYERS = 15
+LAYER_ROWS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--part", choices=("pruning", "distill", "all"), default="all")
     ap.add_argument("--out", default="runs/experiments")
     ap.add_argument("--main-out", default="runs/smollm2_cpu", help="out of the main job (the width + KD arm)")
-    ap.add_argument("--calib", type=int, default=64, help="calibration rows of 256 tokens")
-    ap.add_argument("--eval", type=int, default=16, help="held-out rows of 256 tokens")
+    ap.add_argument("--calib", type=int, default=64, help=f"calibration rows of {SEQ_LEN} tokens")
+    ap.add_argument("--eval", type=int, default=16, help=f"held-out rows of {SEQ_LEN} tokens")
     ap.add_argument("--items", type=int, default=50, help="next-line task items (pruning part)")
     ap.add_argument("--correction-steps", type=int, default=60, help="teacher-correction steps (experiment 6)")
     ap.add_argument("--correction-lr", type=float, default=1e-4,
@@ -89,25 +94,28 @@ def pruning_experiments(args) -> dict:
     model_dir = fetch_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, held = split_documents(read_documents(fetch_shakespeare()), holdout=HELD_OUT)
-    calib = pack(tokenize_documents(train, tok), 256, args.calib, seed=0)
-    evals = pack(tokenize_documents(held, tok), 256, args.eval, seed=1)
+    calib = pack(tokenize_documents(train, tok), SEQ_LEN, args.calib, seed=0)
+    evals = pack(tokenize_documents(held, tok), SEQ_LEN, args.eval, seed=1)
     items = next_line_task(held, args.items, seed=0)
     model = mj.from_pretrained(model_dir)
     params, cfg = model.params(), model.config
     ev = lambda p, c: evaluate_model(p, c, tok, evals, items, batch_size=8)  # noqa: E731
-    results: dict = {"teacher": ev(params, cfg), "args": {"calib": args.calib, "eval": args.eval, "items": args.items}}
+    results: dict = {"teacher": ev(params, cfg), "args": {"calib": args.calib, "eval": args.eval, "items": args.items,
+                                                          "seq_len": SEQ_LEN, "width_target": WIDTH_TARGET,
+                                                          "layers": cfg.num_hidden_layers, "keep": KEEP_LAYERS,
+                                                          "layer_rows": LAYER_ROWS}}
 
-    width = "hidden_size=432,intermediate_size=1024"
+    width = WIDTH_TARGET
     results["aggregation"] = {}
     for b, s in (("l2", "mean"), ("mean", "mean"), ("l2", "l2"), ("var", "var")):
         scores = compute_scores(params, cfg, calib, batch_size=8, score_config=ScoreConfig(batch_agg=b, seq_agg=s))
         results["aggregation"][f"({b},{s})"] = ev(*prune(params, cfg, scores, width))
         log(f"aggregation ({b},{s}): {results['aggregation'][f'({b},{s})']['loss']:.4f}")
 
-    L, keep = cfg.num_hidden_layers, 15
+    L, keep = cfg.num_hidden_layers, KEEP_LAYERS
     scores = compute_scores(params, cfg, calib, batch_size=8)
-    scores["layer_loss"] = layer_skip_losses(params, cfg, calib[:8], batch_size=8)
-    scores["layer_window"] = gated_losses(params, cfg, calib[:8], window_gates(L, L - keep), batch_size=8)
+    scores["layer_loss"] = layer_skip_losses(params, cfg, calib[:LAYER_ROWS], batch_size=8)
+    scores["layer_window"] = gated_losses(params, cfg, calib[:LAYER_ROWS], window_gates(L, L - keep), batch_size=8)
     results["depth"] = {}
     for metric in ("bi", "loss", "window"):
         p, c = prune(params, cfg, scores, f"num_hidden_layers={keep},depth_metric={metric}")
@@ -128,6 +136,43 @@ def curve(metrics: Path) -> list[list[float]]:
     return [[r["step"], r["held_out_loss"]] for r in rows if "held_out_loss" in r]
 
 
+def depth_keep() -> int:
+    """The layers DEPTH_TARGET keeps."""
+    return int(dict(kv.split("=") for kv in DEPTH_TARGET.split(","))["num_hidden_layers"])
+
+
+def run_settings(cfg, teacher_layers: int) -> dict:
+    """What the distillation part's prose quotes from the pipeline config its arms ran with."""
+    d = cfg.distill
+    return {"steps": d.steps, "batch_size": d.batch_size, "seq_len": d.seq_len, "lr": d.lr, "min_lr": d.min_lr,
+            "warmup": d.warmup, "temperature": d.temperature, "ce_weight": d.ce_weight,
+            "eval_samples": cfg.eval.samples, "eval_seq_len": cfg.eval.seq_len, "task_items": cfg.eval.task_items,
+            "layer_samples": cfg.score.layer_samples, "target": cfg.prune.target, "teacher_layers": teacher_layers}
+
+
+def recorded_settings(r: dict) -> dict:
+    """The settings a distillation results.json recorded; for one from before they were recorded, those of
+    BASE with the --eval it recorded (what those runs used), the teacher's layers from the depth arm."""
+    if "config" in r:
+        return r["config"]
+    from minitron_jax.pipeline import load_pipeline
+    teacher_layers = depth_keep() + len(r["depth_dropped"]) if "depth_dropped" in r else None
+    return run_settings(load_pipeline(BASE, [f"eval.samples={r['args']['eval']}"]), teacher_layers)
+
+
+def shape_words(target: str) -> str:
+    """hidden_size=432,intermediate_size=1024 -> hidden 432, ffn 1024."""
+    words = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
+             "num_key_value_heads": "kv heads", "num_hidden_layers": "layers"}
+    return ", ".join(f"{words.get(k, k)} {v}" for k, v in (kv.split("=") for kv in target.split(",")))
+
+
+def lr_text(x: float) -> str:
+    """1e-4 as 1e-4 (not 0.0001 or 1e-04)."""
+    m, e = f"{x:.6e}".split("e")
+    return f"{float(m):g}e{int(e)}" if abs(x) < 1e-2 and x else f"{x:g}"
+
+
 def distill_experiments(args) -> dict:
     import jax
     import numpy as np
@@ -142,7 +187,8 @@ def distill_experiments(args) -> dict:
 
     out, t0 = Path(args.out), time.time()
     r: dict = {"args": {"eval": args.eval, "correction_steps": args.correction_steps, "scratch_lr": args.scratch_lr,
-                        "correction_lr": args.correction_lr, "correction_warmup": args.correction_warmup}}
+                        "correction_lr": args.correction_lr, "correction_warmup": args.correction_warmup,
+                        "main_out": args.main_out}}
     ev = [f"eval.samples={args.eval}"]
 
     def pipeline(name: str, outdir: Path, *overrides: str) -> tuple[Pipeline, dict]:
@@ -157,6 +203,7 @@ def distill_experiments(args) -> dict:
     main, width = pipeline("width_kd", Path(args.main_out))
     r["teacher"], r["pruned_width"], r["width_kd"] = width["teacher"], width["pruned"], width["distilled"]
     teacher, data = main.inputs()
+    r["config"] = run_settings(main.cfg, LlamaConfig.from_file(teacher).num_hidden_layers)
     tok = AutoTokenizer.from_pretrained(teacher)
     rows = main.eval_rows(data, tok)
     pruned = Path(width["pruned"]["path"])
@@ -192,7 +239,7 @@ def distill_experiments(args) -> dict:
     _, depth = pipeline("depth_kd", out / "depth_kd", f"prune.target={DEPTH_TARGET}")
     r["pruned_depth"], r["depth_kd"] = depth["pruned"], depth["distilled"]
     layer_loss = load_scores(out / "depth_kd" / "score" / "scores.safetensors")[0]["layer_loss"]
-    r["depth_dropped"] = sorted(np.argsort(layer_loss)[:15].tolist())
+    r["depth_dropped"] = sorted(np.argsort(layer_loss)[: len(layer_loss) - depth_keep()].tolist())
     # 6. teacher correction: fine-tune the teacher on the training works, then score, prune, distill from it
     cpipe, corr = pipeline("corrected_kd", out / "corrected_kd", *correction_overrides(args))
     r["correction_seconds"] = cpipe.done("finetune")["seconds"]
@@ -250,7 +297,7 @@ def batch_signature(res: dict) -> str | None:
     return hashlib.sha1(json.dumps([f for f in fps if f is not None]).encode()).hexdigest()[:12]
 
 
-def plot_curves(r: dict, arms: dict, path: Path) -> None:
+def plot_curves(r: dict, arms: dict, path: Path, tokens_per_step: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,7 +306,7 @@ def plot_curves(r: dict, arms: dict, path: Path) -> None:
         c = r[key].get("curve") or []
         ax.plot([x[0] for x in c], [x[1] for x in c], "o-", label=label)
     ax.axhline(r["teacher"]["held_out_loss"], color="k", ls="--", label="teacher")
-    ax.set(xlabel="training step (x 1024 tokens)", ylabel="held-out LM loss (nats)",
+    ax.set(xlabel=f"training step (x {tokens_per_step} tokens)", ylabel="held-out LM loss (nats)",
            title="held-out loss during training, every arm on the same batches")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -268,7 +315,12 @@ def plot_curves(r: dict, arms: dict, path: Path) -> None:
 
 
 def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
-    a = r["args"]
+    a, c = r["args"], recorded_settings(r)
+    step_tokens = c["batch_size"] * c["seq_len"]
+    width_shape, keep = shape_words(c["target"]), depth_keep()
+    depth_shape = f"{keep} of {c['teacher_layers']} layers" if c["teacher_layers"] else f"{keep} layers"
+    items = c["task_items"]
+    kd = f"temperature {c['temperature']:g}, " + (f"CE weight {c['ce_weight']:g}" if c["ce_weight"] else "no CE term")
     arms = {"width_kd": "width pruned + KD (main job)", "width_ce": "width pruned + LM-loss fine-tuning",
             "random_kd": f"random init + KD, lr {a['scratch_lr']:g}",
             "random_ce": f"random init + LM loss, lr {a['scratch_lr']:g}",
@@ -277,7 +329,7 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
     tokens = r["width_kd"]["distill_tokens"]
     sigs = {k: batch_signature(r[k]) for k in arms}
     same = len({v for v in sigs.values() if v}) == 1 and all(sigs.values())
-    plot_curves(r, arms, doc_dir / "results_curves.png")
+    plot_curves(r, arms, doc_dir / "results_curves.png", step_tokens)
     minutes = (sum(r[k].get("seconds", 0) for k in arms if k != "width_kd") + r.get("correction_seconds", 0)) / 60
 
     def row(label, x, trained=True):
@@ -293,20 +345,23 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
         "## Distillation experiments (1, 2, 3, 6)", "",
         f"`python tools/experiments.py --part distill`: the arms it trains took {minutes:.0f} min of wall time in all",
         "(per arm in the table, plus the teacher correction); the width + KD arm is the README's main job `minitron run`,",
-        "reused from `runs/smollm2_cpu`; a re-run with every arm done takes about 2 min. Each arm trains 150 steps of 4 x 256 tokens "
-        f"({tokens:,} tokens),",
-        "AdamW, cosine LR 1e-4 -> 1e-5 after 15 warm-up steps unless stated, on the same batches in the same order "
+        f"reused from `{a.get('main_out', 'runs/smollm2_cpu')}`; a re-run with every arm done takes about 2 min. "
+        f"Each arm trains {c['steps']} steps of {c['batch_size']} x {c['seq_len']} tokens ({tokens:,} tokens),",
+        f"AdamW, cosine LR {lr_text(c['lr'])} -> {lr_text(c['min_lr'])} after {c['warmup']} warm-up steps unless stated, "
+        "on the same batches in the same order "
         f"({'checked: the logged batch fingerprints are identical across arms' if same else 'batch fingerprints: ' + json.dumps(sigs)}).",
-        f"Evaluation: {a['eval']} x 256 held-out tokens (loss, perplexity) and 100 next-line items (the true next line",
-        "among four; accuracy, length-normalised in brackets; one item is one point, so differences under ~10 points",
-        "are noise). KD is forward KL(teacher || student) on logits, temperature 1, no CE term (spec section 5).", "",
+        f"Evaluation: {c['eval_samples']} x {c['eval_seq_len']} held-out tokens (loss, perplexity) and {items} next-line "
+        "items (the true next line",
+        "among four; accuracy, length-normalised in brackets; one item is "
+        f"{'one point' if items == 100 else f'{100 / items:.2g} points'}, so differences under ~10 points",
+        f"are noise). KD is forward KL(teacher || student) on logits, {kd} (spec section 5).", "",
         "| model | params | held-out loss | ppl | next-line acc (norm) | training tokens | wall min (train + evals) |",
         "|---|---|---|---|---|---|---|",
         row("teacher: SmolLM2-135M-Instruct", r["teacher"], False),
         *([row(f"teacher after correction ({a['correction_steps']} LM-loss steps)", r["corrected_teacher"], False)]
           if "corrected_teacher" in r else []),
-        row("width pruned (hidden 432, ffn 1024), before training", r["pruned_width"], False),
-        *([row("depth pruned (15 of 30 layers), before training", r["pruned_depth"], False)] if "pruned_depth" in r else []),
+        row(f"width pruned ({width_shape}), before training", r["pruned_width"], False),
+        *([row(f"depth pruned ({depth_shape}), before training", r["pruned_depth"], False)] if "pruned_depth" in r else []),
         *[row(label, r[k]) for k, label in arms.items()], "",
         "![held-out loss curves](results_curves.png)", ""]
 
@@ -315,8 +370,9 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
         out += ["### 1. Prune + distill vs random init, same tokens", "",
                 f"Held-out loss {loss['width_kd']:.3f} (ppl {ppl('width_kd'):.1f}) for the pruned + distilled student vs "
                 f"{loss[best]:.3f} (ppl {ppl(best):.1f}) for the best random-init arm ({arms[best]}).",
-                f"The random-init arms use a peak LR of {a['scratch_lr']:g} (10x the pruned arms'), the usual kind of choice "
-                "from scratch; they were not run at 1e-4. Paper: a 4B pruned from 8B and distilled on 100B tokens scored",
+                f"The random-init arms use a peak LR of {a['scratch_lr']:g} ({a['scratch_lr'] / c['lr']:g}x the pruned "
+                f"arms'), the usual kind of choice from scratch; they were not run at {lr_text(c['lr'])}. Paper: a 4B "
+                "pruned from 8B and distilled on 100B tokens scored",
                 "42.45 MMLU vs 26.24 for a 4B trained from scratch on 400B tokens; Minitron-8B needed 40x fewer tokens.",
                 f"Agreement: {'yes' if loss['width_kd'] < loss[best] else 'no'}: pruned - random = "
                 f"{paired(r, 'width_kd', best)} nats; the pruned start is worth a "
@@ -339,14 +395,14 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
                 + ("" if "corrected_kd" not in r else
                    f" KD from the corrected teacher vs CE: {loss['corrected_kd']:.3f} vs {loss['width_ce']:.3f} "
                    f"({paired(r, 'corrected_kd', 'width_ce')} nats; the teacher saw "
-                   f"{a['correction_steps'] * 1024:,} extra tokens)."), ""]
+                   f"{a['correction_steps'] * step_tokens:,} extra tokens)."), ""]
     if "depth_kd" in r:
         out += ["### 3. Width vs depth pruning at about the same size, both distilled", "",
-                f"Width (hidden 432, ffn 1024; {r['width_kd']['params']:,} params): held-out loss {loss['width_kd']:.3f}, "
+                f"Width ({width_shape}; {r['width_kd']['params']:,} params): held-out loss {loss['width_kd']:.3f}, "
                 f"next-line {r['width_kd']['next_line_acc_norm']:.2f}. Depth (`{DEPTH_TARGET}`, the best "
                 f"depth metric in experiment 5, here dropping layers {r.get('depth_dropped')}; {r['depth_kd']['params']:,} params): {loss['depth_kd']:.3f}, "
                 f"next-line {r['depth_kd']['next_line_acc_norm']:.2f}. Before training: "
-                f"{loss['pruned_width']:.3f} vs {r['pruned_depth']['held_out_loss']:.3f}." + depth_note(r, pruning),
+                f"{loss['pruned_width']:.3f} vs {r['pruned_depth']['held_out_loss']:.3f}." + depth_note(r, pruning, c),
                 "Paper (2408.11796): at 4B, width beat depth on accuracy (MMLU 60.5 vs 58.7, HellaSwag 76.1 vs 73.2); "
                 "depth was faster at inference.",
                 f"Agreement: {'yes' if loss['width_kd'] < loss['depth_kd'] else 'no'}: width - depth = "
@@ -357,7 +413,7 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
                     if "correction_lr" in a else "same LR schedule")
         out += ["### 6. With and without teacher correction", "",
                 f"Teacher correction ({a['correction_steps']} steps of LM loss on the training works, "
-                f"{a['correction_steps'] * 1024:,} tokens, {schedule}) lowered the teacher's held-out loss from "
+                f"{a['correction_steps'] * step_tokens:,} tokens, {schedule}) lowered the teacher's held-out loss from "
                 f"{t:.3f} to {ct:.3f} ({drop:.1f}%). The corrected teacher was then scored, pruned to the same shape and "
                 f"distilled from: held-out loss {loss['corrected_kd']:.3f} vs {loss['width_kd']:.3f} without correction "
                 f"(next-line {r['corrected_kd']['next_line_acc_norm']:.2f} vs {r['width_kd']['next_line_acc_norm']:.2f}).",
@@ -370,20 +426,25 @@ def distill_doc(r: dict, doc_dir: Path, pruning: dict | None) -> list[str]:
     return out
 
 
-def depth_note(r: dict, pruning: dict | None) -> str:
+def depth_note(r: dict, pruning: dict | None, c: dict) -> str:
     """How the pipeline's per-layer-loss choice differs from experiment 5's (other calibration rows)."""
     if not pruning or "depth_dropped" not in r:
         return ""
     mine, theirs = set(r["depth_dropped"]), set(pruning["depth_choices"]["loss"])
     if mine == theirs:
         return " The pipeline dropped the same layers as experiment 5's loss metric."
-    return (f" The pipeline scored layers on 8 rows of its own calibration set and dropped {sorted(mine - theirs)} "
+    return (f" The pipeline scored layers on {c['layer_samples']} rows of its own calibration set and dropped {sorted(mine - theirs)} "
             f"where experiment 5 (other rows) dropped {sorted(theirs - mine)}: the one-at-a-time loss choice is "
             "sensitive to the few rows it is measured on.")
 
 
 def pruning_doc(r: dict) -> list[str]:
     a = r["args"]
+    # results.json files from before these were recorded ran with the constants above
+    n, width = a.get("seq_len", SEQ_LEN), shape_words(a.get("width_target", WIDTH_TARGET))
+    keep, rows = a.get("keep", KEEP_LAYERS), a.get("layer_rows", LAYER_ROWS)
+    dropped = len(r["depth_choices"]["window"])
+    layers = a.get("layers", keep + dropped)
     cmd = f"python tools/experiments.py --part pruning --calib {a['calib']} --eval {a['eval']} --items {a['items']}"
     row = lambda name, x: (f"| {name} | {x['params']:,} | {x['loss']:.3f} | {x['perplexity']:.1f} | "  # noqa: E731
                            f"{x['acc']:.2f} ({x['acc_norm']:.2f}) |")
@@ -394,21 +455,21 @@ def pruning_doc(r: dict) -> list[str]:
     dep = r["depth"]
     return [
         "## Pruning experiments (4, 5): no retraining", "",
-        f"`{cmd}` ({r['seconds']} s). Held-out: {a['eval']} x 256 tokens for loss; {a['items']} next-line items. These",
+        f"`{cmd}` ({r['seconds']} s). Held-out: {a['eval']} x {n} tokens for loss; {a['items']} next-line items. These",
         "are other samples of the held-out works than the distillation part uses: compare numbers within a part.",
-        f"Calibration: {a['calib']} x 256 tokens of the other works.", "",
+        f"Calibration: {a['calib']} x {n} tokens of the other works.", "",
         *head, row("teacher (unpruned)", r["teacher"]), "",
-        "### 4. Aggregation ablation (loss right after width pruning to hidden 432, ffn 1024)", "",
+        f"### 4. Aggregation ablation (loss right after width pruning to {width})", "",
         *head, *[row(k, agg[k]) for k in paper], "",
         f"Ranking here (lower loss first): {' < '.join(order)}. Paper (Table 11, 15B -> 8B, LM loss): "
         "(l2,mean) 7.18 < (mean,mean) 7.21 < (l2,l2) 8.73 < (var,var) 10.55.",
         f"Agreement: best here {order[0]} (paper: (l2,mean)); worst here {order[-1]} (paper: (var,var)); "
         f"(l2,mean) vs (mean,mean): {agg['(l2,mean)']['loss']:.3f} vs {agg['(mean,mean)']['loss']:.3f} "
         "(paper: 7.18 vs 7.21).", "",
-        "### 5. Depth selection: 30 -> 15 layers", "",
+        f"### 5. Depth selection: {layers} -> {keep} layers", "",
         *head, *[row(f"{m}: drop {r['depth_choices'][m]}", dep[m]) for m in ("bi", "loss", "window")], "",
-        "bi = lowest Block Influence (one pass); loss = lowest LM loss when skipped alone (8 x 256 tokens);",
-        "window = the contiguous block of 15 whose removal gives the lowest LM loss. The paper (2408.11796) found",
+        f"bi = lowest Block Influence (one pass); loss = lowest LM loss when skipped alone ({rows} x {n} tokens);",
+        f"window = the contiguous block of {dropped} whose removal gives the lowest LM loss. The paper (2408.11796) found",
         "the contiguous block better downstream than layers chosen one by one; here the next-line accuracy is",
         f"{dep['window']['acc_norm']:.2f} (window) vs {dep['loss']['acc_norm']:.2f} (loss) vs "
         f"{dep['bi']['acc_norm']:.2f} (BI), length-normalised, on {a['items']} items (one item = "

@@ -1,9 +1,11 @@
-"""Every way an HF checkpoint or an export can be wrong is refused early, with a message that names
-the problem and the fix.
+"""Loading and exporting HF checkpoints (minitron_jax/hf.py): every way an HF checkpoint or an export
+can be wrong is refused early, with a message that names the problem and the fix.
 
-Fixtures are a tiny random `transformers.LlamaForCausalLM` saved as safetensors and then corrupted.
-Load-side tests run under `no_weight_reads`, which makes any read of tensor bytes fail the test, so
-each error is proven to come *before* weights are read (not from a crash half-way through a load).
+Fixtures are a tiny random `transformers.LlamaForCausalLM` saved as safetensors and then corrupted
+(`tiny_dirs`, `ckpt` and `no_weight_reads` are in conftest.py). Load-side tests run under
+`no_weight_reads`, which makes any read of tensor bytes fail the test, so each error is proven to come
+*before* weights are read (not from a crash half-way through a load). The round trip HF -> JAX -> HF
+itself is in test_roundtrip.py.
 """
 
 from __future__ import annotations
@@ -24,48 +26,13 @@ import minitron_jax
 from minitron_jax import CheckpointError, ConfigError, LlamaConfig
 from minitron_jax import hf as hf_mod
 from minitron_jax.model import is_param_spec, param_specs
-from minitron_jax.safetensors_io import SafetensorsError, SafetensorsFile
-
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+from helpers import TINY, load, read_config, transformers_refuses, write_config
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _save_tiny(out: Path, tie: bool) -> Path:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=tie))
-    model.save_pretrained(out)  # safetensors is the default
-    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_llama")
-    return {"untied": _save_tiny(root / "untied", tie=False), "tied": _save_tiny(root / "tied", tie=True)}
-
-
-@pytest.fixture
-def ckpt(tiny_dirs, tmp_path) -> Path:
-    """A private, writable copy of the untied tiny checkpoint."""
-    return Path(shutil.copytree(tiny_dirs["untied"], tmp_path / "ckpt"))
-
-
 @pytest.fixture
 def tied_ckpt(tiny_dirs, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_dirs["tied"], tmp_path / "tied"))
-
-
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Any attempt to read tensor bytes (or build a device array from them) fails the test."""
-    def boom(*args, **kwargs):
-        raise AssertionError("weights were read before the problem was reported")
-    monkeypatch.setattr(SafetensorsFile, "tensor", boom)
-    monkeypatch.setattr(jax, "make_array_from_callback", boom)
 
 
 @pytest.fixture
@@ -76,24 +43,12 @@ def no_export_fetch(monkeypatch):
     monkeypatch.setattr(hf_mod, "_host", boom)
 
 
-def read_config(d: Path) -> dict:
-    return json.loads((d / "config.json").read_text())
-
-
-def write_config(d: Path, cfg: dict) -> None:
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-
-
 def rewrite_weights(d: Path, drop=(), add=None) -> None:
     tensors = load_file(d / "model.safetensors")
     for name in drop:
         del tensors[name]
     tensors.update(add or {})
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-
-
-def load(d: Path):
-    return minitron_jax.from_pretrained(d)
 
 
 def tiny_model(cfg: LlamaConfig) -> minitron_jax.Llama:
@@ -134,22 +89,6 @@ def test_tied_checkpoint_with_lm_head_copy_loads(tied_ckpt):
     model = load(tied_ckpt)
     assert model.config.tie_word_embeddings and "lm_head" not in model.params()
     np.testing.assert_array_equal(np.asarray(model.params()["embed_tokens"]), emb)
-
-
-@pytest.mark.parametrize("variant", ["4.x", "5.x"])
-def test_llama3_rope_accepted_in_both_key_styles(ckpt, variant):
-    """The RoPE checks refuse unknown types, not the supported ones in either key style."""
-    cfg = read_config(ckpt)
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 64}
-    if variant == "4.x":
-        del cfg["rope_parameters"]
-        cfg.update(rope_theta=500000.0, rope_scaling=llama3)
-    else:
-        cfg["rope_parameters"] = {**llama3, "rope_theta": 500000.0}
-    write_config(ckpt, cfg)
-    c = LlamaConfig.from_file(ckpt)
-    assert (c.rope_type, c.rope_theta, c.rope_scaling_dict["factor"]) == ("llama3", 500000.0, 8.0)
 
 
 # ---------------------------------------------------------------------------- 1-3: tensors vs config
@@ -193,54 +132,6 @@ def test_integer_weights_refused(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 4-6, 12: config content
-@pytest.mark.parametrize("change", [{"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-                                    {"model_type": "mistral"},
-                                    {"architectures": ["MistralForCausalLM"]}])
-def test_non_llama_architecture(ckpt, no_weight_reads, change):
-    cfg = read_config(ckpt)
-    cfg.update(change)
-    write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"not a Llama checkpoint \(model_type='(mistral|llama)', architectures="
-                                          r"\['(Mistral|Llama)ForCausalLM'\]\).*supports LlamaForCausalLM"):
-        load(ckpt)
-
-
-@pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
-def test_projection_bias_refused(ckpt, no_weight_reads, flag):
-    cfg = read_config(ckpt)
-    cfg[flag] = True
-    write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=rf"{flag}=true is not supported.*no projection biases.*bias-free checkpoint"):
-        load(ckpt)
-
-
-@pytest.mark.parametrize("variant", ["4.x rope_type", "4.x legacy type", "5.x rope_parameters"])
-def test_unknown_rope_type(ckpt, no_weight_reads, variant):
-    cfg = read_config(ckpt)
-    yarn = {"factor": 4.0, "original_max_position_embeddings": 64}
-    if variant.startswith("4.x"):
-        del cfg["rope_parameters"]
-        key = "rope_type" if variant == "4.x rope_type" else "type"
-        cfg.update(rope_theta=10000.0, rope_scaling={key: "yarn", **yarn})
-    else:
-        cfg.pop("rope_theta", None)
-        cfg.pop("rope_scaling", None)
-        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, **yarn}
-    write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"unknown RoPE type 'yarn': supported types are \('default', 'llama3'\)"):
-        load(ckpt)
-
-
-def test_heads_not_divisible_by_kv_heads(ckpt, no_weight_reads):
-    cfg = read_config(ckpt)
-    cfg["num_key_value_heads"] = 3  # 4 query heads
-    write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not a multiple of num_key_value_heads=3.*"
-                                          r"valid num_key_value_heads: \[1, 2, 4\]"):
-        load(ckpt)
-
-
 # ---------------------------------------------------------------------------- 7: pickle weights
 class _Trap:
     """Unpickling this creates `marker`: proof that somebody unpickled the file."""
@@ -281,22 +172,7 @@ def test_no_weights_at_all(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 9-10: damaged files
-def test_truncated_safetensors(ckpt, no_weight_reads):
-    f = ckpt / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(SafetensorsError, match=r"model\.safetensors is truncated: tensor \S+ ends past the end of "
-                                               r"the file; re-download it"):
-        load(ckpt)
-
-
-def test_truncated_inside_header(ckpt, no_weight_reads):
-    f = ckpt / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:200])
-    with pytest.raises(SafetensorsError, match=r"(is not a valid safetensors file|is truncated).*re-(download|export)"):
-        load(ckpt)
-
-
+# ---------------------------------------------------------------------------- 9-10: damaged files (sharded)
 def _shard(ckpt: Path) -> dict:
     """Split the single file into two shards plus an index, as transformers does for big models."""
     tensors = load_file(ckpt / "model.safetensors")
@@ -346,58 +222,11 @@ def test_malformed_index(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 11: config.json itself
-def test_malformed_config_json(ckpt, no_weight_reads):
-    (ckpt / "config.json").write_text(read_config(ckpt).__repr__())  # a Python dict is not JSON
-    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON \(.*\); fix or re-export the config"):
-        load(ckpt)
-
-
-def test_missing_config_json(ckpt, no_weight_reads):
-    (ckpt / "config.json").unlink()
-    with pytest.raises(ConfigError, match=r"config\.json does not exist: point at an HF model directory or its config\.json"):
-        load(ckpt)
-    with pytest.raises(ConfigError, match=r"does not exist"):
-        LlamaConfig.from_file(ckpt)
-
-
-def test_config_missing_required_field(ckpt, no_weight_reads):
-    cfg = read_config(ckpt)
-    del cfg["num_hidden_layers"]
-    write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"config\.json lacks required field 'num_hidden_layers'"):
-        load(ckpt)
-
-
 # ---------------------------------------------------------------------------- 8, 13: export
-def _transformers_refuses(**shape) -> bool:
-    import transformers
-    try:
-        transformers.LlamaConfig(**{**TINY, **shape})
-    except Exception as e:  # huggingface_hub StrictDataclassClassValidationError (not a ValueError)
-        assert "not a multiple of the number of attention heads" in str(e)
-        return True
-    return False
-
-
-@pytest.mark.parametrize("hidden,heads,refused", [(36, 8, True), (34, 4, True), (36, 4, False), (32, 4, False)])
-def test_check_transformers_loadable_tracks_transformers(hidden, heads, refused):
-    """minitron refuses exactly the (hidden, heads) pairs that transformers' own LlamaConfig refuses,
-    head_dim set explicitly (as a width-pruned model always has it)."""
-    assert _transformers_refuses(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=2,
-                                 head_dim=8) is refused
-    cfg = LlamaConfig(**{**TINY, "hidden_size": hidden, "num_attention_heads": heads})
-    if refused:
-        with pytest.raises(ConfigError, match=rf"hidden_size={hidden} is not a multiple of num_attention_heads={heads}"):
-            cfg.check_transformers_loadable()
-    else:
-        cfg.check_transformers_loadable()
-
-
 def test_export_of_config_transformers_refuses(tmp_path, no_export_fetch):
     # 36 % 8 != 0 (NB: 36 with 4 heads would be fine: 36 % 4 == 0, and transformers accepts it)
     cfg = LlamaConfig(**{**TINY, "hidden_size": 36, "num_attention_heads": 8, "num_key_value_heads": 4})
-    assert _transformers_refuses(hidden_size=36, num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    assert transformers_refuses(hidden_size=36, num_attention_heads=8, num_key_value_heads=4, head_dim=8)
     model = tiny_model(cfg)
     out = tmp_path / "export"
     with pytest.raises(ConfigError, match=r"hidden_size=36 is not a multiple of num_attention_heads=8: transformers "
@@ -428,42 +257,3 @@ def test_save_overwrite_and_empty_dir_are_allowed(ckpt, tmp_path):
         assert not (d / "pytorch_model.bin").exists()
         np.testing.assert_array_equal(np.asarray(load(d).params()["layers"]["q_proj"]),
                                       np.asarray(model.params()["layers"]["q_proj"]))
-
-
-# ---------------------------------------------------------------------------- config edge cases, as transformers reads them
-def test_missing_tie_key_follows_transformers(ckpt):
-    import transformers
-    cfg = read_config(ckpt)
-    del cfg["tie_word_embeddings"]
-    assert transformers.LlamaConfig.from_dict(cfg).tie_word_embeddings is False
-    assert LlamaConfig.from_hf_dict(cfg).tie_word_embeddings is False
-
-
-def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
-    import transformers
-    cfg = read_config(ckpt)  # has rope_parameters {"rope_type": "default"}
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 64}
-    assert transformers.LlamaConfig.from_dict(cfg).rope_parameters["rope_type"] == "llama3"
-    assert LlamaConfig.from_hf_dict(cfg).rope_type == "llama3"
-
-
-def test_header_size_disagreeing_with_shape(ckpt, no_weight_reads):
-    import struct
-    f = ckpt / "model.safetensors"
-    raw = f.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    begin = header["model.norm.weight"]["data_offsets"][0]
-    header["model.norm.weight"]["data_offsets"] = [begin, begin + 64]  # 16 floats for a (32,) tensor
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
-    with pytest.raises(SafetensorsError, match=r"model\.norm\.weight"):
-        load(ckpt)
-
-
-def test_config_json_not_an_object(ckpt, no_weight_reads):
-    (ckpt / "config.json").write_text("[1, 2, 3]")
-    with pytest.raises(ConfigError, match=r"config\.json"):
-        load(ckpt)

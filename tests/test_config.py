@@ -1,0 +1,156 @@
+"""LlamaConfig <-> config.json (minitron_jax/config.py): both RoPE key styles are read as transformers
+reads them, FLOPs per token are counted by hand, and every config this project cannot build, or that
+transformers would not load, is refused before any weights are read, with a message that names the
+problem and the fix.
+
+The checkpoint fixtures (`ckpt`, `no_weight_reads`) are in conftest.py: a tiny random
+`transformers.LlamaForCausalLM` whose config.json each test corrupts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from minitron_jax import ConfigError, LlamaConfig
+from helpers import TINY, load, read_config, transformers_refuses, write_config
+
+
+# ---------------------------------------------------------------------------- counting
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_matches_a_hand_count(tied):
+    # head_dim (12) != hidden / heads (64 / 4 = 16): the attention widths come from head_dim
+    c = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=tied)
+    L, H, F, V, S = 3, 64, 96, 100, 50
+    q, kv = 4 * 12, 2 * 12
+    per_layer = H * q + 2 * H * kv + q * H + 3 * H * F  # q, k, v, o; gate, up, down
+    matmuls = L * per_layer + V * H                        # + the lm_head (tied or not, it is one matmul)
+    attention = L * 2 * (S / 2) * q * 2                    # QK^T and AV, each 2 FLOPs per MAC, causal half
+    assert c.flops_per_token(S) == 2 * matmuls + attention
+
+
+# ---------------------------------------------------------------------------- positive control
+@pytest.mark.parametrize("variant", ["4.x", "5.x"])
+def test_llama3_rope_accepted_in_both_key_styles(ckpt, variant):
+    """The RoPE checks refuse unknown types, not the supported ones in either key style."""
+    cfg = read_config(ckpt)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    if variant == "4.x":
+        del cfg["rope_parameters"]
+        cfg.update(rope_theta=500000.0, rope_scaling=llama3)
+    else:
+        cfg["rope_parameters"] = {**llama3, "rope_theta": 500000.0}
+    write_config(ckpt, cfg)
+    c = LlamaConfig.from_file(ckpt)
+    assert (c.rope_type, c.rope_theta, c.rope_scaling_dict["factor"]) == ("llama3", 500000.0, 8.0)
+
+
+# ---------------------------------------------------------------------------- 4-6, 12: config content
+@pytest.mark.parametrize("change", [{"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+                                    {"model_type": "mistral"},
+                                    {"architectures": ["MistralForCausalLM"]}])
+def test_non_llama_architecture(ckpt, no_weight_reads, change):
+    cfg = read_config(ckpt)
+    cfg.update(change)
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=r"not a Llama checkpoint \(model_type='(mistral|llama)', architectures="
+                                          r"\['(Mistral|Llama)ForCausalLM'\]\).*supports LlamaForCausalLM"):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
+def test_projection_bias_refused(ckpt, no_weight_reads, flag):
+    cfg = read_config(ckpt)
+    cfg[flag] = True
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=rf"{flag}=true is not supported.*no projection biases.*bias-free checkpoint"):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("variant", ["4.x rope_type", "4.x legacy type", "5.x rope_parameters"])
+def test_unknown_rope_type(ckpt, no_weight_reads, variant):
+    cfg = read_config(ckpt)
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 64}
+    if variant.startswith("4.x"):
+        del cfg["rope_parameters"]
+        key = "rope_type" if variant == "4.x rope_type" else "type"
+        cfg.update(rope_theta=10000.0, rope_scaling={key: "yarn", **yarn})
+    else:
+        cfg.pop("rope_theta", None)
+        cfg.pop("rope_scaling", None)
+        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, **yarn}
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=r"unknown RoPE type 'yarn': supported types are \('default', 'llama3'\)"):
+        load(ckpt)
+
+
+def test_heads_not_divisible_by_kv_heads(ckpt, no_weight_reads):
+    cfg = read_config(ckpt)
+    cfg["num_key_value_heads"] = 3  # 4 query heads
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not a multiple of num_key_value_heads=3.*"
+                                          r"valid num_key_value_heads: \[1, 2, 4\]"):
+        load(ckpt)
+
+
+# ---------------------------------------------------------------------------- 11: config.json itself
+def test_malformed_config_json(ckpt, no_weight_reads):
+    (ckpt / "config.json").write_text(read_config(ckpt).__repr__())  # a Python dict is not JSON
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON \(.*\); fix or re-export the config"):
+        load(ckpt)
+
+
+def test_missing_config_json(ckpt, no_weight_reads):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json does not exist: point at an HF model directory or its config\.json"):
+        load(ckpt)
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        LlamaConfig.from_file(ckpt)
+
+
+def test_config_missing_required_field(ckpt, no_weight_reads):
+    cfg = read_config(ckpt)
+    del cfg["num_hidden_layers"]
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=r"config\.json lacks required field 'num_hidden_layers'"):
+        load(ckpt)
+
+
+def test_config_json_not_an_object(ckpt, no_weight_reads):
+    (ckpt / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load(ckpt)
+
+
+# ---------------------------------------------------------------------------- 13: what transformers would refuse
+@pytest.mark.parametrize("hidden,heads,refused", [(36, 8, True), (34, 4, True), (36, 4, False), (32, 4, False)])
+def test_check_transformers_loadable_tracks_transformers(hidden, heads, refused):
+    """minitron refuses exactly the (hidden, heads) pairs that transformers' own LlamaConfig refuses,
+    head_dim set explicitly (as a width-pruned model always has it)."""
+    assert transformers_refuses(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=2,
+                                head_dim=8) is refused
+    cfg = LlamaConfig(**{**TINY, "hidden_size": hidden, "num_attention_heads": heads})
+    if refused:
+        with pytest.raises(ConfigError, match=rf"hidden_size={hidden} is not a multiple of num_attention_heads={heads}"):
+            cfg.check_transformers_loadable()
+    else:
+        cfg.check_transformers_loadable()
+
+
+# ---------------------------------------------------------------------------- config edge cases, as transformers reads them
+def test_missing_tie_key_follows_transformers(ckpt):
+    import transformers
+    cfg = read_config(ckpt)
+    del cfg["tie_word_embeddings"]
+    assert transformers.LlamaConfig.from_dict(cfg).tie_word_embeddings is False
+    assert LlamaConfig.from_hf_dict(cfg).tie_word_embeddings is False
+
+
+def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
+    import transformers
+    cfg = read_config(ckpt)  # has rope_parameters {"rope_type": "default"}
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    assert transformers.LlamaConfig.from_dict(cfg).rope_parameters["rope_type"] == "llama3"
+    assert LlamaConfig.from_hf_dict(cfg).rope_type == "llama3"
