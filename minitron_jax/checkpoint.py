@@ -21,18 +21,17 @@ from .sharding import named_sharding
 
 
 def save_model(model: Llama, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `model` as an orbax checkpoint directory (temporary name, renamed when complete)."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
-    with atomic_directory(path) as tmp:
+    """Write `model` as an orbax checkpoint directory (temporary name, renamed when complete).
+
+    `overwrite` replaces only a previous minitron output, never `model.source` (see `atomic.check_output`)."""
+    with atomic_directory(path, kind="orbax-checkpoint", inputs=(model.source,), overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", model.params())
         ckptr.wait_until_finished()
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             copy_side_files(model.source, tmp)
-    return path
+    return Path(path).absolute()
 
 
 def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:

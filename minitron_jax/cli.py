@@ -17,7 +17,24 @@ def _mesh(spec: str | None):
         data, fsdp, tensor = (int(x) for x in spec.split(","))
     except ValueError:
         raise SystemExit(f"--mesh {spec!r}: expected DATA,FSDP,TENSOR, e.g. 1,-1,1")
-    return make_mesh(data, fsdp, tensor)
+    try:
+        return make_mesh(data, fsdp, tensor)
+    except ValueError as e:  # sizes that do not fit the devices here
+        raise SystemExit(f"--mesh {spec}: {e}")
+
+
+def _check_writable_dir(path, flag: str) -> None:
+    """A directory the command will write into: creatable (not under a file) and writable, before any work."""
+    import os
+    p = Path(path).absolute()
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise SystemExit(f"{flag} {path}: {q} is a file, not a directory; choose an output path outside it")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {path}: {q} is not writable by this user; choose a writable location "
+                         "or fix its permissions")
 
 
 def cmd_fetch(args) -> None:
@@ -26,15 +43,19 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    from .atomic import check_output
     from .checkpoint import save_model
     from .hf import from_pretrained
+    check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
     model = from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
 def cmd_export(args) -> None:
+    from .atomic import check_output
     from .checkpoint import load_model
     from .hf import save_pretrained
+    check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
     model = load_model(args.checkpoint, mesh=_mesh(args.mesh))
     print(save_pretrained(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                           overwrite=args.overwrite))
@@ -72,14 +93,15 @@ def cmd_parity(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from transformers import AutoTokenizer
-
-    from .hf import from_pretrained
+    from .config import LlamaConfig
+    from .hf import from_pretrained, load_tokenizer
     from .importance import ScoreConfig, score_model
     sc = ScoreConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg, mlp_site=args.mlp_site)
+    _check_writable_dir(args.out, "--out")
+    cfg = LlamaConfig.from_file(args.model)
+    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     mesh = _mesh(args.mesh)
     model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
-    tok = AutoTokenizer.from_pretrained(args.model)
     task = None
     if args.task:
         from .evaluate import load_task
@@ -88,6 +110,17 @@ def cmd_score(args) -> None:
                       batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
                       layer_loss_samples=args.layer_loss_samples, window=args.window, task_items=task,
                       text_field=args.text_field))
+
+
+def _check_scores_path(path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        hint = f"; did you mean --scores {p / 'scores.safetensors'}?" if (p / "scores.safetensors").is_file() else ""
+        raise SystemExit(f"--scores {path} is a directory; give the scores.safetensors file that `minitron score` "
+                         f"wrote{hint}")
+    if not p.is_file():
+        raise SystemExit(f"--scores {path} does not exist; run `minitron score --model MODEL --data DATA --out DIR` "
+                         "first and pass DIR/scores.safetensors")
 
 
 def cmd_prune(args) -> None:
@@ -110,27 +143,32 @@ def cmd_prune(args) -> None:
         return
     if not args.scores or not args.out:
         raise SystemExit("minitron prune: --scores and --out are required unless --dry-run")
+    from .atomic import check_output
+    check_output(args.out, inputs=(args.model, args.scores, args.data), overwrite=args.overwrite)
     if args.target:
         P.validate(cfg, args.target)  # fail before loading anything
+    _check_scores_path(args.scores)
     from .checkpoint import save_model
     from .hf import from_pretrained, save_params
-    from .importance import load_scores
+    from .importance import check_scores_match, load_scores
     from .model import Llama
 
     scores, meta = load_scores(args.scores)
+    match = dict(force=args.force_scores, model=str(args.model), force_hint="--force-scores")
+    check_scores_match(meta, cfg, **match)  # the config, before any weights load
     model = from_pretrained(args.model, mesh=_mesh(args.mesh))
+    check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if args.target:
         params, new = P.prune(model.params(), cfg, scores, args.target)
         table = None
     else:
         if not args.data:
             raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
-        from transformers import AutoTokenizer
-
         from .data import load_samples
         from .evaluate import lm_loss
-        rows = load_samples(args.data, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
-                            args.seq_len, seed=args.seed + 1)
+        from .hf import load_tokenizer
+        rows = load_samples(args.data, load_tokenizer(args.model, vocab_size=cfg.vocab_size), args.calib_samples,
+                            args.seq_len, seed=args.seed + 1, vocab_size=cfg.vocab_size)
         params, new, table = P.search(model.params(), cfg, scores, P.parse_count(args.params),
                                       lambda p, c: lm_loss(p, c, rows, batch_size=args.batch_size))
     out = Path(args.out)
@@ -190,17 +228,19 @@ def cmd_run(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from transformers import AutoTokenizer
-
+    from .config import LlamaConfig
     from .data import pack, read_documents, split_documents, tokenize_documents
     from .evaluate import evaluate_model, load_task, next_line_task
-    from .hf import from_pretrained
+    from .hf import from_pretrained, load_tokenizer
+    cfg = LlamaConfig.from_file(args.model)
+    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
+    if args.json:
+        _check_writable_dir(Path(args.json).absolute().parent, "--json")
     model = from_pretrained(args.model, mesh=_mesh(args.mesh), dtype="float32")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    docs = read_documents(args.data)
+    docs = read_documents(args.data, text_field=args.text_field)
     if args.holdout:
-        docs = split_documents(docs, holdout=args.holdout.split(","))[1]
-    rows = pack(tokenize_documents(docs, tok), args.seq_len, args.samples, seed=args.seed)
+        docs = split_documents(docs, holdout=args.holdout)[1]
+    rows = pack(tokenize_documents(docs, tok, vocab_size=cfg.vocab_size), args.seq_len, args.samples, seed=args.seed)
     items = load_task(args.task) if args.task else next_line_task(docs, args.task_items, seed=args.seed)
     result = {"model": args.model, "task": args.task or "next-line",
               **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size)}
@@ -272,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--mesh", default=None)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if an earlier minitron command wrote it")
+    q.add_argument("--force-scores", action="store_true",
+                   help="use --scores although they were computed on another model (warns)")
     q.set_defaults(fn=cmd_prune)
 
     for name, what in (("distill", "distil a student from a teacher (forward KL on logits)"),
@@ -305,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mesh", default=None)
     ev.add_argument("--json", default=None)
+    ev.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     ev.set_defaults(fn=cmd_eval)
 
     pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
@@ -331,18 +374,24 @@ def main(argv=None) -> None:
     if argv is None:  # the `minitron` command itself: run under mimalloc (allocator.py)
         from .allocator import ensure
         ensure()
+    from .assets import AssetError
+    from .atomic import OutputError
     from .config import ConfigError
     from .data import DataError
     from .hf import CheckpointError
     from .distill import TrainingError
     from .prune import PruneError
     from .recipe import RecipeError
+    from .resume import ResumeError
+    from .safetensors_io import SafetensorsError
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, DataError, PruneError, RecipeError, TrainingError,
-            FileExistsError, FileNotFoundError) as e:
+    except (AssetError, ConfigError, CheckpointError, DataError, OutputError, PruneError, RecipeError, ResumeError,
+            SafetensorsError, TrainingError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # an input or output path is wrong
+        raise SystemExit(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,26 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A config that this project cannot build or that transformers would not load."""
+
+
+_KINDS = {"int": "integer", "number": "finite number", "bool": "boolean (true or false)", "str": "string",
+          "object": "JSON object"}
+
+
+def _typed(d, key, kind: str, default=None, *, positive: bool = False, nonneg: bool = False, where: str = ""):
+    """`d[key]` (null or absent: `default`) if it is of JSON type `kind` (a bool is no number), positive or
+    non-negative if asked; else ConfigError naming the key and the value."""
+    v = d.get(key) if isinstance(d, dict) else d[key]
+    if v is None:
+        return default
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": isinstance(v, bool), "str": isinstance(v, str), "object": isinstance(v, dict)}[kind]
+    if not ok or (positive and v <= 0) or (nonneg and v < 0):
+        name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+        want = ("positive " if positive else "non-negative " if nonneg else "") + _KINDS[kind]
+        raise ConfigError(f"config.json field {name}={v!r} must be {'an' if want[0] in 'aeiou' else 'a'} {want}")
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +127,17 @@ class LlamaConfig:
     # ----------------------------------------------------------------- HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        """Every field read is type-checked (ints are ints, not bools or floats; numbers finite; sizes positive)."""
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
+        if not isinstance(archs, list):
+            raise ConfigError(f"config.json field architectures={archs!r} must be a list such as [\"LlamaForCausalLM\"]")
         if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
             raise ConfigError(
                 f"not a Llama checkpoint (model_type={model_type!r}, architectures={archs}): "
                 "minitron_jax supports LlamaForCausalLM (Llama-2/3/3.1/3.2, SmolLM2, Minitron-Llama)")
         for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
+            if _typed(d, flag, "bool"):
                 raise ConfigError(
                     f"{flag}=true is not supported: Llama-3.1 has no projection biases. Convert a "
                     "bias-free checkpoint or fold the biases away first.")
@@ -122,33 +146,51 @@ class LlamaConfig:
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError("pretraining_tp != 1 is not supported (transformers ignores it only at 1)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise ConfigError(f"config.json lacks required field {key!r}")
+            if d.get(key) is None:
+                raise ConfigError(f"config.json lacks required field {key!r}" + (" (it is null)" if key in d else ""))
+        ints = {k: _typed(d, k, "int", positive=True) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")}
 
-        rope = d.get("rope_parameters")
+        rope, scaling = _typed(d, "rope_parameters", "object"), _typed(d, "rope_scaling", "object")
         if isinstance(rope, dict) and "rope_type" not in rope and rope and all(isinstance(v, dict) for v in rope.values()):
             raise ConfigError("per-layer-type rope_parameters are not supported for Llama")
-        scaling = d.get("rope_scaling")
         # As transformers 5.x does: a non-null 4.x `rope_scaling` replaces `rope_parameters`; theta comes from
         # the chosen dict, else the top-level 4.x `rope_theta`, else the default.
         params = dict(scaling or rope or {})
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        where = "rope_scaling" if scaling else "rope_parameters"
+        top_theta = _typed(d, "rope_theta", "number", 10000.0, positive=True)
+        theta = _typed(params, "rope_theta", "number", positive=True, where=where) or top_theta
         rope_type = params.get("rope_type", params.get("type", "default"))
-        extra = tuple(sorted((k, float(params[k])) for k in LLAMA3_KEYS if k in params)) if rope_type == "llama3" else ()
+        if not isinstance(rope_type, str):
+            raise ConfigError(f"config.json {where}.rope_type={rope_type!r} must be a string such as 'llama3'")
+        extra = ()
+        if rope_type == "llama3":
+            for k in LLAMA3_KEYS:
+                _typed(params, k, "int" if k == "original_max_position_embeddings" else "number", positive=True,
+                       where=where)
+            extra = tuple(sorted((k, float(params[k])) for k in LLAMA3_KEYS if params.get(k) is not None))
 
-        heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        heads = ints["num_attention_heads"]
+        head_dim = ints["head_dim"] or ints["hidden_size"] // heads
+        dtype = _typed(d, "dtype", "str") or _typed(d, "torch_dtype", "str") or "float32"
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            for i in range(len(eos)):
+                _typed(eos, i, "int", where="eos_token_id", nonneg=True)
+        else:
+            _typed(d, "eos_token_id", "int", nonneg=True)
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            vocab_size=ints["vocab_size"], hidden_size=ints["hidden_size"],
+            intermediate_size=ints["intermediate_size"], num_hidden_layers=ints["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=ints["num_key_value_heads"] or heads,
+            head_dim=head_dim, rms_norm_eps=float(_typed(d, "rms_norm_eps", "number", 1e-6, positive=True)),
             rope_theta=float(theta), rope_type=rope_type, rope_scaling=extra,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers' LlamaConfig default
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"), dtype=str(dtype).replace("torch.", ""))
+            max_position_embeddings=ints["max_position_embeddings"] or 2048,
+            # transformers' LlamaConfig default is untied
+            tie_word_embeddings=_typed(d, "tie_word_embeddings", "bool", False),
+            bos_token_id=_typed(d, "bos_token_id", "int", nonneg=True), eos_token_id=eos,
+            pad_token_id=_typed(d, "pad_token_id", "int", nonneg=True), dtype=dtype.replace("torch.", ""))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
@@ -159,11 +201,15 @@ class LlamaConfig:
             raise ConfigError(f"{path} does not exist: point at an HF model directory or its config.json")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-export the config") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object; fix or re-export the config")
-        return cls.from_hf_dict(d)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            msg = str(e)  # name the file: "<path> field x=..." / "<path>: <problem>"
+            raise ConfigError(f"{path} {msg[12:]}" if msg.startswith("config.json ") else f"{path}: {msg}") from None
 
     def rope_parameters(self) -> dict[str, Any]:
         return {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling_dict}

@@ -13,9 +13,16 @@ token count, so the update is the full batch's token mean whatever the packing o
 TensorBoard, progress line), the caller's hooks, checkpointing. Orbax checkpoints (async, keep last N,
 every N steps and on SIGTERM) hold the student parameters, optimizer state, step and data-loader
 state, so `resume=true` continues exactly.
+
+Before any weights or data load, `train` checks the recipe, the mesh against the devices and the
+model pair, then holds `out` for the whole run (`lock.output_lock`: a second run into it is refused).
+A resume (resume.py) first compares the recipe with the checkpoints' recipe.json (`recipe.check_resume`) and the
+student's shapes with the checkpoint's; it restores the newest checkpoint that reads, moving damaged
+newer ones aside. recipe.json is (re)written only once the run has started or resumed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,14 +40,18 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .atomic import write_text
 from .config import LlamaConfig
+from .lock import output_lock
 from .losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss, kd_loss,
                      lm_loss_from_hidden, next_token_targets)
 from .model import forward, lm_head_weight, rms_norm
 from .progress import Progress
 from .prune import PRUNE_RECORD, load_prune_record
-from .recipe import RunConfig, dump
-from .sharding import batch_sharding, to_global
+from .recipe import RecipeError, RunConfig
+from .resume import (checkpoint_manager, check_checkpoint_shapes, check_resume_recipe, restore_newest,
+                     write_recipe)
+from .sharding import batch_sharding, resolve_mesh_shape, to_global
 
 
 class TrainingError(RuntimeError):
@@ -71,7 +82,8 @@ def make_optimizer(rc: RunConfig) -> tuple[optax.GradientTransformation, Callabl
     def decay_mask(params):  # no weight decay on norm weights
         return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
-    tx = optax.chain(optax.clip_by_global_norm(rc.clip),
+    clip = optax.clip_by_global_norm(rc.clip) if rc.clip > 0 else optax.identity()  # clip=0: no clipping
+    tx = optax.chain(clip,
                      optax.adamw(schedule, b1=rc.b1, b2=rc.b2, eps=rc.eps, weight_decay=rc.weight_decay,
                                  mask=decay_mask))
     return tx, schedule
@@ -275,13 +287,28 @@ def maybe_initialize_distributed(rc: RunConfig) -> None:
     jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
 
 
+def check_mesh(rc: RunConfig) -> tuple[int, int, int]:
+    """The recipe's mesh resolved for the devices here, or a RecipeError naming their count and a mesh that fits."""
+    n = jax.device_count()
+    try:
+        return resolve_mesh_shape(rc.mesh, n)
+    except ValueError:
+        pass
+    keep = [1 if s == -1 else s for s in rc.mesh]
+    hint = next(c for c in ([keep[0], -1, keep[2]], [1, -1, keep[2]], [keep[0], -1, 1], [1, -1, 1])
+                if n % (c[0] * c[2]) == 0)
+    raise RecipeError(f"mesh={rc.mesh} does not fit the {n} devices here (the sizes must multiply to {n}, with -1 "
+                      f"for one axis taking what is left); e.g. mesh=[{','.join(map(str, hint))}]")
+
+
 def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
-    """Configs and tokenizers, checked before any weights or data are touched."""
-    from transformers import AutoTokenizer
+    """Configs and tokenizers (which must not hold ids beyond the embedding), checked before any weights or
+    data are touched."""
+    from .hf import load_tokenizer
 
     s_cfg = LlamaConfig.from_file(rc.student)
     t_cfg = LlamaConfig.from_file(rc.teacher) if rc.mode == "distill" else None
-    tok = AutoTokenizer.from_pretrained(rc.student)
+    tok = load_tokenizer(rc.student, vocab_size=s_cfg.vocab_size)
     for name, cfg in (("student", s_cfg), ("teacher", t_cfg)):
         if cfg is not None and rc.seq_len > cfg.max_position_embeddings:
             raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
@@ -290,7 +317,7 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
         if t_cfg.vocab_size != s_cfg.vocab_size:
             raise TrainingError(f"teacher vocabulary ({t_cfg.vocab_size}) != student vocabulary ({s_cfg.vocab_size}): "
                                 "logit distillation needs one shared vocabulary; prune the student from this teacher")
-        t_tok = AutoTokenizer.from_pretrained(rc.teacher)
+        t_tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
         if t_tok.get_vocab() != tok.get_vocab() or (t_tok.bos_token_id, t_tok.eos_token_id) != (tok.bos_token_id, tok.eos_token_id):
             raise TrainingError(f"the tokenizers of {rc.teacher} and {rc.student} differ: the same token id would mean "
                                 "different text to teacher and student; copy the teacher's tokenizer files to the student")
@@ -298,11 +325,6 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
         raise TrainingError(f"batch_size={rc.batch_size} must divide by grad_accum x processes = "
                             f"{rc.grad_accum} x {jax.process_count()}")
     return s_cfg, t_cfg, tok
-
-
-def _checkpoint_manager(path: Path, rc: RunConfig) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(path.absolute(), options=opts, item_names=("state", "loader"))
 
 
 @dataclasses.dataclass
@@ -360,30 +382,53 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
           ) -> dict[str, Any]:
     """Run distillation (or fine-tuning) as the recipe says; returns a summary dict.
 
-    The loop is linear: next batch, jitted step, NaN check, then the hooks in order: evaluation,
-    metrics, the caller's `hooks` (each `hook(run: Run)`), checkpointing. SIGTERM (preemption) sets
-    `run.stop`: the step finishes, is checkpointed, and `train` returns with `preempted_at`."""
+    The recipe, the mesh and the model pair are checked first, then `out` is held for the whole run
+    (a second run into it is refused). The loop is linear: next batch, jitted step, NaN check, then the
+    hooks in order: evaluation, metrics, the caller's `hooks` (each `hook(run: Run)`), checkpointing.
+    SIGTERM (preemption) sets `run.stop`: the step finishes, is checkpointed, and `train` returns with
+    `preempted_at`."""
+    log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
+    rc.validate()
+    maybe_initialize_distributed(rc)
+    check_mesh(rc)
+    s_cfg, t_cfg, tok = check_pair(rc)
+    with output_lock(rc.out, f"minitron {rc.mode}"), contextlib.ExitStack() as stack:
+        return _train(rc, s_cfg, t_cfg, tok, log, hooks, stack)
+
+
+def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log: Callable[[str], Any],
+           hooks, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """`train` once `out` is held; `stack` closes the checkpoint manager."""
+    from .atomic import check_output
     from .hf import from_pretrained, save_params
     from .loader import Loader, build_corpus, eval_batches
     from .sharding import make_mesh
 
-    log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
-    rc.validate()
-    maybe_initialize_distributed(rc)
-    s_cfg, t_cfg, tok = check_pair(rc)
     out = Path(rc.out)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not rc.resume:
-        raise TrainingError(f"{ckpt_dir} already holds checkpoints: pass resume=true to continue, or choose another out")
+        raise TrainingError(f"{ckpt_dir} already holds checkpoints: pass resume=true to continue, or choose another "
+                            "out")
+    if rc.export:  # the end of the run must be able to write it
+        check_output(out / "student_hf", inputs=(rc.student, rc.teacher), overwrite=True)
+    def manager() -> ocp.CheckpointManager:  # creates ckpt_dir: a fresh run does so once its inputs have loaded
+        return stack.enter_context(contextlib.closing(checkpoint_manager(ckpt_dir, rc)))
+
+    mngr = manager() if ckpt_dir.is_dir() else None
+    resuming = rc.resume and mngr is not None and bool(mngr.all_steps())
+    if resuming:  # before any weights or data load
+        check_resume_recipe(rc, out, log)
+        check_checkpoint_shapes(mngr, rc, s_cfg, t_cfg)
+    elif rc.resume:
+        log(f"resume=true but {ckpt_dir} has no checkpoint: starting at step 0")
     hidden = rc.hidden_weight > 0 and rc.mode == "distill"
     teacher_layers, proj = hidden_init(rc.student, s_cfg, t_cfg) if hidden else (None, None)
     out.mkdir(parents=True, exist_ok=True)
     train_rows, held = build_corpus(rc.data, tok, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
                                     holdout_fraction=0.0 if rc.holdout else rc.holdout_fraction, seed=rc.seed,
-                                    cache_dir=out / "data_cache", text_field=rc.text_field)
+                                    cache_dir=out / "data_cache", text_field=rc.text_field,
+                                    vocab_size=s_cfg.vocab_size)
     loader = Loader(train_rows, rc.batch_size, seed=rc.seed)
-    if jax.process_index() == 0:
-        (out / "recipe.json").write_text(dump(rc))
 
     mesh = make_mesh(*rc.mesh)
     student = from_pretrained(rc.student, mesh=mesh, dtype="float32")  # fp32 master weights
@@ -401,17 +446,12 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
                  "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
     shardings = tree_shardings(state)
 
-    mngr = _checkpoint_manager(ckpt_dir, rc)
-    if rc.resume and mngr.latest_step() is not None:
-        step0 = mngr.latest_step()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = mngr.restore(step0, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               loader=ocp.args.JsonRestore()))
-        state = restored["state"]
-        loader.set_state(restored["loader"])
+    mngr = mngr or manager()
+    if resuming:
+        state, loader_state, step0 = restore_newest(mngr, state, out, log)
+        loader.set_state(loader_state)
         log(f"resumed from {ckpt_dir} at step {step0}")
-    elif rc.resume:
-        log(f"resume=true but {ckpt_dir} has no checkpoint: starting at step 0")
+    write_recipe(rc, out)  # the run has started: recipe.json describes the checkpoints it will write
 
     A = rc.grad_accum
     b_local = rc.batch_size // jax.process_count()
@@ -485,7 +525,6 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
             checkpoint_hook(run)
     finally:
         mngr.wait_until_finished()
-        mngr.close()
         prog.close()
         if tb is not None:
             tb.close()
@@ -501,5 +540,5 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
                                                 dtype=s_cfg.dtype, overwrite=True))
         log(f"student written to {summary['student_hf']}")
     if jax.process_index() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -5,6 +5,8 @@ lm-evaluation-harness does: the sum of log p(choice tokens | context) picks the 
 the same divided by the choice's length in characters, `len(choice)` (`acc_norm`). `next_line_task`
 builds such a task from held-out text (the true next line among four) so depth search and reports
 have a downstream metric without a hub. Every function takes optional `layer_gates` (0 = skip a layer).
+Rows are checked against the model's vocabulary before any forward (`data.check_token_ids`), and a
+loss or choice log-probability that is NaN or inf is an `EvalError`, never a result.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
-from .data import DataError, read_jsonl
+from .data import DataError, check_token_ids, read_jsonl
 from .losses import lm_loss_from_hidden, next_token_targets, token_logprob_sums
 from .model import forward, lm_head_weight
 from .sharding import put
 
 CHUNK = 256  # sequence positions per chunk of the next-token loss
+NOT_FINITE_FIX = ("check the model's weights for NaN/inf, evaluate in float32 (compute_dtype), and use the tokenizer "
+                  "saved with the model")
+
+
+class EvalError(DataError):
+    """An evaluation that gave no finite number."""
 
 
 def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) -> Callable:
@@ -61,6 +69,7 @@ def mesh_context(mesh):
 def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.ndarray, *, batch_size: int = 8,
                  mesh=None, compute_dtype=None, progress=None) -> np.ndarray:
     """Mean LM loss under each row of `gate_sets` [K, L]; one compile for all rows and batches."""
+    check_token_ids(samples, cfg.vocab_size, "the evaluation rows")
     fn = jax.jit(make_loss_fn(cfg, compute_dtype))
     with mesh_context(mesh):
         data = [(put(i, mesh), put(m, mesh)) for i, m in batches(samples, batch_size)]
@@ -70,6 +79,10 @@ def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.nd
             for ids, mask in data:
                 s, c = fn(params, ids, mask, jnp.asarray(gates))
                 tot, cnt = tot + float(s), cnt + float(c)
+            if not np.isfinite(tot / cnt):
+                skipped = np.flatnonzero(gates == 0).tolist()
+                raise EvalError(f"the LM loss on {len(samples)} rows of {np.shape(samples)[1]} tokens is {tot / cnt}"
+                                f"{f' with layers {skipped} skipped' if skipped else ''}; {NOT_FINITE_FIX}")
             out.append(tot / cnt)
             if progress is not None:
                 progress.update(tokens=int(cnt))
@@ -159,6 +172,10 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         ids[r, :len(row)] = row
         mask[r, :len(row)] = 1
         tmask[r, len(row) - span:len(row)] = 1
+    if ids.max() >= cfg.vocab_size or ids.min() < 0:  # name the first item holding an id the model does not have
+        r = int(np.flatnonzero((ids >= cfg.vocab_size).any(1) | (ids < 0).any(1))[0])
+        n = int(np.searchsorted(np.cumsum([len(it["choices"]) for it in items]), r, side="right"))
+        check_token_ids(ids[r], cfg.vocab_size, f"task item {n}")
     fn = jax.jit(make_choice_fn(cfg, compute_dtype))
     gate_sets = np.ones((1, cfg.num_hidden_layers), np.float32) if gate_sets is None else np.asarray(gate_sets, np.float32)
     nchars = np.asarray([len(c) for it in items for c in it["choices"]], np.float64)  # lm-eval: characters
@@ -171,6 +188,12 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
             b = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, mask, tmask)]
             lp.append(np.asarray(fn(params, *map(jnp.asarray, b), jnp.asarray(gates)))[: batch_size - pad])
         lp = np.concatenate(lp)
+        if not np.isfinite(lp).all():
+            k = int(np.flatnonzero(~np.isfinite(lp))[0])
+            n = int(np.searchsorted(np.cumsum([len(it["choices"]) for it in items]), k, side="right"))
+            skipped = np.flatnonzero(gates == 0).tolist()
+            raise EvalError(f"the log-probability of a choice of task item {n} is {lp[k]}"
+                            f"{f' with layers {skipped} skipped' if skipped else ''}; {NOT_FINITE_FIX}")
         k = acc = acc_norm = 0
         for it in items:
             n = len(it["choices"])

@@ -4,7 +4,8 @@ Import checks every tensor name and shape against the config before reading any 
 builds each (layer-stacked) parameter with `jax.make_array_from_callback`: every device reads
 only its own slice straight from the memory-mapped safetensors files, cast on the way. Export
 writes sharded safetensors tensor by tensor into a temporary directory that is renamed when
-complete. Pickle (`.bin`) checkpoints are refused, never unpickled.
+complete. Pickle (`.bin`) checkpoints are refused, never unpickled; shard files that resolve outside
+the model directory are refused, never read. `load_tokenizer` checks the tokenizer files and size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from .atomic import atomic_directory, copy_side_files
+from .atomic import atomic_directory, check_output, copy_side_files
 from .config import LlamaConfig
 from .model import LAYER_PARAMS, Llama, param_specs
 from .safetensors_io import SafetensorsFile, write_file
@@ -62,15 +63,10 @@ def open_checkpoint(path: str | Path) -> dict[str, SafetensorsFile]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is malformed ({e}); it needs a 'weight_map'") from e
+        weight_map = _read_index(index)
         files = {}
         for fname in sorted(set(weight_map.values())):
-            if not (path / fname).exists():
-                raise CheckpointError(f"{index} names shard {fname}, which is missing from {path}; re-download it")
-            files[fname] = SafetensorsFile(path / fname)
+            files[fname] = SafetensorsFile(_inside(path, fname, index))
         out = {}
         for name, fname in weight_map.items():
             if name not in files[fname].header:
@@ -78,7 +74,7 @@ def open_checkpoint(path: str | Path) -> dict[str, SafetensorsFile]:
             out[name] = files[fname]
         return out
     if single.exists():
-        f = SafetensorsFile(single)
+        f = SafetensorsFile(_inside(path, single.name, None))
         return {name: f for name in f.names()}
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     if pickles:
@@ -87,6 +83,52 @@ def open_checkpoint(path: str | Path) -> dict[str, SafetensorsFile]:
             "files (they can run arbitrary code). Convert them to safetensors once, in an environment you "
             "trust: `LlamaForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`.")
     raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json, checked to be a mapping of tensor name -> file name."""
+    try:
+        d = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index} cannot be read as JSON ({e}); re-download it or delete it if the "
+                              "directory holds a single model.safetensors") from e
+    if not isinstance(d, dict) or not isinstance(d.get("weight_map"), dict):
+        what = (f"a JSON {type(d).__name__}, not an object" if not isinstance(d, dict) else "no weight_map"
+                if "weight_map" not in d else f"weight_map={_clip(d['weight_map'])}")
+        raise CheckpointError(f"{index} is malformed ({what}): it needs a 'weight_map' object mapping tensor names "
+                              "to shard file names; re-download it")
+    bad = [(k, v) for k, v in d["weight_map"].items() if not isinstance(v, str) or not v]
+    if bad:
+        raise CheckpointError(f"{index} is malformed: weight_map[{bad[0][0]!r}] = {_clip(bad[0][1])} is not a shard "
+                              "file name; re-download it")
+    return d["weight_map"]
+
+
+def _clip(v: Any, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _inside(path: Path, fname: str, index: Path | None) -> Path:
+    """`path/fname`, refused unless it is a plain name that stays inside `path` once symlinks are resolved
+    (an HF hub snapshot's links into its sibling `blobs/` folder are allowed)."""
+    where = f"{index} names shard {fname}" if index else f"{path / fname}"
+    rel = Path(fname)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{where}: shard names must be file names inside {path}, not absolute or '..' "
+                              "paths; refusing to read outside the model directory")
+    target = path / rel
+    if not target.exists():
+        raise CheckpointError(f"{where}, which is missing from {path}; re-download it")
+    root = path.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    real = target.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{where}, which resolves through a symlink to {real}, outside the model directory; copy the file "
+                              f"into {path} if it is really meant to be read")
+    if not real.is_file():
+        raise CheckpointError(f"{where}: {target} is not a file")
+    return target
 
 
 def check_tensors(tensors: dict[str, SafetensorsFile], cfg: LlamaConfig, path) -> None:
@@ -160,6 +202,35 @@ def from_pretrained(path: str | Path, *, mesh: Mesh | None = None, dtype=None, c
     return model
 
 
+# The vocabulary (one of these) and tokenizer_config.json (special tokens, tokenizer class) must exist.
+TOKENIZER_VOCAB_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None):
+    """The tokenizer of an HF model directory (`AutoTokenizer`, never remote code). Checks its files
+    first, and with `vocab_size` (the model's embedding rows) refuses one that can emit larger ids."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: expected an HF model directory with tokenizer files")
+    has_vocab = any(all((path / f).is_file() for f in group) for group in TOKENIZER_VOCAB_FILES)
+    if not has_vocab or not (path / TOKENIZER_CONFIG).is_file():
+        wanted = " or ".join("+".join(g) for g in TOKENIZER_VOCAB_FILES) + f", and {TOKENIZER_CONFIG}"
+        raise CheckpointError(f"{path} has no tokenizer (looked for {wanted}); copy the tokenizer files of "
+                              "the model it came from into it")
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # tokenizers / transformers raise many types for unreadable files
+        raise CheckpointError(f"cannot load the tokenizer of {path} ({type(e).__name__}: {e}); copy the "
+                              "tokenizer files of the model it came from into it") from e
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {path} has {len(tok)} tokens but the model's embedding has only {vocab_size} rows: "
+            "ids beyond it would give NaN everywhere; use the tokenizer of the model these weights came from")
+    return tok
+
+
 # ---------------------------------------------------------------------------- writing
 def _host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
@@ -180,13 +251,11 @@ def parse_size(size: int | str) -> int:
 
 def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, source: str | Path | None = None,
                 max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
-    """Write an HF directory (safetensors shards, config.json, side files copied from `source`)."""
+    """Write an HF directory (safetensors shards, config.json, side files copied from `source`).
+
+    `overwrite` replaces only a previous minitron output, never `source` (see `atomic.check_output`)."""
     cfg.check_transformers_loadable()
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} is a file; the export needs a directory path")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; choose another path or pass overwrite=True")
+    path = check_output(path, inputs=(source,), overwrite=overwrite)
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
     specs = param_specs(cfg)
     entries = []  # (hf name, shape, dtype, fetch)
@@ -217,7 +286,7 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
         cur_bytes += nbytes
     shards.append(cur)
 
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="hf", inputs=(source,), overwrite=overwrite) as tmp:
         weight_map, total = {}, 0
         for n, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -7,11 +7,16 @@ fp32 on device, merged batch by batch with Chan's centred update (no E[x^2] - E[
 activations with a large mean), so one compile serves all batches. The batch aggregation (`batch_agg`):
   l2: sqrt(sum_b x_b^2) = sqrt(M2 + n mean^2)   mean: mean   var: M2 / n
 Default (l2, mean) is ModelOpt's: score[c] = sqrt(sum_b (mean_s |a[b,s,c]|)^2).
+
+Files: `save_scores` refuses non-finite scores (nothing written) and records the scored model's
+fingerprint (`model_fingerprint`: a hash of its config and one of a small corner of every weight);
+`check_scores_match` refuses scores of another model before pruning with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlamaConfig
+from .data import DataError, check_token_ids, warn
 from .evaluate import batches, gated_losses, mesh_context
 from .model import forward
 from .progress import Progress
@@ -30,6 +36,10 @@ from .sharding import put
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
 MLP_SITES = {"down_proj_in": "down_proj_in", "pre_activation": "mlp_pre"}
+
+
+class ScoresError(DataError):
+    """Scores that cannot be written or used: non-finite, or computed on another model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +151,7 @@ def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size:
                    score_config: ScoreConfig = ScoreConfig(), mesh=None, compute_dtype=None,
                    stream=None, metrics_path=None) -> dict[str, np.ndarray]:
     """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given."""
+    check_token_ids(samples, cfg.vocab_size, "the calibration rows")
     step = jax.jit(make_step(cfg, score_config, compute_dtype), donate_argnums=1)
     n_batches = -(-len(samples) // batch_size)
     prog = Progress(n_batches, "score", metrics_path=metrics_path, stream=stream)
@@ -172,14 +183,83 @@ def window_gates(num_layers: int, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- files
-def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
-    """One scores.safetensors (one fp32 array per score key, e.g. mlp, heads, layer_window) with string metadata."""
+_NOT_SHAPE = ("dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+              "initializer_range", "pretraining_tp")  # config.json keys that do not change what a model computes
+
+
+def model_fingerprint(cfg: LlamaConfig, params=None) -> dict[str, str]:
+    """{"model_config_sha256"[, "model_weights_sha256"]}: the config (without dtype and token ids) and, with
+    `params`, a corner of every weight (all layers, the first 8 indices of every other axis), sliced on
+    device, fetched (a few KB) and rounded to bfloat16, so the storage / load dtype does not matter."""
+    import ml_dtypes
+    canon = {k: v for k, v in cfg.to_hf_dict().items() if k not in _NOT_SHAPE}
+    out = {"model_config_sha256": hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()}
+    if params is not None:
+        h = hashlib.sha256()
+        for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda e: jax.tree_util.keystr(e[0])):
+            name = jax.tree_util.keystr(path)
+            corner = tuple(slice(None) if name.startswith("['layers']") and a == 0 else slice(0, 8) for a in range(x.ndim))
+            v = np.asarray(jax.device_get(x[corner]), np.float32).astype(ml_dtypes.bfloat16)
+            h.update(f"{name}{tuple(x.shape)}".encode())
+            h.update(v.view(np.uint16).tobytes())
+        out["model_weights_sha256"] = h.hexdigest()
+    return out
+
+
+def check_finite_scores(scores: dict[str, np.ndarray], path: str | Path) -> None:
+    """Refuse scores holding NaN or inf, naming the arrays and the likely cause."""
+    bad = {k: int((~np.isfinite(np.asarray(v, np.float32))).sum()) for k, v in scores.items()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        arrays = ", ".join(f"{k} ({n} of {np.size(scores[k])})" for k, n in bad.items())
+        raise ScoresError(f"{path} not written: the scores {arrays} are NaN or inf; the model's activations are not "
+                          f"finite: check its weights for NaN/inf, score in float32 (compute_dtype), and use the "
+                          f"tokenizer saved with the model")
+
+
+def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[str, Any], *,
+                cfg: LlamaConfig | None = None, params=None) -> Path:
+    """One scores.safetensors (one fp32 array per score key, e.g. mlp, heads, layer_window) with string metadata.
+
+    Non-finite scores are refused (ScoresError, nothing written). `cfg` (and `params`) of the scored model
+    add its `model_fingerprint` to the metadata, which `check_scores_match` compares before pruning."""
     path = Path(path)
+    check_finite_scores(scores, path)
+    if cfg is not None:
+        metadata = {**metadata, **model_fingerprint(cfg, params)}
     tmp = path.with_name(path.name + ".tmp")
     entries = [(k, v.shape, np.dtype(np.float32), (lambda v=v: np.asarray(v, np.float32))) for k, v in scores.items()]
     write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
     tmp.replace(path)
     return path
+
+
+def check_scores_match(meta: dict[str, str], cfg: LlamaConfig, params=None, force: bool = False, *,
+                       model: str = "this model", force_hint: str = "force=True") -> None:
+    """Refuse (ScoresError) scores whose recorded fingerprint is not that of the model `cfg` (and `params`,
+    when given: call once with the config before loading weights, once with the weights after). `force`
+    turns a mismatch into a warning; a scores file without a fingerprint (older) gets a warning."""
+    source = meta.get("source_model") or "an unnamed model"
+    if "model_config_sha256" not in meta:
+        warn(f"the scores (of {source}) record no model fingerprint (an older scores file), so they cannot be "
+             f"checked against {model}; re-score it to be sure")
+        return
+    mine = model_fingerprint(cfg, params)
+    differs = [k for k in ("model_config_sha256", "model_weights_sha256") if k in mine and k in meta and meta[k] != mine[k]]
+    if not differs:
+        return
+    what = "config" if "model_config_sha256" in differs else "weights"
+    detail = ""
+    if what == "config" and "config" in meta:
+        theirs = json.loads(meta["config"])
+        keys = [k for k, v in cfg.to_hf_dict().items() if k not in _NOT_SHAPE and theirs.get(k) != v]
+        detail = " (" + ", ".join(f"{k} {theirs.get(k)} vs {cfg.to_hf_dict()[k]}" for k in keys[:4]) + ")" if keys else ""
+    msg = (f"the scores were computed on {source}, whose {what} differ{'s' * (what == 'config')} from those of "
+           f"{model}{detail}; re-score "
+           f"{model}, or pass {force_hint} to prune with these scores anyway")
+    if not force:
+        raise ScoresError(msg)
+    warn(msg.split("; re-score")[0] + f"; used anyway ({force_hint})")
 
 
 def load_scores(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -259,9 +339,9 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     from .data import load_samples
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field)  # fails fast on bad data
     params, cfg = model.params(), model.config
+    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=cfg.vocab_size)  # fails fast
+    out_dir.mkdir(parents=True, exist_ok=True)
     scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, mesh=mesh,
                             compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
     add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
@@ -272,7 +352,7 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
             "window": window, "window_metric": ("task" if task_items else "loss") if window else "",
             "config": json.dumps(cfg.to_hf_dict())}
-    path = save_scores(out_dir / "scores.safetensors", scores, meta)
+    path = save_scores(out_dir / "scores.safetensors", scores, meta, cfg=cfg, params=params)
     plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "
                 f"{samples} x {seq_len} tokens, ({score_config.batch_agg}, {score_config.seq_agg})")
     return path

@@ -66,10 +66,12 @@ def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0
     return PackedRows(tokens, segs)
 
 
-def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str) -> PackedRows:
-    token_docs = data.tokenize_documents(docs, tokenizer)
+def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None) -> PackedRows:
+    token_docs = data.tokenize_documents(docs, tokenizer, vocab_size=vocab_size)
     if packing == "first_fit":
-        return pack_first_fit(token_docs, seq_len, seed, tokenizer.pad_token_id or 0)
+        pad = tokenizer.pad_token_id or 0
+        data.check_token_ids([pad], vocab_size, "the tokenizer's pad id (padding of first_fit rows)")
+        return pack_first_fit(token_docs, seq_len, seed, pad)
     if (n := sum(len(d) for d in token_docs)) < seq_len:
         raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
                         f"add data or lower seq_len")
@@ -87,32 +89,50 @@ def _cache_key(path: Path, tokenizer, **args) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat", holdout: Sequence[str] = (),
-                 holdout_fraction: float = 0.0, seed: int = 0, cache_dir: str | Path | None = None,
-                 text_field: str = "text") -> tuple[PackedRows, PackedRows | None]:
-    """(train, held_out or None) packed rows of seq_len; cached as .npy under cache_dir when given."""
+def _check_rows(train: PackedRows, held: PackedRows | None, vocab_size: int | None, path: Path) -> None:
+    data.check_token_ids(train.tokens, vocab_size, f"the training rows of {path}")
+    if held is not None:
+        data.check_token_ids(held.tokens, vocab_size, f"the held-out rows of {path}")
+
+
+def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat",
+                 holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
+                 cache_dir: str | Path | None = None, text_field: str = "text",
+                 vocab_size: int | None = None) -> tuple[PackedRows, PackedRows | None]:
+    """(train, held_out or None) packed rows of seq_len; cached as .npy under cache_dir when given.
+
+    `holdout`: one document name, a comma list or a sequence (`data.split_documents`), else a fraction.
+    `vocab_size` (the model's) refuses token ids its embedding does not have, cached rows included."""
     if packing not in ("concat", "first_fit"):
         raise ValueError(f"packing={packing!r}; use 'concat' or 'first_fit'")
     if seq_len <= 0:
         raise DataError(f"seq_len={seq_len} must be positive")
+    holdout = data.parse_holdout(holdout)
     path, want_held = Path(path), bool(holdout) or holdout_fraction > 0
     if cache_dir is not None:
         cache = Path(cache_dir)
-        key = _cache_key(path, tokenizer, seq_len=seq_len, packing=packing, holdout=list(holdout),
+        key = _cache_key(path, tokenizer, seq_len=seq_len, packing=packing, holdout=holdout,
                          holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
         if (cache / f"{key}.json").is_file():  # the marker is written last: arrays without it are ignored
             names = json.loads((cache / f"{key}.json").read_text())
             a = {n: np.load(cache / f"{key}.{n}.npy", mmap_mode="r") for n in names}
             held = PackedRows(a["held_tokens"], a.get("held_segs")) if "held_tokens" in a else None
-            return PackedRows(a["train_tokens"], a.get("train_segs")), held
+            train = PackedRows(a["train_tokens"], a.get("train_segs"))
+            _check_rows(train, held, vocab_size, path)
+            return train, held
     docs = data.read_documents(path, text_field)
-    train_docs, held_docs = data.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+    try:
+        train_docs, held_docs = data.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     if not train_docs:
-        raise DataError(f"all {len(docs)} documents in {path} were held out; nothing is left to train on")
+        raise DataError(f"all {len(docs)} documents in {path} were held out by holdout={','.join(holdout)}; nothing is "
+                        f"left to train on: name fewer documents")
     if want_held and not held_docs:
-        raise DataError(f"the held-out split of {path} is empty (holdout={list(holdout)}, fraction={holdout_fraction})")
-    train = _pack(train_docs, tokenizer, seq_len, packing, seed, "training")
-    held = _pack(held_docs, tokenizer, seq_len, packing, seed, "held-out") if want_held else None
+        raise DataError(f"the held-out split of {path} is empty (holdout={holdout}, fraction={holdout_fraction})")
+    train = _pack(train_docs, tokenizer, seq_len, packing, seed, "training", vocab_size)
+    held = _pack(held_docs, tokenizer, seq_len, packing, seed, "held-out", vocab_size) if want_held else None
+    _check_rows(train, held, vocab_size, path)
     if cache_dir is not None:
         cache.mkdir(parents=True, exist_ok=True)
         arrays = {f"{split}_{kind}": v for split, r in (("train", train), ("held", held)) if r is not None

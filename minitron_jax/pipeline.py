@@ -157,10 +157,9 @@ class Pipeline:
         return json.loads(marker.read_text()) if marker.exists() else None
 
     def mark(self, stage: str, info: dict) -> dict:
+        from .atomic import write_text
         (self.out / stage).mkdir(parents=True, exist_ok=True)
-        tmp = self.out / stage / "done.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        tmp.replace(self.out / stage / "done.json")
+        write_text(self.out / stage / "done.json", json.dumps(info, indent=2, default=str))
         return info
 
     def settings(self, name: str) -> dict:
@@ -175,6 +174,8 @@ class Pipeline:
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         if not c.finetune.steps:  # no teacher correction: its other settings change nothing
             out["finetune"] = {"steps": 0}
+        if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output
+            out["distill"].pop("resume_allow", None)
         if name == "score" and c.prune.target is not None:  # the depth scores it computes follow the target
             from .prune import PruneTarget
             t = PruneTarget.parse(c.prune.target)
@@ -235,14 +236,20 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def run(self, until: str | None = None) -> dict:
         """Run (or resume) every stage, or stop after `until` ("score", "prune", ...); returns the
-        evaluation results, or the output of the `until` stage."""
+        evaluation results, or the output of the `until` stage. The run holds `out` (lock.py): a second
+        `minitron run` into the same directory is refused, naming this one."""
         if until is not None and until not in STAGES:
             raise RecipeError(f"until={until!r}: choose one of {', '.join(STAGES)}")
-        from transformers import AutoTokenizer
+        from .lock import output_lock
+        with output_lock(self.out, "minitron run"):
+            return self._run(until)
 
+    def _run(self, until: str | None) -> dict:
+        from .config import LlamaConfig
         from .distill import train
-        from .hf import from_pretrained, save_params
-        from .importance import add_depth_scores, compute_scores, load_scores, plot_scores, save_scores
+        from .hf import from_pretrained, load_tokenizer, save_params
+        from .importance import (add_depth_scores, check_scores_match, compute_scores, load_scores, plot_scores,
+                                  save_scores)
         from .loader import build_corpus
         from .prune import PruneTarget, prune, prune_record, required_scores, save_prune_record, search
         from .evaluate import lm_loss, load_task
@@ -251,7 +258,8 @@ class Pipeline:
         self.validate(teacher_dir, data)
         self.out.mkdir(parents=True, exist_ok=True)
         c = self.cfg
-        tok = AutoTokenizer.from_pretrained(teacher_dir)
+        tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
+        tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
         common = {"data": str(data), "holdout": list(c.holdout), "seed": c.seed}
 
         if c.finetune.steps:
@@ -266,7 +274,8 @@ class Pipeline:
             return {}
 
         def score():
-            train_rows, _ = build_corpus(data, tok, c.score.seq_len, holdout=tuple(c.holdout), seed=c.seed)
+            train_rows, _ = build_corpus(data, tok, c.score.seq_len, holdout=tuple(c.holdout), seed=c.seed,
+                                         vocab_size=tok_vocab)
             rows = train_rows.tokens[: c.score.samples]
             model = from_pretrained(teacher_dir)
             (self.out / "score").mkdir(parents=True, exist_ok=True)
@@ -283,7 +292,8 @@ class Pipeline:
             path = save_scores(self.out / "score" / "scores.safetensors", scores,
                                {"samples": len(rows), "seq_len": c.score.seq_len, "source_model": str(teacher_dir),
                                 "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n,
-                                **({"window_task": c.score.task} if window and c.score.task else {})})
+                                **({"window_task": c.score.task} if window and c.score.task else {})},
+                               cfg=model.config, params=model.params())
             plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score.seq_len}")
             return {"scores": str(path)}
         scored = self.stage("score", score)
@@ -293,7 +303,8 @@ class Pipeline:
 
         def do_prune():
             model = from_pretrained(teacher_dir)
-            scores, _ = load_scores(scores_path)
+            scores, meta = load_scores(scores_path)
+            check_scores_match(meta, model.config, model.params(), model=str(teacher_dir))
             if c.prune.params is not None:
                 rows = self.eval_rows(data, tok)[: 4]  # calibration loss for ranking; held-out rows are never trained on
                 params, cfg, table = search(model.params(), model.config, scores, c.prune.params,

@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from .atomic import write_text
 from .config import LlamaConfig
 from .model import is_param_spec, param_specs
 from .sharding import named_sharding
@@ -318,9 +318,7 @@ def save_prune_record(directory, record: dict[str, Any]) -> Path:
     """Write `record` (from `prune_record`) as `directory/minitron_prune.json` (process 0 only)."""
     path = Path(directory) / PRUNE_RECORD
     if jax.process_index() == 0:
-        tmp = path.with_name(f".{PRUNE_RECORD}.tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(record) + "\n")
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,8 +28,38 @@ class RecipeError(ValueError):
     pass
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # compute_dtype / teacher_dtype
+REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (recipe.py does not import JAX)
+
+# Resuming (`resume=true` with checkpoints in out/checkpoints) compares the recipe with the out/recipe.json
+# the checkpoints were made with, key by key (`check_resume`); see RunConfig's docstring.
+RESUME_FREE = ("out", "resume", "resume_allow", "save_every", "keep", "eval_every", "eval_batches", "log_every",
+               "peak_tflops", "export", "mesh", "coordinator_address", "num_processes", "process_id", "remat",
+               "grad_accum", "chunk_size")
+RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "holdout", "holdout_fraction", "text_field")
+
+
 @dataclasses.dataclass
 class RunConfig:
+    """One distillation / fine-tuning run; `validate` refuses values that cannot work, before any work.
+
+    Resuming (resume=true, checkpoints in out/checkpoints) compares every key with the recipe.json of
+    the checkpoints, before any weights or data load, and sorts the changes in three kinds:
+    - free (RESUME_FREE): bookkeeping, paths and how the same update is computed, which restore
+      into any layout (orbax reshards; the loader state does not depend on the process count): out,
+      resume, resume_allow, save_every, keep, eval_every, eval_batches, log_every, peak_tflops, export,
+      mesh, coordinator_address, num_processes, process_id, remat, grad_accum, chunk_size. Logged only.
+    - forced: the checkpoint restores, but the run no longer equals an uninterrupted one: steps (the
+      cosine schedule), lr, min_lr, warmup, weight_decay, b1, b2, eps, clip, temperature, kl_weight,
+      ce_weight, top_k, hidden_weight (between positive values), compute_dtype, teacher_dtype, and the
+      paths teacher, student, data (a moved model or corpus; the student's shape is still compared with
+      the checkpoint's, and the loader still refuses a corpus with another row count). Refused unless
+      listed in `resume_allow` (resume_allow=[lr,temperature]).
+    - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, holdout, holdout_fraction,
+      text_field, and hidden_weight turned on or off: they change the rows, their order or what a
+      checkpoint holds (the hidden-loss projection), so the checkpoint's data position or state means
+      nothing. Start a new run in another out instead.
+    """
     # what to train
     mode: str = "distill"  # "distill" (KD from teacher) or "finetune" (LM loss: teacher correction)
     teacher: str | None = None  # HF directory of the teacher (distill)
@@ -79,6 +110,7 @@ class RunConfig:
     log_every: int = 1
     peak_tflops: float | None = None  # for MFU; measured with a matmul if not given
     export: bool = True  # write the final student as an HF directory in out/student_hf
+    resume_allow: list[str] = dataclasses.field(default_factory=list)  # keys that may change on resume (see above)
 
     def validate(self) -> "RunConfig":
         """Check the run can start; raises RecipeError naming the fix. Never changes a value."""
@@ -90,17 +122,105 @@ class RunConfig:
             raise RecipeError("teacher=DIR is required for distillation")
         if self.data is None:
             raise RecipeError("data=PATH is required (text files, JSONL, parquet or a saved dataset)")
-        for k in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "eval_every", "log_every", "keep"):
+        for k in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "eval_every", "log_every", "keep",
+                  "eval_batches", "chunk_size"):
             if getattr(self, k) <= 0:
                 raise RecipeError(f"{k}={getattr(self, k)} must be positive")
+        for f in dataclasses.fields(self):  # nan / inf never make sense
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise RecipeError(f"{f.name}={v} must be a finite number")
         if self.batch_size % self.grad_accum:
             raise RecipeError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
         check_warmup(self.warmup, self.steps)
         if self.packing not in ("concat", "first_fit"):
             raise RecipeError(f"packing={self.packing!r}: choose 'concat' or 'first_fit'")
+        _check_range("lr", self.lr, 0, None, "e.g. lr=1e-4", low_ok=False)
+        _check_range("min_lr", self.min_lr, 0, self.lr, f"the end of the decay, at most lr={self.lr}")
+        _check_range("clip", self.clip, 0, None, "the global gradient-norm limit; 0 = no clipping")
+        _check_range("weight_decay", self.weight_decay, 0, None, "0 = none")
+        for k in ("b1", "b2"):
+            _check_range(k, getattr(self, k), 0, 1, "Adam's moment decay", high_ok=False)
+        _check_range("eps", self.eps, 0, None, "e.g. eps=1e-8", low_ok=False)
+        _check_range("temperature", self.temperature, 0, None, "1 = the plain distributions", low_ok=False)
+        for k in ("kl_weight", "ce_weight", "hidden_weight"):
+            _check_range(k, getattr(self, k), 0, None, "0 = the term is off")
+        if self.mode == "distill" and self.kl_weight == 0 and self.ce_weight == 0:
+            raise RecipeError("kl_weight=0 and ce_weight=0 leave no logit loss to train on: set kl_weight=1 "
+                              "(distillation) or ce_weight=1")
+        if self.top_k < 0:
+            raise RecipeError(f"top_k={self.top_k} must be 0 (the whole vocabulary) or more")
+        _check_range("holdout_fraction", self.holdout_fraction, 0, 1, "0 = no random held-out split", high_ok=False)
+        if self.peak_tflops is not None:
+            _check_range("peak_tflops", self.peak_tflops, 0, None, "or leave it unset to measure", low_ok=False)
+        for k in ("compute_dtype", "teacher_dtype"):
+            if getattr(self, k) not in (None, *DTYPES):
+                raise RecipeError(f"{k}={getattr(self, k)!r}: choose one of {', '.join(DTYPES)} (or leave it unset)")
+        if self.remat not in REMAT:
+            raise RecipeError(f"remat={self.remat!r}: choose one of {', '.join(REMAT)}")
         if len(self.mesh) != 3:
             raise RecipeError(f"mesh={self.mesh}: give [data, fsdp, tensor]")
+        if any(s == 0 or s < -1 for s in self.mesh) or self.mesh.count(-1) > 1:
+            raise RecipeError(f"mesh={self.mesh}: each size must be positive, or -1 for at most one axis (it takes "
+                              "the remaining devices), e.g. mesh=[1,-1,1]")
+        keys = [f.name for f in dataclasses.fields(self)]
+        if unknown := [k for k in self.resume_allow if k not in keys]:
+            raise RecipeError(f"resume_allow={self.resume_allow}: {', '.join(unknown)} is not a recipe key; valid "
+                              f"keys: {', '.join(keys)}")
+        if never := [k for k in self.resume_allow if k in RESUME_NEVER]:
+            raise RecipeError(f"resume_allow={self.resume_allow}: {', '.join(never)} can never change on resume (they "
+                              "decide the rows, their order or what a checkpoint holds); start a new run in another "
+                              "out instead")
         return self
+
+
+def _check_range(key: str, value: float, low: float, high: float | None, what: str, low_ok: bool = True,
+                 high_ok: bool = True) -> None:
+    """`value` within [low, high] (open ends where not `_ok`; no upper bound for None), else RecipeError."""
+    above = value >= low if low_ok else value > low
+    inside = above and (high is None or (value <= high if high_ok else value < high))
+    if not inside:
+        span = f"{'[' if low_ok else '('}{low:g}, {'inf)' if high is None else f'{high:g}' + (']' if high_ok else ')')}"
+        raise RecipeError(f"{key}={value:g} must be in {span} ({what})")
+
+
+def check_resume(recorded: Any, rc: RunConfig, where: str | Path) -> list[str]:
+    """Compare `rc` with the settings recorded in `where` (the recipe.json of the checkpoints it resumes).
+
+    Raises RecipeError naming every refused change (old -> new) and its fix; returns one line per
+    accepted change (free ones, and forced ones listed in resume_allow) for the log."""
+    now = json.loads(dump(rc))
+    if not isinstance(recorded, dict):
+        raise RecipeError(f"{where} is not a JSON object of recipe keys; delete it to resume with this run's settings "
+                          "as the checkpoints' (it is rewritten), or choose another out")
+    missing = sorted(k for k in set(now) - set(recorded) if k not in RESUME_FREE)
+    unknown = sorted(set(recorded) - set(now))
+    if missing or unknown:
+        what = "; ".join(([f"it lacks {', '.join(missing)}"] if missing else [])
+                         + ([f"it has keys this version does not know: {', '.join(unknown)}"] if unknown else []))
+        raise RecipeError(f"{where} was written by another minitron version ({what}), so the checkpoints' settings "
+                          "cannot be compared with this run's; if you know they match, delete it (resuming rewrites "
+                          "it), or choose another out")
+    changed = {k: (recorded[k], v) for k, v in now.items() if recorded.get(k, v) != v}
+    never = [k for k in changed if k in RESUME_NEVER]
+    if ("hidden_weight" in changed and now["mode"] == "distill"
+            and (changed["hidden_weight"][0] > 0) != (now["hidden_weight"] > 0)):
+        never.append("hidden_weight")  # turns the hidden loss (its projection in the checkpoint) on or off
+    forced = [k for k in changed if k not in RESUME_FREE and k not in never]
+    refused = never + [k for k in forced if k not in rc.resume_allow]
+    if refused:
+        fixes = []
+        if never:
+            fixes.append(f"{', '.join(never)} cannot change on resume (the rows, their order or what a checkpoint "
+                         "holds): set them back, or start a new run in another out")
+        if todo := [k for k in forced if k not in rc.resume_allow]:
+            fixes.append(f"to go on with the new {', '.join(todo)} anyway (the result will differ from an "
+                         f"uninterrupted run), add resume_allow=[{','.join(todo)}]")
+        shown = ", ".join(f"{k} {json.dumps(changed[k][0])} -> {json.dumps(changed[k][1])}" for k in refused)
+        raise RecipeError(f"resume=true, but this run's settings differ from those of its checkpoints ({where}): "
+                          f"{shown}; " + "; ".join(fixes))
+    return [f"{k} {json.dumps(a)} -> {json.dumps(b)}" + (" (resume_allow)" if k in forced else "")
+            for k, (a, b) in changed.items()]
 
 
 def check_warmup(warmup: int, steps: int, prefix: str = "") -> None:

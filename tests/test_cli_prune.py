@@ -116,3 +116,22 @@ def test_eval_command(scored, tmp_path):
     with torch.no_grad():
         want = float(hf(torch.tensor(rows, dtype=torch.long), labels=torch.tensor(rows, dtype=torch.long)).loss)
     assert abs(r["loss"] - want) <= 1e-5 * want and abs(r["perplexity"] - math.exp(want)) <= 1e-4 * math.exp(want)
+
+
+def test_scores_of_another_model_of_the_same_shape_are_refused(scored, tmp_path, capsys):
+    """The scores file records its model's fingerprint: scores of a same-shape model with other weights are
+    refused (they would prune the wrong channels silently) unless --force-scores, which warns."""
+    root, model_dir, _ = scored
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    save_tiny(other, seed=1, vocab_size=49152, hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)
+    argv = ["prune", "--model", str(other), "--scores", str(root / "scores" / "scores.safetensors"),
+            "--target", "intermediate_size=64", "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit, match=r"scores were computed on .*model, whose weights differ from those of "
+                                         r".*other; re-score .*or pass --force-scores"):
+        main(argv)
+    assert not (tmp_path / "p").exists()
+    main(argv + ["--force-scores"])
+    assert "used anyway (--force-scores)" in capsys.readouterr().err
+    assert (tmp_path / "p" / "config.json").exists()

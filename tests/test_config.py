@@ -9,6 +9,8 @@ The checkpoint fixtures (`ckpt`, `no_weight_reads`) are in conftest.py: a tiny r
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from minitron_jax import ConfigError, LlamaConfig
@@ -154,3 +156,57 @@ def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
                            "original_max_position_embeddings": 64}
     assert transformers.LlamaConfig.from_dict(cfg).rope_parameters["rope_type"] == "llama3"
     assert LlamaConfig.from_hf_dict(cfg).rope_type == "llama3"
+
+
+# ---------------------------------------------------------------------------- issue 13.6-7: values of the wrong type
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rms_norm_eps", "abc", r"field rms_norm_eps='abc' must be a positive finite number"),
+    ("rms_norm_eps", -1e-5, r"field rms_norm_eps=-1e-05 must be a positive finite number"),
+    ("max_position_embeddings", "big", r"field max_position_embeddings='big' must be a positive integer"),
+    ("max_position_embeddings", 128.0, r"field max_position_embeddings=128\.0 must be a positive integer"),
+    ("hidden_size", True, r"field hidden_size=True must be a positive integer"),
+    ("vocab_size", "64", r"field vocab_size='64' must be a positive integer"),
+    ("num_key_value_heads", 0, r"field num_key_value_heads=0 must be a positive integer"),
+    ("head_dim", 8.5, r"field head_dim=8\.5 must be a positive integer"),
+    ("rope_theta", "1e4", r"field rope_theta='1e4' must be a positive finite number"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"},
+     r"field rope_parameters\.rope_theta='1e4' must be a positive finite number"),
+    ("rope_parameters", "default", r"field rope_parameters='default' must be a JSON object"),
+    ("rope_parameters", {**LLAMA3, "factor": "8"}, r"field rope_parameters\.factor='8' must be a positive finite number"),
+    ("rope_parameters", {**LLAMA3, "original_max_position_embeddings": 64.5},
+     r"field rope_parameters\.original_max_position_embeddings=64\.5 must be a positive integer"),
+    ("tie_word_embeddings", "false", r"field tie_word_embeddings='false' must be a boolean"),
+    ("attention_bias", "false", r"field attention_bias='false' must be a boolean"),
+    ("bos_token_id", -1, r"field bos_token_id=-1 must be a non-negative integer"),
+    ("eos_token_id", [2, "x"], r"field eos_token_id\[1\]='x' must be a non-negative integer"),
+    ("dtype", 32, r"field dtype=32 must be a string"),
+    ("architectures", "LlamaForCausalLM", r"field architectures='LlamaForCausalLM' must be a list"),
+    ("vocab_size", None, r"lacks required field 'vocab_size' \(it is null\)"),
+])
+def test_config_value_of_wrong_type(ckpt, no_weight_reads, key, value, match):
+    cfg = read_config(ckpt)
+    cfg[key] = value
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(ckpt / 'config.json'))} {match}"):
+        load(ckpt)
+
+
+def test_config_null_optionals_take_defaults(ckpt):
+    """Control: null optional fields mean 'default', as transformers reads them."""
+    cfg = read_config(ckpt)
+    cfg.update(head_dim=None, num_key_value_heads=None, rms_norm_eps=None, pad_token_id=None, eos_token_id=[2, 3])
+    write_config(ckpt, cfg)
+    c = LlamaConfig.from_file(ckpt)
+    assert (c.head_dim, c.num_key_value_heads, c.rms_norm_eps, c.eos_token_id) == (8, 4, 1e-6, [2, 3])
+
+
+def test_problems_from_validate_name_the_file(ckpt, no_weight_reads):
+    cfg = read_config(ckpt)
+    cfg["head_dim"] = 7
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(ckpt / 'config.json'))}: head_dim=7 must be even"):
+        load(ckpt)

@@ -209,9 +209,9 @@ def test_split_by_fraction_deterministic():
     others = {tuple(n for n, _ in split_documents(DOCS, holdout_fraction=0.3, seed=s)[1]) for s in range(6)}
     assert len(others) > 1  # the seed matters
     assert split_documents(DOCS) == (list(DOCS), [])
-    with pytest.raises(DataError, match="cannot be split"):
-        split_documents(DOCS[:2], holdout_fraction=0.1)
-    with pytest.raises(DataError, match="cannot be split"):
+    with pytest.raises(DataError, match=r"1 document cannot be split.*holdout_fraction=0\)"):
+        split_documents(DOCS[:1], holdout_fraction=0.1)
+    with pytest.raises(DataError, match="must be at least 0 and below 1"):
         split_documents(DOCS[:2], holdout_fraction=1.0)
 
 

@@ -51,10 +51,10 @@ def rewrite_weights(d: Path, drop=(), add=None) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
-def tiny_model(cfg: LlamaConfig) -> minitron_jax.Llama:
+def tiny_model(cfg: LlamaConfig, seed: int = 0) -> minitron_jax.Llama:
     """A random `Llama` for `cfg`, built from host arrays. (`Llama(cfg, rngs=nnx.Rngs(0))` gives the same
     kind of model but compiles one random op per parameter shape: ~3.5 s on CPU per new config.)"""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=is_param_spec)
     leaves = [jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32)) for s in specs]
     params = jax.tree.unflatten(treedef, leaves)
@@ -240,7 +240,8 @@ def test_save_into_nonempty_dir_without_overwrite(ckpt, tmp_path, no_export_fetc
     model = tiny_model(LlamaConfig(**TINY))
     before = tree_listing(ckpt)
     mtimes = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
-    with pytest.raises(FileExistsError, match=r"exists and is not empty; choose another path or pass overwrite=True"):
+    from minitron_jax.atomic import OutputError
+    with pytest.raises(OutputError, match=r"exists and was not written by minitron"):
         minitron_jax.save_pretrained(model, ckpt)
     assert tree_listing(ckpt) == before
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == mtimes
@@ -252,8 +253,121 @@ def test_save_overwrite_and_empty_dir_are_allowed(ckpt, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     minitron_jax.save_pretrained(model, empty)
-    minitron_jax.save_pretrained(model, ckpt, overwrite=True)
-    for d in (empty, ckpt):
+    prev = minitron_jax.save_pretrained(tiny_model(LlamaConfig(**TINY), seed=1), tmp_path / "prev")
+    minitron_jax.save_pretrained(model, prev, overwrite=True)  # a minitron output may be replaced
+    for d in (empty, prev):
         assert not (d / "pytorch_model.bin").exists()
         np.testing.assert_array_equal(np.asarray(load(d).params()["layers"]["q_proj"]),
                                       np.asarray(model.params()["layers"]["q_proj"]))
+
+
+# ---------------------------------------------------------------------------- issue 13.6: malformed index files
+@pytest.mark.parametrize("text,match", [
+    ("[1, 2]", r"is malformed \(a JSON list, not an object\): it needs a 'weight_map' object"),
+    ('{"weight_map": ["model.norm.weight"]}', r"is malformed \(weight_map=\['model\.norm\.weight'\]\)"),
+    ('{"weight_map": {"model.norm.weight": 3}}', r"weight_map\['model\.norm\.weight'\] = 3 is not a shard file name"),
+    ('{"weight_map": {"model.norm.weight": ""}}', r"weight_map\['model\.norm\.weight'\] = '' is not a shard file name"),
+    ("{\"weight_map\": {}}\xff", r"cannot be read as JSON"),
+])
+def test_index_not_a_weight_map(ckpt, no_weight_reads, text, match):
+    _shard(ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    index.write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=re.escape(str(index)) + ".*" + match):
+        load(ckpt)
+
+
+# ---------------------------------------------------------------------------- issue 13.9: shards outside the directory
+def _point_shard(ckpt: Path, index: dict, fname: str) -> None:
+    """Make the index place every tensor of shard 2 in `fname` instead."""
+    index["weight_map"] = {n: (fname if f.startswith("model-00002") else f) for n, f in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked dir"])
+def test_shard_outside_model_dir_refused(ckpt, tmp_path, no_weight_reads, how):
+    index = _shard(ckpt)
+    outside = tmp_path / "other"
+    outside.mkdir()
+    shutil.move(ckpt / "model-00002-of-00002.safetensors", outside / "stolen.safetensors")  # a readable, valid file
+    if how == "dotdot":
+        fname, match = "../other/stolen.safetensors", r"not absolute or '\.\.' paths; refusing to read outside"
+    elif how == "absolute":
+        fname, match = str(outside / "stolen.safetensors"), r"not absolute or '\.\.' paths"
+    elif how == "symlink":
+        fname, match = "model-00002-of-00002.safetensors", r"resolves through a symlink to .*other/stolen\.safetensors"
+        (ckpt / fname).symlink_to(outside / "stolen.safetensors")
+    else:
+        fname, match = "sub/stolen.safetensors", r"resolves through a symlink to .*other/stolen\.safetensors"
+        (ckpt / "sub").symlink_to(outside)
+    _point_shard(ckpt, index, fname)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json names shard .*" + match):
+        load(ckpt)
+
+
+def test_single_file_symlinked_outside_refused(ckpt, tmp_path, no_weight_reads):
+    shutil.move(ckpt / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    (ckpt / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors, which resolves through a symlink to "
+                                              r".*elsewhere\.safetensors, outside the model directory; copy the file"):
+        load(ckpt)
+
+
+def test_shards_linked_inside_and_hf_hub_snapshot_allowed(ckpt, tmp_path):
+    """Controls: a link within the directory, and the HF hub cache layout (snapshots/<rev>/* -> ../../blobs/*)."""
+    index = _shard(ckpt)
+    ref = np.asarray(load(ckpt).params()["norm"])
+    shutil.move(ckpt / "model-00002-of-00002.safetensors", ckpt / "real.safetensors")
+    (ckpt / "model-00002-of-00002.safetensors").symlink_to("real.safetensors")
+    np.testing.assert_array_equal(np.asarray(load(ckpt).params()["norm"]), ref)
+    hub = tmp_path / "models--x--y"
+    snap, blobs = hub / "snapshots" / "abc123", hub / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in [*ckpt.iterdir(), ckpt / "real.safetensors"]:
+        if f.is_file() and not f.is_symlink():
+            shutil.copy(f, blobs / f.name)
+    for name in [*index["weight_map"].values(), "model.safetensors.index.json", "config.json"]:
+        if not (snap / name).exists():
+            (snap / name).symlink_to(f"../../blobs/{'real.safetensors' if name.startswith('model-00002') else name}")
+    np.testing.assert_array_equal(np.asarray(load(snap).params()["norm"]), ref)
+
+
+# ---------------------------------------------------------------------------- issue 13.2, 13.6: tokenizers
+def _save_tokenizer(d: Path, n: int) -> None:
+    """A word-level tokenizer of `n` tokens (4 of them special), saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(n - 4)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(d)
+
+
+def test_tokenizer_files_missing(ckpt):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))} has no tokenizer \(looked for tokenizer\.json or "
+                                              r"tokenizer\.model or vocab\.json\+merges\.txt, and tokenizer_config\.json\); "
+                                              r"copy the tokenizer files of the model it came from"):
+        hf_mod.load_tokenizer(ckpt)
+    _save_tokenizer(ckpt, TINY["vocab_size"])
+    (ckpt / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer"):
+        hf_mod.load_tokenizer(ckpt)
+
+
+def test_tokenizer_larger_than_embedding_refused(ckpt):
+    _save_tokenizer(ckpt, TINY["vocab_size"] + 1)
+    with pytest.raises(CheckpointError, match=rf"the tokenizer of {re.escape(str(ckpt))} has 65 tokens but the model's "
+                                              r"embedding has only 64 rows"):
+        hf_mod.load_tokenizer(ckpt, vocab_size=TINY["vocab_size"])
+    _save_tokenizer(ckpt, TINY["vocab_size"])  # control: exactly the embedding's size
+    tok = hf_mod.load_tokenizer(ckpt, vocab_size=TINY["vocab_size"])
+    assert len(tok) == 64 and tok("w0 w59")["input_ids"][-2:] == [4, 63]
+
+
+def test_tokenizer_unreadable(ckpt):
+    _save_tokenizer(ckpt, 8)
+    (ckpt / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"cannot load the tokenizer of .*; copy the tokenizer files"):
+        hf_mod.load_tokenizer(ckpt)

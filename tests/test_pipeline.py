@@ -121,3 +121,14 @@ def test_pipeline_scores_windows_by_a_task(tmp_path):
            for a in range(3)]
     np.testing.assert_allclose(scores["layer_window"], ref, rtol=0, atol=1e-6)
     assert meta["window_task"] == str(task)
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    """Two `minitron run`s into one out would mix stage outputs: the live holder of out is named and the
+    second run stops before any work (the lock is the kernel's flock: a dead holder never blocks)."""
+    from minitron_jax.lock import output_lock
+    out = tmp_path / "run"
+    with output_lock(out, "minitron run (the first)"):
+        with pytest.raises(SystemExit, match=r"minitron run: .*run is in use by minitron run \(the first\) \(pid \d+"):
+            main(["run", "teacher=/nonexistent", f"out={out}"])
+    assert not out.exists()  # released and removed: the first run wrote nothing

@@ -7,7 +7,7 @@ import pytest
 
 from minitron_jax.distill import train
 from minitron_jax.hf import open_checkpoint
-from minitron_jax.recipe import RecipeError, load_recipe
+from minitron_jax.recipe import RecipeError, RunConfig, load_recipe
 from distill_helpers import make_pair, metrics, short_documents
 
 QUIET = lambda m: None  # noqa: E731
@@ -174,3 +174,110 @@ def test_teacher_correction_lowers_lm_loss(pair, tmp_path):
     s = train(rc, log=QUIET)
     assert s["held_out_loss"] < s["start_eval"]["held_out_loss"] - 0.5
     assert "held_out_kl" not in s and (tmp_path / "ft" / "student_hf" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------- values refused before work
+BASE = ["teacher=/t", "student=/s", "data=/d"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=-1", r"lr=-1 must be in \(0, inf\)"),
+    ("lr=0", r"lr=0 must be in \(0, inf\)"),
+    ("min_lr=-1e-5", r"min_lr=-1e-05 must be in \[0, 0.0001\]"),
+    ("min_lr=1e-3", r"min_lr=0.001 must be in \[0, 0.0001\]"),
+    ("clip=-1", r"clip=-1 must be in \[0, inf\) \(the global gradient-norm limit; 0 = no clipping\)"),
+    ("warmup=-10", r"warmup=-10 must be 0 or more"),
+    ("remat=bogus", r"remat='bogus': choose one of none, full, dots"),
+    ("compute_dtype=fp8", r"compute_dtype='fp8': choose one of float32, bfloat16, float16"),
+    ("eval_batches=0", r"eval_batches=0 must be positive"),
+    ("chunk_size=0", r"chunk_size=0 must be positive"),
+    ("top_k=-5", r"top_k=-5 must be 0 \(the whole vocabulary\) or more"),
+    ("temperature=0", r"temperature=0 must be in \(0, inf\)"),
+    ("weight_decay=-0.1", r"weight_decay=-0.1 must be in \[0, inf\)"),
+    ("b1=1", r"b1=1 must be in \[0, 1\)"),
+    ("b2=-0.5", r"b2=-0.5 must be in \[0, 1\)"),
+    ("eps=0", r"eps=0 must be in \(0, inf\)"),
+    ("kl_weight=-1", r"kl_weight=-1 must be in \[0, inf\)"),
+    ("ce_weight=-1", r"ce_weight=-1 must be in \[0, inf\)"),
+    ("kl_weight=0", r"kl_weight=0 and ce_weight=0 leave no logit loss"),
+    ("hidden_weight=-1", r"hidden_weight=-1 must be in \[0, inf\)"),
+    ("holdout_fraction=1", r"holdout_fraction=1 must be in \[0, 1\)"),
+    ("holdout_fraction=-0.1", r"holdout_fraction=-0.1 must be in \[0, 1\)"),
+    ("peak_tflops=0", r"peak_tflops=0 must be in \(0, inf\)"),
+    ("lr=.nan", r"lr=nan must be a finite number"),
+    ("mesh=[1,-1,-1]", r"mesh=\[1, -1, -1\]: each size must be positive, or -1 for at most one axis"),
+    ("mesh=[1,0,8]", r"mesh=\[1, 0, 8\]: each size must be positive"),
+    ("mesh=[1,-2,8]", r"mesh=\[1, -2, 8\]: each size must be positive"),
+])
+def test_bad_values_are_refused_by_validate(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [*BASE, override])
+
+
+def test_edge_values_still_validate():
+    """The limits themselves are valid: clip=0 (no clipping), min_lr=0 and min_lr=lr, b1=0, CE-only
+    distillation, fine-tuning with both KD weights 0 (unused there)."""
+    for extra in (["clip=0"], ["min_lr=0"], ["min_lr=1e-4"], ["b1=0"], ["kl_weight=0", "ce_weight=1"],
+                  ["mode=finetune", "kl_weight=0"], ["holdout_fraction=0"], ["mesh=[2,2,2]"], ["top_k=0"]):
+        load_recipe(None, [*BASE, *extra])
+
+
+def test_remat_choices_are_the_models():
+    from minitron_jax.model import REMAT_POLICIES
+    from minitron_jax.recipe import REMAT
+    assert set(REMAT) == set(REMAT_POLICIES)
+
+
+def test_clip_zero_means_no_clipping():
+    """clip=0 updates exactly as an unreachable clip does (a huge gradient passes whole: before, it zeroed
+    every update); clip=1 does not. Two steps, so that Adam's moments see the clipped scale."""
+    import jax.numpy as jnp
+    from minitron_jax.distill import make_optimizer
+
+    params = {"w": jnp.ones((3,)), "norm": jnp.ones((2,))}
+    grads = [{"w": jnp.asarray([300.0, -40.0, 5.0]), "norm": jnp.asarray([1.0, 2.0])},
+             {"w": jnp.asarray([0.1, 0.2, -0.3]), "norm": jnp.asarray([0.0, 0.1])}]
+
+    def updates(clip):
+        tx, _ = make_optimizer(RunConfig(clip=clip, warmup=0, steps=10, weight_decay=0.0))
+        state, out = tx.init(params), []
+        for g in grads:
+            upd, state = tx.update(g, state, params)
+            out.append(np.asarray(upd["w"]))
+        return np.stack(out)
+    np.testing.assert_array_equal(updates(0.0), updates(1e30))
+    assert np.abs(updates(0.0)).min() > 0 and not np.allclose(updates(1.0), updates(0.0))
+
+
+def test_mesh_that_does_not_fit_the_devices_is_refused_before_loading(pair, tmp_path, no_weight_reads):
+    """8 devices here: 3 does not divide them; the message names the count and a mesh that fits."""
+    import jax
+    from minitron_jax.distill import check_mesh
+    assert jax.device_count() == 8
+    with pytest.raises(RecipeError, match=r"mesh=\[1, -1, 3\] does not fit the 8 devices here .*e.g. mesh=\[1,-1,1\]"):
+        train(recipe(pair, tmp_path / "m", "mesh=[1,-1,3]", "steps=2"), log=QUIET)
+    with pytest.raises(RecipeError, match=r"mesh=\[2, 2, 4\] does not fit the 8 devices .*e.g. mesh=\[2,-1,4\]"):
+        check_mesh(RunConfig(mesh=[2, 2, 4]))
+    assert check_mesh(RunConfig(mesh=[2, -1, 2])) == (2, 2, 2)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+def test_tokenizer_larger_than_the_embedding_is_refused_before_loading(pair, tmp_path, no_weight_reads, who):
+    """A tokenizer that can emit ids beyond vocab_size (here 512 rows, 520 tokens) gave NaN losses that
+    the trainer blamed on the learning rate; now check_pair refuses it, naming both numbers."""
+    import shutil
+
+    from minitron_jax.hf import CheckpointError
+    from transformers import AutoTokenizer
+    t, s, d = pair
+    big = shutil.copytree(t if who == "teacher" else s, tmp_path / who)
+    tok = AutoTokenizer.from_pretrained(big)
+    tok.add_tokens([f"<extra_{i}>" for i in range(8)])
+    tok.save_pretrained(big)
+    assert len(tok) == 520
+    paths = {"teacher": t, "student": s, who: big}
+    with pytest.raises(CheckpointError, match=f"the tokenizer of {big} has 520 tokens but the model's embedding has "
+                                              "only 512 rows"):
+        train(recipe((paths["teacher"], paths["student"], d), tmp_path / "tok", "steps=2"), log=QUIET)
+    assert not (tmp_path / "tok").exists()

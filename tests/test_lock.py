@@ -1,0 +1,107 @@
+"""One run per output directory (lock.output_lock): a live holder refuses a second run naming itself;
+the lock of a dead process never blocks; `distill` takes it before touching `out`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from minitron_jax.lock import LOCK_NAME, LockError, output_lock
+from distill_helpers import make_pair
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from minitron_jax.lock import output_lock
+    with output_lock(sys.argv[1], "minitron distill"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding tmp_path/out; yields (its Popen, the directory)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.readline().strip() == "held"
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_second_holder_is_refused_naming_the_first(holder):
+    proc, out = holder
+    recorded = json.loads((out / LOCK_NAME).read_text())
+    assert recorded["pid"] == proc.pid and recorded["host"] == socket.gethostname() and recorded["start"]
+    with pytest.raises(LockError) as err:
+        with output_lock(out, "minitron distill"):
+            pass
+    msg = str(err.value)
+    assert f"pid {proc.pid} on host {socket.gethostname()}" in msg and recorded["start"] in msg
+    assert "choose another output directory" in msg and str(out) in msg
+
+
+def test_a_killed_holder_does_not_block(holder):
+    """SIGKILL leaves the lock file (no cleanup ran); the kernel released the flock, so the next run goes."""
+    proc, out = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stale = json.loads((out / LOCK_NAME).read_text())
+    assert stale["pid"] == proc.pid  # the file of the dead holder is still there
+    with output_lock(out, "test"):
+        mine = json.loads((out / LOCK_NAME).read_text())
+        assert mine["pid"] == os.getpid() and mine["what"] == "test"
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_released_on_exit_and_error_and_reusable(tmp_path):
+    out = tmp_path / "a" / "out"
+    with pytest.raises(RuntimeError):
+        with output_lock(out, "test"):
+            (out / "kept").write_text("x")
+            raise RuntimeError("boom")
+    assert (out / "kept").exists() and not (out / LOCK_NAME).exists()
+    with output_lock(out, "test"):  # free again
+        with pytest.raises(LockError, match=f"pid {os.getpid()}"):  # one holder even within a process
+            with output_lock(out, "test"):
+                pass
+    # a garbage lock file (no live holder) is no obstacle either
+    (out / LOCK_NAME).write_text("not json")
+    with output_lock(out, "test"):
+        pass
+    # a directory the lock created and nothing else used is removed again (a failed start leaves nothing)
+    fresh = tmp_path / "fresh"
+    with output_lock(fresh, "test"):
+        assert fresh.is_dir()
+    assert not fresh.exists()
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LockError, match="cannot create the lock file .*file/out"):
+        with output_lock(tmp_path / "file" / "out", "test"):
+            pass
+
+
+def test_distill_into_a_held_directory_is_refused_before_work(holder, tmp_path, monkeypatch):
+    """A second `minitron distill` into a held out= stops at once (no model or data loaded) and writes
+    nothing there."""
+    from minitron_jax import hf, loader
+    from minitron_jax.cli import main
+
+    proc, out = holder
+    t, s, d = make_pair(tmp_path / "pair", vocab=512)
+    for mod, name in ((hf, "from_pretrained"), (loader, "build_corpus")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("loaded before the lock was checked"))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit, match=f"minitron distill: .*out is in use by minitron distill \\(pid {proc.pid}"):
+        main(["distill", f"teacher={t}", f"student={s}", f"data={d}", f"out={out}", "steps=2", "warmup=0",
+              "seq_len=32"])
+    assert sorted(p.name for p in out.iterdir()) == before == [LOCK_NAME]
