@@ -205,6 +205,22 @@ def cmd_plan(args) -> None:
     student = validate(teacher, args.target) if args.target else teacher
     config, overrides = split_config(args.overrides)
     rc = load_recipe(config, ["teacher=-", "student=-", "data=-", *overrides])
+    if args.compile:  # compile the run's own steps for a TPU slice (aot.py); exits non-zero if one does not fit
+        from .aot import TOPOLOGIES, AOTError, advice, compile_steps, format_compiled, topology_devices
+        from .atomic import write_text
+        devices = len(topology_devices(args.compile))  # checks the topology and libtpu first
+        peak = args.peak_tflops or TOPOLOGIES[args.compile].peak_tflops
+        plan = estimate(teacher if rc.mode == "distill" else None, student, rc, devices, peak * 1e12, args.mfu)
+        print(format_plan(plan))
+        res = compile_steps(rc, teacher, student, args.compile)
+        print(format_compiled(res))
+        if args.json:
+            write_text(args.json, json.dumps({**res, "plan": plan}, indent=2))
+        if not res["fits"]:
+            raise AOTError("; ".join(advice(res, rc)))
+        return
+    if args.devices is None or args.peak_tflops is None:
+        raise SystemExit("minitron plan: give --devices and --peak-tflops, or --compile TOPOLOGY")
     plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
                     args.peak_tflops * 1e12, args.mfu)
     print(format_plan(plan))
@@ -354,8 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")
     pl.add_argument("--teacher", required=True, help="teacher HF directory or config.json")
     pl.add_argument("--target", default=None, help="pruning target of the student (default: the teacher's shape)")
-    pl.add_argument("--devices", type=int, required=True)
-    pl.add_argument("--peak-tflops", type=float, required=True, help="per-device peak, e.g. 989 (H100 bf16 dense)")
+    pl.add_argument("--devices", type=int, default=None, help="device count (required without --compile)")
+    pl.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-device peak, e.g. 989 (H100 bf16 dense); required without --compile")
+    pl.add_argument("--compile", default=None, metavar="TOPOLOGY",
+                    help="also compile the distill, score and eval steps for a TPU slice (v5p-128, v5e-256, v6e-256, "
+                         "v4-128; needs `pip install -e .[tpu]`, no TPU): XLA's per-device memory and FLOPs, "
+                         "non-zero exit if a step does not fit the chip's HBM")
     pl.add_argument("--mfu", type=float, default=0.4)
     pl.add_argument("--json", default=None)
     pl.set_defaults(fn=cmd_plan)

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .atomic import write_text
+from .checkpoint import abstract_params
 from .config import LlamaConfig
 from .lock import output_lock
 from .losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss, kd_loss,
@@ -51,7 +52,7 @@ from .prune import PRUNE_RECORD, load_prune_record
 from .recipe import RecipeError, RunConfig
 from .resume import (checkpoint_manager, check_checkpoint_shapes, check_resume_recipe, restore_newest,
                      write_recipe)
-from .sharding import batch_sharding, resolve_mesh_shape, to_global
+from .sharding import batch_sharding, named_sharding, resolve_mesh_shape, to_global
 
 
 class TrainingError(RuntimeError):
@@ -168,7 +169,7 @@ def make_objective(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
 
     def run(params, cfg, mb, dtype):
         out = forward(params, cfg, mb["input_ids"], attention_mask=mb["mask"], segment_ids=mb["segment_ids"],
-                      remat=rc.remat, return_hidden=True, compute_dtype=dtype, capture=grab)
+                      remat=rc.remat, return_hidden=True, compute_dtype=dtype, capture=grab, attention=rc.attention)
         if not hidden:
             return out, None
         h, states = out  # layer outputs [L, B, S, H], compared after the model's final norm
@@ -250,7 +251,7 @@ def make_eval_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
     def ev(student, teacher, mb):
         ids, seg, mask = mb["input_ids"], mb["segment_ids"], mb["mask"]
         targets, tmask = next_token_targets(ids, mask, seg)
-        kw = dict(attention_mask=mask, segment_ids=seg, return_hidden=True)
+        kw = dict(attention_mask=mask, segment_ids=seg, return_hidden=True, attention=rc.attention)
         h_s = forward(student, s_cfg, ids, compute_dtype=rc.compute_dtype, **kw)
         n = tmask.sum()
         if teacher is None:
@@ -266,6 +267,60 @@ def make_eval_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
 
 def tree_shardings(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# ---------------------------------------------------------------------------- the steps, built once
+BATCH_DTYPES = {"input_ids": jnp.int32, "segment_ids": jnp.int32, "mask": jnp.float32}  # loader.py's rows
+
+
+def kd_config(rc: RunConfig) -> KDConfig:
+    return KDConfig(temperature=rc.temperature, kl_weight=rc.kl_weight, ce_weight=rc.ce_weight, top_k=rc.top_k,
+                    chunk_size=rc.chunk_size, hidden_weight=rc.hidden_weight)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The run's jitted steps and their abstract arguments (ShapeDtypeStruct + NamedSharding): `train`
+    executes them, `aot.compile_steps` lowers and compiles exactly these functions for a TPU topology."""
+    train: Callable  # jitted (state, teacher, batch [A, b, S]) -> (state, metrics); state donated, sharded in and out
+    eval: Callable  # jitted (student, teacher, batch [b, S]) -> sums of (kl, ce, tokens)
+    tx: Any
+    schedule: Callable
+    state: dict[str, Any]  # {"trainable": {"model", ["proj"]}, "opt_state", "step"}
+    teacher: Any  # abstract teacher parameters, or None (fine-tuning)
+    batch: dict[str, Any]  # one step's [A, b, S] batch
+    eval_batch: dict[str, Any]  # one held-out [b, S] batch
+
+
+def build_steps(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, mesh, kd: KDConfig,
+                teacher_layers=None) -> Steps:
+    """The train and eval steps of a run on `mesh`, with explicit in/out shardings: student parameters
+    (fp32 master), AdamW state and gradients stay sharded by the logical rules (no replicated gradient);
+    the train state is donated. Needs no weights: shapes come from the configs."""
+    tx, schedule = make_optimizer(rc)
+    rep = NamedSharding(mesh, P())
+    trainable = {"model": abstract_params(s_cfg, mesh, jnp.float32)}
+    if rc.hidden_weight > 0 and rc.mode == "distill":
+        trainable["proj"] = jax.ShapeDtypeStruct((s_cfg.hidden_size, t_cfg.hidden_size), jnp.float32, sharding=rep)
+    opt = jax.eval_shape(tx.init, trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt, tree_shardings(trainable),
+                                   transform_non_params=lambda _: rep)
+    opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, opt_sh)
+    state = {"trainable": trainable, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+    teacher = (abstract_params(t_cfg, mesh, rc.teacher_dtype or rc.compute_dtype or t_cfg.dtype)
+               if rc.mode == "distill" else None)
+    A = rc.grad_accum
+    micro_shape = (A, rc.batch_size // A, rc.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(micro_shape, d, sharding=batch_sharding(mesh, micro_shape))
+             for k, d in BATCH_DTYPES.items()}
+    e_sh = named_sharding(("batch", "seq"), micro_shape[1:], mesh)
+    eval_batch = {k: jax.ShapeDtypeStruct(micro_shape[1:], d, sharding=e_sh) for k, d in BATCH_DTYPES.items()}
+    sh = tree_shardings(state)
+    train_fn = jax.jit(make_train_step(rc, s_cfg, t_cfg, tx, kd, teacher_layers),
+                       in_shardings=(sh, tree_shardings(teacher) if teacher is not None else None, tree_shardings(batch)),
+                       out_shardings=(sh, None), donate_argnums=0)
+    return Steps(train=train_fn, eval=jax.jit(make_eval_step(rc, s_cfg, t_cfg, kd)), tx=tx, schedule=schedule,
+                 state=state, teacher=teacher, batch=batch, eval_batch=eval_batch)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -435,16 +490,15 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
     teacher = (from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
                if rc.mode == "distill" else None)
     t_params = teacher.params() if teacher is not None else None
-    kd = KDConfig(temperature=rc.temperature, kl_weight=rc.kl_weight, ce_weight=rc.ce_weight, top_k=rc.top_k,
-                  chunk_size=rc.chunk_size, hidden_weight=rc.hidden_weight)
-    tx, schedule = make_optimizer(rc)
+    kd = kd_config(rc)
+    steps = build_steps(rc, s_cfg, t_cfg, mesh, kd, teacher_layers)  # the functions aot.py compiles
+    tx, schedule, shardings = steps.tx, steps.schedule, tree_shardings(steps.state)
     trainable = {"model": student.params()}
     if hidden:
-        trainable["proj"] = jax.device_put(jnp.asarray(proj), NamedSharding(mesh, P()))
+        trainable["proj"] = jax.device_put(jnp.asarray(proj), shardings["trainable"]["proj"])
     with jax.set_mesh(mesh):
-        state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
-                 "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
-    shardings = tree_shardings(state)
+        state = {"trainable": trainable, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(trainable),
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
 
     mngr = mngr or manager()
     if resuming:
@@ -455,12 +509,7 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
 
     A = rc.grad_accum
     b_local = rc.batch_size // jax.process_count()
-    micro_shape = (A, rc.batch_size // A, rc.seq_len)
-    b_sh = {k: batch_sharding(mesh, micro_shape) for k in ("input_ids", "segment_ids", "mask")}
-    t_sh = tree_shardings(t_params) if t_params is not None else None
-    step_fn = jax.jit(make_train_step(rc, s_cfg, t_cfg, tx, kd, teacher_layers), in_shardings=(shardings, t_sh, b_sh),
-                      out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(rc, s_cfg, t_cfg, kd))
+    step_fn, eval_fn = steps.train, steps.eval
 
     def evaluate(params) -> dict[str, float]:
         if held is None:

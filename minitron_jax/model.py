@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import attend, resolve as resolve_attention
 from .config import LlamaConfig
 from .sharding import constrain
 
@@ -170,8 +171,11 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
             attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
             positions: jax.Array | None = None, compute_dtype=None, remat: str = "none",
             capture: Callable[[dict[str, jax.Array], jax.Array], Any] | None = None,
-            layer_gates: jax.Array | None = None, return_hidden: bool = False):
+            layer_gates: jax.Array | None = None, return_hidden: bool = False, attention: str = "xla"):
     """Logits [B, S, V] (or final-norm hidden states with `return_hidden`).
+
+    `attention` picks the implementation (`attention.IMPLEMENTATIONS`): "xla" materialises the S x S
+    mask and probabilities; "chunked" / "splash" / "cudnn" do not; "auto" picks by platform.
 
     With `capture`, returns `(out, stats)` where `stats` stacks, over layers, whatever
     `capture(acts, token_mask)` returns for each layer; `acts` maps each of `CAPTURE_SITES` to that
@@ -183,7 +187,8 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
         positions = default_positions(attention_mask, segment_ids, (b, s))
     token_mask = (jnp.ones((b, s), jnp.float32) if attention_mask is None
                   else attention_mask.astype(jnp.float32))
-    mask = attention_mask_4d(attention_mask, segment_ids, b, s)
+    impl = resolve_attention(attention, s, segment_ids)
+    mask = attention_mask_4d(attention_mask, segment_ids, b, s) if impl == "xla" else None  # built once
 
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
@@ -201,7 +206,8 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
         v = linear(x, lp["v_proj"]).reshape(b, s, nk, d)
         q = constrain(q * cos + rotate_half(q) * sin, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k * cos + rotate_half(k) * sin, ("batch", "seq", "act_heads", "head_dim"))
-        a = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5)
+        a = attend(q, k, v, attention_mask=attention_mask, segment_ids=segment_ids, impl=impl, scale=d ** -0.5,
+                   mask=mask)
         a = a.reshape(b, s, nq * d)
         h_mid = h + linear(a, lp["o_proj"])
         x2 = rms_norm(h_mid, lp["post_attention_layernorm"], eps)

@@ -30,12 +30,13 @@ class RecipeError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")  # compute_dtype / teacher_dtype
 REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (recipe.py does not import JAX)
+ATTENTION = ("auto", "xla", "splash", "cudnn", "chunked")  # attention.IMPLEMENTATIONS
 
 # Resuming (`resume=true` with checkpoints in out/checkpoints) compares the recipe with the out/recipe.json
 # the checkpoints were made with, key by key (`check_resume`); see RunConfig's docstring.
 RESUME_FREE = ("out", "resume", "resume_allow", "save_every", "keep", "eval_every", "eval_batches", "log_every",
                "peak_tflops", "export", "mesh", "coordinator_address", "num_processes", "process_id", "remat",
-               "grad_accum", "chunk_size")
+               "grad_accum", "chunk_size", "attention")
 RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "holdout", "holdout_fraction", "text_field")
 
 
@@ -48,7 +49,8 @@ class RunConfig:
     - free (RESUME_FREE): bookkeeping, paths and how the same update is computed, which restore
       into any layout (orbax reshards; the loader state does not depend on the process count): out,
       resume, resume_allow, save_every, keep, eval_every, eval_batches, log_every, peak_tflops, export,
-      mesh, coordinator_address, num_processes, process_id, remat, grad_accum, chunk_size. Logged only.
+      mesh, coordinator_address, num_processes, process_id, remat, grad_accum, chunk_size, attention. Logged
+      only.
     - forced: the checkpoint restores, but the run no longer equals an uninterrupted one: steps (the
       cosine schedule), lr, min_lr, warmup, weight_decay, b1, b2, eps, clip, temperature, kl_weight,
       ce_weight, top_k, hidden_weight (between positive values), compute_dtype, teacher_dtype, and the
@@ -96,6 +98,7 @@ class RunConfig:
     compute_dtype: str | None = None  # e.g. "bfloat16" (master weights stay fp32)
     teacher_dtype: str | None = None  # default: compute_dtype, else the stored dtype
     remat: str = "none"  # "none" | "full" | "dots"
+    attention: str = "xla"  # "auto" | "xla" | "splash" | "cudnn" | "chunked" (attention.py)
     # parallelism
     mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])  # data, fsdp, tensor
     coordinator_address: str | None = None  # multi-host; else env / auto-detection
@@ -158,6 +161,8 @@ class RunConfig:
                 raise RecipeError(f"{k}={getattr(self, k)!r}: choose one of {', '.join(DTYPES)} (or leave it unset)")
         if self.remat not in REMAT:
             raise RecipeError(f"remat={self.remat!r}: choose one of {', '.join(REMAT)}")
+        if self.attention not in ATTENTION:
+            raise RecipeError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION)}")
         if len(self.mesh) != 3:
             raise RecipeError(f"mesh={self.mesh}: give [data, fsdp, tensor]")
         if any(s == 0 or s < -1 for s in self.mesh) or self.mesh.count(-1) > 1:

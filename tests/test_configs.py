@@ -46,7 +46,7 @@ def test_every_yaml_in_configs_validates():
 # the 8B files before they became base + delta: the recipe of the papers and the pipelines around it
 EXPLICIT_RECIPE = """steps: 9960
 batch_size: 1152
-grad_accum: 8
+grad_accum: 18
 seq_len: 8192
 lr: 1.0e-4
 min_lr: 1.0e-5
