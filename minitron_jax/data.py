@@ -29,6 +29,8 @@ MAX_REPLACED = 0.01  # refuse a .txt file once more than 1% of the characters re
 PIECE_CHARS = 1 << 18  # 256 Ki characters: the most text handed to the tokenizer at once by load_samples
 MIN_SAMPLE_POOL = 1 << 21  # load_samples reads at least 2 Mi tokens (when the data has them) ...
 SAMPLE_POOL_FACTOR = 2  # ... and at least twice samples x seq_len, then draws its rows from those
+FIELD_HINT = ("pass the field that holds the text: --text-field NAME (score, eval) or text_field=NAME "
+              "(distill, finetune)")
 
 
 class DataError(ValueError):
@@ -106,13 +108,15 @@ def _file_documents(path: Path, field: str) -> Iterator[tuple[str, Iterator[str]
     elif path.suffix in (".jsonl", ".json"):
         for n, row in read_jsonl(path):
             if field not in row:
-                raise DataError(f"{path}:{n} has no {field!r} field (keys: {sorted(row)}); pass the field that holds the text: --text-field NAME (score, eval) or text_field=NAME (distill, finetune)")
+                raise DataError(f"{path}:{n} has no {field!r} field (keys: {sorted(row)}); "
+                                + FIELD_HINT)
             yield f"{path.name}:{n}", iter((row[field],))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
         f = pq.ParquetFile(path)
         if field not in f.schema_arrow.names:
-            raise DataError(f"{path} has no {field!r} column (columns: {f.schema_arrow.names}); pass the field that holds the text: --text-field NAME (score, eval) or text_field=NAME (distill, finetune)")
+            raise DataError(f"{path} has no {field!r} column (columns: {f.schema_arrow.names}); "
+                            + FIELD_HINT)
         i = 0
         for batch in f.iter_batches(batch_size=1024, columns=[field]):
             for t in batch.column(0).to_pylist():
@@ -135,7 +139,7 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         if text_field not in ds.column_names:
-            raise DataError(f"dataset {path} has no {text_field!r} column (columns: {ds.column_names}); pass the field that holds the text: --text-field NAME (score, eval) or text_field=NAME (distill, finetune)")
+            raise DataError(f"dataset {path} has no {text_field!r} column (columns: {ds.column_names}); " + FIELD_HINT)
         i = 0
         for batch in ds.select_columns([text_field]).iter(batch_size=1024):
             for t in batch[text_field]:
