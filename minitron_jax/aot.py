@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
+import re
 import time
 from typing import Any
 
@@ -73,9 +75,14 @@ def topology_devices(topology: str) -> list:
                        ) from e
 
 
+MAX_TENSOR = 8  # largest tensor axis check_batch proposes (Llama-3.1 8B has 8 KV heads)
+
+
 def check_batch(rc: RunConfig, dp: int, devices: int) -> None:
     """Each micro-batch's rows must split evenly over the data-parallel devices (data x fsdp), else the
-    rows would be replicated (every device computing every row); refused with sizes that work."""
+    rows would be replicated (every device computing every row); refused with sizes that work: other
+    batch sizes, other grad_accum values, and the smallest tensor axis (at most MAX_TENSOR) that leaves
+    gcd(rows, devices) data-parallel devices, e.g. mesh=[1,-1,4] for 64-row micro-batches on 256 chips."""
     rows = rc.batch_size // rc.grad_accum
     if rows % dp == 0:
         return
@@ -83,11 +90,14 @@ def check_batch(rc: RunConfig, dp: int, devices: int) -> None:
     step = rc.grad_accum * dp
     lo, hi = (rc.batch_size // step) * step, -(-rc.batch_size // step) * step
     sizes = " or ".join(str(b) for b in dict.fromkeys(b for b in (lo, hi) if b > 0))
+    tensor = devices // math.gcd(rows, devices)
+    mesh = (f", or mesh=[1,-1,{tensor}] ({devices // tensor} fsdp x {tensor} tensor, keeping grad_accum="
+            f"{rc.grad_accum})" if 1 < tensor <= MAX_TENSOR else "")
     raise AOTError(f"batch_size={rc.batch_size} / grad_accum={rc.grad_accum} gives micro-batches of {rows} rows, which "
                    f"do not divide over the {dp} data-parallel devices (data x fsdp of mesh={list(rc.mesh)} on "
                    f"{devices} chips); use batch_size={sizes} with grad_accum={rc.grad_accum}"
                    + (f", or grad_accum in {{{', '.join(map(str, accums))}}}" if accums else "")
-                   + ", or a mesh with fewer data-parallel devices")
+                   + (mesh or ", or a mesh with fewer data-parallel devices"))
 
 
 def analytic_flops(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, devices: int) -> dict[str, float]:
@@ -106,6 +116,85 @@ def analytic_flops(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
             "eval": rows * S * (f_s + f_t) / devices}
 
 
+def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, mesh, name: str,
+                   ) -> dict[str, float]:
+    """XLA's own FLOP count of one optimizer step of `name`, per device.
+
+    `cost_analysis` counts a loop body once, so the compiled step's figure is about 1/(L x A) of the work.
+    This compiles loop-free variants of the same step on the same mesh: one micro-batch (grad_accum 1),
+    one loss chunk (chunk_size = seq_len), layers unrolled (`model.unrolled_layers`), with 1 or 2 student
+    and teacher layers; the count is linear in each layer count, so per step it is
+    A x (f(1, 1) + (Ls - 1) (f(2, 1) - f(1, 1)) + (Lt - 1) (f(1, 2) - f(1, 1))). Attention is counted as
+    `xla` computes it (the whole S x S, masked half included) whatever the run's `attention`; the
+    optimizer update is counted once per micro-batch (elementwise, well under 0.1% at 8B).
+    Returns {"flops", "per_student_layer", "per_teacher_layer", "rest"} (per device, per micro-batch
+    for the last three)."""
+    from .model import unrolled_layers
+    t_cfg = teacher_cfg if rc.mode == "distill" else None
+    micro = dataclasses.replace(rc, batch_size=rc.batch_size // rc.grad_accum, grad_accum=1, chunk_size=rc.seq_len,
+                                attention="xla")
+    with_teacher = t_cfg is not None and name in ("distill", "eval", "score")
+    with_student = name != "score" or t_cfg is None  # the score step runs the teacher (the student when fine-tuning)
+
+    def count(ls: int, lt: int) -> float:
+        s = dataclasses.replace(student_cfg, num_hidden_layers=ls)
+        t = dataclasses.replace(t_cfg, num_hidden_layers=lt) if t_cfg is not None else None
+        with unrolled_layers():
+            compiled = lower_steps(micro, t or s, s, mesh, (name,))[name].compile()
+        cost = compiled.cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
+
+    f11 = count(1, 1)
+    per_s = count(2, 1) - f11 if with_student else 0.0
+    per_t = count(1, 2) - f11 if with_teacher else 0.0
+    ls = student_cfg.num_hidden_layers if with_student else 1
+    lt = t_cfg.num_hidden_layers if with_teacher else 1
+    rest = f11 - per_s - per_t
+    A = rc.grad_accum if name == "distill" else 1
+    return {"flops": A * (f11 + (ls - 1) * per_s + (lt - 1) * per_t), "per_student_layer": per_s,
+            "per_teacher_layer": per_t, "rest": rest}
+
+
+_COLLECTIVE = re.compile(r" = (.*?) (all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)(?:-start)?\(")
+_WHILE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+_CONSTANT = re.compile(r"s32\[\]\S* constant\((\d+)\)")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, float]:
+    """Bytes each kind of collective moves in one run of a compiled program (`compiled.as_text()`), per
+    device: each collective's result size times the trip counts of the while loops around it (read from
+    the constant bound in each loop's condition; loops run from 0, as `lax.scan`'s do)."""
+    own: dict[str, dict[str, float]] = {}
+    loops: dict[str, list[tuple[str, str]]] = {}
+    bound: dict[str, int] = {}
+    entry = comp = None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%").split("(")[0]
+            entry = comp if line.startswith("ENTRY") else entry
+            continue
+        if comp not in bound and (c := _CONSTANT.search(line)) is not None:
+            bound[comp] = int(c.group(1))
+        if " while(" in line and (w := _WHILE.search(line)) is not None:
+            loops.setdefault(comp, []).append((w.group(2), w.group(1)))
+        elif (m := _COLLECTIVE.search(line)) is not None:
+            size = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(x) for x in dims.split(",") if x)
+                       for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
+            kinds = own.setdefault(comp, {})
+            kinds[m.group(2)] = kinds.get(m.group(2), 0.0) + size
+
+    def total(c: str, seen=()) -> dict[str, float]:
+        out = dict(own.get(c, {}))
+        for body, cond in loops.get(c, []):
+            if body not in seen:
+                for k, v in total(body, seen + (c,)).items():
+                    out[k] = out.get(k, 0.0) + bound.get(cond, 1) * v
+        return out
+
+    return total(entry) if entry else {}
+
+
 def figures(compiled, analytic: float) -> dict[str, Any]:
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -116,7 +205,7 @@ def figures(compiled, analytic: float) -> dict[str, Any]:
     # live at once: inputs, outputs not written into donated inputs, scratch, and the program
     out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
                          + out["code_bytes"])
-    out["flops"] = float(cost.get("flops", 0.0))
+    out["flops_loop_bodies_once"] = float(cost.get("flops", 0.0))  # replaced by the per-step count in compile_steps
     out["analytic_flops"] = float(analytic)
     return out
 
@@ -149,7 +238,7 @@ def lower_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfi
                 rep = NamedSharding(mesh, PartitionSpec())  # compute_scores makes its state under the mesh
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                                      jax.eval_shape(lambda: init_state(cfg)))
-                step = jax.jit(make_step(cfg, ScoreConfig(), rc.compute_dtype), donate_argnums=1)
+                step = jax.jit(make_step(cfg, ScoreConfig(), rc.compute_dtype, rc.attention), donate_argnums=1)
                 out[name] = step.lower(params, state, ids, mask)
             else:
                 raise AOTError(f"unknown step {name!r}; choose from distill, score, eval")
@@ -173,10 +262,11 @@ def compile_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCon
     """Compile the run's steps for `topology`; returns the figures `minitron plan --compile` prints and writes:
     {"topology", "devices", "mesh", "hbm_per_device_bytes", "steps": {name: {...}}, "fits", "compile_s"}.
 
-    XLA's `flops` count each loop body once (the layer scan and the grad_accum scan), so for L layers and
-    A micro-batches they are about 1/(L x A) of the work done; `analytic_flops` counts every iteration.
-    With one layer and one micro-batch the two agree to within ~30% (XLA also counts the masked half of
-    causal attention and elementwise work)."""
+    `collective_bytes` is what the step's collectives move per device (`collective_bytes`, loops counted
+    by their trip counts). `flops` is XLA's count for the whole optimizer step (`xla_step_flops`: loop-free variants, since the
+    compiled step's own count, kept as `flops_loop_bodies_once`, visits each loop body once);
+    `analytic_flops` is `LlamaConfig.flops_per_token`'s. They agree to within ~30% (XLA also counts the
+    masked half of causal attention and elementwise work)."""
     rc.validate()
     mesh = topology_mesh(rc, topology)
     n = mesh.size
@@ -186,7 +276,10 @@ def compile_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCon
     for name in steps:
         t0 = time.perf_counter()
         lowered = lower_steps(rc, teacher_cfg, student_cfg, mesh, (name,))[name]
-        res["steps"][name] = figures(lowered.compile(), analytic[name])
+        compiled = lowered.compile()
+        res["steps"][name] = figures(compiled, analytic[name])
+        res["steps"][name]["collective_bytes"] = sum(collective_bytes(compiled.as_text()).values())
+        res["steps"][name]["flops"] = xla_step_flops(rc, teacher_cfg, student_cfg, mesh, name)["flops"]
         res["compile_s"][name] = round(time.perf_counter() - t0, 1)
     hbm = res["hbm_per_device_bytes"]
     res["fits"] = all(s["peak_bytes"] <= hbm for s in res["steps"].values())
@@ -219,10 +312,10 @@ def format_compiled(res: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GiB:,.2f}"  # noqa: E731
     lines = [f"{res['topology']}: {res['devices']} devices, mesh {res['mesh']}, HBM {gib(res['hbm_per_device_bytes'])} "
              "GiB per device; XLA figures per device per optimizer step",
-             f"  {'step':<8} {'args GiB':>9} {'out GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'XLA TFLOP':>10} "
-             f"{'analytic':>9} {'compile s':>9}  fits"]
+             f"  {'step':<8} {'args GiB':>9} {'out GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'coll GiB':>9} "
+             f"{'XLA TFLOP':>10} {'analytic':>9} {'compile s':>9}  fits"]
     for name, s in res["steps"].items():
         lines.append(f"  {name:<8} {gib(s['argument_bytes']):>9} {gib(s['output_bytes']):>9} {gib(s['temp_bytes']):>9} "
-                     f"{gib(s['peak_bytes']):>9} {s['flops'] / 1e12:>10.2f} {s['analytic_flops'] / 1e12:>9.2f} "
-                     f"{res['compile_s'][name]:>9}  {'yes' if s['peak_bytes'] <= res['hbm_per_device_bytes'] else 'NO'}")
+                     f"{gib(s['peak_bytes']):>9} {gib(s.get('collective_bytes', 0)):>9} {s['flops'] / 1e12:>10.2f} "
+                     f"{s['analytic_flops'] / 1e12:>9.2f} {res['compile_s'][name]:>9}  {'yes' if s['peak_bytes'] <= res['hbm_per_device_bytes'] else 'NO'}")
     return "\n".join(lines)

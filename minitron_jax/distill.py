@@ -9,16 +9,18 @@ correction; `kd_term`, plus `hidden_term` when hidden_weight > 0, for distillati
 accumulation scans over micro-batches and sums each term's token sums divided by the whole step's
 token count, so the update is the full batch's token mean whatever the packing or process count.
 
-`train` is a linear loop (batch, step, NaN check) followed by hooks: evaluation, metrics (JSONL,
-TensorBoard, progress line), the caller's hooks, checkpointing. Orbax checkpoints (async, keep last N,
-every N steps and on SIGTERM) hold the student parameters, optimizer state, step and data-loader
-state, so `resume=true` continues exactly.
+`train` is a linear loop (batch, step, check that the loss and gradient norm are finite) followed by
+hooks: evaluation, metrics (JSONL, TensorBoard, progress line), the caller's hooks, the stop agreement,
+checkpointing. SIGTERM on any process stops every process after the same step (the flag is combined
+across processes each step). Orbax checkpoints (async, keep last N, every N steps and on SIGTERM) hold
+the student parameters, optimizer state, step and data-loader state, so `resume=true` continues exactly.
 
-Before any weights or data load, `train` checks the recipe, the mesh against the devices and the
-model pair, then holds `out` for the whole run (`lock.output_lock`: a second run into it is refused).
-A resume (resume.py) first compares the recipe with the checkpoints' recipe.json (`recipe.check_resume`) and the
-student's shapes with the checkpoint's; it restores the newest checkpoint that reads, moving damaged
-newer ones aside. recipe.json is (re)written only once the run has started or resumed.
+Before any weights or data load, `train` checks the recipe, the mesh against the devices, the batch
+against the mesh and the model pair, then holds `out` for the whole run (`lock.output_lock`: a second
+run into it is refused). A resume (resume.py) first compares the recipe with the checkpoints'
+recipe.json (`recipe.check_resume`) and the student's shapes with the checkpoint's; it restores the
+newest checkpoint that reads, moving damaged newer ones aside. recipe.json is (re)written only once the
+run has started or resumed.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .aot import check_batch
 from .atomic import write_text
 from .checkpoint import abstract_params
 from .config import LlamaConfig
@@ -57,6 +60,15 @@ from .sharding import batch_sharding, named_sharding, resolve_mesh_shape, to_glo
 
 class TrainingError(RuntimeError):
     pass
+
+
+class Preempted(TrainingError):
+    """The run stopped early (SIGTERM on any process) with a checkpoint at `step`: `minitron distill`,
+    `finetune` and `run` exit with 143 (128 + SIGTERM) so that a scheduler requeues them."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 # ---------------------------------------------------------------------------- FLOPs / MFU
@@ -379,6 +391,12 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
     if rc.batch_size % (rc.grad_accum * jax.process_count()):
         raise TrainingError(f"batch_size={rc.batch_size} must divide by grad_accum x processes = "
                             f"{rc.grad_accum} x {jax.process_count()}")
+    data, fsdp, tensor = check_mesh(rc)
+    if (data * fsdp) % jax.process_count():  # each process feeds its own rows: the batch axes must span them
+        raise RecipeError(f"mesh={list(rc.mesh)} has {data * fsdp} data-parallel devices (data x fsdp) for "
+                          f"{jax.process_count()} processes: each process loads its own rows, so data x fsdp must "
+                          f"be a multiple of {jax.process_count()}; e.g. mesh=[1,-1,{tensor}]")
+    check_batch(rc, data * fsdp, jax.device_count())  # rows that do not divide would be replicated, not split
     return s_cfg, t_cfg, tok
 
 
@@ -386,7 +404,9 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
 class Run:
     """What hooks see after each step: the recipe, the output directory, the checkpoint manager, the
     step just taken, the new state (do not keep it: the next step donates it) and this step's record
-    (hooks add to it). A hook sets `stop` to end the run after this step's hooks with a checkpoint."""
+    (hooks add to it). A hook sets `stop` to end the run after this step's hooks with a checkpoint.
+    The SIGTERM handler only sets `signal` (at any moment); `stop_hook` turns it into `stop` at a step
+    that every process agrees on."""
     rc: RunConfig
     out: Path
     checkpoints: ocp.CheckpointManager
@@ -397,6 +417,7 @@ class Run:
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
     last_saved: int | None = None
     stop: str | None = None  # why the run ends early ("SIGTERM"), None while it goes on
+    signal: str | None = None  # set by the SIGTERM handler; read only by stop_hook
 
 
 Hook = Callable[[Run], Any]
@@ -422,6 +443,22 @@ def metrics_hook(prog: Progress, tb) -> Hook:
     return hook
 
 
+def stop_hook(run: Run) -> None:
+    """Sets `stop` on every process when any process has `stop` or `signal` set: with several processes
+    their flags are combined (one small all-gather per step), so all stop after the same step and save
+    the same checkpoint together (orbax saves are collective). One process: no collective."""
+    sig = run.signal  # read once: the handler may set it at any moment
+    mine = 2 if sig else 1 if run.stop else 0
+    run.stop = run.stop or sig
+    if jax.process_count() == 1:
+        return
+    from jax.experimental.multihost_utils import process_allgather
+    flags = np.asarray(process_allgather(np.int32(mine)))
+    if not run.stop and flags.any():
+        who = int(np.flatnonzero(flags)[0])
+        run.stop = f"{'SIGTERM' if flags[who] == 2 else 'stop'} on process {who}"
+
+
 def checkpoint_hook(run: Run) -> None:
     """Save every save_every steps, at the last step, and when the run stops early (preemption)."""
     if run.step % run.rc.save_every == 0 or run.step == run.rc.steps or run.stop:
@@ -438,15 +475,16 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
     """Run distillation (or fine-tuning) as the recipe says; returns a summary dict.
 
     The recipe, the mesh and the model pair are checked first, then `out` is held for the whole run
-    (a second run into it is refused). The loop is linear: next batch, jitted step, NaN check, then the
-    hooks in order: evaluation, metrics, the caller's `hooks` (each `hook(run: Run)`), checkpointing.
-    SIGTERM (preemption) sets `run.stop`: the step finishes, is checkpointed, and `train` returns with
-    `preempted_at`."""
+    (a second run into it is refused). The loop is linear: next batch, jitted step, check that the loss
+    and gradient norm are finite, then the hooks in order: evaluation, metrics, the caller's `hooks` (each
+    `hook(run: Run)`), the stop agreement (`stop_hook`), checkpointing. SIGTERM (preemption) on any
+    process stops every process after the same step, which is checkpointed; `train` returns with
+    `preempted_at` (the CLI then exits 143, see `Preempted`)."""
     log = log or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
     rc.validate()
     maybe_initialize_distributed(rc)
     check_mesh(rc)
-    s_cfg, t_cfg, tok = check_pair(rc)
+    s_cfg, t_cfg, tok = check_pair(rc)  # also the batch against the mesh
     with output_lock(rc.out, f"minitron {rc.mode}"), contextlib.ExitStack() as stack:
         return _train(rc, s_cfg, t_cfg, tok, log, hooks, stack)
 
@@ -529,8 +567,8 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
 
     run = Run(rc=rc, out=out, checkpoints=mngr, loader=loader, log=log, step=int(jax.device_get(state["step"])),
               state=state, last_saved=mngr.latest_step())
-    try:  # SIGTERM (preemption): finish the step, checkpoint, return
-        prev = signal.signal(signal.SIGTERM, lambda s, f: setattr(run, "stop", "SIGTERM"))
+    try:  # SIGTERM (preemption): finish the step, agree on it with the other processes, checkpoint, return
+        prev = signal.signal(signal.SIGTERM, lambda s, f: setattr(run, "signal", "SIGTERM"))
     except ValueError:  # not the main thread: no handler
         prev = None
     tb = None
@@ -546,7 +584,7 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
     if start_eval:
         log(f"step 0 held-out: {json.dumps({k: round(v, 4) for k, v in start_eval.items()})}")
         prog.record({"stage": rc.mode, "step": 0, **start_eval})
-    all_hooks = [evaluation_hook(evaluate), metrics_hook(prog, tb), *hooks, checkpoint_hook]
+    all_hooks = [evaluation_hook(evaluate), metrics_hook(prog, tb), *hooks, stop_hook, checkpoint_hook]
     summary: dict[str, Any] = {"start_eval": start_eval}
     try:
         while run.step < rc.steps and not run.stop:
@@ -559,9 +597,10 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
                 state, metrics = step_fn(state, t_params, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
-            if not math.isfinite(metrics["loss"]):
+            bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
+            if bad:  # before any hook: the state this step made is never saved
                 raise TrainingError(
-                    f"loss is {metrics['loss']} at step {run.step + 1}: stopped without saving this state. The last "
+                    f"{bad} is {metrics[bad]} at step {run.step + 1}: stopped without saving this state. The last "
                     f"good checkpoint is step {run.last_saved} in {ckpt_dir} (resume=true continues from it); "
                     "lower lr, check the data, or use fp32 compute")
             run.step, run.state = run.step + 1, state
@@ -570,8 +609,6 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
             for hook in all_hooks:
                 hook(run)
             summary.update(run.record)
-        if run.stop and run.last_saved != run.step:  # SIGTERM landed after this step's checkpoint hook
-            checkpoint_hook(run)
     finally:
         mngr.wait_until_finished()
         prog.close()

@@ -34,14 +34,15 @@ class EvalError(DataError):
     """An evaluation that gave no finite number."""
 
 
-def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) -> Callable:
+def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK, attention: str = "xla") -> Callable:
     """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, their count).
 
-    The training loss (`losses.lm_loss_from_hidden`, chunked over the sequence): no [B, S, V] logits."""
+    The training loss (`losses.lm_loss_from_hidden`, chunked over the sequence): no [B, S, V] logits.
+    `attention`: the implementation (`attention.IMPLEMENTATIONS`)."""
 
     def loss_sum(params, ids, mask, gates):
         h = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype,
-                    return_hidden=True)
+                    return_hidden=True, attention=attention)
         targets, tmask = next_token_targets(ids, mask)
         return lm_loss_from_hidden(h, lm_head_weight(params, cfg), targets, tmask, chunk_size, normalizer=1.0), tmask.sum()
 
@@ -67,10 +68,11 @@ def mesh_context(mesh):
 
 
 def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.ndarray, *, batch_size: int = 8,
-                 mesh=None, compute_dtype=None, progress=None) -> np.ndarray:
-    """Mean LM loss under each row of `gate_sets` [K, L]; one compile for all rows and batches."""
+                 mesh=None, compute_dtype=None, progress=None, attention: str = "xla") -> np.ndarray:
+    """Mean LM loss under each row of `gate_sets` [K, L]; one compile for all rows and batches, whose rows
+    are split over `mesh`'s batch axes when given."""
     check_token_ids(samples, cfg.vocab_size, "the evaluation rows")
-    fn = jax.jit(make_loss_fn(cfg, compute_dtype))
+    fn = jax.jit(make_loss_fn(cfg, compute_dtype, attention=attention))
     with mesh_context(mesh):
         data = [(put(i, mesh), put(m, mesh)) for i, m in batches(samples, batch_size)]
         out = []
@@ -143,13 +145,13 @@ def _encode_pairs(items, tokenizer, max_len: int):
     return rows, spans
 
 
-def make_choice_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK) -> Callable:
+def make_choice_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK, attention: str = "xla") -> Callable:
     """choice_logprob(params, ids, mask, target_mask, gates) -> [B] sums of log p(token | prefix) over the
     tokens marked in `target_mask` (chunked: `losses.token_logprob_sums`)."""
 
     def choice_logprob(params, ids, mask, target_mask, gates):
         h = forward(params, cfg, ids, attention_mask=mask, layer_gates=gates, compute_dtype=compute_dtype,
-                    return_hidden=True)
+                    return_hidden=True, attention=attention)
         targets, _ = next_token_targets(ids, mask)
         # position t predicts token t+1: it is scored when token t+1 belongs to the choice
         scored = jnp.concatenate([target_mask[:, 1:], jnp.zeros_like(target_mask[:, :1])], axis=1)
@@ -159,8 +161,9 @@ def make_choice_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK
 
 
 def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], *, gate_sets=None,
-                    batch_size: int = 16, max_len: int = 256, compute_dtype=None, progress=None) -> list[dict[str, float]]:
-    """acc and acc_norm for each row of `gate_sets` (default: the full model)."""
+                    batch_size: int = 16, max_len: int = 256, compute_dtype=None, progress=None, mesh=None,
+                    attention: str = "xla") -> list[dict[str, float]]:
+    """acc and acc_norm for each row of `gate_sets` (default: the full model); batches split over `mesh`."""
     if not items:
         raise DataError("no multiple-choice items to evaluate")
     rows, spans = _encode_pairs(items, tokenizer, max_len)
@@ -176,7 +179,7 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         r = int(np.flatnonzero((ids >= cfg.vocab_size).any(1) | (ids < 0).any(1))[0])
         n = int(np.searchsorted(np.cumsum([len(it["choices"]) for it in items]), r, side="right"))
         check_token_ids(ids[r], cfg.vocab_size, f"task item {n}")
-    fn = jax.jit(make_choice_fn(cfg, compute_dtype))
+    fn = jax.jit(make_choice_fn(cfg, compute_dtype, attention=attention))
     gate_sets = np.ones((1, cfg.num_hidden_layers), np.float32) if gate_sets is None else np.asarray(gate_sets, np.float32)
     nchars = np.asarray([len(c) for it in items for c in it["choices"]], np.float64)  # lm-eval: characters
     results = []
@@ -185,8 +188,9 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
         for i in range(0, len(rows), batch_size):
             sl = slice(i, i + batch_size)
             pad = batch_size - len(ids[sl])
-            b = [np.pad(x[sl], ((0, pad), (0, 0))) for x in (ids, mask, tmask)]
-            lp.append(np.asarray(fn(params, *map(jnp.asarray, b), jnp.asarray(gates)))[: batch_size - pad])
+            b = [put(np.pad(x[sl], ((0, pad), (0, 0))), mesh) for x in (ids, mask, tmask)]
+            with mesh_context(mesh):
+                lp.append(np.asarray(fn(params, *b, jnp.asarray(gates)))[: batch_size - pad])
         lp = np.concatenate(lp)
         if not np.isfinite(lp).all():
             k = int(np.flatnonzero(~np.isfinite(lp))[0])
@@ -207,9 +211,37 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
 
 
 def evaluate_model(params, cfg: LlamaConfig, tokenizer, rows: np.ndarray, items: Sequence[dict], *,
-                   batch_size: int = 8) -> dict[str, float]:
-    """Held-out loss / perplexity on packed `rows` plus accuracy on multiple-choice `items`."""
+                   batch_size: int = 8, mesh=None, compute_dtype=None, attention: str = "xla") -> dict[str, float]:
+    """Held-out loss / perplexity on packed `rows` plus accuracy on multiple-choice `items` (what
+    `minitron eval` and the evaluate stage of `minitron run` report); batches split over `mesh`."""
     import math
-    loss = lm_loss(params, cfg, rows, batch_size=batch_size)
-    mc = multiple_choice(params, cfg, tokenizer, items, batch_size=batch_size)[0]
+    kw = dict(batch_size=batch_size, mesh=mesh, compute_dtype=compute_dtype, attention=attention)
+    loss = lm_loss(params, cfg, rows, **kw)
+    mc = multiple_choice(params, cfg, tokenizer, items, **kw)[0]
     return {"params": cfg.param_count(), "tokens": int(rows.size), "loss": loss, "perplexity": math.exp(loss), **mc}
+
+
+def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: str | Path | None = None,
+             task_items: int = 100, holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
+             text_field: str = "text", vocab_size: int | None = None) -> tuple[np.ndarray, list[dict]]:
+    """(rows [samples, seq_len], multiple-choice items): what `evaluate_model` is given by `minitron eval` and
+    by the evaluate stage of `minitron run`.
+
+    The held-out documents are split off as training splits them (`loader.build_corpus` with the same
+    `holdout` names, or the same seeded `holdout_fraction`), so a distilled model is never evaluated on rows
+    it trained on; with neither, every document is evaluated. Rows are the first `samples` of the packed
+    held-out rows (concat packing, seeded document order). Items come from `task` (JSONL) when given, else
+    `next_line_task` over the held-out documents."""
+    from .data import read_documents, split_documents
+    from .loader import build_corpus
+    train, held = build_corpus(data, tokenizer, seq_len, holdout=holdout, holdout_fraction=holdout_fraction,
+                               seed=seed, text_field=text_field, vocab_size=vocab_size)
+    rows = (held if held is not None else train).tokens
+    if len(rows) < samples:
+        raise DataError(f"{data}: the held-out documents give {len(rows)} rows of {seq_len} tokens, fewer than the "
+                        f"{samples} asked for; lower the sample count or seq_len, or hold out more documents")
+    if task:
+        return np.asarray(rows[:samples]), load_task(task)
+    docs = read_documents(data, text_field)
+    held_docs = split_documents(docs, holdout, holdout_fraction, seed)[1] if (holdout or holdout_fraction) else docs
+    return np.asarray(rows[:samples]), next_line_task(held_docs, task_items, seed=seed)

@@ -111,13 +111,13 @@ def merge_moments(n, mean, m2, x, w):
     return n_new, mean + delta * frac, m2 + m2_b + delta * delta * n * frac
 
 
-def make_step(cfg: LlamaConfig, sc: ScoreConfig, compute_dtype=None) -> Callable:
+def make_step(cfg: LlamaConfig, sc: ScoreConfig, compute_dtype=None, attention: str = "xla") -> Callable:
     """step(params, state, ids, mask) -> state: one forward, statistics merged on device."""
     capture = _capture_fn(sc)
 
     def step(params, state, ids, mask):
         _, (red, bi) = forward(params, cfg, ids, attention_mask=mask, capture=capture, return_hidden=True,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, attention=attention)
         real = (mask.sum(1) > 0).astype(jnp.float32)  # rows that are all padding count for nothing
         mean, m2 = {}, {}
         for k, v in red.items():  # v [L, B, C]
@@ -149,10 +149,10 @@ def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[s
 
 def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int = 8,
                    score_config: ScoreConfig = ScoreConfig(), mesh=None, compute_dtype=None,
-                   stream=None, metrics_path=None) -> dict[str, np.ndarray]:
+                   stream=None, metrics_path=None, attention: str = "xla") -> dict[str, np.ndarray]:
     """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given."""
     check_token_ids(samples, cfg.vocab_size, "the calibration rows")
-    step = jax.jit(make_step(cfg, score_config, compute_dtype), donate_argnums=1)
+    step = jax.jit(make_step(cfg, score_config, compute_dtype, attention), donate_argnums=1)
     n_batches = -(-len(samples) // batch_size)
     prog = Progress(n_batches, "score", metrics_path=metrics_path, stream=stream)
     with mesh_context(mesh):
@@ -300,17 +300,18 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
 
 def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size: int, layer_loss_samples: int = 0,
                      window: int = 0, tokenizer=None, task_items=None, mesh=None, compute_dtype=None,
-                     metrics_path=None) -> dict:
+                     metrics_path=None, window_samples: int = 0, attention: str = "xla") -> dict:
     """Add the depth scores that need one forward per candidate (in place; returns `scores`).
 
     `layer_loss_samples` > 0 adds `layer_loss` [L] (LM loss with each layer skipped, on that many rows).
     `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
-    with the block skipped (on `layer_loss_samples` rows, else up to 32), or 1 - acc_norm on
-    `task_items` (multiple-choice) when given."""
+    with the block skipped (on `window_samples` rows if > 0, else `layer_loss_samples`, else up to 32),
+    or 1 - acc_norm on `task_items` (multiple-choice) when given."""
+    kw = dict(mesh=mesh, compute_dtype=compute_dtype, attention=attention)
     if layer_loss_samples:
         prog = Progress(cfg.num_hidden_layers, "layer-loss", metrics_path=metrics_path)
         scores["layer_loss"] = layer_skip_losses(params, cfg, rows[:layer_loss_samples], batch_size=batch_size,
-                                                 mesh=mesh, compute_dtype=compute_dtype, progress=prog)
+                                                 progress=prog, **kw)
         prog.close()
     if window:
         gates = window_gates(cfg.num_hidden_layers, window)
@@ -318,40 +319,45 @@ def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size:
         if task_items:
             from .evaluate import multiple_choice
             res = multiple_choice(params, cfg, tokenizer, task_items, gate_sets=gates, batch_size=batch_size,
-                                  compute_dtype=compute_dtype, progress=prog)
+                                  progress=prog, **kw)
             scores["layer_window"] = np.asarray([1.0 - r["acc_norm"] for r in res], np.float32)
         else:
-            n = layer_loss_samples or min(len(rows), 32)
-            scores["layer_window"] = gated_losses(params, cfg, rows[:n], gates, batch_size=batch_size, mesh=mesh,
-                                                  compute_dtype=compute_dtype, progress=prog)
+            n = window_samples or layer_loss_samples or min(len(rows), 32)
+            scores["layer_window"] = gated_losses(params, cfg, rows[:n], gates, batch_size=batch_size, progress=prog,
+                                                  **kw)
         prog.close()
     return scores
 
 
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
-                layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text") -> Path:
+                layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text",
+                exclude: str | list[str] = (), window_samples: int = 0, attention: str = "xla") -> Path:
     """Calibration data -> `out_dir/scores.safetensors` (+ scores.png, metrics.jsonl); returns the file.
+    `minitron score` and the score stage of `minitron run` both call it.
 
     `layer_loss_samples` > 0 adds `layer_loss` [L] (LM loss with each layer skipped, on that many rows).
     `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
-    with the block skipped, or 1 - acc_norm on `task_items` (multiple-choice) when given."""
-    from .data import load_samples
+    with the block skipped (on `window_samples` rows, else as `add_depth_scores`), or 1 - acc_norm on
+    `task_items` (multiple-choice) when given. `exclude`: document names (as `holdout`) never used for
+    calibration. Forward passes are sharded over `mesh` with the `attention` implementation."""
+    from .data import load_samples, parse_holdout
 
     out_dir = Path(out_dir)
     params, cfg = model.params(), model.config
-    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=cfg.vocab_size)  # fails fast
+    exclude = parse_holdout(exclude)
+    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=cfg.vocab_size,
+                        exclude=exclude)  # fails fast
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, mesh=mesh,
-                            compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
+    kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl", attention=attention)
+    scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
     add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
-                     window=window, tokenizer=tokenizer, task_items=task_items, mesh=mesh,
-                     compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl")
+                     window=window, tokenizer=tokenizer, task_items=task_items, window_samples=window_samples, **kw)
     meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
             "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
             "window": window, "window_metric": ("task" if task_items else "loss") if window else "",
-            "config": json.dumps(cfg.to_hf_dict())}
+            "window_samples": window_samples, "exclude": ",".join(exclude), "config": json.dumps(cfg.to_hf_dict())}
     path = save_scores(out_dir / "scores.safetensors", scores, meta, cfg=cfg, params=params)
     plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "
                 f"{samples} x {seq_len} tokens, ({score_config.batch_agg}, {score_config.seq_agg})")

@@ -15,6 +15,8 @@ One definition serves scoring, pruning, distillation and export:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -30,6 +32,20 @@ from .sharding import constrain
 LAYER_PARAMS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
 CAPTURE_SITES = ("layer_in", "attn_norm", "o_proj_in", "mlp_norm", "mlp_pre", "down_proj_in", "layer_out")
+_UNROLL_LAYERS = contextvars.ContextVar("minitron_unroll_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """Trace `forward` with its layer loop unrolled (same math): XLA's cost analysis counts a loop body
+    once, so `aot.xla_step_flops` counts FLOPs on unrolled programs."""
+    token = _UNROLL_LAYERS.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_LAYERS.reset(token)
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -231,7 +247,7 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
         lp, gate = xs
         return layer(h, lp, gate)
 
-    h, stats = jax.lax.scan(body, h, (params["layers"], layer_gates))
+    h, stats = jax.lax.scan(body, h, (params["layers"], layer_gates), unroll=_UNROLL_LAYERS.get())
     h = rms_norm(h, params["norm"], eps)
     if return_hidden:
         out = h

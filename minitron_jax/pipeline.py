@@ -1,13 +1,20 @@
 """`minitron run CONFIG`: fetch -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
 
 Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
-the first unfinished stage (distillation itself resumes from its last checkpoint).
+the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
+not marked done and raises `distill.Preempted`). One mesh, built from the distillation recipe's `mesh`,
+serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
+subcommand calls: `importance.score_model` (`minitron score`), `prune_io.prune_saved` (`minitron prune`),
+`distill.train` (`minitron distill|finetune`), `evaluate.eval_set` + `evaluate.evaluate_model`
+(`minitron eval`). Held-out documents (`holdout` names, else the recipe's seeded `holdout_fraction`) are
+excluded from calibration and training and are the only rows evaluated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +67,8 @@ class ScoreSettings:
 class PruneSettings:
     target: str | None = None  # a shape: hidden_size=432,intermediate_size=1024 / drop_layers=15-30 / ...
     params: str | None = None  # or a parameter budget (80M, 4.5e9): shapes searched, ranked by loss
+    # calibration rows (score.seq_len tokens, training documents only) that rank a budget's candidates
+    calib_samples: int = 16
 
     def __post_init__(self):
         if (self.target is None) == (self.params is None):
@@ -172,6 +181,7 @@ class Pipeline:
         keys += order.get(name, ["score", "prune", "recipe", "distill", "eval"])
         out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
         if not c.finetune.steps:  # no teacher correction: its other settings change nothing
             out["finetune"] = {"steps": 0}
         if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output
@@ -228,10 +238,30 @@ class Pipeline:
                                   f"target; {chosen} has none: remove score.task or use depth_metric=window, e.g. "
                                   f"prune.target=num_hidden_layers=N,depth_metric=window")
             load_task(self.cfg.score.task)
-        split_documents(read_documents(data), holdout=self.cfg.holdout)
-        distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
+        rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
+        if rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR"):
+            raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
+                              "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
+                              "e.g. with launch/tpu_vm.sh")
+        split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
+        if not self.cfg.holdout and rc.holdout_fraction == 0:
+            raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
+                              "out a seeded fraction (distill.holdout_fraction=0.001)")
         if self.cfg.finetune.steps:
             finetune_recipe(self.cfg, student=str(teacher), data=str(data))
+
+    def mesh(self):
+        """The one mesh every stage runs on: the distillation recipe's `mesh` over the devices here."""
+        from .distill import check_mesh
+        from .sharding import make_mesh
+        rc = distill_recipe(self.cfg, teacher="-", student="-", data="-")
+        return make_mesh(*check_mesh(rc))
+
+    def split(self) -> dict:
+        """How held-out documents are chosen, as `build_corpus` / `evaluate.eval_set` take it."""
+        c = self.cfg
+        return {"holdout": list(c.holdout), "holdout_fraction": 0.0 if c.holdout else c.distill.holdout_fraction,
+                "seed": c.seed}
 
     # ------------------------------------------------------------------ run
     def run(self, until: str | None = None) -> dict:
@@ -246,26 +276,35 @@ class Pipeline:
 
     def _run(self, until: str | None) -> dict:
         from .config import LlamaConfig
-        from .distill import train
-        from .hf import from_pretrained, load_tokenizer, save_params
-        from .importance import (add_depth_scores, check_scores_match, compute_scores, load_scores, plot_scores,
-                                  save_scores)
-        from .loader import build_corpus
-        from .prune import PruneTarget, prune, prune_record, required_scores, save_prune_record, search
-        from .evaluate import lm_loss, load_task
+        from .distill import Preempted, train
+        from .evaluate import load_task
+        from .hf import from_pretrained, load_tokenizer
+        from .importance import score_model
+        from .prune import required_scores
+        from .prune_io import prune_saved
 
         teacher_dir, data = self.inputs()
         self.validate(teacher_dir, data)
+        mesh = self.mesh()
         self.out.mkdir(parents=True, exist_ok=True)
         c = self.cfg
+        attention, text_field = c.distill.attention, c.distill.text_field
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
         tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
         common = {"data": str(data), "holdout": list(c.holdout), "seed": c.seed}
 
+        def trained(rc, stage: str) -> dict:
+            summary = train(rc, self.log)
+            if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
+                step = summary["preempted_at"]
+                raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "
+                                f"rerun the same `minitron run` to continue from it", step)
+            return summary
+
         if c.finetune.steps:
             def finetune():
                 rc = finetune_recipe(c, **common, student=str(teacher_dir), out=str(self.out / "finetune"), resume=True)
-                return {"summary": train(rc, self.log), "teacher": str(self.out / "finetune" / "student_hf")}
+                return {"summary": trained(rc, "finetune"), "teacher": str(self.out / "finetune" / "student_hf")}
             corrected = self.stage("finetune", finetune)
             teacher_dir = Path(corrected["teacher"])
             if until == "finetune":
@@ -274,49 +313,27 @@ class Pipeline:
             return {}
 
         def score():
-            train_rows, _ = build_corpus(data, tok, c.score.seq_len, holdout=tuple(c.holdout), seed=c.seed,
-                                         vocab_size=tok_vocab)
-            rows = train_rows.tokens[: c.score.samples]
-            model = from_pretrained(teacher_dir)
-            (self.out / "score").mkdir(parents=True, exist_ok=True)
-            metrics = self.out / "score" / "metrics.jsonl"
-            scores = compute_scores(model.params(), model.config, rows, batch_size=c.score.batch_size,
-                                    metrics_path=metrics)
-            need = required_scores(model.config, c.prune.target) if c.prune.target is not None else {}
+            need = required_scores(LlamaConfig.from_file(teacher_dir), c.prune.target) if c.prune.target else {}
             n = c.score.layer_samples
-            window = model.config.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
-            add_depth_scores(scores, model.params(), model.config, rows[:n], batch_size=c.score.batch_size,
-                             layer_loss_samples=n if "layer_loss" in need else 0, metrics_path=metrics,
-                             window=window, tokenizer=tok,
-                             task_items=load_task(c.score.task) if window and c.score.task else None)
-            path = save_scores(self.out / "score" / "scores.safetensors", scores,
-                               {"samples": len(rows), "seq_len": c.score.seq_len, "source_model": str(teacher_dir),
-                                "batch_agg": "l2", "seq_agg": "mean", "layer_samples": n,
-                                **({"window_task": c.score.task} if window and c.score.task else {})},
-                               cfg=model.config, params=model.params())
-            plot_scores(scores, self.out / "score" / "scores.png", title=f"importance, {len(rows)} x {c.score.seq_len}")
+            window = LlamaConfig.from_file(teacher_dir).num_hidden_layers - need["layer_window"][0] + 1 \
+                if "layer_window" in need else 0
+            model = from_pretrained(teacher_dir, mesh=mesh)
+            path = score_model(model, tok, data, self.out / "score", samples=c.score.samples, seq_len=c.score.seq_len,
+                               batch_size=c.score.batch_size, seed=c.seed, mesh=mesh, attention=attention,
+                               layer_loss_samples=n if "layer_loss" in need else 0, window=window, window_samples=n,
+                               task_items=load_task(c.score.task) if window and c.score.task else None,
+                               text_field=text_field, exclude=list(c.holdout))
             return {"scores": str(path)}
         scored = self.stage("score", score)
         if until == "score":
             return scored
-        scores_path = scored["scores"]
 
         def do_prune():
-            model = from_pretrained(teacher_dir)
-            scores, meta = load_scores(scores_path)
-            check_scores_match(meta, model.config, model.params(), model=str(teacher_dir))
-            if c.prune.params is not None:
-                rows = self.eval_rows(data, tok)[: 4]  # calibration loss for ranking; held-out rows are never trained on
-                params, cfg, table = search(model.params(), model.config, scores, c.prune.params,
-                                            lambda p, k: lm_loss(p, k, rows, batch_size=4), log=self.log)
-                target = str(table[0]["spec"])
-            else:
-                target = str(PruneTarget.parse(c.prune.target))
-                params, cfg = prune(model.params(), model.config, scores, target)
-            save_params(params, cfg, self.out / "prune" / "student_hf", source=teacher_dir, overwrite=True)
-            save_prune_record(self.out / "prune" / "student_hf",
-                              prune_record(model.config, scores, target, source=teacher_dir))
-            return {"target": target, "params": cfg.param_count(), "student": str(self.out / "prune" / "student_hf")}
+            return prune_saved(teacher_dir, scored["scores"], self.out / "prune" / "student_hf", target=c.prune.target,
+                               budget=c.prune.params, data=data, calib_samples=c.prune.calib_samples,
+                               seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed,
+                               exclude=list(c.holdout), text_field=text_field, mesh=mesh, attention=attention,
+                               overwrite=True, log=self.log)
         pruned = self.stage("prune", do_prune)
         if until == "prune":
             return pruned
@@ -324,7 +341,7 @@ class Pipeline:
         def distill():
             rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
                                 out=str(self.out / "distill"), resume=True)
-            summary = train(rc, self.log)
+            summary = trained(rc, "distill")
             return {"summary": summary, "student": summary["student_hf"],
                     "tokens": rc.steps * rc.batch_size * rc.seq_len}
         distilled = self.stage("distill", distill)
@@ -333,31 +350,27 @@ class Pipeline:
 
         def evaluate():
             return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
-                                  "distilled": Path(distilled["student"])}, tok, data, self.eval_rows(data, tok),
-                                 {"distilled": distilled["tokens"]})
+                                  "distilled": Path(distilled["student"])}, tok, data,
+                                 {"distilled": distilled["tokens"]}, mesh, vocab_size=tok_vocab)
         results = self.stage("evaluate", evaluate)
         if until == "evaluate":
             return results
         self.stage("report", lambda: self.report(results, pruned, distilled))
         return results
 
-    def eval_rows(self, data: Path, tok):
-        """The held-out rows every model is scored on (never trained on)."""
-        from .loader import build_corpus
-        _, held = build_corpus(data, tok, self.cfg.eval.seq_len, holdout=tuple(self.cfg.holdout), seed=self.cfg.seed)
-        return held.tokens[: self.cfg.eval.samples]
-
-    def evaluate(self, models: dict[str, Path], tok, data: Path, rows, tokens: dict) -> dict:
-        from .data import read_documents, split_documents
-        from .evaluate import evaluate_model, next_line_task
+    def evaluate(self, models: dict[str, Path], tok, data: Path, tokens: dict, mesh=None, vocab_size=None) -> dict:
+        """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
+        from .evaluate import eval_set, evaluate_model
         from .hf import from_pretrained
 
-        _, held = split_documents(read_documents(data), holdout=self.cfg.holdout)
-        items = next_line_task(held, self.cfg.eval.task_items, seed=self.cfg.seed)
+        c = self.cfg
+        rows, items = eval_set(data, tok, seq_len=c.eval.seq_len, samples=c.eval.samples, task_items=c.eval.task_items,
+                               text_field=c.distill.text_field, vocab_size=vocab_size, **self.split())
         out = {}
         for name, path in models.items():
-            m = from_pretrained(path, dtype="float32")
-            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8)
+            m = from_pretrained(path, dtype="float32", mesh=mesh)
+            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8, mesh=mesh,
+                               attention=c.distill.attention)
             out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],
                          "next_line_acc": r["acc"], "next_line_acc_norm": r["acc_norm"],
                          "distill_tokens": tokens.get(name, 0), "path": str(path)}

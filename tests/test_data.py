@@ -189,6 +189,24 @@ def test_load_samples_end_to_end(tmp_path, smollm2_tokenizer):
     np.testing.assert_array_equal(rows, load_samples(tmp_path, tok, n_samples=3, seq_len=32, seed=0))
 
 
+def test_load_samples_skips_held_out_documents(tmp_path, smollm2_tokenizer):
+    """`exclude` (the calibration of `minitron score --holdout` and the score stage): the rows equal those
+    drawn from a copy of the data without the held-out documents."""
+    tok = smollm2_tokenizer
+    (tmp_path / "all").mkdir()
+    (tmp_path / "kept").mkdir()
+    for i in range(5):
+        text = f"Document number {i} says {'abcde'[i]}. " * 30
+        (tmp_path / "all" / f"play{i}.txt").write_text(text)
+        if i not in (1, 3):
+            (tmp_path / "kept" / f"play{i}.txt").write_text(text)
+    got = load_samples(tmp_path / "all", tok, n_samples=4, seq_len=32, seed=3, exclude=["play1", "play3"])
+    np.testing.assert_array_equal(got, load_samples(tmp_path / "kept", tok, n_samples=4, seq_len=32, seed=3))
+    assert not np.array_equal(got, load_samples(tmp_path / "all", tok, n_samples=4, seq_len=32, seed=3))
+    with pytest.raises(DataError, match="outside the held-out play"):
+        load_samples(tmp_path / "all", tok, n_samples=1, seq_len=8, exclude=["play"])
+
+
 # ---------------------------------------------------------------------------- split
 DOCS = [(f"play_{i}.txt", f"text {i}") for i in range(10)]
 

@@ -10,8 +10,8 @@ import torch
 import minitron_jax as mj
 from helpers import save_tiny
 from minitron_jax.data import DataError
-from minitron_jax.evaluate import (gated_losses, lm_loss, load_task, make_choice_fn, make_loss_fn, multiple_choice,
-                                   next_line_task)
+from minitron_jax.evaluate import (evaluate_model, gated_losses, lm_loss, load_task, make_choice_fn, make_loss_fn,
+                                   multiple_choice, next_line_task)
 from minitron_jax.sharding import make_mesh
 
 REL = 1e-5
@@ -342,3 +342,51 @@ def test_next_line_choices_are_distinct_even_with_repeated_lines():
     lines += ["a third different long line here", "and a fourth different long line"]
     for item in next_line_task([("doc", "\n".join(lines))], 20, seed=0):
         assert len(set(item["choices"])) == 4
+
+
+def test_evaluate_model_on_mesh_equals_torch(tiny, torch_lps):
+    """`evaluate_model(mesh=...)` (what `minitron eval --mesh` and the evaluate stage run): the LM loss and the
+    multiple-choice picks on a (2, 2, 2) mesh equal transformers' (fp32, 1e-5), with chunked attention too."""
+    path, ref, _, _ = tiny
+    mesh = make_mesh(2, 2, 2)
+    model = mj.from_pretrained(path, mesh=mesh)
+    full, _ = torch_lps
+    items = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, full)]  # torch's picks: acc must be 1
+    x = samples(n=6, seed=5)
+    for attention in ("xla", "chunked"):
+        r = evaluate_model(model.params(), model.config, CharTokenizer(), x, items, batch_size=4, mesh=mesh,
+                           attention=attention)
+        assert r["loss"] == pytest.approx(torch_loss(ref, x), rel=REL) and r["acc"] == 1.0
+
+
+def test_eval_set_holds_out_what_training_holds_out(tmp_path):
+    """`eval_set` (minitron eval and the evaluate stage): held-out documents chosen as `build_corpus` chooses
+    them for training (names, or the same seeded fraction), rows the first of their packed rows, next-line
+    items only from held-out text; without a split every document is evaluated."""
+    from minitron_jax.data import read_documents, split_documents
+    from minitron_jax.evaluate import eval_set
+    from minitron_jax.loader import build_corpus
+
+    data = tmp_path / "docs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for d in range(6):  # distinct vocabularies: each line reveals its document
+        words = [f"w{d}x{i}" for i in range(40)]
+        (data / f"doc{d}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(60)) + "\n")
+    class BatchTokenizer(CharTokenizer):  # also takes a list of texts, as build_corpus tokenizes
+        def __call__(self, text, add_special_tokens=False):
+            if isinstance(text, list):
+                return {"input_ids": [self.encode(t) for t in text]}
+            return super().__call__(text, add_special_tokens)
+    tok = BatchTokenizer()
+    docs = read_documents(data)
+    for split in ({"holdout": ["doc3", "doc5"]}, {"holdout_fraction": 0.34, "seed": 7}, {}):
+        rows, items = eval_set(data, tok, seq_len=32, samples=5, task_items=12, **split)
+        train, held = build_corpus(data, tok, 32, **split)
+        np.testing.assert_array_equal(rows, (held if held is not None else train).tokens[:5])
+        held_docs = split_documents(docs, **split)[1] if split else docs
+        assert held_docs and len(held_docs) < len(docs) or not split
+        held_text = "".join(t for _, t in held_docs)
+        assert all(c in held_text for it in items for c in it["choices"] + [it["context"]])
+    with pytest.raises(DataError, match="fewer than the 10000 asked for"):
+        eval_set(data, tok, seq_len=32, samples=10_000, holdout=["doc3"])

@@ -95,6 +95,24 @@ def test_sharded_scores_equal_single_device(tiny):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.parametrize("attention", ["chunked", "splash"])
+def test_scores_with_other_attention_equal_xla(tiny, attention):
+    """`attention=` reaches the score step (and the per-layer losses): chunked and splash (interpret mode
+    on CPU, in shard_map over the mesh) give xla's scores, fp32, on a (2, 2, 2) mesh."""
+    path, _, samples = tiny
+    if attention == "splash":  # the kernel needs a multiple of 128 tokens
+        samples = np.random.RandomState(1).randint(0, 128, (8, 128)).astype(np.int32)
+    mesh = make_mesh(2, 2, 2)
+    model = mj.from_pretrained(path, mesh=mesh)
+    kw = dict(batch_size=4, mesh=mesh)
+    want = compute_scores(model.params(), model.config, samples[:8], **kw)
+    got = compute_scores(model.params(), model.config, samples[:8], attention=attention, **kw)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(layer_skip_losses(model.params(), model.config, samples[:4], attention=attention, **kw),
+                               layer_skip_losses(model.params(), model.config, samples[:4], **kw), rtol=1e-5)
+
+
 def test_layer_skip_losses_match_torch(tiny):
     """LM loss with layer l skipped equals transformers with that decoder layer removed."""
     path, ref, samples = tiny

@@ -59,14 +59,15 @@ def test_pipeline_depth_targets_score_what_they_need(tmp_path):
 
     from minitron_jax.evaluate import lm_loss
     from minitron_jax.importance import load_scores
-    from minitron_jax.loader import build_corpus
+    from minitron_jax.data import load_samples
     from minitron_jax.pipeline import Pipeline, PruneSettings, load_pipeline
     from minitron_jax.prune import prune
 
     teacher, _, data = make_pair(tmp_path / "pair")
     t = mj.from_pretrained(teacher)
     tok = AutoTokenizer.from_pretrained(teacher)
-    rows = build_corpus(data, tok, 64, holdout=("tempest",), seed=0)[0].tokens[:4]
+    # the calibration rows `minitron score` draws (load_samples), without the held-out documents
+    rows = load_samples(data, tok, 8, 64, seed=0, exclude=["tempest"])[:4]
     for metric, drop_sets in (("loss", [[l] for l in range(4)]), ("window", [[0, 1], [1, 2], [2, 3]])):
         out = tmp_path / metric
         cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
@@ -120,7 +121,16 @@ def test_pipeline_scores_windows_by_a_task(tmp_path):
     ref = [1 - multiple_choice(*prune(t.params(), t.config, None, f"drop_layers={a},{a + 1}"), tok, items)[0]["acc_norm"]
            for a in range(3)]
     np.testing.assert_allclose(scores["layer_window"], ref, rtol=0, atol=1e-6)
-    assert meta["window_task"] == str(task)
+    assert meta["window_metric"] == "task"
+
+
+def test_multi_process_run_is_refused_before_work(tmp_path, monkeypatch):
+    teacher, _, data = make_pair(tmp_path / "pair")
+    monkeypatch.setenv("MINITRON_COORDINATOR", "127.0.0.1:1234")
+    with pytest.raises(SystemExit, match="minitron run runs in one process.*minitron score, prune, distill, eval"):
+        main(["run", f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
+              "prune.target=hidden_size=54"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_second_run_into_the_same_out_is_refused(tmp_path):
@@ -132,3 +142,61 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
         with pytest.raises(SystemExit, match=r"minitron run: .*run is in use by minitron run \(the first\) \(pid \d+"):
             main(["run", "teacher=/nonexistent", f"out={out}"])
     assert not out.exists()  # released and removed: the first run wrote nothing
+
+
+def test_score_stage_and_minitron_score_agree(tmp_path):
+    """The score stage calls what `minitron score` calls: the same settings give the same scores and the
+    same metadata (sampling, held-out documents excluded, aggregation), on the run's mesh."""
+    from minitron_jax.importance import load_scores
+    from minitron_jax.pipeline import Pipeline, load_pipeline
+
+    teacher, _, data = make_pair(tmp_path / "pair")
+    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
+                               "score.samples=8", "score.seq_len=64", "score.batch_size=4", "score.layer_samples=4",
+                               "prune.target=num_hidden_layers=3,depth_metric=loss", "distill.mesh=[2,2,2]"])
+    Pipeline(cfg, log=lambda m: None).run(until="score")
+    main(["score", "--model", str(teacher), "--data", str(data), "--out", str(tmp_path / "cli"), "--samples", "8",
+          "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "4", "--window-samples", "4",
+          "--holdout", "tempest", "--mesh", "2,2,2"])
+    (stage, s_meta), (cli, c_meta) = (load_scores(tmp_path / d / "scores.safetensors") for d in ("run/score", "cli"))
+    assert sorted(stage) == sorted(cli) and "layer_loss" in stage
+    for k in stage:
+        np.testing.assert_array_equal(stage[k], cli[k], err_msg=k)
+    assert s_meta == c_meta and s_meta["exclude"] == "tempest"
+
+
+def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the distill stage (raised by a hook at step 2, as a preemption notice would be):
+    `minitron run` exits 143 with the stage not marked done and step 2 checkpointed; the rerun resumes
+    from step 2 and finishes every stage."""
+    import signal
+
+    import minitron_jax.distill as distill
+
+    teacher, _, data = make_pair(tmp_path / "pair")
+    out = tmp_path / "run"
+    args = ["run", f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
+            "score.samples=8", "score.seq_len=64", "prune.target=hidden_size=54,intermediate_size=64",
+            "distill.steps=4", "distill.warmup=0", "distill.batch_size=4", "distill.seq_len=64",
+            "distill.eval_every=100", "distill.save_every=100", "distill.mesh=[1,1,8]", "distill.peak_tflops=1",
+            "eval.samples=4", "eval.seq_len=64", "eval.task_items=8"]
+    real = distill.train
+
+    def preempted(rc, log=None, hooks=()):
+        def sigterm(run):
+            if run.step == 2:
+                signal.raise_signal(signal.SIGTERM)
+        return real(rc, log, [*hooks, sigterm])
+    monkeypatch.setattr(distill, "train", preempted)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 143
+    assert "distill stage" in capsys.readouterr().err
+    assert (out / "prune" / "done.json").exists() and not (out / "distill" / "done.json").exists()
+    assert sorted(p.name for p in (out / "distill" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    monkeypatch.setattr(distill, "train", real)
+    main(args)
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "at step 2" in printed
+    assert json.loads((out / "distill" / "done.json").read_text())["summary"]["step"] == 4
+    assert (out / "report" / "done.json").exists()

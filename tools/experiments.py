@@ -182,6 +182,7 @@ def distill_experiments(args) -> dict:
     from minitron_jax.distill import train
     from minitron_jax.hf import save_params
     from minitron_jax.importance import load_scores
+    from minitron_jax.evaluate import eval_set
     from minitron_jax.model import init_params
     from minitron_jax.pipeline import Pipeline, distill_recipe, load_pipeline
 
@@ -205,7 +206,8 @@ def distill_experiments(args) -> dict:
     teacher, data = main.inputs()
     r["config"] = run_settings(main.cfg, LlamaConfig.from_file(teacher).num_hidden_layers)
     tok = AutoTokenizer.from_pretrained(teacher)
-    rows = main.eval_rows(data, tok)
+    rows = eval_set(data, tok, seq_len=main.cfg.eval.seq_len, samples=main.cfg.eval.samples,
+                    task_items=main.cfg.eval.task_items, **main.split())[0]
     pruned = Path(width["pruned"]["path"])
 
     def trained(name: str, student: Path, mode: str, **kw) -> dict:
@@ -219,7 +221,8 @@ def distill_experiments(args) -> dict:
         t = time.time()
         summary = train(rc, log)
         tokens = rc.steps * rc.batch_size * rc.seq_len
-        res = main.evaluate({name: Path(summary["student_hf"])}, tok, data, rows, {name: tokens})[name]
+        res = main.evaluate({name: Path(summary["student_hf"])}, tok, data, {name: tokens},
+                             vocab_size=LlamaConfig.from_file(teacher).vocab_size)[name]
         res.update(curve=curve(out / name / "metrics.jsonl"), seconds=round(time.time() - t, 1), lr=rc.lr,
                    mode=mode)
         done.with_suffix(".tmp").write_text(json.dumps(res, indent=2))
