@@ -43,16 +43,20 @@ def per_device_param_bytes(cfg: LlamaConfig, sizes: dict[str, int], itemsize: in
     return total
 
 
-def activation_bytes(cfg: LlamaConfig, rc: RunConfig, rows_per_device: float) -> float:
-    """Rough activation memory of one micro-batch on one device (see module docstring)."""
+def activation_bytes(cfg: LlamaConfig, rc: RunConfig, rows_per_device: float, tensor: int = 1) -> float:
+    """Rough activation memory of one micro-batch on one device (see module docstring). With a `tensor`
+    axis the head, MLP and vocabulary activations are split over it where their size divides (the
+    `act_heads` / `act_mlp` / `act_vocab` rules), as `sharding.spec_for` splits them."""
     s, h, f, cb = rc.seq_len, cfg.hidden_size, cfg.intermediate_size, BYTES[rc.compute_dtype or "float32"]
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = rows_per_device * s * (4 * h + 2 * q + 2 * kv + 3 * f) * cb  # norms, q/k/v/o, gate/up/act
-    per_layer += rows_per_device * cfg.num_attention_heads * s * s * 4  # attention probabilities (fp32)
+    split = lambda n: tensor if n % tensor == 0 else 1  # noqa: E731
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    q, kv = hq * cfg.head_dim / split(hq), hkv * cfg.head_dim / split(hkv)
+    per_layer = rows_per_device * s * (4 * h + 2 * q + 2 * kv + 3 * f / split(f)) * cb  # norms, q/k/v/o, gate/up/act
+    per_layer += rows_per_device * hq / split(hq) * s * s * 4  # attention probabilities (fp32)
     residual = rows_per_device * s * h * cb
     layers = cfg.num_hidden_layers
     acts = layers * residual + per_layer if rc.remat == "full" else layers * per_layer
-    kl = 4 * rows_per_device * min(rc.chunk_size, s) * cfg.vocab_size * 4
+    kl = 4 * rows_per_device * min(rc.chunk_size, s) * cfg.vocab_size / split(cfg.vocab_size) * 4
     return acts + kl
 
 
@@ -66,8 +70,9 @@ def estimate(teacher: LlamaConfig | None, student: LlamaConfig, rc: RunConfig, d
            "student_params_fp32": per_device_param_bytes(student, sizes, 4)}
     mem["optimizer_state"] = 2 * mem["student_params_fp32"]
     mem["gradients"] = mem["student_params_fp32"]
-    mem["activations"] = activation_bytes(student, rc, rows) + (
-        activation_bytes(teacher, RunConfig(**{**rc.__dict__, "remat": "full"}), rows) / teacher.num_hidden_layers
+    t = sizes["tensor"]
+    mem["activations"] = activation_bytes(student, rc, rows, t) + (
+        activation_bytes(teacher, RunConfig(**{**rc.__dict__, "remat": "full"}), rows, t) / teacher.num_hidden_layers
         if teacher else 0)  # the teacher keeps nothing for backward: about one layer at a time
     mem["total"] = sum(mem.values())
     tokens = rc.batch_size * rc.seq_len

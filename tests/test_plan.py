@@ -63,3 +63,24 @@ def test_plan_does_not_import_the_trainer():
     code = "import sys, minitron_jax.plan; assert 'minitron_jax.distill' not in sys.modules, 'plan imports distill'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_tensor_axis_splits_head_mlp_and_vocab_activations():
+    """With mesh [1,-1,4] (v5e-256's) the planner's activations per device split what the sharding rules
+    split over `tensor` (query / KV heads, MLP, vocabulary: all divisible by 4 here) and keep the hidden
+    residual whole; rows per device are the same as mesh [1,-1,1] on 64 devices."""
+    from minitron_jax.plan import activation_bytes
+    t = LlamaConfig.from_file(LLAMA)
+    s = validate(t, "hidden_size=3072,intermediate_size=9216")
+    rc = load_recipe("configs/llama31_8b_to_4b_width_tpu.yaml", ["teacher=-", "student=-", "data=-"])
+    flat = estimate(t, s, rc, 64, 1e12, 0.4)["memory_per_device_bytes"]["activations"]
+    tp_rc = load_recipe("configs/llama31_8b_to_4b_width_tpu.yaml", ["teacher=-", "student=-", "data=-", "mesh=[1,-1,4]"])
+    tp = estimate(t, s, tp_rc, 256, 1e12, 0.4)["memory_per_device_bytes"]["activations"]
+    S, cb = 8192, 2
+    # only the residual stream ([S, H] per layer, kept by remat) and the norms' 4 H per position stay whole
+    whole = s.num_hidden_layers * S * s.hidden_size * cb + S * 4 * s.hidden_size * cb
+    whole += S * t.hidden_size * cb + S * 4 * t.hidden_size * cb / t.num_hidden_layers  # the teacher's (one layer's)
+    assert tp == pytest.approx(whole + (flat - whole) / 4, rel=1e-9)
+    # 3 divides the MLP (9216) and the vocabulary (128256), not the 32 / 8 heads
+    assert activation_bytes(s, rc, 1.0, tensor=3) == pytest.approx(activation_bytes(s, rc, 1.0) - (
+        S * 3 * s.intermediate_size * cb + 4 * rc.chunk_size * s.vocab_size * 4) * (1 - 1 / 3), rel=1e-12)
