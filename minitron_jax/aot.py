@@ -133,7 +133,7 @@ def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCo
     t_cfg = teacher_cfg if rc.mode == "distill" else None
     micro = dataclasses.replace(rc, batch_size=rc.batch_size // rc.grad_accum, grad_accum=1, chunk_size=rc.seq_len,
                                 attention="xla")
-    with_teacher = t_cfg is not None and name in ("distill", "eval", "score")
+    with_teacher = t_cfg is not None
     with_student = name != "score" or t_cfg is None  # the score step runs the teacher (the student when fine-tuning)
 
     def count(ls: int, lt: int) -> float:

@@ -232,16 +232,12 @@ def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: s
     it trained on; with neither, every document is evaluated. Rows are the first `samples` of the packed
     held-out rows (concat packing, seeded document order). Items come from `task` (JSONL) when given, else
     `next_line_task` over the held-out documents."""
-    from .data import read_documents, split_documents
-    from .loader import build_corpus
-    train, held = build_corpus(data, tokenizer, seq_len, holdout=holdout, holdout_fraction=holdout_fraction,
-                               seed=seed, text_field=text_field, vocab_size=vocab_size)
-    rows = (held if held is not None else train).tokens
+    from .data import pack, read_documents, split_documents, tokenize_documents
+    docs = read_documents(data, text_field)  # read once; only the held-out documents are tokenized
+    held_docs = split_documents(docs, holdout, holdout_fraction, seed)[1] if (holdout or holdout_fraction) else docs
+    rows = pack(tokenize_documents(held_docs, tokenizer, vocab_size=vocab_size), seq_len, None, seed)
     if len(rows) < samples:
         raise DataError(f"{data}: the held-out documents give {len(rows)} rows of {seq_len} tokens, fewer than the "
                         f"{samples} asked for; lower the sample count or seq_len, or hold out more documents")
-    if task:
-        return np.asarray(rows[:samples]), load_task(task)
-    docs = read_documents(data, text_field)
-    held_docs = split_documents(docs, holdout, holdout_fraction, seed)[1] if (holdout or holdout_fraction) else docs
-    return np.asarray(rows[:samples]), next_line_task(held_docs, task_items, seed=seed)
+    items = load_task(task) if task else next_line_task(held_docs, task_items, seed=seed)
+    return np.asarray(rows[:samples]), items

@@ -313,10 +313,10 @@ class Pipeline:
             return {}
 
         def score():
-            need = required_scores(LlamaConfig.from_file(teacher_dir), c.prune.target) if c.prune.target else {}
+            t_cfg = LlamaConfig.from_file(teacher_dir)
+            need = required_scores(t_cfg, c.prune.target) if c.prune.target else {}
             n = c.score.layer_samples
-            window = LlamaConfig.from_file(teacher_dir).num_hidden_layers - need["layer_window"][0] + 1 \
-                if "layer_window" in need else 0
+            window = t_cfg.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
             model = from_pretrained(teacher_dir, mesh=mesh)
             path = score_model(model, tok, data, self.out / "score", samples=c.score.samples, seq_len=c.score.seq_len,
                                batch_size=c.score.batch_size, seed=c.seed, mesh=mesh, attention=attention,
