@@ -117,7 +117,17 @@ def cmd_score(args) -> None:
                       batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
                       layer_loss_samples=args.layer_loss_samples, window=args.window, task_items=task,
                       text_field=args.text_field, exclude=args.holdout or (), window_samples=args.window_samples,
-                      attention=args.attention))
+                      attention=args.attention, splits=_splits(args)))
+
+
+def _splits(args):
+    """--holdout / --holdout-fraction / --validation-fraction as `store_loader.Splits` (None: none given)."""
+    if not (args.holdout_fraction or args.validation_fraction):
+        return None
+    from .data import parse_holdout
+    from .store_loader import Splits
+    names = tuple(parse_holdout(args.holdout))
+    return Splits(names, 0.0 if names else args.holdout_fraction, args.validation_fraction, args.seed)
 
 
 def _check_scores_path(path: str) -> None:
@@ -162,7 +172,16 @@ def cmd_prune(args) -> None:
     prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
                 calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                 exclude=args.holdout or (), text_field=args.text_field, mesh=_mesh(args.mesh),
-                attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores)
+                attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores,
+                splits=_splits(args))
+
+
+def _split_args(p, held_use: str) -> None:
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help=f"token store: a seeded fraction of documents held out ({held_use}); ignored with --holdout")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="token store: a seeded fraction of the other documents kept for model selection (prune "
+                        "--params ranks candidates on them; score never calibrates on them)")
 
 
 def cmd_train(args) -> None:
@@ -289,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="importance scores from calibration data -> scores.safetensors + PNG")
     s.add_argument("--model", required=True, help="HF model directory (its tokenizer is used)")
-    s.add_argument("--data", required=True, help="text dir / .txt / .jsonl / .parquet / saved dataset")
+    s.add_argument("--data", required=True, help="text dir / .txt / .jsonl / .parquet / saved dataset, or a token "
+                   "store (`minitron tokenize`)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--samples", type=int, default=1024, help="calibration rows (paper: 1024)")
     s.add_argument("--seq-len", type=int, default=4096, help="tokens per row (ModelOpt default 4096)")
@@ -307,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compute-dtype", default=None)
     s.add_argument("--mesh", default=None)
     s.add_argument("--holdout", default=None, help="document names (comma list) never used for calibration")
+    _split_args(s, "never used for calibration")
     s.add_argument("--window-samples", type=int, default=0,
                    help="rows for the --window losses (default: --layer-loss-samples, else up to 32)")
     s.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
@@ -322,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None)
     q.add_argument("--format", default="hf", choices=["hf", "orbax"])
     q.add_argument("--dry-run", action="store_true", help="print the pruned config and exact count; no weights")
-    q.add_argument("--data", default=None, help="calibration text to rank --params candidates by loss")
+    q.add_argument("--data", default=None, help="calibration text or token store to rank --params candidates by "
+                   "loss (with --validation-fraction: the store's validation documents)")
     q.add_argument("--calib-samples", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--batch-size", type=int, default=8)
@@ -330,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mesh", default=None)
     q.add_argument("--holdout", default=None, help="document names (comma list) never used to rank candidates")
     q.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
+    _split_args(q, "never used to rank candidates")
     q.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
                    help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
     q.add_argument("--overwrite", action="store_true", help="replace --out if an earlier minitron command wrote it")

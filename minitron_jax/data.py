@@ -332,12 +332,14 @@ def stream_token_documents(path: str | Path, tokenizer, max_tokens: int, text_fi
     return [np.concatenate(d) if d else np.zeros(0, np.int32) for d in docs]
 
 
-def pack(token_docs: Sequence[np.ndarray], seq_len: int, n_samples: int | None = None, seed: int = 0) -> np.ndarray:
-    """Concatenate documents (in a seeded order) and cut [n, seq_len] rows; rows drawn by seed."""
+def pack(token_docs: Sequence[np.ndarray], seq_len: int, n_samples: int | None = None, seed: int = 0,
+         shuffle_documents: bool = True) -> np.ndarray:
+    """Concatenate documents (in a seeded order, or in their order without `shuffle_documents`: the order a
+    token store keeps) and cut [n, seq_len] rows; `n_samples` rows drawn by seed (None: all, in order)."""
     if seq_len <= 0:
         raise DataError(f"seq_len={seq_len} must be positive")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(token_docs))
+    order = rng.permutation(len(token_docs)) if shuffle_documents else np.arange(len(token_docs))
     stream = np.concatenate([token_docs[i] for i in order]) if len(token_docs) else np.zeros(0, np.int32)
     rows = len(stream) // seq_len
     if rows == 0 or (n_samples is not None and rows < n_samples):

@@ -397,6 +397,14 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
                           f"{jax.process_count()} processes: each process loads its own rows, so data x fsdp must "
                           f"be a multiple of {jax.process_count()}; e.g. mesh=[1,-1,{tensor}]")
     check_batch(rc, data * fsdp, jax.device_count())  # rows that do not divide would be replicated, not split
+    from .store_loader import is_store, open_stores, parse_blend
+    if is_store(rc.data) or parse_blend(rc.data):  # the stores' tokenizer must be the models' (sha256)
+        open_stores(rc.data, rc.teacher if t_cfg is not None else rc.student,
+                    "the teacher" if t_cfg is not None else "the model")
+    elif rc.validation_fraction:
+        raise RecipeError(f"validation_fraction={rc.validation_fraction} splits token stores; {rc.data} is text: "
+                          f"tokenize it (`minitron tokenize {rc.data} --tokenizer TEACHER --out STORE`) or set "
+                          "validation_fraction=0")
     return s_cfg, t_cfg, tok
 
 
@@ -494,7 +502,7 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
     """`train` once `out` is held; `stack` closes the checkpoint manager."""
     from .atomic import check_output
     from .hf import from_pretrained, save_params
-    from .loader import Loader, build_corpus, eval_batches
+    from .loader import Loader, eval_batches, training_data
     from .sharding import make_mesh
 
     out = Path(rc.out)
@@ -517,11 +525,8 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
     hidden = rc.hidden_weight > 0 and rc.mode == "distill"
     teacher_layers, proj = hidden_init(rc.student, s_cfg, t_cfg) if hidden else (None, None)
     out.mkdir(parents=True, exist_ok=True)
-    train_rows, held = build_corpus(rc.data, tok, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
-                                    holdout_fraction=0.0 if rc.holdout else rc.holdout_fraction, seed=rc.seed,
-                                    cache_dir=out / "data_cache", text_field=rc.text_field,
-                                    vocab_size=s_cfg.vocab_size)
-    loader = Loader(train_rows, rc.batch_size, seed=rc.seed)
+    train_rows, held, stream = training_data(rc, tok, s_cfg.vocab_size, out / "data_cache")
+    loader = Loader(train_rows, rc.batch_size, seed=rc.seed, stream=stream)
 
     mesh = make_mesh(*rc.mesh)
     student = from_pretrained(rc.student, mesh=mesh, dtype="float32")  # fp32 master weights

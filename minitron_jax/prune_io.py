@@ -3,8 +3,9 @@ both do (one function, so the two cannot disagree on checks, calibration or what
 
 Scores are checked against the model's config before any weights load, then against its weights; a
 target is pruned directly, a parameter budget is searched (`prune.search`) ranking candidates by LM
-loss on calibration rows drawn from the training documents (`data.load_samples` with the held-out
-documents excluded; never the rows a report is computed on). The student is written atomically (HF
+loss on calibration rows drawn from the validation documents of a token store given `splits` with a
+`validation_fraction`, else from the training documents (`importance.calibration_samples`, held-out
+documents excluded); never the rows a report is computed on. The student is written atomically (HF
 safetensors or an orbax checkpoint) with its prune record and `prune_report.json`.
 """
 
@@ -21,7 +22,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
                 budget: str | int | None = None, data: str | Path | None = None, calib_samples: int = 16,
                 seq_len: int = 256, batch_size: int = 8, seed: int = 0, exclude=(), text_field: str = "text",
                 mesh=None, attention: str = "xla", fmt: str = "hf", overwrite: bool = False,
-                force_scores: bool = False, log: Callable[[str], Any] = print) -> dict[str, Any]:
+                force_scores: bool = False, splits=None, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune `model_dir` to `target` (a shape) or `budget` (parameters, searched) with `scores_path`; write
     the student to `out`. Returns {"target", "params", "student", "search"} (search: the ranked table or None).
     `data` (with `calib_samples` rows of `seq_len`, drawn with `seed` + 1, skipping `exclude`d documents)
@@ -44,9 +45,13 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     check_scores_match(meta, cfg, **match)  # the config, before any weights load
     rows = None
     if budget is not None:  # calibration rows before the weights: bad data fails fast
-        from .data import load_samples
-        rows = load_samples(data, load_tokenizer(model_dir, vocab_size=cfg.vocab_size), calib_samples, seq_len,
-                            seed=seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude)
+        from .importance import calibration_samples
+        from .store_loader import TRAIN, VALIDATION
+        split = VALIDATION if splits is not None and splits.validation_fraction > 0 else TRAIN
+        rows = calibration_samples(data, load_tokenizer(model_dir, vocab_size=cfg.vocab_size), calib_samples, seq_len,
+                                   seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude,
+                                   splits=splits, split=split)
+        log(f"budget search: {calib_samples} rows of {seq_len} from the {('training', 'validation')[split]} documents")
     model = from_pretrained(model_dir, mesh=mesh)
     check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if target is not None:

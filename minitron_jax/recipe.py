@@ -37,7 +37,8 @@ ATTENTION = ("auto", "xla", "splash", "cudnn", "chunked")  # attention.IMPLEMENT
 RESUME_FREE = ("out", "resume", "resume_allow", "save_every", "keep", "eval_every", "eval_batches", "log_every",
                "peak_tflops", "export", "mesh", "coordinator_address", "num_processes", "process_id", "remat",
                "grad_accum", "chunk_size", "attention")
-RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "holdout", "holdout_fraction", "text_field")
+RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "holdout", "holdout_fraction", "text_field",
+                "validation_fraction")
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class RunConfig:
       the checkpoint's, and the loader still refuses a corpus with another row count). Refused unless
       listed in `resume_allow` (resume_allow=[lr,temperature]).
     - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, holdout, holdout_fraction,
-      text_field, and hidden_weight turned on or off: they change the rows, their order or what a
+      validation_fraction, text_field, and hidden_weight turned on or off: they change the rows, their order or what a
       checkpoint holds (the hidden-loss projection), so the checkpoint's data position or state means
       nothing. Start a new run in another out instead.
     """
@@ -66,7 +67,8 @@ class RunConfig:
     mode: str = "distill"  # "distill" (KD from teacher) or "finetune" (LM loss: teacher correction)
     teacher: str | None = None  # HF directory of the teacher (distill)
     student: str | None = None  # HF directory of the student, or of the model to fine-tune
-    data: str | None = None  # text dir / .txt / .jsonl / .parquet / saved dataset
+    # text dir / .txt / .jsonl / .parquet / saved dataset, a token store, or a blend {STORE: weight, ...}
+    data: DataArg | None = None
     out: str = "runs/distill"
     resume: bool = False
     # data
@@ -74,6 +76,8 @@ class RunConfig:
     packing: str = "concat"  # or "first_fit" (segment ids, attention reset per document)
     holdout: list[str] = dataclasses.field(default_factory=list)  # document names held out for eval
     holdout_fraction: float = 0.05  # used when `holdout` is empty
+    # token stores: a seeded fraction of the non-held-out documents kept out of training for model selection
+    validation_fraction: float = 0.0
     text_field: str = "text"
     # optimisation (spec section 5: Llama-3.1-Minitron-4B recipe)
     steps: int = 200
@@ -154,6 +158,7 @@ class RunConfig:
         if self.top_k < 0:
             raise RecipeError(f"top_k={self.top_k} must be 0 (the whole vocabulary) or more")
         _check_range("holdout_fraction", self.holdout_fraction, 0, 1, "0 = no random held-out split", high_ok=False)
+        _check_range("validation_fraction", self.validation_fraction, 0, 1, "0 = no validation split", high_ok=False)
         if self.peak_tflops is not None:
             _check_range("peak_tflops", self.peak_tflops, 0, None, "or leave it unset to measure", low_ok=False)
         for k in ("compute_dtype", "teacher_dtype"):
@@ -248,7 +253,22 @@ def _bool(v) -> bool:
     raise ValueError(v)
 
 
-_CONVERT = {int: int, float: float, str: str, bool: _bool}
+class DataArg:
+    """The type of `data`: a path or URL (str), or a blend of token stores {STORE: weight, ...}."""
+
+
+def _data(v):
+    if isinstance(v, dict):
+        if not v or not all(isinstance(k, str) for k in v) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in v.values()):
+            raise ValueError(v)
+        return {k: float(w) for k, w in v.items()}
+    if isinstance(v, (list, tuple, bool)) or v is None:
+        raise ValueError(v)
+    return str(v)
+
+
+_CONVERT = {int: int, float: float, str: str, bool: _bool, DataArg: _data}
 
 
 def _type_name(hint) -> str:
@@ -263,6 +283,8 @@ class _Text:
         self.text, self.value = text, yaml.safe_load(text) if text.strip() else None
 
     def get(self, hint) -> Any:
+        if hint is DataArg and not isinstance(self.value, dict):  # data=-, data=2024: a path; a mapping: a blend
+            return self.text
         return self.text if hint is str and self.value is not None and not isinstance(self.value, str) else self.value
 
 
@@ -288,7 +310,7 @@ def coerce(hint, value: Any, key: str) -> Any:
         return build(hint, value, key, prefix=key + ".")
     if value is None:
         raise RecipeError(f"{key} needs a value" + (f" (an empty list is {key}=[])" if origin is list else ""))
-    if isinstance(value, dict):
+    if isinstance(value, dict) and hint is not DataArg:
         path = key
         while isinstance(value, dict) and value:
             path, value = f"{path}.{next(iter(value))}", next(iter(value.values()))

@@ -5,6 +5,8 @@ Layout under STORE (a local path or a kvstore URL such as `gs://bucket/path`):
 * `tokens/`      zarr3 array, uint32 [n_tokens]: every document's BOS + tokens + EOS, concatenated.
 * `doc_offsets/` zarr3 array, int64 [n_documents + 1]: document i is `tokens[off[i]:off[i + 1]]`;
   off[0] = 0 and off[-1] = n_tokens.
+* `doc_names/`   JSON files `doc_names/000000.json`, ...: the names of documents [k*B, (k+1)*B) as
+  `data.iter_documents` gave them (`hamlet_gut.txt`, `file.jsonl:3`), B = `layout.names_block`.
 * `manifest.json` written LAST: the store is complete only once it exists (`MANIFEST_FIELDS`).
 * `state.json`   only while a `tokenize` run is in progress or was interrupted (resume point); deleted
   when the manifest is written.
@@ -26,7 +28,8 @@ import numpy as np
 FORMAT = "minitron-token-store"
 VERSION = 1
 MANIFEST, STATE = "manifest.json", "state.json"
-TOKENS, OFFSETS = "tokens", "doc_offsets"
+TOKENS, OFFSETS, NAMES = "tokens", "doc_offsets", "doc_names"
+NAMES_BLOCK = 1 << 16  # document names per JSON file
 TOKEN_SHARD, TOKEN_CHUNK = 1 << 22, 1 << 14  # 16 MiB shards of 64 KiB chunks (uint32)
 OFFSET_SHARD, OFFSET_CHUNK = 1 << 16, 1 << 12  # 512 KiB shards of 32 KiB chunks (int64)
 CAPACITY = 1 << 42  # the arrays' shape while writing (sparse: nothing is stored for it); cut to size at the end
@@ -139,6 +142,31 @@ class Appender:
         return self.start + (self.n if partial else 0)
 
 
+def names_key(k: int) -> str:
+    return f"{NAMES}/{k:06d}.json"
+
+
+class NameAppender:
+    """Document names in blocks of `block` per JSON file; reopened at `count` documents, it reads the partial
+    block back (cut to `count`), so the next `write` rewrites that block whole."""
+
+    def __init__(self, store, block: int, count: int):
+        self.store, self.block = store, block
+        self.first = count // block * block
+        held = (read_json(store, names_key(count // block)) or {"names": []})["names"] if count > self.first else []
+        self.names = list(held[:count - self.first])
+
+    def append(self, name: str) -> None:
+        self.names.append(name)
+
+    def write(self) -> None:
+        """Every block held, the partial last one included; then hold only that partial block."""
+        for k in range(0, len(self.names), self.block):
+            write_json(self.store, names_key((self.first + k) // self.block), {"names": self.names[k:k + self.block]})
+        full = len(self.names) // self.block * self.block
+        self.first, self.names = self.first + full, self.names[full:]
+
+
 def finish(store, n_tokens: int, n_docs: int, manifest: dict) -> dict:
     """Cut both arrays to size and write the manifest (last): the store is complete."""
     tokens, offsets = open_array(store, TOKENS), open_array(store, OFFSETS, "int64")
@@ -175,6 +203,40 @@ class TokenStore:
     def document(self, i: int) -> np.ndarray:
         a, b = self.document_offsets(i, i + 1)
         return self.read(int(a), int(b))
+
+    def names(self, start: int, stop: int) -> list[str]:
+        """Names of documents [start, stop), as the sources named them (`data.iter_documents`)."""
+        block = self.manifest["layout"].get("names_block")
+        if block is None:
+            raise StoreError(f"token store {self.store} records no document names; tokenize the sources again")
+        out = []
+        for k in range(start // block, (max(stop, start + 1) - 1) // block + 1):
+            names = read_json(self.store, names_key(k))["names"]
+            out += names[max(start - k * block, 0):max(stop - k * block, 0)]
+        return out
+
+    def find_documents(self, substrings) -> np.ndarray:
+        """Sorted indices of the documents whose name contains any of `substrings` (one name file at a time);
+        StoreError naming the substrings that match no document."""
+        block = self.manifest["layout"].get("names_block")
+        if block is None:
+            raise StoreError(f"token store {self.store} records no document names, so documents cannot be held out "
+                             "by name; tokenize the sources again, or use holdout_fraction")
+        found, matched, some = [], set(), []
+        for k in range(0, self.n_documents, block):
+            names = self.names(k, min(k + block, self.n_documents))
+            some += names[:8 - len(some)]
+            for i, n in enumerate(names):
+                hit = [h for h in substrings if h in n]
+                if hit:
+                    found.append(k + i)
+                    matched.update(hit)
+        if missing := [h for h in substrings if h not in matched]:
+            raise StoreError(f"no document name of token store {self.store} matches the held-out name"
+                             f"{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}; the documents are: "
+                             f"{', '.join(some)}{', ...' if self.n_documents > len(some) else ''} "
+                             f"({self.n_documents:,} documents); give part of a document name")
+        return np.asarray(found, np.int64)
 
 
 def open_store(store) -> TokenStore:

@@ -82,7 +82,7 @@ def _items(sources: Sequence[str], field: str, skip: int, piece_chars: int, tall
     n = 0
     for src in sources:
         with contextlib.closing(iter_documents(src, field)) as it:
-            for _name, chunks in it:
+            for name, chunks in it:
                 n += 1
                 with contextlib.closing(chunks) if hasattr(chunks, "close") else contextlib.nullcontext():
                     if n <= skip:
@@ -100,7 +100,7 @@ def _items(sources: Sequence[str], field: str, skip: int, piece_chars: int, tall
                     if prev is None:
                         tally["skipped"] += 1
                     else:
-                        yield prev, first, (n, tally["skipped"])
+                        yield prev, first, (n, tally["skipped"], name)
 
 
 def _batches(items: Iterator[tuple], batch_chars: int) -> Iterator[list[tuple]]:
@@ -152,7 +152,7 @@ def _prepare(store: str, params: dict, overwrite: bool) -> dict | None:
 def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, workers: int = 1, field: str = "text",
              overwrite: bool = False, batch_chars: int = BATCH_CHARS, piece_chars: int = PIECE_CHARS,
              shard: int = S.TOKEN_SHARD, chunk: int = S.TOKEN_CHUNK, progress: bool = True,
-             _stop_after_commits: int | None = None) -> dict:
+             names_block: int = S.NAMES_BLOCK, _stop_after_commits: int | None = None) -> dict:
     """Tokenize `sources` (paths `data.iter_documents` reads) with the HF tokenizer directory `tokenizer`
     into the token store `out` (a path or kvstore URL); returns the manifest. Resumes an unfinished
     store of the same arguments; a complete one is replaced only with `overwrite`."""
@@ -173,7 +173,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
     params = {"sources": sources, "field": field,
               "tokenizer": {"sha256": sha, "bos_id": bos, "eos_id": eos, "add_bos": bos is not None, "add_eos": True},
               "layout": {"token_shard": shard, "token_chunk": chunk, "offset_shard": S.OFFSET_SHARD,
-                         "offset_chunk": S.OFFSET_CHUNK, "piece_chars": piece_chars}}
+                         "offset_chunk": S.OFFSET_CHUNK, "piece_chars": piece_chars, "names_block": names_block}}
     out = str(out)
     state = _prepare(out, params, overwrite)
     if state is None:
@@ -182,6 +182,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
     toks = S.Appender(S.open_array(out, S.TOKENS, "uint32", shard, chunk, create=True), shard, state["tokens"], np.uint32)
     offs = S.Appender(S.open_array(out, S.OFFSETS, "int64", S.OFFSET_SHARD, S.OFFSET_CHUNK, create=True),
                       S.OFFSET_SHARD, state["documents"] + 1, np.int64)
+    names = S.NameAppender(out, names_block, state["documents"])
     tally = {"skipped": state["skipped"]}
     n_docs, ends, commits = state["documents"], deque(), 0  # ends: (token end, documents, source docs, skipped)
     bar = Progress(_source_chars(sources), "tokenize (characters)", stream=None if progress else io.StringIO())
@@ -194,6 +195,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
         if last is None:
             return
         offs.write(partial=True)
+        names.write()
         S.write_json(out, S.STATE, {"params": params, "tokens": last[0], "documents": last[1],
                                     "source_documents": last[2], "skipped": last[3]})
         commits += 1
@@ -213,7 +215,8 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
                 toks.append([eos])
                 n_docs += 1
                 offs.append([toks.count])
-                ends.append((toks.count, n_docs, *end))
+                names.append(end[2])
+                ends.append((toks.count, n_docs, *end[:2]))
         bar.update(steps=sum(len(t) for t, _, _ in batch), tokens=len(ids), documents=n_docs)
         before = toks.start
         if toks.write() > before:
@@ -239,6 +242,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
                         f"documents; looked for .txt, .jsonl, .parquet files or a saved dataset, field {field!r})")
     toks.write(partial=True)
     offs.write(partial=True)
+    names.write()
     manifest = S.finish(out, toks.count, n_docs, {**params, "skipped_documents": skipped})
     S.delete_key(out, S.STATE)
     return manifest

@@ -33,6 +33,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
     assert results["distilled"]["distill_tokens"] == 4 * 4 * 64
     assert (out / "score" / "scores.png").exists() and (out / "report" / "loss_curves.png").exists()
+    store = out / "data" / "store"  # the data stage tokenized the text; distillation read the store
+    assert (store / "manifest.json").exists() and json.loads((out / "distill" / "recipe.json").read_text())["data"] == str(store)
     report = (out / "report" / "report.md").read_text()
     assert "| distilled |" in report and "| distilled |" in printed
     sample = json.loads((out / "report" / "done.json").read_text())["sample"]
@@ -48,7 +50,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
 
     main(args)  # a second run finds every stage done
     again = capsys.readouterr().out
-    assert again.count("done earlier") == 5
+    assert again.count("done earlier") == 6
 
 
 def test_pipeline_depth_targets_score_what_they_need(tmp_path):
@@ -155,9 +157,10 @@ def test_score_stage_and_minitron_score_agree(tmp_path):
                                "score.samples=8", "score.seq_len=64", "score.batch_size=4", "score.layer_samples=4",
                                "prune.target=num_hidden_layers=3,depth_metric=loss", "distill.mesh=[2,2,2]"])
     Pipeline(cfg, log=lambda m: None).run(until="score")
-    main(["score", "--model", str(teacher), "--data", str(data), "--out", str(tmp_path / "cli"), "--samples", "8",
+    store = tmp_path / "run" / "data" / "store"  # the data stage's token store of the text
+    main(["score", "--model", str(teacher), "--data", str(store), "--out", str(tmp_path / "cli"), "--samples", "8",
           "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "4", "--window-samples", "4",
-          "--holdout", "tempest", "--mesh", "2,2,2"])
+          "--holdout", "tempest", "--validation-fraction", "0.05", "--mesh", "2,2,2"])
     (stage, s_meta), (cli, c_meta) = (load_scores(tmp_path / d / "scores.safetensors") for d in ("run/score", "cli"))
     assert sorted(stage) == sorted(cli) and "layer_loss" in stage
     for k in stage:

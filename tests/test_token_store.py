@@ -18,7 +18,8 @@ from minitron_jax import token_store as S
 from minitron_jax.data import DataError
 from minitron_jax.tokenize_corpus import tokenize
 
-SMALL = dict(shard=1 << 10, chunk=1 << 7, batch_chars=3000, piece_chars=2000, progress=False)  # many shards/commits
+SMALL = dict(shard=1 << 10, chunk=1 << 7, batch_chars=3000, piece_chars=2000, progress=False,
+             names_block=16)  # many shards, commits and name files
 
 
 def files(root: Path) -> dict:
@@ -92,6 +93,25 @@ def test_store_holds_what_the_tokenizer_gives(corpus, store1):
     from minitron_jax.data import tokenize_documents
     ref = tokenize_documents([(str(i), t) for i, t in enumerate(texts)], AutoTokenizer.from_pretrained(tok))
     assert [r.tolist() for r in ref] == want
+
+
+def test_document_names(corpus, store1):
+    """Each stored document keeps the name the source gave it (blank documents have none, as they have no
+    tokens); find_documents matches parts of names, as holdout= does for text, one name file at a time."""
+    from minitron_jax.data import iter_documents
+    src, _, texts = corpus
+    want = []
+    for name, chunks in iter_documents(src):
+        if "".join(chunks).strip():
+            want.append(name)
+    st = S.open_store(store1)
+    assert st.names(0, st.n_documents) == want and len(want) == len(texts) > 16 * 5
+    assert want[:2] == ["a.jsonl:1", "a.jsonl:2"] and "a.jsonl:4" not in want and "b.txt" in want
+    assert st.names(17, 40) == want[17:40]
+    assert st.find_documents(["b.txt", "c.parquet:1"]).tolist() == [
+        i for i, n in enumerate(want) if n == "b.txt" or "c.parquet:1" in n]
+    with pytest.raises(S.StoreError, match=r"matches the held-out name 'hamlet'.*a.jsonl:1"):
+        st.find_documents(["b.txt", "hamlet"])
 
 
 def test_plain_tensorstore_reads_it(corpus, store1):

