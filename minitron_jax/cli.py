@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_fetch)
 
     tk = sub.add_parser("tokenize", help="documents -> a token store (TensorStore zarr3), parallel and resumable")
-    tk.add_argument("sources", nargs="+", help="text dir / .txt / .jsonl / .parquet / saved dataset")
+    tk.add_argument("sources", nargs="+", help="text dir / .txt / .jsonl / .parquet / saved dataset, or a "
+                    "datasets.load_dataset source, streamed: hf:json?data_files=GLOB (docs/DATA.md)")
     tk.add_argument("--tokenizer", required=True, help="HF directory holding tokenizer.json (the teacher's)")
     tk.add_argument("--out", required=True, help="store: a local path or a TensorStore kvstore URL (gs://bucket/path)")
     tk.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")

@@ -128,7 +128,12 @@ def _file_documents(path: Path, field: str) -> Iterator[tuple[str, Iterator[str]
 
 def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple[str, Iterator[str]]]:
     """(name, text chunks) per document, lazily, in a stable order, from a file, a directory of files, or a
-    saved dataset. Consume each document's chunks before the next document. Blank documents included."""
+    saved dataset, or a `datasets.load_dataset` source `hf:...` (`hf_sources`). Consume each document's chunks
+    before the next document. Blank documents included."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        from .hf_sources import iter_hf
+        yield from iter_hf(path, text_field)
+        return
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {path} does not exist")

@@ -239,8 +239,7 @@ def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: s
     from .data import pack, read_documents, split_documents, tokenize_documents
     docs = read_documents(data, text_field)  # read once; only the held-out documents are tokenized
     held_docs = split_documents(docs, holdout, holdout_fraction, seed)[1] if (holdout or holdout_fraction) else docs
-    rows = pack(tokenize_documents(held_docs, tokenizer, vocab_size=vocab_size), seq_len, None, seed,
-                shuffle_documents=False)
+    rows = pack(tokenize_documents(held_docs, tokenizer, vocab_size=vocab_size), seq_len, None, seed)
     if len(rows) < samples:
         raise DataError(f"{data}: the held-out documents give {len(rows)} rows of {seq_len} tokens, fewer than the "
                         f"{samples} asked for; lower the sample count or seq_len, or hold out more documents")
@@ -253,8 +252,8 @@ TASK_DOCS = 1000  # a token store's next-line task is built from its first 1,000
 
 def _store_eval_set(data, tokenizer, *, seq_len: int, samples: int, task, task_items: int, holdout, holdout_fraction,
                     seed: int, vocab_size) -> tuple[np.ndarray, list[dict]]:
-    """`eval_set` for a token store (or blend): the first `samples` rows of its held-out documents in store order
-    (`store_loader.split_rows`); the next-line task from the text of its first TASK_DOCS held-out documents,
+    """`eval_set` for a token store (or blend): the first `samples` rows of its held-out documents in a seeded
+    order (`store_loader.split_rows`: the rows `eval_set` gives for the same text); the next-line task from the text of its first TASK_DOCS held-out documents,
     decoded. The store's tokenizer must be `tokenizer`'s (checked by sha256 when it was loaded from a directory)."""
     from .data import parse_holdout
     from .store_loader import HOLDOUT, TRAIN, Splits, split_rows, split_token_docs, tokenizer_dir_of
@@ -262,7 +261,7 @@ def _store_eval_set(data, tokenizer, *, seq_len: int, samples: int, task, task_i
     splits = Splits(holdout, 0.0 if holdout else holdout_fraction, 0.0, seed)
     split = HOLDOUT if splits.active else TRAIN  # nothing held out: every document, as for text
     tok_dir = tokenizer_dir_of(tokenizer)
-    rows = split_rows(data, seq_len, samples, split, splits, tokenizer_dir=tok_dir, vocab_size=vocab_size)
+    rows = split_rows(data, seq_len, samples, split, splits, seed=seed, tokenizer_dir=tok_dir, vocab_size=vocab_size)
     if task:
         return rows, load_task(task)
     docs = split_token_docs(data, split, splits, max_docs=TASK_DOCS, tokenizer_dir=tok_dir)

@@ -377,7 +377,7 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
             "window": window, "window_metric": ("task" if task_items else "loss") if window else "",
             "window_samples": window_samples, "exclude": ",".join(exclude), "config": json.dumps(cfg.to_hf_dict())}
-    if splits is not None:
+    if splits is not None and (splits.holdout_fraction or splits.validation_fraction):  # names are in "exclude"
         meta["splits"] = json.dumps(dataclasses.asdict(splits))
     path = save_scores(out_dir / "scores.safetensors", scores, meta, cfg=cfg, params=params)
     plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "

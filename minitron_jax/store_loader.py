@@ -310,6 +310,16 @@ class FirstFitStream:
         return sys.maxsize
 
     @property
+    def cursor(self) -> list[int]:
+        """Where the last row asked for lies: [epoch, position in the epoch's block order, first row of that
+        block]. Saved with the loader state, it lets a resumed run skip the walk over the blocks before it."""
+        return list(self._cursor)
+
+    @cursor.setter
+    def cursor(self, value) -> None:
+        self._cursor = tuple(int(v) for v in value)
+
+    @property
     def identity(self) -> str:
         return f"first_fit:{self.store.store}:{self.store.n_tokens}:{self.seq_len}:{self.block_tokens}"
 
@@ -430,18 +440,23 @@ def training_rows(data, seq_len: int, *, packing: str = "concat", splits: Splits
             rows = StoreWindows(st, seq_len, sm, vocab_size=vocab_size)
         comps.append((rows, w))
     if len(comps) == 1:
-        return comps[0][0], packing == "first_fit"
+        rows = comps[0][0]
+        rows.streams = [rows] if packing == "first_fit" else []
+        return rows, packing == "first_fit"
     ds = [grain.MapDataset.source(r) if isinstance(r, FirstFitStream)
           else grain.MapDataset.source(r).shuffle(seed=(seed + c) % (1 << 32)).repeat() for c, (r, _) in enumerate(comps)]
     mixed = grain.MapDataset.mix(ds, [w for _, w in comps])
     mixed.identity = "blend:" + ";".join(f"{r.identity}={w:.6g}" for r, w in comps)
+    mixed.streams = [r for r, _ in comps if isinstance(r, FirstFitStream)]
     return mixed, True
 
 
-def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, tokenizer_dir=None,
+def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, seed: int = 0, tokenizer_dir=None,
                vocab_size: int | None = None, what: str = "evaluation") -> np.ndarray:
-    """[samples, seq_len] int32: the first `samples` rows of the documents of `split` (concatenated in store
-    order and cut, as `build_corpus` cuts concat rows); each store of a blend gives its weight's share."""
+    """[samples, seq_len] int32: the first `samples` rows of the documents of `split` concatenated in the order
+    `rng(seed).permutation` gives them and cut: the rows `data.pack(docs, seq_len, None, seed)` gives for the
+    same documents as text (`evaluate.eval_set`). Only the documents those rows need are read; the split's
+    document indices are held (8 bytes each). Each store of a blend gives its weight's share."""
     stores = open_stores(data, tokenizer_dir)
     out = []
     left = samples
@@ -449,24 +464,23 @@ def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, 
         n = left if c == len(stores) - 1 else int(round(samples * w))
         left -= n
         if n:
-            out.append(_first_rows(st, seq_len, n, split, splits, vocab_size, what))
+            out.append(_first_rows(st, seq_len, n, split, splits, seed, vocab_size, what))
     return np.concatenate(out)
 
 
-def _first_rows(st: TokenStore, seq_len: int, n: int, split: int, splits: Splits, vocab_size, what) -> np.ndarray:
+def _first_rows(st: TokenStore, seq_len: int, n: int, split: int, splits: Splits, seed: int, vocab_size,
+                what) -> np.ndarray:
     sm = SplitMap(st, splits) if splits.active else None
-    if sm is not None:
+    if sm is None:
+        docs = np.arange(st.n_documents)
+    else:
         sm.check([split])
-    need, got, parts, block = n * seq_len, 0, [], 1 << 14
-    for a in range(0, st.n_documents, block):
-        b = min(a + block, st.n_documents)
-        off = st.document_offsets(a, b)
-        mine = np.ones(b - a, bool) if sm is None else sm.of(np.arange(a, b)) == split
-        for i in np.flatnonzero(mine):
-            parts.append(np.asarray(st.read(int(off[i]), int(min(off[i + 1], off[i] + need - got)))))
-            got += len(parts[-1])
-            if got >= need:
-                break
+        docs = np.concatenate([d[sm.of(d) == split] for d, _ in sm._blocks()])
+    need, got, parts = n * seq_len, 0, []
+    for i in docs[np.random.default_rng(seed).permutation(len(docs))]:
+        a, b = (int(x) for x in st.document_offsets(int(i), int(i) + 1))
+        parts.append(np.asarray(st.read(a, min(b, a + need - got))))
+        got += len(parts[-1])
         if got >= need:
             break
     if got < need:

@@ -121,7 +121,7 @@ def _prepare(store: str, params: dict, overwrite: bool) -> dict | None:
         p = Path(store)
         if p.exists() and not p.is_dir():
             raise S.StoreError(f"--out {store} is an existing file; a token store is a directory: choose another path")
-        for src in params["sources"]:
+        for src in (s for s in params["sources"] if not s.startswith("hf:")):
             out_, src_ = p.absolute().resolve(), Path(src).resolve()
             if out_.is_relative_to(src_) or src_.is_relative_to(out_):
                 raise S.StoreError(f"--out {store} and the source {src} overlap (one is inside the other); choose an "
@@ -160,9 +160,13 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
     from concurrent.futures import ProcessPoolExecutor
 
     from .progress import Progress
-    sources = [str(Path(s).absolute()) for s in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    from .hf_sources import is_hf_source, parse
+    sources = [s if is_hf_source(s) else str(Path(s).absolute())
+               for s in ([sources] if isinstance(sources, (str, Path)) else sources)]
     for s in sources:
-        if not Path(s).exists():
+        if is_hf_source(s):
+            parse(s)  # refuses scripts and unknown keys before anything is written
+        elif not Path(s).exists():
             raise DataError(f"source {s} does not exist")
     if workers < 1:
         raise ValueError(f"workers={workers} must be at least 1")
@@ -250,5 +254,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
 
 def _source_chars(sources: Sequence[str]) -> int:
     """About the characters to read: the bytes of the source files (the progress total)."""
-    return sum(p.stat().st_size for s in sources for p in ([Path(s)] if Path(s).is_file() else Path(s).rglob("*"))
-               if p.is_file())
+    from .hf_sources import data_files, is_hf_source
+    files = [p for s in sources for p in (data_files(s) if is_hf_source(s) else
+                                          [Path(s)] if Path(s).is_file() else Path(s).rglob("*"))]
+    return max(1, sum(p.stat().st_size for p in files if p.is_file()))

@@ -160,7 +160,7 @@ def test_score_stage_and_minitron_score_agree(tmp_path):
     store = tmp_path / "run" / "data" / "store"  # the data stage's token store of the text
     main(["score", "--model", str(teacher), "--data", str(store), "--out", str(tmp_path / "cli"), "--samples", "8",
           "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "4", "--window-samples", "4",
-          "--holdout", "tempest", "--validation-fraction", "0.05", "--mesh", "2,2,2"])
+          "--holdout", "tempest", "--mesh", "2,2,2"])
     (stage, s_meta), (cli, c_meta) = (load_scores(tmp_path / d / "scores.safetensors") for d in ("run/score", "cli"))
     assert sorted(stage) == sorted(cli) and "layer_loss" in stage
     for k in stage:
@@ -203,3 +203,24 @@ def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, 
     assert "resumed from" in printed and "at step 2" in printed
     assert json.loads((out / "distill" / "done.json").read_text())["summary"]["step"] == 4
     assert (out / "report" / "done.json").exists()
+
+
+def test_budget_search_in_run_ranks_on_validation_documents(tmp_path):
+    """With a parameter budget, `minitron run` splits off validation documents (by default 5%, at least one)
+    and ranks the candidates on them: neither the held-out documents it reports nor the training ones."""
+    from minitron_jax.config import LlamaConfig
+    from minitron_jax.pipeline import Pipeline, load_pipeline
+    from minitron_jax.store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap
+    from minitron_jax.token_store import open_store
+
+    teacher, _, data = make_pair(tmp_path / "pair")
+    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
+    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
+                               "score.samples=8", "score.seq_len=64", "score.batch_size=4", "prune.target=null",
+                               f"prune.params={budget}", "prune.calib_samples=4"])
+    logs = []
+    info = Pipeline(cfg, log=logs.append).run(until="prune")
+    assert info["search"] and any("rows of 64 from the validation documents" in m for m in logs)
+    st = open_store(tmp_path / "run" / "data" / "store")
+    of = SplitMap(st, Pipeline(cfg).splits()).of(np.arange(st.n_documents))
+    assert sorted(of.tolist()) == [TRAIN, VALIDATION, HOLDOUT] and st.names(0, 3)[int(np.argmax(of))] == "tempest_gut.txt"

@@ -115,11 +115,11 @@ def test_splits_are_disjoint_and_windows_train_only_on_training_documents(store)
                 assert (np.diff(pos) == 1).all()
         in_windows = np.arange(st.n_tokens) < len(w) * S
         np.testing.assert_array_equal(seen[in_windows], (of[doc_of] == SL.TRAIN)[in_windows].astype(int))
-        # evaluation rows: the held-out documents in order, concatenated and cut
-        held_stream = np.concatenate([tokens[off[d]:off[d + 1]] for d in sorted(held)])
-        n = len(held_stream) // S
-        np.testing.assert_array_equal(SL.split_rows(str(store), S, n, SL.HOLDOUT, splits),
-                                      held_stream[:n * S].reshape(n, S))
+        # evaluation rows: the held-out documents in a seeded order, concatenated and cut (as data.pack does)
+        held_docs = [tokens[off[d]:off[d + 1]].astype(np.int32) for d in sorted(held)]
+        n = sum(map(len, held_docs)) // S
+        np.testing.assert_array_equal(SL.split_rows(str(store), S, n, SL.HOLDOUT, splits, seed=6),
+                                      D.pack(held_docs, S, None, seed=6))
         # calibration rows of the validation split = data.pack over those documents, as load_samples packs
         val_docs = [tokens[off[d]:off[d + 1]].astype(np.int32) for d in sorted(val)]
         k = sum(map(len, val_docs)) // S // 2
@@ -170,26 +170,35 @@ def test_first_fit_stream_packs_each_training_piece_once_per_epoch(store):
 def test_loader_over_stores_resumes_and_splits_over_processes(store, store_b, packing):
     blend = {str(store): 0.3, str(store_b): 0.7}
     splits = SL.Splits((), 0.1, 0.1, seed=0)
+
+    def rows_of(data, block_tokens=1024):
+        return SL.training_rows(data, S, packing=packing, splits=splits, seed=3, block_tokens=block_tokens)[0]
     for data in (str(store), blend):
-        rows, stream = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)
+        rows, stream = SL.training_rows(data, S, packing=packing, splits=splits, seed=3, block_tokens=1024)
         full = Loader(rows, 8, seed=3, process_index=0, process_count=1, stream=stream)
         want = [next(full) for _ in range(9)]
         state = json.loads(json.dumps(full.get_state()))
+        want += [next(full) for _ in range(3)]
         for p in (0, 1):  # process slices of the same global batches
-            rows_p, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)
-            part = Loader(rows_p, 8, seed=3, process_index=p, process_count=2, stream=stream)
+            part = Loader(rows_of(data), 8, seed=3, process_index=p, process_count=2, stream=stream)
             for t in (0, 4, 8):
                 np.testing.assert_array_equal(part.batch_at(t)["input_ids"], want[t]["input_ids"][p * 4:(p + 1) * 4])
-        again, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3)  # resume at step 5
-        resumed = Loader(again, 8, seed=3, process_index=0, process_count=1, stream=stream)
-        resumed.set_state({**state, "step": 5})
-        for t in range(5, 9):
+        resumed = Loader(rows_of(data), 8, seed=3, process_index=0, process_count=1, stream=stream)
+        resumed.set_state({**state, "step": 5})  # a cursor past step 5's rows is not used: the walk restarts
+        for t in range(5, 12):
             np.testing.assert_array_equal(next(resumed)["segment_ids"], want[t]["segment_ids"])
             np.testing.assert_array_equal(resumed.batch_at(t)["input_ids"], want[t]["input_ids"])
-        other, _ = SL.training_rows(data, S, packing=packing, splits=splits, seed=3, block_tokens=2048)
-        if stream and packing == "first_fit":  # another layout is another order: refused on resume
-            with pytest.raises(DataError, match="rows"):
-                Loader(other, 8, seed=3, process_index=0, process_count=1, stream=True).set_state(state)
+        fresh = rows_of(data)
+        cont = Loader(fresh, 8, seed=3, process_index=0, process_count=1, stream=stream)
+        cont.set_state(state)  # step 9, with the block cursors: the blocks before them are not laid out again
+        for t in range(9, 12):
+            np.testing.assert_array_equal(next(cont)["input_ids"], want[t]["input_ids"])
+        if packing == "first_fit":
+            for st, (epoch, pos, _) in zip(fresh.streams, state["cursors"]):  # the blocks walked past before
+                before = set(st._order(0)[:pos].tolist()) if epoch == 0 else set(range(st.n_blocks))
+                assert before and not any(e == 0 and b in before for e, b in st._counts)
+            with pytest.raises(DataError, match="rows"):  # another layout is another order: refused on resume
+                Loader(rows_of(data, 2048), 8, seed=3, process_index=0, process_count=1, stream=True).set_state(state)
 
 
 def test_blend_proportions_and_determinism(store, store_b):
@@ -298,3 +307,14 @@ def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
     for rows in seen:
         for r in rows:
             assert r.astype(np.uint32).tobytes() in stream
+
+
+def test_eval_set_from_a_store_equals_eval_set_from_its_text(corpus, store, tokenizer):
+    """`minitron eval` / the evaluate stage give the same rows and next-line items from the store as from the
+    text it was tokenized from (held-out documents by name, or every document)."""
+    from minitron_jax.evaluate import eval_set
+    for kw in ({"holdout": "doc03,doc1"}, {}):
+        rows, items = eval_set(corpus, tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
+        s_rows, s_items = eval_set(str(store), tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
+        np.testing.assert_array_equal(s_rows, rows)
+        assert s_items == items
