@@ -30,6 +30,7 @@ VERSION = 1
 MANIFEST, STATE = "manifest.json", "state.json"
 TOKENS, OFFSETS, NAMES = "tokens", "doc_offsets", "doc_names"
 NAMES_BLOCK = 1 << 16  # document names per JSON file
+READ_CACHE = 16 << 20  # bytes of decoded chunks and shard indexes a reader keeps per array
 TOKEN_SHARD, TOKEN_CHUNK = 1 << 22, 1 << 14  # 16 MiB shards of 64 KiB chunks (uint32)
 OFFSET_SHARD, OFFSET_CHUNK = 1 << 16, 1 << 12  # 512 KiB shards of 32 KiB chunks (int64)
 CAPACITY = 1 << 42  # the arrays' shape while writing (sparse: nothing is stored for it); cut to size at the end
@@ -97,7 +98,9 @@ def open_array(store, name: str, dtype: str = "uint32", shard: int = TOKEN_SHARD
     import tensorstore as ts
     if create:
         return ts.open(array_spec(store, name, dtype, shard, chunk, CAPACITY), create=True, open=True).result()
-    return ts.open(array_spec(store, name, dtype, shard, chunk)).result()
+    # reading: shard indexes and recently read chunks stay in a bounded cache (READ_CACHE bytes per array)
+    return ts.open(array_spec(store, name, dtype, shard, chunk),
+                   context=ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE}})).result()
 
 
 def tokenizer_identity(path: str | Path) -> str:

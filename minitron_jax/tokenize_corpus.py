@@ -121,8 +121,11 @@ def _prepare(store: str, params: dict, overwrite: bool) -> dict | None:
         p = Path(store)
         if p.exists() and not p.is_dir():
             raise S.StoreError(f"--out {store} is an existing file; a token store is a directory: choose another path")
-        for src in (s for s in params["sources"] if not s.startswith("hf:")):
-            out_, src_ = p.absolute().resolve(), Path(src).resolve()
+        for src in params["sources"]:  # an hf: source's local dataset directory too
+            src_ = Path(src[3:].partition("?")[0] if src.startswith("hf:") else src).resolve()
+            if src.startswith("hf:") and not src_.is_dir():
+                continue
+            out_ = p.absolute().resolve()
             if out_.is_relative_to(src_) or src_.is_relative_to(out_):
                 raise S.StoreError(f"--out {store} and the source {src} overlap (one is inside the other); choose an "
                                    "--out outside the sources that holds none of them")
@@ -160,13 +163,11 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
     from concurrent.futures import ProcessPoolExecutor
 
     from .progress import Progress
-    from .hf_sources import is_hf_source, parse
-    sources = [s if is_hf_source(s) else str(Path(s).absolute())
+    from .hf_sources import is_hf_source, normalize
+    sources = [normalize(s) if is_hf_source(s) else str(Path(s).absolute())  # hf: refuses scripts, unknown keys
                for s in ([sources] if isinstance(sources, (str, Path)) else sources)]
     for s in sources:
-        if is_hf_source(s):
-            parse(s)  # refuses scripts and unknown keys before anything is written
-        elif not Path(s).exists():
+        if not is_hf_source(s) and not Path(s).exists():
             raise DataError(f"source {s} does not exist")
     if workers < 1:
         raise ValueError(f"workers={workers} must be at least 1")

@@ -82,3 +82,44 @@ def test_minitron_tokenize_command_takes_an_hf_source(jsonl_dir, tok, tmp_path, 
           str(tmp_path / "cli")])
     st = S.open_store(tmp_path / "cli")
     assert st.n_documents == 40 and st.names(39, 40) == ["train:39"]
+
+
+def _rows(*files):
+    return [json.loads(line)["text"] for f in files for line in f.read_text().splitlines()]
+
+
+def test_dataset_directory_source_and_its_relative_data_files(jsonl_dir, monkeypatch):
+    """hf:DIR lets load_dataset pick the builder from DIR's files; data_files there are relative to DIR (as
+    load_dataset reads them), and tokenize records the directory as an absolute path."""
+    from minitron_jax.hf_sources import normalize
+    monkeypatch.chdir(jsonl_dir.parent)
+    files = sorted(jsonl_dir.glob("*.jsonl"))
+    docs = list((n, "".join(c)) for n, c in iter_documents("hf:jsonl"))
+    assert docs == [(f"train:{i}", t) for i, t in enumerate(_rows(*files))]
+    assert ["".join(c) for _, c in iter_documents("hf:jsonl?data_files=part1.jsonl")] == _rows(files[1])
+    assert normalize("hf:jsonl?data_files=part1.jsonl") == f"hf:{jsonl_dir}?data_files=part1.jsonl"
+    assert normalize("hf:json?data_files=jsonl/part1.jsonl,jsonl/part2*&split=train") == (
+        f"hf:json?data_files={jsonl_dir}/part1.jsonl,{jsonl_dir}/part2*&split=train")
+
+
+def test_stopped_hf_run_resumes_identically(jsonl_dir, tok, tmp_path, monkeypatch):
+    """A streamed source stopped after a few commits and run again (relative data_files, recorded absolute)
+    gives the bytes of an uninterrupted run: the consumed rows are skipped, not re-stored."""
+    from test_token_store import SMALL, files
+    full = f"hf:json?data_files={jsonl_dir}/*.jsonl"
+    tokenize([full], tok, str(tmp_path / "full"), **SMALL)
+    monkeypatch.chdir(jsonl_dir.parent)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(["hf:json?data_files=jsonl/*.jsonl"], tok, str(out), _stop_after_commits=3, **SMALL)
+    state = json.loads((out / S.STATE).read_text())
+    assert 0 < state["source_documents"] < 120
+    tokenize(["hf:json?data_files=jsonl/*.jsonl"], tok, str(out), **SMALL)
+    assert files(out) == files(tmp_path / "full")
+    assert S.open_store(out).manifest["sources"] == [full]
+
+
+def test_store_inside_an_hf_dataset_directory_is_refused(jsonl_dir, tok):
+    with pytest.raises(S.StoreError, match="overlap"):
+        tokenize([f"hf:{jsonl_dir}"], tok, str(jsonl_dir / "store"), progress=False)
+    assert not (jsonl_dir / "store").exists()
