@@ -239,7 +239,6 @@ class Pipeline:
         """Everything that can be checked before expensive work."""
         from .config import LlamaConfig
         from .data import read_documents, split_documents
-        from .store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
         from .evaluate import load_task
         from .prune import parse_count, required_scores, validate
         cfg = LlamaConfig.from_file(teacher)
@@ -263,10 +262,9 @@ class Pipeline:
         if not self.cfg.holdout and rc.holdout_fraction == 0:
             raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
                               "out a seeded fraction (distill.holdout_fraction=0.001)")
-        splits = self.splits()  # refuses impossible fractions
-        if is_store(data) or isinstance(data, dict):  # every split must hold documents
-            for st, _ in open_stores(data, teacher).values():
-                SplitMap(st, splits).check([TRAIN, HOLDOUT] + [VALIDATION] * (self.cfg.prune.params is not None))
+        self.splits()  # refuses impossible fractions
+        if is_store(data) or isinstance(data, dict):
+            self.check_store(teacher, data)
         elif not Path(data).exists():
             from .data import DataError
             raise DataError(f"data path {data} does not exist")
@@ -300,11 +298,17 @@ class Pipeline:
             return c.validation_fraction
         return VALIDATION_FRACTION if c.prune.params is not None else 0.0
 
+    def check_store(self, teacher: Path, data) -> None:
+        """A store or blend: the teacher's tokenizer, and documents in every split the run uses."""
+        from .store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
+        need = [TRAIN, HOLDOUT] + [VALIDATION] * (self.cfg.prune.params is not None)
+        for st, _ in open_stores(data, teacher).values():
+            SplitMap(st, self.splits()).check(need)
+
     def tokenized(self, teacher: Path, data) -> dict:
-        """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend as it is."""
-        from .store_loader import open_stores
+        """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend (checked by
+        `validate`) as it is."""
         if is_store(data) or isinstance(data, dict):
-            open_stores(data, teacher)  # the tokenizer check
             return {"store": data}
         from .tokenize_corpus import tokenize
         store = self.out / "data" / "store"
@@ -341,11 +345,12 @@ class Pipeline:
         attention, text_field = c.distill.attention, c.distill.text_field
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
         tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
+        text = not (is_store(data) or isinstance(data, dict))
         data = self.stage("data", lambda: self.tokenized(teacher_dir, data))["store"]
         if until == "data":
             return {"store": data}
-        if not isinstance(data, dict):
-            self.validate(teacher_dir, data)  # the splits, now on the store
+        if text:  # the splits of the store it became (a store given as data was checked by validate)
+            self.check_store(teacher_dir, data)
         splits = self.splits()
         common = {"data": data, "holdout": list(c.holdout), "seed": c.seed,
                   "validation_fraction": self.validation_fraction()}

@@ -16,7 +16,7 @@ a bounded cache of offset chunks).
   are cut into pieces of at most S and packed by first fit (`loader.first_fit_layout`); each epoch visits
   the blocks in a seeded order and each block's rows in a seeded order. Only the offsets of a block are
   read to lay it out; a row's tokens are read when the row is asked for.
-* Blends (`blend_stream`): `{STORE: weight}`; grain's `MapDataset.mix` interleaves the stores' own
+* Blends (`training_rows` with a dict): `{STORE: weight}`; grain's `MapDataset.mix` interleaves the stores' own
   (infinitely repeated) orders in exact proportion, a pure function of the global row index.
 """
 
