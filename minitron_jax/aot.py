@@ -107,11 +107,11 @@ def analytic_flops(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
     (distill.make_train_step). The frozen teacher runs one forward."""
     S, rows = rc.seq_len, rc.batch_size // rc.grad_accum
     f_s = s_cfg.flops_per_token(S)
-    f_t = t_cfg.flops_per_token(S) if t_cfg is not None and rc.mode == "distill" else 0.0
+    f_t = t_cfg.flops_per_token(S) if t_cfg is not None and rc.mode == "distill" and not rc.teacher_logits else 0.0
     backwards = 2 if rc.hidden_weight > 0 and rc.mode == "distill" and rc.grad_accum > 1 else 1
     recompute = 1 if rc.remat == "full" else 0
     train = rc.batch_size * S * (f_s * (1 + backwards * (2 + recompute)) + f_t)
-    score_cfg = t_cfg if t_cfg is not None else s_cfg
+    score_cfg = t_cfg if t_cfg is not None else s_cfg  # scoring runs the teacher, stored logits or not
     return {"distill": train / devices, "score": rows * S * score_cfg.flops_per_token(S) / devices,
             "eval": rows * S * (f_s + f_t) / devices}
 
@@ -133,7 +133,7 @@ def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCo
     t_cfg = teacher_cfg if rc.mode == "distill" else None
     micro = dataclasses.replace(rc, batch_size=rc.batch_size // rc.grad_accum, grad_accum=1, chunk_size=rc.seq_len,
                                 attention="xla")
-    with_teacher = t_cfg is not None
+    with_teacher = t_cfg is not None and (name == "score" or not rc.teacher_logits)  # stored logits: no teacher
     with_student = name != "score" or t_cfg is None  # the score step runs the teacher (the student when fine-tuning)
 
     def count(ls: int, lt: int) -> float:
@@ -231,7 +231,9 @@ def lower_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfi
                 out[name] = built.eval.lower(built.state["trainable"]["model"], built.teacher, built.eval_batch)
             elif name == "score":
                 cfg = t_cfg or student_cfg
-                params = built.teacher if t_cfg is not None else abstract_params(cfg, mesh, rc.compute_dtype or cfg.dtype)
+                params = (built.teacher if built.teacher is not None else  # stored logits: the step still scores
+                          abstract_params(cfg, mesh, (rc.teacher_dtype if t_cfg is not None else None)
+                                          or rc.compute_dtype or cfg.dtype))
                 shape = built.eval_batch["input_ids"].shape
                 ids = jax.ShapeDtypeStruct(shape, "int32", sharding=named_sharding(("batch", "seq"), shape, mesh))
                 mask = jax.ShapeDtypeStruct(shape, "float32", sharding=ids.sharding)

@@ -200,6 +200,26 @@ def cmd_train(args) -> None:
                         "rerun with resume=true to continue", step)
 
 
+def cmd_teacher_logits(args) -> None:
+    import dataclasses
+    from .recipe import RunConfig, build, load_values, split_config
+    from .teacher_logits import LogitsConfig, write_teacher_logits
+    config, overrides = split_config(args.overrides)
+    values = load_values(config, overrides)
+    names = {f.name for f in dataclasses.fields(LogitsConfig)}
+    lc = build(LogitsConfig, {k: values.pop(k) for k in list(values) if k in names}, "teacher-logits")
+    if not lc.samples and "steps" in values:  # the rows the recipe's own run reads
+        lc.samples = int(values["steps"]) * int(values.get("batch_size", RunConfig.batch_size))
+    rc = build(RunConfig, values, "recipe")
+    if rc.teacher_logits:  # a distillation recipe that reads them: write them where it looks
+        rc.out = rc.teacher_logits
+    elif "out" not in values:
+        raise SystemExit("minitron teacher-logits: give out=LOGITS (where to write them)")
+    rc.teacher_logits = None
+    m = write_teacher_logits(rc, lc)
+    print(json.dumps({k: m[k] for k in ("rows", "k", "seq_len", "values_dtype", "lse", "topk_mass") if k in m}))
+
+
 def cmd_plan(args) -> None:
     from .config import LlamaConfig
     from .plan import estimate, format_plan
@@ -228,6 +248,14 @@ def cmd_plan(args) -> None:
     plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
                     args.peak_tflops * 1e12, args.mfu)
     print(format_plan(plan))
+    if rc.mode == "distill":  # both modes: the teacher on the devices, or its stored top-k logits
+        import dataclasses
+        other = dataclasses.replace(rc, teacher_logits=None if rc.teacher_logits else "stored")
+        plan["other_mode"] = estimate(teacher, student, other, args.devices, args.peak_tflops * 1e12, args.mfu)
+        print("\nthe same run " + ("with the teacher online (no teacher_logits):" if rc.teacher_logits else
+                                   f"from stored top-{rc.top_k or 64} teacher logits (teacher_logits=LOGITS, "
+                                   "`minitron teacher-logits`; the teacher's pass is paid once, before):"))
+        print(format_plan(plan["other_mode"]))
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=2))
 
@@ -368,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch_size, seq_len, save_every, out, resume, ...)")
         t.set_defaults(fn=cmd_train)
 
+    tl = sub.add_parser("teacher-logits", help="store the teacher's top-k logits for a recipe's training rows (once; "
+                        "distill with teacher_logits=LOGITS then runs no teacher)")
+    tl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] teacher=DIR data=STORE out=LOGITS k=64 seq_len=... "
+                    "batch_size=... [samples=N | steps=N] [lse=true] [values_dtype=bfloat16] [mesh=...] [seed=...] "
+                    "[holdout=...] [validation_fraction=...]")
+    tl.set_defaults(fn=cmd_teacher_logits)
+
     rn = sub.add_parser("run", help="the whole pipeline: fetch, score, prune, distill, evaluate, export, report")
     rn.add_argument("overrides", nargs="*", help="[PIPELINE.yaml] key=value ... (out=..., distill.steps=...)")
     rn.add_argument("--dry-run", action="store_true", help="plan only: counts, memory per device, FLOPs, step time")
@@ -438,6 +473,7 @@ def main(argv=None) -> None:
     from .recipe import RecipeError
     from .resume import ResumeError
     from .safetensors_io import SafetensorsError
+    from .teacher_logits import LogitsError
     from .token_store import StoreError
     args = build_parser().parse_args(argv)
     try:
@@ -446,7 +482,7 @@ def main(argv=None) -> None:
         print(f"minitron {args.cmd}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(143)
     except (AssetError, ConfigError, CheckpointError, DataError, OutputError, PruneError, RecipeError, ResumeError,
-            SafetensorsError, StoreError, TrainingError, FileExistsError, FileNotFoundError) as e:
+            SafetensorsError, StoreError, LogitsError, TrainingError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"minitron {args.cmd}: {e}")
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # an input or output path is wrong
         raise SystemExit(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")

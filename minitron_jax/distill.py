@@ -47,7 +47,7 @@ from .atomic import write_text
 from .checkpoint import abstract_params
 from .config import LlamaConfig
 from .lock import output_lock
-from .losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss, kd_loss,
+from .losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss, kd_loss, kd_loss_stored,
                      lm_loss_from_hidden, next_token_targets)
 from .model import forward, lm_head_weight, rms_norm
 from .progress import Progress
@@ -147,7 +147,11 @@ def lm_term(o: dict, kd: KDConfig, n):
 
 
 def kd_term(o: dict, kd: KDConfig, n):
-    """kl_weight x KL(teacher || student) + ce_weight x CE on the logits."""
+    """kl_weight x KL(teacher || student) + ce_weight x CE on the logits (from stored top-k when given)."""
+    if "t_values" in o:
+        loss, m = kd_loss_stored(o["h_s"], o["head_s"], o["t_values"], o["t_indices"], o["targets"], o["tmask"], kd,
+                                 normalizer=n)
+        return loss, {"kl": m["kl"], "ce": m["ce"]}
     loss, m = kd_loss(o["h_s"], o["h_t"], o["head_s"], o["head_t"], o["targets"], o["tmask"], kd, normalizer=n)
     return loss, {"kl": m["kl"], "ce": m["ce"]}
 
@@ -192,7 +196,9 @@ def make_objective(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
         targets, tmask = next_token_targets(mb["input_ids"], mb["mask"], mb["segment_ids"])
         o = {"targets": targets, "tmask": tmask, "head_s": lm_head_weight(student, s_cfg)}
         o["h_s"], o["states_s"] = run(student, s_cfg, mb, cdt)
-        if rc.mode == "distill":
+        if "t_values" in mb:  # stored teacher top-k logits: no teacher forward
+            o["t_values"], o["t_indices"] = mb["t_values"], mb["t_indices"]
+        elif rc.mode == "distill":
             teacher = jax.lax.stop_gradient(teacher)
             o["h_t"], states_t = run(teacher, t_cfg, mb, rc.teacher_dtype or cdt)
             o["head_t"] = lm_head_weight(teacher, t_cfg)
@@ -304,6 +310,20 @@ class Steps:
     eval_batch: dict[str, Any]  # one held-out [b, S] batch
 
 
+def stored_spec(rc: RunConfig) -> tuple[int, str] | None:
+    """(k, values dtype) of the run's stored teacher logits: from their manifest, or (planning a run whose
+    logits are not written yet) top_k (64 if 0) and bfloat16; None for an online teacher."""
+    if rc.teacher_logits is None:
+        return None
+    from .token_store import read_json
+    from .teacher_logits import MANIFEST as LOGITS_MANIFEST
+    try:
+        m = read_json(rc.teacher_logits, LOGITS_MANIFEST)
+    except Exception:  # noqa: BLE001 - not there yet
+        m = None
+    return (int(m["k"]), m["values_dtype"]) if m else (rc.top_k or 64, "bfloat16")
+
+
 def build_steps(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, mesh, kd: KDConfig,
                 teacher_layers=None) -> Steps:
     """The train and eval steps of a run on `mesh`, with explicit in/out shardings: student parameters
@@ -319,12 +339,17 @@ def build_steps(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, me
                                    transform_non_params=lambda _: rep)
     opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, opt_sh)
     state = {"trainable": trainable, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+    stored = stored_spec(rc)
     teacher = (abstract_params(t_cfg, mesh, rc.teacher_dtype or rc.compute_dtype or t_cfg.dtype)
-               if rc.mode == "distill" else None)
+               if rc.mode == "distill" and stored is None else None)
     A = rc.grad_accum
     micro_shape = (A, rc.batch_size // A, rc.seq_len)
     batch = {k: jax.ShapeDtypeStruct(micro_shape, d, sharding=batch_sharding(mesh, micro_shape))
              for k, d in BATCH_DTYPES.items()}
+    if stored is not None:  # the teacher's stored top-k, [A, b, S, k], rows split like the tokens
+        k_shape = (*micro_shape, stored[0])
+        for name, d in (("t_values", jnp.dtype(stored[1])), ("t_indices", jnp.int32)):
+            batch[name] = jax.ShapeDtypeStruct(k_shape, d, sharding=batch_sharding(mesh, k_shape))
     e_sh = named_sharding(("batch", "seq"), micro_shape[1:], mesh)
     eval_batch = {k: jax.ShapeDtypeStruct(micro_shape[1:], d, sharding=e_sh) for k, d in BATCH_DTYPES.items()}
     sh = tree_shardings(state)
@@ -398,6 +423,13 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
                           f"be a multiple of {jax.process_count()}; e.g. mesh=[1,-1,{tensor}]")
     check_batch(rc, data * fsdp, jax.device_count())  # rows that do not divide would be replicated, not split
     from .store_loader import is_store, open_stores, parse_blend
+    if rc.teacher_logits is not None:  # their teacher, tokenizer, token store and rows must be this run's
+        from .teacher_logits import TeacherLogits
+        store = TeacherLogits(rc.teacher_logits)
+        if rc.top_k and rc.top_k != store.k:
+            raise TrainingError(f"top_k={rc.top_k}, but teacher_logits={rc.teacher_logits} holds the top {store.k}; "
+                                f"set top_k=0 or top_k={store.k}")
+        store.check_run(rc, rc.teacher, rc.steps * rc.batch_size)
     if is_store(rc.data) or parse_blend(rc.data):  # the stores' tokenizer must be the models' (sha256)
         open_stores(rc.data, rc.teacher if t_cfg is not None else rc.student,
                     "the teacher" if t_cfg is not None else "the model")
@@ -530,8 +562,12 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
 
     mesh = make_mesh(*rc.mesh)
     student = from_pretrained(rc.student, mesh=mesh, dtype="float32")  # fp32 master weights
+    stored = None
+    if rc.teacher_logits is not None:  # checked in check_pair
+        from .teacher_logits import TeacherLogits, logits_batch
+        stored = TeacherLogits(rc.teacher_logits)
     teacher = (from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
-               if rc.mode == "distill" else None)
+               if rc.mode == "distill" and stored is None else None)
     t_params = teacher.params() if teacher is not None else None
     kd = kd_config(rc)
     steps = build_steps(rc, s_cfg, t_cfg, mesh, kd, teacher_layers)  # the functions aot.py compiles
@@ -581,7 +617,7 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
         from tensorboardX import SummaryWriter
         tb = SummaryWriter(str(out / "tensorboard"))
     flops_step = rc.batch_size * rc.seq_len * (3 * s_cfg.flops_per_token(rc.seq_len)
-                                                + (t_cfg.flops_per_token(rc.seq_len) if t_cfg is not None else 0.0))
+                                                + (t_cfg.flops_per_token(rc.seq_len) if teacher is not None else 0.0))
     peak = rc.peak_tflops * 1e12 if rc.peak_tflops else measure_peak_flops()
     prog = Progress(rc.steps, rc.mode, metrics_path=(out / "metrics.jsonl") if jax.process_index() == 0 else None)
     prog.step = run.step
@@ -595,6 +631,9 @@ def _train(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, lo
         while run.step < rc.steps and not run.stop:
             local = loader.next()
             fingerprint = zlib.crc32(local["input_ids"].tobytes())  # which rows this process saw
+            if stored is not None:
+                local.update(logits_batch(stored, loader.peek_step - 1, rc.batch_size, local, jax.process_index(),
+                                          jax.process_count()))
             local = {k: v.reshape(A, b_local // A, *v.shape[1:]) for k, v in local.items()}
             with jax.set_mesh(mesh):
                 batch = to_global(local, mesh, lead=True)

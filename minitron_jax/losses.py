@@ -68,11 +68,16 @@ def _kl_rows(zs, zt, temperature: float, top_k: int = 0):
     ls = jax.nn.log_softmax(zs / temperature, axis=-1)
     if top_k:
         vals, idx = jax.lax.top_k(zt / temperature, top_k)
-        lt = jax.nn.log_softmax(vals, axis=-1)
-        ls = jnp.take_along_axis(ls, idx, axis=-1)
-    else:
-        lt = jax.nn.log_softmax(zt / temperature, axis=-1)
+        return _kl_topk_rows(ls, vals, idx)
+    lt = jax.nn.log_softmax(zt / temperature, axis=-1)
     return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+
+
+def _kl_topk_rows(ls, vals, idx):
+    """Top-k forward KL per position: the teacher's k (tempered) logits `vals` renormalised, against the
+    student's full-vocabulary log-probabilities `ls` read at their ids `idx`."""
+    lt = jax.nn.log_softmax(vals, axis=-1)
+    return jnp.sum(jnp.exp(lt) * (lt - jnp.take_along_axis(ls, idx, axis=-1)), axis=-1)
 
 
 def _ce_rows(logits, targets):
@@ -213,6 +218,33 @@ def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets,
     kl, ce = kl_sum / denom, ce_sum / denom
     loss = obj / denom
     return loss, {"loss": loss, "kl": kl, "ce": ce, "tokens": tokens}
+
+
+def kd_loss_stored(student_hidden, student_head, values, indices, targets, mask, cfg: KDConfig, normalizer=None):
+    """`kd_loss` against stored teacher top-k logits (`teacher_logits.py`): `values` [B, S, k] (any float
+    dtype; the teacher's raw logits, descending) and their vocabulary ids `indices` [B, S, k]. The KL is
+    the top-k one of `kd_loss(top_k=k)` (the same function of the same numbers: from float32 values it
+    equals the online top-k loss); CE as in `kd_loss`. Same return value."""
+    _check(student_hidden, student_head, targets, mask, "kd_loss_stored")
+    if values.shape != indices.shape or values.shape[:2] != targets.shape:
+        raise ValueError(f"kd_loss_stored: values {values.shape} and indices {indices.shape} must be [B, S, k] with "
+                         f"[B, S] = {targets.shape}")
+    mask = mask.astype(F32)
+    t = float(cfg.temperature)
+
+    def body(zs, _, vals, idx, tgt, m):
+        ls = jax.nn.log_softmax(zs / t, axis=-1)
+        kl = jnp.sum(_kl_topk_rows(ls, vals.astype(F32) / t, idx) * m)
+        ce = jnp.sum(_ce_rows(zs, tgt) * m)
+        terms = ([cfg.kl_weight * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
+        return sum(terms[1:], terms[0]), (kl, ce)
+
+    values, indices = jax.lax.stop_gradient((values, indices.astype(jnp.int32)))
+    obj, (kl_sum, ce_sum) = _fused_chunked(body, student_head, student_hidden, jnp.zeros((), F32),
+                                           (values, indices, targets, mask), cfg.chunk_size)
+    tokens, denom = _token_count(mask, normalizer)
+    loss = obj / denom
+    return loss, {"loss": loss, "kl": kl_sum / denom, "ce": ce_sum / denom, "tokens": tokens}
 
 
 def kl_divergence_logits(student_logits, teacher_logits, mask, temperature: float = 1.0, top_k: int = 0):

@@ -29,7 +29,7 @@ from .store_loader import is_store
 from .recipe import DataArg, RecipeError, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
 
 VALIDATION_FRACTION = 0.05
-STAGES = ("data", "finetune", "score", "prune", "distill", "evaluate", "report")
+STAGES = ("data", "finetune", "score", "logits", "prune", "distill", "evaluate", "report")
 
 
 @dataclasses.dataclass
@@ -85,6 +85,39 @@ class PruneSettings:
 
 
 @dataclasses.dataclass
+class SearchSettings:
+    """The papers' search with short distillation (`nas.py`; with prune.params): the `candidates` best shapes
+    after pruning are each distilled for `steps` steps (the distill section's recipe, its warm-up capped at a
+    tenth of them) and re-ranked by `metric` on the validation documents. candidates=0: ranked right after
+    pruning only (as ModelOpt does)."""
+    candidates: int = 0
+    steps: int = 40
+    metric: str = "validation_loss"  # or distill_loss (the objective over the last 10% of the steps)
+    teacher_logits: bool = True  # from stored top-k teacher logits (the logits stage): one teacher pass for all
+
+    def __post_init__(self):
+        from .nas import METRICS
+        if self.candidates < 0 or self.steps < 1:
+            raise RecipeError(f"search: candidates={self.candidates} must be >= 0 and steps={self.steps} >= 1")
+        if self.metric not in METRICS:
+            raise RecipeError(f"search.metric={self.metric!r}: choose one of {', '.join(METRICS)}")
+
+
+@dataclasses.dataclass
+class LogitsSettings:
+    """Stored top-k teacher logits (`teacher_logits.py`, stage `logits`, out/logits): computed once for the
+    training rows, read by the search's short runs and, with distill=true, by the distillation (no teacher
+    on the devices)."""
+    k: int = 64
+    values_dtype: str = "bfloat16"
+    distill: bool = False
+
+    def __post_init__(self):
+        from .teacher_logits import LogitsConfig
+        LogitsConfig(k=self.k, values_dtype=self.values_dtype).validate()
+
+
+@dataclasses.dataclass
 class EvalSettings:
     samples: int = 16  # held-out rows for the LM loss
     seq_len: int = 256
@@ -109,6 +142,8 @@ class PipelineConfig:
         steps=150, batch_size=4, seq_len=256, lr=1e-4, min_lr=1e-5, warmup=15, eval_every=50, eval_batches=4,
         save_every=50))
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
+    teacher_logits: LogitsSettings = dataclasses.field(default_factory=LogitsSettings)
     recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
     seed: int = 0
 
@@ -168,6 +203,15 @@ def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, lo
     return plan
 
 
+def gap_closed(results: dict, name: str) -> float | None:
+    """(pruned - name) / (pruned - teacher) held-out loss: the share of the teacher-to-pruned gap `name` closed."""
+    try:
+        t, p, x = (results[k]["held_out_loss"] for k in ("teacher", "pruned", name))
+    except (KeyError, TypeError):
+        return None
+    return None if name in ("teacher", "pruned") or p == t else (p - x) / (p - t)
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
@@ -189,10 +233,13 @@ class Pipeline:
             return json.loads(json.dumps({"teacher": c.teacher, "data": c.data, "text_field": c.distill.text_field}))
         keys = ["teacher", "data", "holdout", "validation_fraction", "seed", "finetune"]
         keys += ["recipe", "distill"] if c.finetune.steps else []
-        order = {"finetune": [], "score": ["score"], "prune": ["score", "prune"],
-                 "distill": ["score", "prune", "recipe", "distill"]}
-        keys += order.get(name, ["score", "prune", "recipe", "distill", "eval"])
+        search = ["search", "recipe", "distill"] if self.searching() else []
+        order = {"finetune": [], "score": ["score"], "logits": [], "prune": ["score", "prune", *search],
+                 "distill": ["score", "prune", *search, "recipe", "distill"]}
+        keys += order.get(name, ["score", "prune", *search, "recipe", "distill", "eval"])
         out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
+        if name != "finetune" and name != "score":
+            out["logits"] = self.logits_plan()  # what the stored teacher logits hold (None: no logits stage)
         out["validation_fraction"] = self.validation_fraction()
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
@@ -298,6 +345,23 @@ class Pipeline:
             return c.validation_fraction
         return VALIDATION_FRACTION if c.prune.params is not None else 0.0
 
+    def searching(self) -> bool:
+        """A budget searched with short distillation (`search.candidates` > 0)."""
+        return self.cfg.prune.params is not None and self.cfg.search.candidates > 0
+
+    def logits_plan(self) -> dict | None:
+        """What the logits stage stores (the first rows of the distillation recipe's order: enough for the
+        search's runs and, with teacher_logits.distill, the distillation's), or None when nothing reads them."""
+        c = self.cfg
+        steps = max(c.search.steps if self.searching() and c.search.teacher_logits else 0,
+                    c.distill.steps if c.teacher_logits.distill else 0)
+        if not steps:
+            return None
+        d = c.distill
+        return {"rows": steps * d.batch_size, "k": c.teacher_logits.k, "values_dtype": c.teacher_logits.values_dtype,
+                **{k: getattr(d, k) for k in ("seq_len", "batch_size", "packing", "holdout_fraction", "text_field",
+                                              "attention", "compute_dtype", "chunk_size")}}
+
     def check_store(self, teacher: Path, data) -> None:
         """A store or blend: the teacher's tokenizer, and documents in every split the run uses."""
         from .store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
@@ -390,19 +454,42 @@ class Pipeline:
         if until == "score":
             return scored
 
+        plan = self.logits_plan()
+        logits_dir = self.out / "logits" / "store"
+        if plan is not None:
+            def logits():
+                from .teacher_logits import LogitsConfig, write_teacher_logits
+                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir),
+                                    out=str(logits_dir))
+                m = write_teacher_logits(rc, LogitsConfig(k=plan["k"], samples=plan["rows"],
+                                                          values_dtype=plan["values_dtype"]), log=self.log)
+                return {"store": str(logits_dir), "rows": m["rows"], "topk_mass": m.get("topk_mass")}
+            self.stage("logits", logits)
+        if until == "logits":
+            return {"store": str(logits_dir) if plan else None}
+
         def do_prune():
+            search = None
+            if self.searching():
+                s = c.search
+                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir), steps=s.steps,
+                                    warmup=min(c.distill.warmup, s.steps // 10), save_every=s.steps,
+                                    eval_every=s.steps, out="-",
+                                    teacher_logits=str(logits_dir) if s.teacher_logits else None)
+                search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric, "out": self.out / "prune" / "search"}
             return prune_saved(teacher_dir, scored["scores"], self.out / "prune" / "student_hf", target=c.prune.target,
                                budget=c.prune.params, data=data, calib_samples=c.prune.calib_samples,
                                seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed,
                                exclude=list(c.holdout), text_field=text_field, mesh=mesh, attention=attention,
-                               overwrite=True, splits=splits, log=self.log)
+                               overwrite=True, splits=splits, search_distill=search, log=self.log)
         pruned = self.stage("prune", do_prune)
         if until == "prune":
             return pruned
 
         def distill():
             rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
-                                out=str(self.out / "distill"), resume=True)
+                                out=str(self.out / "distill"), resume=True,
+                                teacher_logits=str(logits_dir) if c.teacher_logits.distill else None)
             summary = trained(rc, "distill")
             return {"summary": summary, "student": summary["student_hf"],
                     "tokens": rc.steps * rc.batch_size * rc.seq_len}
@@ -459,16 +546,22 @@ class Pipeline:
         (self.out / "report").mkdir(parents=True, exist_ok=True)
         fig.savefig(self.out / "report" / "loss_curves.png", dpi=90)
         plt.close(fig)
-        table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens |",
-                 "|---|---|---|---|---|---|"]
+        table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens | gap closed |",
+                 "|---|---|---|---|---|---|---|"]
         for name, r in results.items():
             if not isinstance(r, dict) or "params" not in r:  # seconds, settings
                 continue
+            g = gap_closed(results, name)
             table.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.3f} | {r['held_out_ppl']:.1f} | "
-                         f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} |")
+                         f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} | "
+                         f"{'-' if g is None else f'{g:.1%}'} |")
+        search = (self.out / "prune" / "search" / "search.md")
+        extra = (["", "Architecture search with short distillation (ranked on validation documents):", "",
+                  search.read_text(), "![search](../prune/search/search.png)"] if search.is_file() else [])
         sample = self.generate(distilled["student"])
         md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
-                        *table, "", f"Exported student (loads in transformers): `{distilled['student']}`", "",
+                        *table, "", "Gap closed: (pruned - model) / (pruned - teacher) held-out loss.", *extra, "",
+                        f"Exported student (loads in transformers): `{distilled['student']}`", "",
                         "transformers `generate` (greedy) with the exported student:", "", "```", sample, "```", "",
                         "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
         (self.out / "report" / "report.md").write_text(md)

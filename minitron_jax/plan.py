@@ -66,20 +66,26 @@ def estimate(teacher: LlamaConfig | None, student: LlamaConfig, rc: RunConfig, d
     batch_shards = sizes["data"] * sizes["fsdp"]
     rows = rc.batch_size / rc.grad_accum / batch_shards  # rows per device per micro-batch
     t_item = BYTES[rc.teacher_dtype or rc.compute_dtype or (teacher.dtype if teacher else "float32")]
-    mem = {"teacher_params": per_device_param_bytes(teacher, sizes, t_item) if teacher else 0,
+    stored = bool(rc.teacher_logits) and teacher is not None
+    online = teacher if not stored else None  # stored top-k logits: no teacher on the devices
+    mem = {"teacher_params": per_device_param_bytes(online, sizes, t_item) if online else 0,
            "student_params_fp32": per_device_param_bytes(student, sizes, 4)}
     mem["optimizer_state"] = 2 * mem["student_params_fp32"]
     mem["gradients"] = mem["student_params_fp32"]
     t = sizes["tensor"]
     mem["activations"] = activation_bytes(student, rc, rows, t) + (
-        activation_bytes(teacher, RunConfig(**{**rc.__dict__, "remat": "full"}), rows, t) / teacher.num_hidden_layers
-        if teacher else 0)  # the teacher keeps nothing for backward: about one layer at a time
+        activation_bytes(online, RunConfig(**{**rc.__dict__, "remat": "full"}), rows, t) / online.num_hidden_layers
+        if online else 0)  # the teacher keeps nothing for backward: about one layer at a time
+    if stored:  # the step's batch of stored values (bf16) and int32 ids, k per token
+        k = rc.top_k or 64
+        mem["stored_logits"] = rc.batch_size / batch_shards * rc.seq_len * k * (2 + 4)
     mem["total"] = sum(mem.values())
     tokens = rc.batch_size * rc.seq_len
     flops = tokens * (3 * student.flops_per_token(rc.seq_len)
-                      + (teacher.flops_per_token(rc.seq_len) if teacher and rc.mode == "distill" else 0))
+                      + (online.flops_per_token(rc.seq_len) if online and rc.mode == "distill" else 0))
     step_s = flops / (devices * peak_flops_per_device * mfu)
     return {"mesh": sizes, "devices": devices, "teacher_params": teacher.param_count() if teacher else None,
+            "stored_logits": stored,
             "student_params": student.param_count(), "tokens_per_step": tokens, "flops_per_step": flops,
             "memory_per_device_bytes": mem, "mfu": mfu, "step_time_s": step_s,
             "total_time_h": step_s * rc.steps / 3600, "total_tokens": tokens * rc.steps}
@@ -88,7 +94,9 @@ def estimate(teacher: LlamaConfig | None, student: LlamaConfig, rc: RunConfig, d
 def format_plan(p: dict[str, Any]) -> str:
     gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
     lines = [f"mesh {p['mesh']} on {p['devices']} devices",
-             f"teacher parameters: {p['teacher_params']:,}" if p["teacher_params"] else "teacher: none (fine-tuning)",
+             (f"teacher parameters: {p['teacher_params']:,}" + (" (stored top-k logits: the teacher is not on the "
+                                                                 "devices)" if p.get("stored_logits") else ""))
+             if p["teacher_params"] else "teacher: none (fine-tuning)",
              f"student parameters: {p['student_params']:,}",
              "memory per device:"]
     lines += [f"  {k:<22} {gib(v)}" for k, v in p["memory_per_device_bytes"].items()]

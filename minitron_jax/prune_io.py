@@ -22,11 +22,14 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
                 budget: str | int | None = None, data: str | Path | None = None, calib_samples: int = 16,
                 seq_len: int = 256, batch_size: int = 8, seed: int = 0, exclude=(), text_field: str = "text",
                 mesh=None, attention: str = "xla", fmt: str = "hf", overwrite: bool = False,
-                force_scores: bool = False, splits=None, log: Callable[[str], Any] = print) -> dict[str, Any]:
+                force_scores: bool = False, splits=None, search_distill: dict | None = None,
+                log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune `model_dir` to `target` (a shape) or `budget` (parameters, searched) with `scores_path`; write
     the student to `out`. Returns {"target", "params", "student", "search"} (search: the ranked table or None).
     `data` (with `calib_samples` rows of `seq_len`, drawn with `seed` + 1, skipping `exclude`d documents)
-    is needed for a budget. Loading and the search's forward passes are sharded over `mesh`."""
+    is needed for a budget. Loading and the search's forward passes are sharded over `mesh`.
+    `search_distill` {"candidates", "recipe" (RunConfig), "metric", "out"}: the budget's `candidates` best shapes
+    after pruning are each distilled for recipe.steps and re-ranked by `metric` (`nas.py`)."""
     from .config import LlamaConfig
     from .hf import from_pretrained, load_tokenizer, save_params
     from .importance import check_scores_match, load_scores
@@ -64,6 +67,19 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
                                       lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
                                                            attention=attention), log=log)
         target = str(table[0]["spec"])
+        if search_distill:
+            from . import nas
+            sd = search_distill
+            cands = nas.save_candidates(table, model.params(), cfg, scores, model_dir, Path(sd["out"]), sd["candidates"])
+            del params, model  # the short runs need the devices; the winner is pruned again below
+            ranked = nas.distill_candidates(cands, sd["recipe"], rows, metric=sd["metric"], mesh=mesh,
+                                            batch_size=batch_size, log=log)
+            report = nas.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
+            log(report["summary"])
+            target = ranked[0]["spec"]
+            model = from_pretrained(model_dir, mesh=mesh)
+            params, new = P.prune(model.params(), cfg, scores, target)
+            table = ranked + [r for r in table if r["spec"] not in {c["spec"] for c in ranked}]
     out = Path(out)
     if fmt == "hf":
         save_params(params, new, out, source=model_dir, overwrite=overwrite)
@@ -74,7 +90,9 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         pruned.source = str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
     P.save_prune_record(out, P.prune_record(cfg, scores, target, source=model_dir))
-    search = [{k: r[k] for k in ("spec", "params", "loss")} for r in table] if table else None
+    keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
+            "rank_change", "validation_curve")
+    search = [{k: r[k] for k in keys if k in r} for r in table] if table else None
     report = {"source": str(model_dir), "scores": str(scores_path),
               "score_metadata": {k: v for k, v in meta.items() if k != "config"},
               "params_before": cfg.param_count(), "params_after": new.param_count(), "target": target,

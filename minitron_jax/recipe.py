@@ -55,7 +55,7 @@ class RunConfig:
     - forced: the checkpoint restores, but the run no longer equals an uninterrupted one: steps (the
       cosine schedule), lr, min_lr, warmup, weight_decay, b1, b2, eps, clip, temperature, kl_weight,
       ce_weight, top_k, hidden_weight (between positive values), compute_dtype, teacher_dtype, and the
-      paths teacher, student, data (a moved model or corpus; the student's shape is still compared with
+      paths teacher, student, data, teacher_logits (a moved model, corpus or logits store; the student's shape is still compared with
       the checkpoint's, and the loader still refuses a corpus with another row count). Refused unless
       listed in `resume_allow` (resume_allow=[lr,temperature]).
     - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, holdout, holdout_fraction,
@@ -66,6 +66,8 @@ class RunConfig:
     # what to train
     mode: str = "distill"  # "distill" (KD from teacher) or "finetune" (LM loss: teacher correction)
     teacher: str | None = None  # HF directory of the teacher (distill)
+    # stored teacher top-k logits (`minitron teacher-logits`): the teacher is not run, only checked against them
+    teacher_logits: str | None = None
     student: str | None = None  # HF directory of the student, or of the model to fine-tune
     # text dir / .txt / .jsonl / .parquet / saved dataset, a token store, or a blend {STORE: weight, ...}
     data: DataArg | None = None
@@ -155,6 +157,10 @@ class RunConfig:
         if self.mode == "distill" and self.kl_weight == 0 and self.ce_weight == 0:
             raise RecipeError("kl_weight=0 and ce_weight=0 leave no logit loss to train on: set kl_weight=1 "
                               "(distillation) or ce_weight=1")
+        if self.teacher_logits is not None and (self.mode != "distill" or self.hidden_weight > 0):
+            raise RecipeError(f"teacher_logits={self.teacher_logits} replaces the teacher's logits in distillation "
+                              "only; the hidden-state loss (hidden_weight > 0) and fine-tuning need no stored logits: "
+                              "drop teacher_logits or set hidden_weight=0")
         if self.top_k < 0:
             raise RecipeError(f"top_k={self.top_k} must be 0 (the whole vocabulary) or more")
         _check_range("holdout_fraction", self.holdout_fraction, 0, 1, "0 = no random held-out split", high_ok=False)
@@ -203,7 +209,8 @@ def check_resume(recorded: Any, rc: RunConfig, where: str | Path) -> list[str]:
     if not isinstance(recorded, dict):
         raise RecipeError(f"{where} is not a JSON object of recipe keys; delete it to resume with this run's settings "
                           "as the checkpoints' (it is rewritten), or choose another out")
-    missing = sorted(k for k in set(now) - set(recorded) if k not in RESUME_FREE)
+    # a key this version added is missing from older recipe.json files; its default (None) is what they did
+    missing = sorted(k for k in set(now) - set(recorded) if k not in RESUME_FREE and now[k] is not None)
     unknown = sorted(set(recorded) - set(now))
     if missing or unknown:
         what = "; ".join(([f"it lacks {', '.join(missing)}"] if missing else [])

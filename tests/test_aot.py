@@ -207,3 +207,24 @@ def test_train_runs_the_steps_build_steps_makes(tmp_path, monkeypatch):
     assert jax.tree.structure(want) == jax.tree.structure(seen[0])
     assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in
                zip(jax.tree.leaves(want), jax.tree.leaves(seen[0]), jax.tree.leaves(built[0].state)))
+
+
+@needs_libtpu
+def test_distill_from_stored_logits_compiles_without_the_teacher():
+    """teacher_logits= (not written yet: k = top_k): the compiled train step takes no teacher parameters but the
+    stored top-k ([A, b, S, k] values and ids) as batch arguments, needs less temp memory, and XLA's FLOPs drop by
+    the teacher's forward as the analytic count does (ratio to it within 0.2 of the online step's)."""
+    t, s = cfg(layers=2), cfg(layers=2, inter=96)
+    rc_on, rc_off = recipe(), recipe(teacher_logits="/nonexistent/logits", top_k=16)
+    mesh = aot.topology_mesh(rc_on, "v5p-128")
+    args_on = lower_steps(rc_on, t, s, mesh, ("distill",))["distill"].args_info
+    args_off = lower_steps(rc_off, t, s, mesh, ("distill",))["distill"].args_info
+    assert args_off[0][1] is None and args_on[0][1] is not None  # (state, teacher, batch)
+    assert args_off[0][2]["t_values"].shape == (1, 64, 128, 16) and args_off[0][2]["t_indices"].dtype == "int32"
+    on = compile_steps(rc_on, t, s, "v5p-128", steps=("distill",))["steps"]["distill"]
+    res = compile_steps(rc_off, t, s, "v5p-128", steps=("distill", "score"))
+    off = res["steps"]["distill"]
+    assert off["temp_bytes"] < on["temp_bytes"] and off["flops"] < on["flops"]
+    assert off["analytic_flops"] < on["analytic_flops"]
+    assert abs(off["flops"] / off["analytic_flops"] - on["flops"] / on["analytic_flops"]) < 0.2
+    assert res["steps"]["score"]["flops"] > 0  # scoring still runs the teacher

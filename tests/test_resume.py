@@ -115,7 +115,8 @@ def test_resume_classification_covers_every_key():
     """Every RunConfig key is free, forced or never, as the RunConfig docstring lists them."""
     keys = {f.name for f in dataclasses.fields(RunConfig)}
     forced = {"steps", "lr", "min_lr", "warmup", "weight_decay", "b1", "b2", "eps", "clip", "temperature", "kl_weight",
-              "ce_weight", "top_k", "hidden_weight", "compute_dtype", "teacher_dtype", "teacher", "student", "data"}
+              "ce_weight", "top_k", "hidden_weight", "compute_dtype", "teacher_dtype", "teacher", "student", "data",
+              "teacher_logits"}
     assert not (set(RESUME_FREE) & set(RESUME_NEVER)) and not (forced & (set(RESUME_FREE) | set(RESUME_NEVER)))
     assert set(RESUME_FREE) | set(RESUME_NEVER) | forced == keys
     for k in keys:

@@ -1,0 +1,424 @@
+"""Offline teacher logits: the teacher's top-k logits for the rows a run reads, computed once and stored.
+
+`minitron teacher-logits [RECIPE.yaml] teacher=HF_DIR data=STORE out=LOGITS k=64 ...` runs the (sharded)
+teacher over the training rows of a distillation recipe, in the order its loader gives them: row j of the
+store is row j % B of global batch j // B (B = batch_size, seeded by `seed`, split by `holdout` /
+`holdout_fraction` / `validation_fraction`, packed by `packing`). A distillation run with
+`teacher_logits=LOGITS` and the same data settings then reads the teacher's distribution instead of running
+the teacher: no teacher parameters or activations on the devices, and every student trained on the same
+rows (search candidates, experiment arms, repeated runs) reuses one teacher pass.
+
+Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in one step):
+
+* `tokens/`   uint32 [N, S]: each row's token ids (to line the logits up with their tokens; a run checks them).
+* `values/`   bfloat16 (or float32) [N, S, k]: the k largest teacher logits per position, descending.
+* `indices/`  int32 [N, S, k]: their vocabulary ids.
+* `lse/`      float32 [N, S] (lse=true): log-sum-exp of the position's whole logit row, so the exact teacher
+  log-probabilities of the kept entries are `values - lse` (and `exp(values - lse)` sums to the mass the
+  top k cover, reported in the manifest).
+* `manifest.json`, written last: the store is complete only once it exists. It records what the rows
+  depend on (`IDENTITY_KEYS`: teacher, tokenizer, token stores, seq_len, packing, seed, batch_size, splits)
+  and k, the dtypes and the row count.
+* `state.json` while writing: the rows committed so far (every process's writes for them are done), the
+  resume point of an interrupted run.
+
+Distillation from stored values uses the top-k forward KL of `losses.py` (the teacher distribution
+renormalised over its k entries, the student's full-vocabulary log-softmax read at those ids): the same
+loss as online `top_k=k`, so a run from stored float32 values equals the online top-k run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT, VERSION = "minitron-teacher-logits", 1
+MANIFEST, STATE = "manifest.json", "state.json"
+VALUE_DTYPES = ("bfloat16", "float32")
+# the recipe keys the stored rows depend on: a run that differs in any of them reads other rows
+ROW_KEYS = ("seq_len", "packing", "seed", "batch_size", "holdout", "holdout_fraction", "validation_fraction",
+            "text_field")
+
+
+class LogitsError(ValueError):
+    """A teacher-logits store that is missing, incomplete, or does not belong to the run."""
+
+
+@dataclasses.dataclass
+class LogitsConfig:
+    """The keys `minitron teacher-logits` adds to a recipe's."""
+    k: int = 64
+    samples: int = 0  # rows to write; 0 = one epoch of a concat store (a first_fit / blend stream needs samples)
+    lse: bool = True  # also store each position's log-sum-exp
+    values_dtype: str = "bfloat16"
+    commit_every: int = 8  # steps between resume points
+
+    def validate(self, vocab_size: int | None = None) -> "LogitsConfig":
+        from .recipe import RecipeError
+        if self.k < 1 or (vocab_size is not None and self.k > vocab_size):
+            raise RecipeError(f"k={self.k} must be between 1 and the vocabulary size ({vocab_size})")
+        if self.samples < 0:
+            raise RecipeError(f"samples={self.samples} must be >= 0 (0 = one epoch)")
+        if self.values_dtype not in VALUE_DTYPES:
+            raise RecipeError(f"values_dtype={self.values_dtype!r}: choose one of {', '.join(VALUE_DTYPES)}")
+        if self.commit_every < 1:
+            raise RecipeError(f"commit_every={self.commit_every} must be positive")
+        return self
+
+
+# ---------------------------------------------------------------------------- identities
+def teacher_identity(path: str | Path) -> dict[str, str]:
+    """{"config_sha256", "weights_sha256"} of an HF directory, without loading it: the config's hash (as
+    `importance.model_fingerprint`) and a hash of every tensor's name, dtype, shape and first and last 4 KiB
+    of stored bytes (read through the safetensors header; any re-trained weights change them)."""
+    from .config import LlamaConfig
+    from .hf import open_checkpoint
+    from .importance import model_fingerprint
+    out = {"config_sha256": model_fingerprint(LlamaConfig.from_file(path))["model_config_sha256"]}
+    h = hashlib.sha256()
+    for name, f in sorted(open_checkpoint(path).items()):
+        info = f.header[name]
+        a, b = info["data_offsets"]
+        h.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
+        with open(f.path, "rb") as fh:
+            fh.seek(f.data_start + a)
+            h.update(fh.read(min(4096, b - a)))
+            fh.seek(f.data_start + max(a, b - 4096))
+            h.update(fh.read(min(4096, b - a)))
+    out["weights_sha256"] = h.hexdigest()
+    return out
+
+
+def data_identity(data) -> dict[str, Any]:
+    """{store path: sha256 of its manifest.json} (and the blend weights) for STORE or a blend."""
+    from .store_loader import parse_blend
+    from .token_store import MANIFEST as STORE_MANIFEST, kvstore_url, open_store
+    import tensorstore as ts
+    blend = parse_blend(data) or {str(data): 1.0}
+    out = {}
+    for k, w in blend.items():
+        open_store(k)  # complete, or refused naming why
+        raw = ts.KvStore.open(kvstore_url(k) + "/").result().read(STORE_MANIFEST).result().value
+        out[str(Path(k).absolute()) if "://" not in k else k] = {"manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                                                                 "weight": round(w, 6)}
+    return out
+
+
+def identity(rc, t_dir: str | Path) -> dict[str, Any]:
+    """What the stored rows depend on, for the manifest and for the check before a run reads them."""
+    from .token_store import tokenizer_identity
+    return {"teacher": teacher_identity(t_dir), "tokenizer": tokenizer_identity(t_dir),
+            "data": data_identity(rc.data), **{k: getattr(rc, k) for k in ROW_KEYS},
+            "holdout_fraction": 0.0 if rc.holdout else rc.holdout_fraction}  # unused with holdout names
+
+
+# ---------------------------------------------------------------------------- arrays
+def _spec(out, name: str, dtype: str, shape=None, chunk=None) -> dict:
+    from .token_store import kvstore_url
+    spec = {"driver": "zarr3", "kvstore": kvstore_url(out) + "/" + name + "/"}
+    if shape is not None:
+        spec["metadata"] = {
+            "shape": list(shape), "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "zstd", "configuration": {"level": 1, "checksum": False}}]}
+    return spec
+
+
+def _open(out, name: str, dtype: str, shape=None, chunk=None):
+    import tensorstore as ts
+    if shape is not None:
+        return ts.open(_spec(out, name, dtype, shape, chunk), create=True, open=True).result()
+    return ts.open(_spec(out, name, dtype)).result()
+
+
+def _arrays(out, n: int, seq_len: int, k: int, values_dtype: str, lse: bool, chunk_rows: int | None) -> dict:
+    mk = (lambda shape: (shape, (chunk_rows, *shape[1:]))) if chunk_rows else (lambda shape: (None, None))  # noqa: E731
+    arrs = {"tokens": _open(out, "tokens", "uint32", *mk((n, seq_len))),
+            "values": _open(out, "values", values_dtype, *mk((n, seq_len, k))),
+            "indices": _open(out, "indices", "int32", *mk((n, seq_len, k)))}
+    if lse:
+        arrs["lse"] = _open(out, "lse", "float32", *mk((n, seq_len)))
+    return arrs
+
+
+class TeacherLogits:
+    """A complete store: `manifest`, `rows`, `k`, and `read(start, stop)` -> {tokens, values, indices[, lse]}."""
+
+    def __init__(self, path: str | Path):
+        from .token_store import read_json
+        self.path = path
+        try:
+            m = read_json(path, MANIFEST)
+        except Exception as e:  # noqa: BLE001 - not a kvstore at all
+            raise LogitsError(f"cannot read teacher logits at {path} ({e})") from e
+        if m is None:
+            partial = read_json(path, STATE) is not None
+            raise LogitsError(f"{path} has no {MANIFEST}: " + (
+                "its `minitron teacher-logits` run did not finish; rerun the same command to complete it"
+                if partial else "not a teacher-logits store; write one with `minitron teacher-logits`"))
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise LogitsError(f"{path}/{MANIFEST} is format {m.get('format')!r} version {m.get('version')!r}, not "
+                              f"{FORMAT!r} version {VERSION}; rewrite it with this minitron's `teacher-logits`")
+        self.manifest, self.rows, self.k = m, int(m["rows"]), int(m["k"])
+        self.arrays = _arrays(path, self.rows, m["seq_len"], self.k, m["values_dtype"], m["lse"], None)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        if not 0 <= start <= stop <= self.rows:
+            raise LogitsError(f"rows [{start}, {stop}) are outside the {self.rows} rows of {self.path}")
+        futs = {name: a[start:stop].read() for name, a in self.arrays.items()}
+        return {name: f.result() for name, f in futs.items()}
+
+    def check_run(self, rc, t_dir: str | Path, rows_needed: int) -> None:
+        """Refuse (before step 0) a run whose teacher, tokenizer, token store or row settings differ from the
+        store's, or that reads more rows than it holds."""
+        want, have = identity(rc, t_dir), self.manifest["identity"]
+        bad = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps(have.get(k), sort_keys=True)]
+        if bad:
+            what = {"teacher": "the teacher's weights or config", "tokenizer": "the tokenizer",
+                    "data": "the token store(s)"}
+            shown = "; ".join(f"{what.get(k, k)}: store {json.dumps(have.get(k))}, run {json.dumps(want[k])}"
+                              for k in bad)
+            raise LogitsError(f"teacher_logits={self.path} was written for other rows or another teacher ({shown}); "
+                              "rerun `minitron teacher-logits` with this run's recipe, or drop teacher_logits")
+        if rows_needed > self.rows:
+            raise LogitsError(f"teacher_logits={self.path} holds {self.rows} rows but this run reads {rows_needed} "
+                              f"(steps x batch_size); rerun `minitron teacher-logits` with samples={rows_needed}, or "
+                              "lower steps")
+
+
+# ---------------------------------------------------------------------------- the teacher pass
+def make_topk_fn(t_cfg, k: int, chunk_size: int, attention: str, compute_dtype=None):
+    """jitted (params, batch [b, S]) -> (values fp32 [b, S, k], indices int32 [b, S, k], lse fp32 [b, S]),
+    one sequence chunk of logits at a time (never [b, S, V])."""
+    import jax
+    import jax.numpy as jnp
+    from .losses import _logits, _split
+    from .model import forward, lm_head_weight
+
+    def fn(params, batch):
+        h = forward(params, t_cfg, batch["input_ids"], attention_mask=batch["mask"], segment_ids=batch["segment_ids"],
+                    return_hidden=True, compute_dtype=compute_dtype, attention=attention)
+        head = lm_head_weight(params, t_cfg)
+        s = h.shape[1]
+        c = max(1, min(chunk_size, s))
+        n = -(-s // c)
+
+        def chunk(x):
+            z = _logits(x, head)
+            v, i = jax.lax.top_k(z, k)
+            return v, i, jax.nn.logsumexp(z, axis=-1)
+
+        v, i, lse = jax.lax.map(chunk, _split(h, n, c))
+        back = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * c, *x.shape[3:])[:, :s]  # noqa: E731
+        return back(v), back(i), back(lse)
+
+    return jax.jit(fn)
+
+
+def _local_pieces(x) -> list[tuple[int, np.ndarray]]:
+    """(first global row, rows) of each distinct row block of `x` this process holds."""
+    seen = {}
+    for s in x.addressable_shards:
+        r = s.index[0]
+        start = r.start or 0
+        if start not in seen:
+            seen[start] = np.asarray(s.data)
+    return sorted(seen.items())
+
+
+def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
+    """Write (or finish) the store at rc.out; returns its manifest. Every process writes its own rows."""
+    import jax
+    from .config import LlamaConfig
+    from .distill import check_mesh, maybe_initialize_distributed
+    from .hf import load_tokenizer
+    from .loader import Loader, training_data
+    from .lock import output_lock
+    from .recipe import RecipeError
+    from .store_loader import is_store, open_stores, parse_blend
+
+    if rc.teacher is None:
+        raise RecipeError("teacher=DIR is required (the model whose logits are stored)")
+    if rc.data is None or not (is_store(rc.data) or parse_blend(rc.data)):
+        raise RecipeError(f"data={rc.data}: teacher logits are stored for the rows of a token store; tokenize the "
+                          f"text first (`minitron tokenize {rc.data} --tokenizer {rc.teacher} --out STORE`)")
+    rc.student = rc.student or rc.teacher
+    rc.validate()
+    maybe_initialize_distributed(rc)
+    t_cfg = LlamaConfig.from_file(rc.teacher)
+    lc.validate(t_cfg.vocab_size)
+    if rc.seq_len > t_cfg.max_position_embeddings:
+        raise RecipeError(f"seq_len={rc.seq_len} exceeds the teacher's max_position_embeddings="
+                          f"{t_cfg.max_position_embeddings}")
+    P = jax.process_count()
+    if rc.batch_size % P:
+        raise RecipeError(f"batch_size={rc.batch_size} must divide by the {P} processes")
+    data_ax, fsdp, _ = check_mesh(rc)
+    if (data_ax * fsdp) % P or rc.batch_size % (data_ax * fsdp):
+        raise RecipeError(f"batch_size={rc.batch_size} rows must split over the mesh's {data_ax * fsdp} data-parallel "
+                          f"devices and {P} processes; change batch_size or mesh")
+    tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
+    ident = identity(rc, rc.teacher)
+    open_stores(rc.data, rc.teacher, "the teacher")
+    rows, _, stream = training_data(rc, tok, t_cfg.vocab_size)
+    B = rc.batch_size
+    if lc.samples:
+        n = lc.samples
+    elif stream:
+        raise RecipeError(f"packing={rc.packing} / a blend gives an endless row stream: give samples=N (e.g. "
+                          "steps x batch_size of the run that will read it)")
+    else:
+        n = (len(rows) // B) * B
+    loader = Loader(rows, B, seed=rc.seed, stream=stream)
+    b = B // P
+    out = rc.out
+    header = {"format": FORMAT, "version": VERSION, "identity": ident, "rows": n, "k": lc.k,
+              "values_dtype": lc.values_dtype, "lse": lc.lse, "seq_len": rc.seq_len, "chunk_rows": b,
+              "processes": P, "attention": rc.attention, "compute_dtype": rc.compute_dtype,
+              "vocab_size": t_cfg.vocab_size}
+    with output_lock(out, "minitron teacher-logits"):
+        return _write(rc, lc, loader, header, n, b, out, t_cfg, log)
+
+
+def _unfinished_start(out, header: dict, n: int, log) -> int:
+    """The row to start at: 0 for a new store, the committed rows of an unfinished one with the same header."""
+    import jax
+    from .lock import LOCK_NAME
+    from .token_store import delete_key, list_keys, read_json
+    state = read_json(out, STATE)
+    if state is not None and state.get("header") == header:
+        log(f"resuming {out} at row {state['rows_done']} of {n}")
+        return int(state["rows_done"])
+    if state is None and [k for k in list_keys(out) if k != LOCK_NAME]:
+        raise LogitsError(f"{out} exists and is not an unfinished teacher-logits store; choose another out")
+    if state is not None:
+        log(f"{out} holds an unfinished store for other settings: starting it again")
+        _sync("teacher-logits-restart")
+        if jax.process_index() == 0:
+            import tensorstore as ts
+            from .token_store import _kv
+            kv = _kv(out)
+            for name in ("tokens", "values", "indices", "lse"):  # "name/" .. "name0": every key under name/
+                kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
+            delete_key(out, STATE)
+    return 0
+
+
+def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cfg, log) -> dict[str, Any]:
+    import jax
+    from .hf import from_pretrained
+    from .progress import Progress
+    from .sharding import make_mesh, to_global
+    from .token_store import delete_key, read_json, write_json
+
+    done = read_json(out, MANIFEST)
+    if done is not None:
+        if {k: done.get(k) for k in header} == header:
+            log(f"{out} is already complete ({n} rows): nothing to do")
+            return done
+        raise LogitsError(f"{out} already holds teacher logits for other settings; choose another out or delete it")
+    start = _unfinished_start(out, header, n, log)
+    _sync("teacher-logits-start")
+    arrays = _arrays(out, n, rc.seq_len, lc.k, lc.values_dtype, lc.lse, b)
+    mesh = make_mesh(*rc.mesh)
+    teacher = from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
+    params = teacher.params()
+    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, rc.compute_dtype)
+    B = rc.batch_size
+    steps = -(-n // B)
+    local_dir = "://" not in str(out)
+    prog = Progress(steps, "teacher-logits", metrics_path=(Path(str(out)) / "metrics.jsonl")
+                    if jax.process_index() == 0 and local_dir else None)
+    prog.step = start // B
+    mass_sum = tok_sum = 0.0
+    pending = []
+    vdt = np.float32 if lc.values_dtype == "float32" else _bf16()
+    for step in range(start // B, steps):
+        local = loader.batch_at(step)
+        with jax.set_mesh(mesh):
+            v, i, lse = fn(params, to_global(local, mesh, lead=False))
+        pieces = list(zip(_local_pieces(v), _local_pieces(i), _local_pieces(lse)))
+        base = min(r0 for (r0, _), _, _ in pieces)  # this process's first global row of the batch
+        for (r0, vv), (_, ii), (_, ll) in pieces:
+            g0 = step * B + r0
+            m = min(len(vv), n - g0)
+            if m <= 0:
+                continue
+            lo = r0 - base
+            sl = slice(g0, g0 + m)
+            pending += [arrays["tokens"][sl].write(local["input_ids"][lo:lo + m].astype(np.uint32)),
+                        arrays["values"][sl].write(vv[:m].astype(vdt)), arrays["indices"][sl].write(ii[:m])]
+            if lc.lse:
+                pending.append(arrays["lse"][sl].write(ll[:m]))
+            mask = local["mask"][lo:lo + m]
+            mass_sum += float(np.sum(np.exp(vv[:m] - ll[:m, :, None]).sum(-1) * mask))
+            tok_sum += float(mask.sum())
+        prog.update(steps=1, tokens=B * rc.seq_len)
+        if (step + 1) % lc.commit_every == 0 or step + 1 == steps:
+            for f in pending:
+                f.result()
+            pending = []
+            _sync(f"teacher-logits-{step}")
+            if jax.process_index() == 0:
+                write_json(out, STATE, {"header": header, "rows_done": min(n, (step + 1) * B)})
+    prog.close()
+    mass = _mean_across(mass_sum, tok_sum)
+    manifest = {**header, "topk_mass": mass}
+    _sync("teacher-logits-end")
+    if jax.process_index() == 0:
+        write_json(out, MANIFEST, manifest)
+        delete_key(out, STATE)
+    log(f"teacher logits written to {out}: {n} rows x {rc.seq_len} tokens, top {lc.k}"
+        + (f"; mean teacher probability mass in the top {lc.k}: {mass:.4f} (rows written in this run)"
+           if mass is not None else ""))
+    return manifest
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+def _sync(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+        sync_global_devices(name)
+
+
+def _mean_across(total: float, count: float) -> float | None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import process_allgather
+        both = np.asarray(process_allgather(np.array([total, count], np.float64)))
+        total, count = float(both[:, 0].sum()), float(both[:, 1].sum())
+    return total / count if count else None
+
+
+def logits_batch(store: TeacherLogits, step: int, global_batch: int, local: dict, process_index: int,
+                 process_count: int) -> dict[str, np.ndarray]:
+    """This process's stored rows of global batch `step` ({"t_values", "t_indices"}), checked against the rows
+    the loader gave (`local`, [b, S]): other tokens mean the store belongs to other rows."""
+    b = global_batch // process_count
+    start = step * global_batch + process_index * b
+    got = store.read(start, start + b)
+    if not np.array_equal(got["tokens"].astype(np.int64), local["input_ids"].astype(np.int64)):
+        raise LogitsError(f"teacher_logits={store.path}: stored rows [{start}, {start + b}) hold other tokens than "
+                          f"the loader's rows of step {step}; the store was written for another data order. Rerun "
+                          "`minitron teacher-logits` with this run's recipe")
+    return {"t_values": got["values"], "t_indices": got["indices"]}
+
+
+def storage_bytes_per_token(k: int, values_dtype: str = "bfloat16", lse: bool = True) -> int:
+    """Uncompressed bytes per token: values + int32 indices (+ fp32 lse) + the uint32 token id."""
+    return k * ({"bfloat16": 2, "float32": 4}[values_dtype] + 4) + (4 if lse else 0) + 4
+
+
+__all__ = ["LogitsConfig", "LogitsError", "TeacherLogits", "write_teacher_logits", "make_topk_fn", "logits_batch",
+           "teacher_identity", "storage_bytes_per_token"]
