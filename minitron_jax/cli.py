@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -272,7 +273,15 @@ def cmd_run(args) -> None:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops() / jax.device_count()
         dry_run(cfg, args.devices or jax.device_count(), peak, args.mfu)
         return
-    Pipeline(cfg, log=lambda m: print(m, flush=True)).run(until=args.until)
+    t0 = time.perf_counter()
+    res = Pipeline(cfg, log=lambda m: print(m, flush=True)).run(until=args.until)
+    line = f"minitron run: {time.perf_counter() - t0:.0f} s wall time in this process"
+    from .pipeline import gap_closed
+    if isinstance(res, dict) and (g := gap_closed(res, "distilled")) is not None:
+        line += (f"; distilled held-out loss {res['distilled']['held_out_loss']:.3f}, gap closed "
+                 f"{g:.1%} (teacher {res['teacher']['held_out_loss']:.3f}, pruned "
+                 f"{res['pruned']['held_out_loss']:.3f})")
+    print(line, flush=True)
 
 
 def cmd_eval(args) -> None:

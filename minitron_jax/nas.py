@@ -12,7 +12,8 @@ candidate), and ranks them again by the loss after that distillation (`metric`):
 
 The validation loss is also measured every `steps / 4` steps, so the table shows when the ranking settles.
 Every candidate is pruned and saved first; the teacher is then released, and each short run is an
-ordinary `distill.train` run (its own directory, checkpoints, metrics).
+ordinary `distill.train` run (its own directory and metrics). A finished candidate leaves `result.json` (its
+checkpoints are deleted); a search interrupted part-way reruns only the candidates without one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,21 +72,26 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
                 curve.append((run.step, lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
                                                 mesh=mesh, attention=run.rc.attention)))
         out = Path(row["student"]).parent / "distill"
-        run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=True)
-        log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
-        summary = train(run_rc, log, hooks=[hook])
-        if "preempted_at" in summary:
-            from .distill import Preempted
-            raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
-                            f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
-        losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in losses if "loss" in r]
-        tail = losses[-max(1, len(losses) // 10):]
-        row["distill_loss"] = sum(tail) / len(tail)
-        if not curve or curve[-1][0] != rc.steps:  # a resumed run that had finished: measure the end
-            log(f"  {row['spec']}: validation curve incomplete (resumed run)")
-        row["validation_curve"] = curve
-        row["validation_loss"] = curve[-1][1] if curve else float("nan")
+        done = out / "result.json"
+        if done.is_file():  # finished before an interruption of the search
+            row.update(json.loads(done.read_text()))
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # an interrupted short run starts again: its curve is whole
+            run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=False)
+            log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
+            summary = train(run_rc, log, hooks=[hook])
+            if "preempted_at" in summary:
+                from .distill import Preempted
+                raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
+                                f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
+            losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            losses = [r["loss"] for r in losses if "loss" in r]
+            tail = losses[-max(1, len(losses) // 10):]
+            res = {"distill_loss": sum(tail) / len(tail), "validation_curve": curve, "validation_loss": curve[-1][1]}
+            from .atomic import write_text
+            write_text(done, json.dumps(res))
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the result is kept; the weights are not needed
+            row.update(res)
         row["distilled"] = row[metric]
         log(f"  {row['spec']}: pruned {row['loss']:.4f} -> {metric} {row['distilled']:.4f}")
     pr, dr = _rank([r["loss"] for r in rows]), _rank([r["distilled"] for r in rows])

@@ -139,8 +139,8 @@ class PipelineConfig:
         default_factory=lambda: PruneSettings(target="hidden_size=432,intermediate_size=1024"))
     # the defaults under the `distill:` keys; with `recipe` set, load_pipeline takes them from that file
     distill: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(
-        steps=150, batch_size=4, seq_len=256, lr=1e-4, min_lr=1e-5, warmup=15, eval_every=50, eval_batches=4,
-        save_every=50))
+        steps=200, batch_size=4, seq_len=256, lr=6e-4, min_lr=6e-5, warmup=15, ce_weight=1.0, eval_every=50,
+        eval_batches=4, save_every=50))
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     teacher_logits: LogitsSettings = dataclasses.field(default_factory=LogitsSettings)

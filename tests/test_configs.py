@@ -173,7 +173,7 @@ def test_pipeline_sections_are_typed_and_a_budget_replaces_the_default_target():
                                "prune.target=null", "prune.params=80M", "score.task=tasks.jsonl"])
     assert (cfg.score.samples, cfg.score.task, cfg.distill.mesh, cfg.distill.steps) == (8, "tasks.jsonl", [1, 1, 8], 4)
     assert cfg.prune == PruneSettings(params="80M")
-    assert dataclasses.replace(cfg.distill, mesh=[1, -1, 1], steps=150, warmup=15) == PipelineConfig().distill
+    assert dataclasses.replace(cfg.distill, mesh=[1, -1, 1], steps=200, warmup=15) == PipelineConfig().distill
     assert load_pipeline(None, ["prune.params=80M", "prune.target=null"]).prune == PruneSettings(params="80M")
     with pytest.raises(RecipeError, match=r"prune: give one of target or params \(now target='hidden_size=432,"
                        r"intermediate_size=1024', params='80M'\); set the other to null"):
@@ -225,7 +225,7 @@ def test_experiment_6_passes_the_schedule_it_ran():
     exp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exp)
     args = exp.build_parser().parse_args([])
-    cfg = load_pipeline(exp.BASE, exp.correction_overrides(args))
+    cfg = load_pipeline(exp.BASE, [*exp.PAPER_KD, *exp.correction_overrides(args)])  # as its arms load it
     rc = finetune_recipe(cfg, student="t", data="d")
     assert (rc.mode, rc.steps, rc.lr, rc.min_lr, rc.warmup) == ("finetune", 60, 1e-4, 1e-5, 15)
     assert rc == distill_recipe(cfg, mode="finetune", steps=60, student="t", data="d")  # what ran then

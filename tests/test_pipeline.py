@@ -37,6 +37,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert (store / "manifest.json").exists() and json.loads((out / "distill" / "recipe.json").read_text())["data"] == str(store)
     report = (out / "report" / "report.md").read_text()
     assert "| distilled |" in report and "| distilled |" in printed
+    t, p, d = (results[k]["held_out_loss"] for k in ("teacher", "pruned", "distilled"))
+    assert "| gap closed |" in report and f"| {(p - d) / (p - t):.1%} |" in report  # (pruned - x) / (pruned - teacher)
+    assert f"gap closed {(p - d) / (p - t):.1%}" in printed and "s wall time" in printed
     sample = json.loads((out / "report" / "done.json").read_text())["sample"]
     assert sample.startswith("To be, or not to be,") and sample in report  # transformers generated from the export
 

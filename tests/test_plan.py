@@ -32,6 +32,15 @@ def test_8b_recipes_plan(tmp_path, recipe, target, student):
     assert 4 * student / 64 <= mem["student_params_fp32"] <= 1.01 * 4 * student / 64
     assert 2 * 8_030_261_248 / 64 <= mem["teacher_params"] <= 1.01 * 2 * 8_030_261_248 / 64
     assert mem["optimizer_state"] == 2 * mem["student_params_fp32"]
+    # both modes: from stored top-64 logits the teacher's parameters, activations and forward FLOPs are gone,
+    # and the step carries the stored values and ids (bf16 + int32 per kept entry) of its rows
+    off = p["other_mode"]
+    m2 = off["memory_per_device_bytes"]
+    assert off["stored_logits"] and not p["stored_logits"] and m2["teacher_params"] == 0
+    assert m2["stored_logits"] == 1152 / 64 * 8192 * 64 * 6 and m2["activations"] < mem["activations"]
+    assert m2["total"] == mem["total"] - mem["teacher_params"] - (mem["activations"] - m2["activations"]) + m2["stored_logits"]
+    t_flops = 1152 * 8192 * LlamaConfig.from_file(LLAMA).flops_per_token(8192)
+    assert abs(p["flops_per_step"] - off["flops_per_step"] - t_flops) <= 1e-9 * t_flops
 
 
 def test_param_bytes_follow_sharding_rules():

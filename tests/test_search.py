@@ -57,3 +57,17 @@ def test_search_distills_candidates_from_stored_logits_and_ranks_on_validation_r
     for batch in seen:
         for r in batch:
             assert r.astype(np.uint32).tobytes() in stream
+    # finished candidates keep their result, not their checkpoints; an interrupted search (here: the prune stage
+    # not marked done, one candidate's result missing) reruns only that candidate and gives the same table
+    for r in rows:
+        d = out / "prune" / "search" / r["student"].split("/")[-2] / "distill"
+        assert (d / "result.json").is_file() and not (d / "checkpoints").exists()
+    (out / "prune" / "done.json").unlink()
+    (out / "prune" / "search" / "candidate_1" / "distill" / "result.json").unlink()
+    logs = []
+    Pipeline(cfg, log=logs.append).run(until="prune")
+    assert sum(m.startswith("[search ") for m in logs) == 1
+    again = json.loads((out / "prune" / "search" / "search.json").read_text())
+    assert [r["spec"] for r in again] == [r["spec"] for r in rows]
+    for a, b in zip(again, rows):
+        assert abs(a["validation_loss"] - b["validation_loss"]) <= 1e-6 * abs(b["validation_loss"])

@@ -174,6 +174,11 @@ def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setu
             train(recipe(setup, tmp_path / what.replace(" ", "_"), teacher_logits=str(tmp_path / "tl"), **kw),
                   log=lambda s: None)
         assert not (tmp_path / what.replace(" ", "_") / "checkpoints").exists()
+    from minitron_jax.tokenize_corpus import tokenize  # the same text tokenized again: another token store
+    tokenize([str(setup[0].parent / "data")], setup[0], str(tmp_path / "store2"), workers=1, progress=False)
+    with pytest.raises(LogitsError, match="the token store"):
+        train(recipe(setup, tmp_path / "s2", data=str(tmp_path / "store2"), teacher_logits=str(tmp_path / "tl")),
+              log=lambda s: None)
     with pytest.raises(TrainingError, match="top_k=8"):
         train(recipe(setup, tmp_path / "k", teacher_logits=str(tmp_path / "tl"), top_k=8), log=lambda s: None)
     # another teacher: same shapes and tokenizer, other weights

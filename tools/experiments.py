@@ -13,8 +13,10 @@ Distillation part (every arm trains on the same 150 x 4 x 256 tokens in the same
   2. logit KD vs cross-entropy fine-tuning of the same pruned student;
   3. width (hidden 432, ffn 1024) vs depth (15 of 30 layers) at ~81M parameters, both distilled;
   6. with and without teacher correction (the teacher fine-tuned on the training works first).
-The width + KD arm is the main job (`minitron run`, out runs/smollm2_cpu): if that has run, its
-stages are reused, not retrained. Every arm resumes from its last checkpoint when re-run.
+The arms keep the settings they were run with (`PAPER_KD`: logit KD only, as the papers, peak LR 1e-4, 150
+steps), not the main job's since issue 11 (KD + CE, peak LR 6e-4, 200 steps); the width + KD arm is
+`minitron run` with them (out runs/experiments/width_kd). Every arm resumes from its last checkpoint when
+re-run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 HELD_OUT = ("hamlet", "sonnets", "tempest")
 BASE = "configs/smollm2_cpu.yaml"
 DEPTH_TARGET = "num_hidden_layers=15,depth_metric=loss"
+# the distillation settings every arm ran with (the main job's before issue 11): KD only, as the papers
+PAPER_KD = ["distill.steps=150", "distill.lr=1e-4", "distill.min_lr=1e-5", "distill.warmup=15",
+            "distill.ce_weight=0", "distill.kl_weight=1"]
 # the pruning part (4, 5): row length, the width target of 4, the layers 5 keeps, the rows of the skip losses
 SEQ_LEN = 256
 WIDTH_TARGET = "hidden_size=432,intermediate_size=1024"
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("pruning", "distill", "all"), default="all")
     ap.add_argument("--out", default="runs/experiments")
-    ap.add_argument("--main-out", default="runs/smollm2_cpu", help="out of the main job (the width + KD arm)")
+    ap.add_argument("--main-out", default="runs/experiments/width_kd", help="out of the width + KD arm (minitron run)")
     ap.add_argument("--calib", type=int, default=64, help=f"calibration rows of {SEQ_LEN} tokens")
     ap.add_argument("--eval", type=int, default=16, help=f"held-out rows of {SEQ_LEN} tokens")
     ap.add_argument("--items", type=int, default=50, help="next-line task items (pruning part)")
@@ -157,7 +162,7 @@ def recorded_settings(r: dict) -> dict:
         return r["config"]
     from minitron_jax.pipeline import load_pipeline
     teacher_layers = depth_keep() + len(r["depth_dropped"]) if "depth_dropped" in r else None
-    return run_settings(load_pipeline(BASE, [f"eval.samples={r['args']['eval']}"]), teacher_layers)
+    return run_settings(load_pipeline(BASE, [f"eval.samples={r['args']['eval']}", *PAPER_KD]), teacher_layers)
 
 
 def shape_words(target: str) -> str:
@@ -190,7 +195,7 @@ def distill_experiments(args) -> dict:
     r: dict = {"args": {"eval": args.eval, "correction_steps": args.correction_steps, "scratch_lr": args.scratch_lr,
                         "correction_lr": args.correction_lr, "correction_warmup": args.correction_warmup,
                         "main_out": args.main_out}}
-    ev = [f"eval.samples={args.eval}"]
+    ev = [f"eval.samples={args.eval}", *PAPER_KD]
 
     def pipeline(name: str, outdir: Path, *overrides: str) -> tuple[Pipeline, dict]:
         log(f"== arm {name}: minitron run {BASE} out={outdir} {' '.join(overrides)}")
