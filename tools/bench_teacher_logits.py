@@ -11,6 +11,7 @@
 
 Teacher: SmolLM2-135M-Instruct; student: its hidden_size=432,intermediate_size=1024 prune (random scores:
 timing only); data: Shakespeare tokenized into a temporary token store, hamlet, sonnets and tempest held out.
+The process runs under the allocator the `minitron` command uses (mimalloc, `allocator.py`).
 """
 
 from __future__ import annotations
@@ -138,4 +139,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from minitron_jax.allocator import ensure
+    ensure()  # under mimalloc, as the `minitron` command runs (MINITRON_ALLOCATOR=system: glibc)
     main()
