@@ -194,3 +194,17 @@ def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setu
     with pytest.raises(LogitsError, match="teacher's weights"):
         train(recipe(setup, tmp_path / "t2", teacher=str(other), teacher_logits=str(tmp_path / "tl")),
               log=lambda s: None)
+
+
+def test_teacher_logits_refuses_text_data_and_an_out_that_is_something_else(setup, tmp_path):
+    from minitron_jax.recipe import RecipeError
+    text = setup[0].parent / "data"
+    with pytest.raises(RecipeError, match="tokenize the text first"):
+        write_teacher_logits(recipe(setup, tmp_path / "tl", data=str(text)), LogitsConfig(k=K, samples=8),
+                             log=lambda s: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(LogitsError, match="not an unfinished teacher-logits store"):
+        write_teacher_logits(recipe(setup, other), LogitsConfig(k=K, samples=8), log=lambda s: None)
+    assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
