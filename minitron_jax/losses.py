@@ -87,6 +87,12 @@ def _ce_rows(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
 
+def _weighted(kl, ce, cfg: KDConfig):
+    """kl_weight x KL + ce_weight x CE; a term with weight 0 is only logged: no backward work for it."""
+    terms = ([cfg.kl_weight * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
+    return sum(terms[1:], terms[0])
+
+
 def _split(x, n: int, c: int):
     """[B, S, ...] -> [n, B, c, ...], padded with zeros (mask 0)."""
     s = x.shape[1]
@@ -208,9 +214,7 @@ def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets,
         zt = _logits(ht, wt)
         kl = jnp.sum(_kl_rows(zs, zt, t, cfg.top_k) * m)
         ce = jnp.sum(_ce_rows(zs, tgt) * m)
-        # a term with weight 0 is only logged: no backward work for it
-        terms = ([cfg.kl_weight * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
-        return sum(terms[1:], terms[0]), (kl, ce)
+        return _weighted(kl, ce, cfg), (kl, ce)
 
     obj, (kl_sum, ce_sum) = _fused_chunked(body, student_head, student_hidden, teacher_head,
                                            (teacher_hidden, targets, mask), cfg.chunk_size)
@@ -236,8 +240,7 @@ def kd_loss_stored(student_hidden, student_head, values, indices, targets, mask,
         ls = jax.nn.log_softmax(zs / t, axis=-1)
         kl = jnp.sum(_kl_topk_rows(ls, vals.astype(F32) / t, idx) * m)
         ce = jnp.sum(_ce_rows(zs, tgt) * m)
-        terms = ([cfg.kl_weight * kl] if cfg.kl_weight else []) + ([cfg.ce_weight * ce] if cfg.ce_weight else [])
-        return sum(terms[1:], terms[0]), (kl, ce)
+        return _weighted(kl, ce, cfg), (kl, ce)
 
     values, indices = jax.lax.stop_gradient((values, indices.astype(jnp.int32)))
     obj, (kl_sum, ce_sum) = _fused_chunked(body, student_head, student_hidden, jnp.zeros((), F32),

@@ -79,7 +79,8 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             target = ranked[0]["spec"]
             model = from_pretrained(model_dir, mesh=mesh)
             params, new = P.prune(model.params(), cfg, scores, target)
-            table = ranked + [r for r in table if r["spec"] not in {c["spec"] for c in ranked}]
+            done = {c["spec"] for c in ranked}
+            table = ranked + [r for r in table if r["spec"] not in done]
     out = Path(out)
     if fmt == "hf":
         save_params(params, new, out, source=model_dir, overwrite=overwrite)

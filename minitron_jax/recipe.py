@@ -55,8 +55,9 @@ class RunConfig:
     - forced: the checkpoint restores, but the run no longer equals an uninterrupted one: steps (the
       cosine schedule), lr, min_lr, warmup, weight_decay, b1, b2, eps, clip, temperature, kl_weight,
       ce_weight, top_k, hidden_weight (between positive values), compute_dtype, teacher_dtype, and the
-      paths teacher, student, data, teacher_logits (a moved model, corpus or logits store; the student's shape is still compared with
-      the checkpoint's, and the loader still refuses a corpus with another row count). Refused unless
+      paths teacher, student, data, teacher_logits (a moved model, corpus or logits store; the student's
+      shape is still compared with the checkpoint's, and the loader still refuses a corpus with another
+      row count). Refused unless
       listed in `resume_allow` (resume_allow=[lr,temperature]).
     - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, holdout, holdout_fraction,
       validation_fraction, text_field, and hidden_weight turned on or off: they change the rows, their order or what a

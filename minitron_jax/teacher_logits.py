@@ -235,6 +235,7 @@ def _local_pieces(x) -> list[tuple[int, np.ndarray]]:
 def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
     """Write (or finish) the store at rc.out; returns its manifest. Every process writes its own rows."""
     import jax
+    from .aot import check_batch
     from .config import LlamaConfig
     from .distill import check_mesh, maybe_initialize_distributed
     from .hf import load_tokenizer
@@ -260,9 +261,10 @@ def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
     if rc.batch_size % P:
         raise RecipeError(f"batch_size={rc.batch_size} must divide by the {P} processes")
     data_ax, fsdp, _ = check_mesh(rc)
-    if (data_ax * fsdp) % P or rc.batch_size % (data_ax * fsdp):
-        raise RecipeError(f"batch_size={rc.batch_size} rows must split over the mesh's {data_ax * fsdp} data-parallel "
-                          f"devices and {P} processes; change batch_size or mesh")
+    if (data_ax * fsdp) % P:
+        raise RecipeError(f"mesh={list(rc.mesh)} has {data_ax * fsdp} data-parallel devices for {P} processes: each "
+                          f"process writes its own rows, so data x fsdp must be a multiple of {P}")
+    check_batch(dataclasses.replace(rc, grad_accum=1), data_ax * fsdp, jax.device_count())  # the forward's batch
     tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
     ident = identity(rc, rc.teacher)
     open_stores(rc.data, rc.teacher, "the teacher")
