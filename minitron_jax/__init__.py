@@ -5,8 +5,9 @@ tokenize workers, `minitron --help`) do not import jax, flax and transformers.""
 
 import importlib
 
-_EXPORTS = {"ConfigError": "config", "LlamaConfig": "config", "CheckpointError": "hf", "from_pretrained": "hf",
-            "save_pretrained": "hf", "Llama": "model", "forward": "model", "make_mesh": "sharding"}
+_EXPORTS = {"MinitronError": "core.errors", "ConfigError": "core.errors", "CheckpointError": "core.errors",
+            "LlamaConfig": "model.config", "from_pretrained": "io.hf", "save_pretrained": "io.hf",
+            "Llama": "model.llama", "forward": "model.llama", "make_mesh": "model.sharding"}
 
 __all__ = list(_EXPORTS)
 

@@ -50,7 +50,7 @@ def ckpt(tiny_dirs, tmp_path) -> Path:
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Any attempt to read tensor bytes (or build a device array from them) fails the test."""
-    from minitron_jax.safetensors_io import SafetensorsFile
+    from minitron_jax.io.safetensors import SafetensorsFile
 
     def boom(*args, **kwargs):
         raise AssertionError("weights were read before the problem was reported")

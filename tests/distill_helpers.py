@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def train_tokenizer(files: list[Path], vocab_size: int = 512):
     """A small byte-level BPE trained on the test corpus (every token is seen often: fast to learn)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,12 +30,13 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     """teacher (random init; a BPE of `vocab` tokens trained on the data), a width-pruned student, and
     three Shakespeare texts (tempest is the held-out one)."""
     import torch
+    from helpers import save_tiny
 
     import minitron_jax as mj
-    from minitron_jax.assets import fetch_shakespeare
-    from minitron_jax.hf import save_params
-    from minitron_jax.prune import prune, prune_record, save_prune_record
-    from helpers import save_tiny
+    from minitron_jax.core.assets import fetch_shakespeare
+    from minitron_jax.io.hf import save_params
+    from minitron_jax.io.prune_record import prune_record, save_prune_record
+    from minitron_jax.prune.pruning import prune
 
     teacher, student, data = root / "teacher", root / "student", root / "data"
     data.mkdir(parents=True)
@@ -76,7 +78,7 @@ def short_documents(data: Path, out: Path, seed: int = 0) -> Path:
 
 
 def run_cli(args: list[str], devices: int = 8, env: dict | None = None, check: bool = True,
-            timeout: int = 600, program: tuple[str, ...] = ("-m", "minitron_jax.cli")) -> subprocess.CompletedProcess:
+            timeout: int = 600, program: tuple[str, ...] = ("-m", "minitron_jax.run.cli")) -> subprocess.CompletedProcess:
     """`minitron ARGS` (or `python PROGRAM ARGS`) in a fresh process with `devices` fake CPU devices."""
     e = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
          "JAX_DEFAULT_MATMUL_PRECISION": "highest", **(env or {})}

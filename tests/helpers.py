@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
 
 import minitron_jax
 

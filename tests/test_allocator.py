@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from minitron_jax import allocator
+from minitron_jax.core import allocator
 
-SCRIPT = "from minitron_jax import allocator; allocator.ensure(); import sys; print(allocator.current(), sys.argv[1:])"
+SCRIPT = "from minitron_jax.core import allocator; allocator.ensure(); import sys; print(allocator.current(), sys.argv[1:])"
 
 
 def _run(env_extra):

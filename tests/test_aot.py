@@ -10,12 +10,14 @@ import os
 import jax
 import pytest
 
-from minitron_jax import aot
-from minitron_jax.aot import AOTError, analytic_flops, check_batch, compile_steps, lower_steps, topology_mesh
-from minitron_jax.cli import main
-from minitron_jax.config import LlamaConfig
-from minitron_jax.recipe import RunConfig
-from minitron_jax.sharding import resolve_mesh_shape
+from minitron_jax.core.errors import AOTError
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import resolve_mesh_shape
+from minitron_jax.run import aot
+from minitron_jax.run.aot import analytic_flops, compile_steps, lower_steps, topology_mesh
+from minitron_jax.run.cli import main
+from minitron_jax.train.preflight import check_batch
+from minitron_jax.train.run_config import RunConfig
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed: `pip install -e .[tpu]` to compile for TPU topologies")
@@ -127,7 +129,7 @@ def test_xla_flops_cover_every_layer_and_micro_batch(name):
     unrolled (one micro-batch, one loss chunk), times the 2 micro-batches, to 1% (XLA's count is linear in
     the layers only up to fusion choices: 0.01-0.4% off on this tiny model). And it is near the analytic
     count."""
-    from minitron_jax.model import unrolled_layers
+    from minitron_jax.model.llama import unrolled_layers
     rc = recipe(remat="full", grad_accum=2, batch_size=128)
     s, t = cfg(layers=3, inter=96), cfg(layers=4)
     mesh = topology_mesh(rc, "v5p-128")
@@ -192,8 +194,9 @@ def test_train_runs_the_steps_build_steps_makes(tmp_path, monkeypatch):
     """`train` takes its jitted steps and its state's shardings from `distill.build_steps`, the function
     aot.py compiles: the live state has exactly the abstract state's shardings."""
     from distill_helpers import make_pair
-    from minitron_jax import distill
-    from minitron_jax.recipe import load_recipe
+
+    from minitron_jax.train import trainer as distill
+    from minitron_jax.train.run_config import load_recipe
     t, s, d = make_pair(tmp_path / "pair")
     built = []
     real = distill.build_steps

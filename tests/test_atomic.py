@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import minitron_jax.atomic as atomic
-from minitron_jax.atomic import MARKER, OutputError, atomic_directory, check_output, is_minitron_output
-from minitron_jax.checkpoint import load_model, save_model
-from minitron_jax.config import LlamaConfig
-from minitron_jax.hf import from_pretrained, save_params, save_pretrained
-from minitron_jax.model import Llama, is_param_spec, param_specs
 from helpers import TINY
+
+import minitron_jax.core.atomic as atomic
+from minitron_jax.core.atomic import MARKER, atomic_directory, check_output, is_minitron_output
+from minitron_jax.core.errors import OutputError
+from minitron_jax.io.hf import from_pretrained, save_params, save_pretrained
+from minitron_jax.io.orbax_model import load_model, save_model
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.llama import Llama, is_param_spec, param_specs
 
 
 def tiny_model(seed: int = 0) -> Llama:

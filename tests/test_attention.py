@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax.attention import attend, resolve, splash_block
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import forward, init_params
-from minitron_jax.recipe import RecipeError, RunConfig
+from minitron_jax.core.errors import RecipeError
+from minitron_jax.model.attention import attend, resolve, splash_block
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.llama import forward, init_params
+from minitron_jax.train.run_config import RunConfig
 
 TOL = 1e-5  # relative, fp32
 
@@ -78,7 +79,7 @@ def test_splash_interpret_equals_xla(hq, hkv, d):
 def test_splash_under_mesh_shard_map_equals_xla():
     """8 fake devices, mesh data=2 x fsdp=2 x tensor=2: batch, query heads and K/V heads split by the
     shard_map."""
-    from minitron_jax.sharding import make_mesh
+    from minitron_jax.model.sharding import make_mesh
     mesh = make_mesh(2, 2, 2)
     q, k, v, am, sg, w, real = _inputs(4, 256, 4, 2, 64)
     ref = attend(q, k, v, attention_mask=am, segment_ids=sg, impl="xla")
@@ -121,8 +122,8 @@ def test_auto_and_errors():
     with pytest.raises(RecipeError, match="attention='flash'"):
         RunConfig(student="s", data="d", mode="finetune", attention="flash").validate()
     assert RunConfig(student="s", data="d", mode="finetune", attention="chunked").validate()
-    from minitron_jax.attention import IMPLEMENTATIONS
-    from minitron_jax.recipe import ATTENTION
+    from minitron_jax.model.attention import IMPLEMENTATIONS
+    from minitron_jax.train.run_config import ATTENTION
     assert ATTENTION == IMPLEMENTATIONS  # recipe.py does not import JAX: the same list twice
 
 
@@ -201,7 +202,7 @@ def test_forward_gradients_equal_xla_chunked_under_remat():
 def test_distill_steps_use_the_recipe_attention():
     """make_eval_step / make_objective pass rc.attention to forward: chunked gives the same eval sums and
     its traced step holds no S x S array, which xla's does."""
-    from minitron_jax.distill import kd_config, make_eval_step, make_objective
+    from minitron_jax.train.trainer import kd_config, make_eval_step, make_objective
     s = 1024  # above chunked's default block (512)
     params = init_params(CFG, jax.random.key(0))
     ids, mask, seg = _batch(s)
@@ -232,7 +233,8 @@ def test_splash_aot_for_tpu_temp_memory_below_xla_at_8192():
     """4 v5p chips (AOT, no TPU here), one row of 8192 tokens per chip, 8 query / 2 KV heads, bf16, packed
     segment ids: forward + backward. Splash compiles to the Mosaic kernel (not interpret mode) under the
     mesh's shard_map, and its temp memory is a small fraction of xla's S x S."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     devs = _tpu_devices()
     mesh = jax.make_mesh((1, len(devs), 1), ("data", "fsdp", "tensor"), devices=devs,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from minitron_jax.cli import main
-from minitron_jax.hf import open_checkpoint
 from helpers import save_tiny
+
+from minitron_jax.io.hf import open_checkpoint
+from minitron_jax.run.cli import main
 
 
 def tensors(path):
@@ -57,7 +57,7 @@ def test_config_overrides_and_their_errors_from_the_command_line(capsys):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any weight load fails the test: each refusal below must come before the model is read."""
-    import minitron_jax.hf as hf
+    import minitron_jax.io.hf as hf
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the problem was reported")
@@ -120,7 +120,7 @@ def test_model_without_tokenizer_or_with_a_larger_one_is_refused_before_loading(
     embedding: ids past the embedding gave NaN scores, a NaN eval loss with exit 0, and a NaN distillation."""
     import shutil
 
-    from minitron_jax.assets import fetch_smollm2
+    from minitron_jax.core.assets import fetch_smollm2
     save_tiny(tmp_path / "m")  # vocab 128, no tokenizer files
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 50)

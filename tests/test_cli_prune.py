@@ -7,13 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err, save_tiny
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
-from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-from minitron_jax.cli import main
-from minitron_jax.importance import load_scores
-from helpers import rel_err, save_tiny
+from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.prune.importance import load_scores
+from minitron_jax.run.cli import main
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -103,8 +103,10 @@ def test_prune_refuses_before_loading(scored, tmp_path):
 def test_eval_command(scored, tmp_path):
     """`minitron eval`: perplexity and next-line accuracy as JSON, loss equal to transformers'."""
     import math
+
     from transformers import AutoTokenizer
-    from minitron_jax.data import pack, read_documents, split_documents, tokenize_documents
+
+    from minitron_jax.data.text import pack, read_documents, split_documents, tokenize_documents
     _, model_dir, data = scored
     main(["eval", "--model", str(model_dir), "--data", str(data), "--holdout", "sonnets", "--samples", "2",
           "--seq-len", "32", "--task-items", "4", "--json", str(tmp_path / "e.json")])

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from helpers import TINY, load, read_config, transformers_refuses, write_config
 
 from minitron_jax import ConfigError, LlamaConfig
-from helpers import TINY, load, read_config, transformers_refuses, write_config
 
 
 # ---------------------------------------------------------------------------- counting

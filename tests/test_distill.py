@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-
-from minitron_jax.cli import main
-from minitron_jax.distill import train
-from minitron_jax.hf import open_checkpoint
-from minitron_jax.recipe import load_recipe
 from distill_helpers import make_pair, metrics, run_cli, short_documents, train_with_hook
+
+from minitron_jax.io.hf import open_checkpoint
+from minitron_jax.run.cli import main
+from minitron_jax.train.run_config import load_recipe
+from minitron_jax.train.trainer import train
 
 COMMON = ["batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "peak_tflops=1", "warmup=1"]
 

@@ -6,13 +6,21 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny
 
 import minitron_jax as mj
-from helpers import save_tiny
-from minitron_jax.data import DataError
-from minitron_jax.evaluate import (evaluate_model, gated_losses, lm_loss, load_task, make_choice_fn, make_loss_fn,
-                                   multiple_choice, next_line_task)
-from minitron_jax.sharding import make_mesh
+from minitron_jax.core.errors import DataError
+from minitron_jax.eval.evaluate import (
+    evaluate_model,
+    gated_losses,
+    lm_loss,
+    load_task,
+    make_choice_fn,
+    make_loss_fn,
+    multiple_choice,
+    next_line_task,
+)
+from minitron_jax.model.sharding import make_mesh
 
 REL = 1e-5
 
@@ -326,8 +334,8 @@ def test_load_task_empty(tmp_path):
 
 
 def test_task_lines_rejected_with_line_numbers(tmp_path):
-    from minitron_jax.data import DataError
-    from minitron_jax.evaluate import load_task
+    from minitron_jax.core.errors import DataError
+    from minitron_jax.eval.evaluate import load_task
     for bad in ('{"context": "a", "choices": ["x", ""], "answer": 0}', '{"context": "a", "choices": ["x"], "answer": "0"}',
                 "[1, 2]", "{not json"):
         p = tmp_path / "t.jsonl"
@@ -337,7 +345,7 @@ def test_task_lines_rejected_with_line_numbers(tmp_path):
 
 
 def test_next_line_choices_are_distinct_even_with_repeated_lines():
-    from minitron_jax.evaluate import next_line_task
+    from minitron_jax.eval.evaluate import next_line_task
     lines = ["the first long line of this text", "the second long line of this text"] * 6
     lines += ["a third different long line here", "and a fourth different long line"]
     for item in next_line_task([("doc", "\n".join(lines))], 20, seed=0):
@@ -363,9 +371,9 @@ def test_eval_set_holds_out_what_training_holds_out(tmp_path):
     """`eval_set` (minitron eval and the evaluate stage): held-out documents chosen as `build_corpus` chooses
     them for training (names, or the same seeded fraction), rows the first of their packed rows, next-line
     items only from held-out text; without a split every document is evaluated."""
-    from minitron_jax.data import read_documents, split_documents
-    from minitron_jax.evaluate import eval_set
-    from minitron_jax.loader import build_corpus
+    from minitron_jax.data.loader import build_corpus
+    from minitron_jax.data.text import read_documents, split_documents
+    from minitron_jax.eval.evaluate import eval_set
 
     data = tmp_path / "docs"
     data.mkdir()
@@ -384,7 +392,7 @@ def test_eval_set_holds_out_what_training_holds_out(tmp_path):
         rows, items = eval_set(data, tok, seq_len=32, samples=5, task_items=12, **split)
         train, held = build_corpus(data, tok, 32, **split)
         if held is None:  # every document, in the seeded order held-out rows use (training rows keep theirs)
-            from minitron_jax.data import pack, tokenize_documents
+            from minitron_jax.data.text import pack, tokenize_documents
             held = type(train)(pack(tokenize_documents(docs, tok), 32, None, seed=0))
         np.testing.assert_array_equal(rows, held.tokens[:5])
         held_docs = split_documents(docs, **split)[1] if split else docs

@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-import minitron_jax as mj
-from minitron_jax.importance import ScoreConfig, compute_scores
-from minitron_jax.prune import prune
 from helpers import LLAMA3_ROPE, rel_err, save_tiny
 from test_importance import numpy_scores, torch_activations
 from test_roundtrip import read_all
+from transformers import AutoModelForCausalLM
+
+import minitron_jax as mj
+from minitron_jax.prune.importance import ScoreConfig, compute_scores
+from minitron_jax.prune.pruning import prune
 
 CFG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96,
            num_hidden_layers=3, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TINY, load, read_config, transformers_refuses, write_config
 from safetensors.numpy import load_file, save_file
 
 import minitron_jax
 from minitron_jax import CheckpointError, ConfigError, LlamaConfig
-from minitron_jax import hf as hf_mod
-from minitron_jax.model import is_param_spec, param_specs
-from helpers import TINY, load, read_config, transformers_refuses, write_config
+from minitron_jax.io import hf as hf_mod
+from minitron_jax.model.llama import is_param_spec, param_specs
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -240,7 +240,7 @@ def test_save_into_nonempty_dir_without_overwrite(ckpt, tmp_path, no_export_fetc
     model = tiny_model(LlamaConfig(**TINY))
     before = tree_listing(ckpt)
     mtimes = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
-    from minitron_jax.atomic import OutputError
+    from minitron_jax.core.errors import OutputError
     with pytest.raises(OutputError, match=r"exists and was not written by minitron"):
         minitron_jax.save_pretrained(model, ckpt)
     assert tree_listing(ckpt) == before

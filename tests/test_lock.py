@@ -10,13 +10,14 @@ import sys
 import textwrap
 
 import pytest
-
-from minitron_jax.lock import LOCK_NAME, LockError, output_lock
 from distill_helpers import make_pair
+
+from minitron_jax.core.errors import LockError
+from minitron_jax.core.lock import LOCK_NAME, output_lock
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from minitron_jax.lock import output_lock
+    from minitron_jax.core.lock import output_lock
     with output_lock(sys.argv[1], "minitron distill"):
         print("held", flush=True)
         time.sleep(600)
@@ -93,8 +94,9 @@ def test_unwritable_output_is_one_clear_error(tmp_path):
 def test_distill_into_a_held_directory_is_refused_before_work(holder, tmp_path, monkeypatch):
     """A second `minitron distill` into a held out= stops at once (no model or data loaded) and writes
     nothing there."""
-    from minitron_jax import hf, loader
-    from minitron_jax.cli import main
+    from minitron_jax.data import loader
+    from minitron_jax.io import hf
+    from minitron_jax.run.cli import main
 
     proc, out = holder
     t, s, d = make_pair(tmp_path / "pair", vocab=512)

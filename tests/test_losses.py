@@ -12,8 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minitron_jax.losses import (KDConfig, add_hidden_loss, dynamic_hidden_weight, hidden_cosine_loss,
-                                 kd_loss, kl_divergence_logits, lm_loss_from_hidden)
+from minitron_jax.model.losses import (
+    KDConfig,
+    add_hidden_loss,
+    dynamic_hidden_weight,
+    hidden_cosine_loss,
+    kd_loss,
+    kl_divergence_logits,
+    lm_loss_from_hidden,
+)
 
 B, S, H, HT, V = 2, 20, 16, 24, 50
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import LLAMA3_ROPE, rel_err, save_tiny
 
 import minitron_jax as mj
-from helpers import LLAMA3_ROPE, rel_err, save_tiny
 
 TOL = 1e-5  # max |jax - torch| / max |torch| on fp32 logits
 
@@ -110,10 +110,11 @@ def test_capture_is_free_and_matches_transformers_hidden_states(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_param_specs_match_transformers(tied):
     """param_specs: one ParamSpec per HF tensor, with HF's shape and HF's initialiser (ones = norms)."""
-    from transformers import LlamaForCausalLM
-    from minitron_jax.hf import hf_name
-    from minitron_jax.model import ParamSpec, init_params, is_param_spec, param_specs
     from helpers import tiny_hf_config
+    from transformers import LlamaForCausalLM
+
+    from minitron_jax.io.hf import hf_name
+    from minitron_jax.model.llama import ParamSpec, init_params, is_param_spec, param_specs
 
     hf_cfg = tiny_hf_config(head_dim=24, tie_word_embeddings=tied)
     torch.manual_seed(0)

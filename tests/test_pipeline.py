@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from distill_helpers import make_pair
+from helpers import rel_err
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
-from minitron_jax.cli import main
-from minitron_jax.recipe import RecipeError
-from distill_helpers import make_pair
-from helpers import rel_err
+from minitron_jax.core.errors import RecipeError
+from minitron_jax.run.cli import main
 
 
 def test_tiny_pipeline_end_to_end(tmp_path, capsys):
@@ -62,11 +62,11 @@ def test_pipeline_depth_targets_score_what_they_need(tmp_path):
     student is exactly the teacher minus the lowest-scoring layers. `until=prune` stops before training."""
     from transformers import AutoTokenizer
 
-    from minitron_jax.evaluate import lm_loss
-    from minitron_jax.importance import load_scores
-    from minitron_jax.data import load_samples
-    from minitron_jax.pipeline import Pipeline, PruneSettings, load_pipeline
-    from minitron_jax.prune import prune
+    from minitron_jax.data.text import load_samples
+    from minitron_jax.eval.evaluate import lm_loss
+    from minitron_jax.prune.importance import load_scores
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.run.pipeline import Pipeline, PruneSettings, load_pipeline
 
     teacher, _, data = make_pair(tmp_path / "pair")
     t = mj.from_pretrained(teacher)
@@ -105,11 +105,11 @@ def test_pipeline_scores_windows_by_a_task(tmp_path):
     1 - acc_norm on the task, equal to the task score of the model with that block really removed."""
     from transformers import AutoTokenizer
 
-    from minitron_jax.data import read_documents, split_documents
-    from minitron_jax.evaluate import multiple_choice, next_line_task
-    from minitron_jax.importance import load_scores
-    from minitron_jax.pipeline import Pipeline, load_pipeline
-    from minitron_jax.prune import prune
+    from minitron_jax.data.text import read_documents, split_documents
+    from minitron_jax.eval.evaluate import multiple_choice, next_line_task
+    from minitron_jax.prune.importance import load_scores
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
     teacher, _, data = make_pair(tmp_path / "pair", sharpen=8.0)
     t = mj.from_pretrained(teacher)
@@ -141,7 +141,7 @@ def test_multi_process_run_is_refused_before_work(tmp_path, monkeypatch):
 def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     """Two `minitron run`s into one out would mix stage outputs: the live holder of out is named and the
     second run stops before any work (the lock is the kernel's flock: a dead holder never blocks)."""
-    from minitron_jax.lock import output_lock
+    from minitron_jax.core.lock import output_lock
     out = tmp_path / "run"
     with output_lock(out, "minitron run (the first)"):
         with pytest.raises(SystemExit, match=r"minitron run: .*run is in use by minitron run \(the first\) \(pid \d+"):
@@ -152,8 +152,8 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
 def test_score_stage_and_minitron_score_agree(tmp_path):
     """The score stage calls what `minitron score` calls: the same settings give the same scores and the
     same metadata (sampling, held-out documents excluded, aggregation), on the run's mesh."""
-    from minitron_jax.importance import load_scores
-    from minitron_jax.pipeline import Pipeline, load_pipeline
+    from minitron_jax.prune.importance import load_scores
+    from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
     teacher, _, data = make_pair(tmp_path / "pair")
     cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
@@ -177,7 +177,7 @@ def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, 
     from step 2 and finishes every stage."""
     import signal
 
-    import minitron_jax.distill as distill
+    import minitron_jax.train.trainer as distill
 
     teacher, _, data = make_pair(tmp_path / "pair")
     out = tmp_path / "run"
@@ -211,10 +211,10 @@ def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, 
 def test_budget_search_in_run_ranks_on_validation_documents(tmp_path):
     """With a parameter budget, `minitron run` splits off validation documents (by default 5%, at least one)
     and ranks the candidates on them: neither the held-out documents it reports nor the training ones."""
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.pipeline import Pipeline, load_pipeline
-    from minitron_jax.store_loader import HOLDOUT, TRAIN, VALIDATION, SplitMap
-    from minitron_jax.token_store import open_store
+    from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap
+    from minitron_jax.data.token_store import open_store
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
     teacher, _, data = make_pair(tmp_path / "pair")
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())

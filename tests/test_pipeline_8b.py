@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.pipeline import Pipeline, load_pipeline
-from minitron_jax.prune import PruneTarget
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.prune.pruning import PruneTarget
+from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 32  # hidden 4096 -> 128, intermediate 14336 -> 448 (transformers: hidden a multiple of the 32 heads); the width target scales with it
@@ -25,7 +25,8 @@ def small_8b(tmp_path_factory):
     """A random Llama with the 8B config's structure, a BPE tokenizer, and three Shakespeare texts."""
     from distill_helpers import train_tokenizer
     from helpers import save_tiny
-    from minitron_jax.assets import fetch_shakespeare
+
+    from minitron_jax.core.assets import fetch_shakespeare
 
     root = tmp_path_factory.mktemp("small_8b")
     data = root / "data"
@@ -61,7 +62,7 @@ def test_8b_pipeline_config_runs_every_stage(name, small_8b, tmp_path, monkeypat
                                "eval.samples=8", "eval.seq_len=64", "eval.task_items=8"])
     assert cfg.holdout == [] and cfg.distill.holdout_fraction > 0  # the configs' own split
     assert cfg.distill.compute_dtype == "bfloat16" and cfg.distill.remat == "full"
-    import minitron_jax.hf as hf
+    import minitron_jax.io.hf as hf
     loads, load = [], hf.from_pretrained
 
     def recording(path, *a, mesh=None, **kw):  # which mesh each stage loads its models onto

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from minitron_jax.cli import main
-from minitron_jax.config import LlamaConfig
-from minitron_jax.plan import estimate, per_device_param_bytes
-from minitron_jax.prune import validate
-from minitron_jax.recipe import load_recipe
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.prune.pruning import validate
+from minitron_jax.run.cli import main
+from minitron_jax.run.plan import estimate, per_device_param_bytes
+from minitron_jax.train.run_config import load_recipe
 
 LLAMA = "configs/llama31_8b_config.json"
 
@@ -69,7 +69,7 @@ def test_run_dry_run_of_8b_pipelines(capsys, kind, student):
 
 
 def test_plan_does_not_import_the_trainer():
-    code = "import sys, minitron_jax.plan; assert 'minitron_jax.distill' not in sys.modules, 'plan imports distill'"
+    code = "import sys, minitron_jax.run.plan; assert 'minitron_jax.train.trainer' not in sys.modules, 'plan imports distill'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -78,7 +78,7 @@ def test_tensor_axis_splits_head_mlp_and_vocab_activations():
     """With mesh [1,-1,4] (v5e-256's) the planner's activations per device split what the sharding rules
     split over `tensor` (query / KV heads, MLP, vocabulary: all divisible by 4 here) and keep the hidden
     residual whole; rows per device are the same as mesh [1,-1,1] on 64 devices."""
-    from minitron_jax.plan import activation_bytes
+    from minitron_jax.run.plan import activation_bytes
     t = LlamaConfig.from_file(LLAMA)
     s = validate(t, "hidden_size=3072,intermediate_size=9216")
     rc = load_recipe("configs/llama31_8b_to_4b_width_tpu.yaml", ["teacher=-", "student=-", "data=-"])

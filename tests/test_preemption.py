@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from minitron_jax.cli import main
-from minitron_jax.hf import open_checkpoint
 from distill_helpers import make_pair, metrics
+
+from minitron_jax.io.hf import open_checkpoint
+from minitron_jax.run.cli import main
 
 HOOK = str(Path(__file__).with_name("train_with_hook.py"))
 ROOT = Path(__file__).parents[1]
@@ -84,7 +84,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(pair, tmp_path):
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert not (out / "student_hf").exists()
 
-    cli = ["-m", "minitron_jax.cli", "distill"]
+    cli = ["-m", "minitron_jax.run.cli", "distill"]
     resumed = two_processes(cli, args(pair, out, *POD, "resume=true"))
     assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr[-3000:] + resumed[1].stderr[-3000:]
     assert "at step 3" in resumed[0].stdout + resumed[0].stderr
@@ -103,7 +103,7 @@ def test_minitron_distill_exits_143_after_sigterm(pair, tmp_path):
     saved (save_every=100: no checkpoint was due), and the exit code is 128 + SIGTERM."""
     out = tmp_path / "cli"
     env = {**os.environ, **ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.Popen([sys.executable, "-m", "minitron_jax.cli", "distill",
+    proc = subprocess.Popen([sys.executable, "-m", "minitron_jax.run.cli", "distill",
                              *args(pair, out, "steps=400", "batch_size=4", "mesh=[1,1,8]")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300
@@ -131,8 +131,9 @@ def test_non_finite_gradient_stops_before_saving(pair, tmp_path, monkeypatch):
     step 3 reaches the disk."""
     import jax
     import jax.numpy as jnp
-    from minitron_jax import distill
-    from minitron_jax.recipe import load_recipe
+
+    from minitron_jax.train import trainer as distill
+    from minitron_jax.train.run_config import load_recipe
 
     real, calls = distill.build_steps, []
 

@@ -3,8 +3,8 @@
 import io
 import json
 
-from minitron_jax import progress
-from minitron_jax.progress import Progress
+from minitron_jax.core import progress
+from minitron_jax.core.progress import Progress
 
 
 def test_tokens_per_s_is_the_interval_throughput(tmp_path, monkeypatch):

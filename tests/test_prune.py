@@ -8,17 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import LLAMA3_ROPE, rel_err, save_tiny
 from jax.sharding import NamedSharding
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
-from minitron_jax.config import LlamaConfig
-from minitron_jax.hf import save_params
-from minitron_jax.model import forward, is_param_spec, param_specs
-from minitron_jax.prune import (PruneError, PruneTarget, candidate_targets, dry_run, parse_count, plan, prune,
-                                search, validate)
-from minitron_jax.sharding import make_mesh
-from helpers import LLAMA3_ROPE, rel_err, save_tiny
+from minitron_jax.core.errors import PruneError
+from minitron_jax.io.hf import save_params
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.llama import forward, is_param_spec, param_specs
+from minitron_jax.model.sharding import make_mesh
+from minitron_jax.prune.pruning import (
+    PruneTarget,
+    candidate_targets,
+    dry_run,
+    parse_count,
+    plan,
+    prune,
+    search,
+    validate,
+)
 
 
 def tiny_cfg(tied=False, **kw):
@@ -272,7 +281,7 @@ def test_parse_targets_and_counts():
 
 def test_no_dead_aliases():
     """One name per function: PruneTarget.parse and prune.validate (the aliases and count_params are gone)."""
-    import minitron_jax.prune as prune_module
+    import minitron_jax.prune.pruning as prune_module
     assert not hasattr(PruneTarget, "from_dict")
     assert not [n for n in ("pruned_config", "count_params") if hasattr(prune_module, n)]
 
@@ -334,7 +343,7 @@ def test_pruned_model_loads_in_transformers(tmp_path):
 
 def test_window_depth_metric_drops_the_best_contiguous_block():
     """depth_metric=window drops the whole block whose removal scored best (lowest)."""
-    from minitron_jax.prune import plan
+    from minitron_jax.prune.pruning import plan
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     window = np.array([3.0, 2.5, 1.0, 4.0])  # k = 3 -> 4 windows; window 2 (layers 2,3,4) is best

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import minitron_jax as mj
-from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-from minitron_jax.data import pack, read_documents, split_documents, tokenize_documents
-from minitron_jax.evaluate import lm_loss
-from minitron_jax.hf import save_params
-from minitron_jax.importance import compute_scores
-from minitron_jax.prune import prune
-from helpers import rel_err
+from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.data.text import pack, read_documents, split_documents, tokenize_documents
+from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.io.hf import save_params
+from minitron_jax.prune.importance import compute_scores
+from minitron_jax.prune.pruning import prune
 
 pytestmark = pytest.mark.slow
 HELD_OUT = ("hamlet", "sonnets", "tempest")

@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-
-from minitron_jax.distill import train
-from minitron_jax.resume import ResumeError
-from minitron_jax.hf import open_checkpoint
-from minitron_jax.recipe import RESUME_FREE, RESUME_NEVER, RecipeError, RunConfig, check_resume, dump, load_recipe
 from distill_helpers import make_pair, metrics
+
+from minitron_jax.core.errors import RecipeError, ResumeError
+from minitron_jax.io.hf import open_checkpoint
+from minitron_jax.train.run_config import RESUME_FREE, RESUME_NEVER, RunConfig, check_resume, dump, load_recipe
+from minitron_jax.train.trainer import train
 
 COMMON = ("batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "save_every=1", "peak_tflops=1",
           "mesh=[1,1,8]", "warmup=0", "steps=3")
@@ -48,7 +48,8 @@ def snapshot(out):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    from minitron_jax import hf, loader
+    from minitron_jax.data import loader
+    from minitron_jax.io import hf
     for mod, name in ((hf, "from_pretrained"), (loader, "build_corpus")):
         monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("weights or data loaded before the refusal"))
 

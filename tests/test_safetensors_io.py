@@ -13,9 +13,10 @@ import struct
 
 import numpy as np
 import pytest
-
-from minitron_jax.safetensors_io import SafetensorsError, SafetensorsFile
 from helpers import load
+
+from minitron_jax.core.errors import SafetensorsError
+from minitron_jax.io.safetensors import SafetensorsFile
 
 
 # ---------------------------------------------------------------------------- 9-10: damaged files

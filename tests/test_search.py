@@ -4,17 +4,16 @@ candidates after pruning are each distilled from stored teacher logits and re-ra
 import json
 
 import numpy as np
-
 from distill_helpers import make_pair
 
 
 def test_search_distills_candidates_from_stored_logits_and_ranks_on_validation_rows(tmp_path, monkeypatch):
-    import minitron_jax.evaluate as E
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.pipeline import Pipeline, load_pipeline
-    from minitron_jax.store_loader import VALIDATION, SplitMap
-    from minitron_jax.teacher_logits import TeacherLogits
-    from minitron_jax.token_store import open_store
+    import minitron_jax.eval.evaluate as E
+    from minitron_jax.data.store_reader import VALIDATION, SplitMap
+    from minitron_jax.data.token_store import open_store
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.run.pipeline import Pipeline, load_pipeline
+    from minitron_jax.train.stored_logits import TeacherLogits
 
     teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import LLAMA3_ROPE, rel_err, save_tiny
 from jax.sharding import PartitionSpec as P
 
 import minitron_jax as mj
-from minitron_jax.model import forward
-from minitron_jax.sharding import constrain, make_mesh, named_sharding, spec_for
-from helpers import LLAMA3_ROPE, rel_err, save_tiny
+from minitron_jax.model.llama import forward
+from minitron_jax.model.sharding import constrain, make_mesh, named_sharding, spec_for
 
 CFG = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
            rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False)
@@ -73,8 +73,9 @@ def test_indivisible_dims_stay_replicated():
 
 def test_batch_placement_lives_in_sharding():
     """put / batch_sharding / to_global: rows split over (data, fsdp); values unchanged."""
-    from minitron_jax import evaluate, importance
-    from minitron_jax.sharding import batch_sharding, put, to_global
+    from minitron_jax.eval import evaluate
+    from minitron_jax.model.sharding import batch_sharding, put, to_global
+    from minitron_jax.prune import importance
 
     assert evaluate.put is put and importance.put is put  # one home, no copies
     mesh = make_mesh(2, 2, 2)
@@ -114,7 +115,7 @@ def test_unknown_logical_axis_is_an_error():
                                      ((-1, -1, 2), 8), ((3, -1, 1), 8), ((0, 2, 4), 8), ((1, 1, 1), 2)])
 def test_one_mesh_shape_resolver(sizes, n):
     """make_mesh and plan.mesh_sizes resolve (data, fsdp, tensor) the same way, errors included."""
-    from minitron_jax.plan import mesh_sizes
+    from minitron_jax.run.plan import mesh_sizes
     try:
         want = make_mesh(*sizes, devices=jax.devices()[:n]).shape
     except ValueError as e:

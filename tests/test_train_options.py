@@ -4,11 +4,12 @@ bf16 compute and the intermediate hidden-state loss run, teacher correction lowe
 
 import numpy as np
 import pytest
-
-from minitron_jax.distill import train
-from minitron_jax.hf import open_checkpoint
-from minitron_jax.recipe import RecipeError, RunConfig, load_recipe
 from distill_helpers import make_pair, metrics, short_documents
+
+from minitron_jax.core.errors import RecipeError
+from minitron_jax.io.hf import open_checkpoint
+from minitron_jax.train.run_config import RunConfig, load_recipe
+from minitron_jax.train.trainer import train
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -117,14 +118,15 @@ def test_hidden_loss_pairs_the_layers_and_channels_pruning_kept(tmp_path):
     channels), and the trainer's hidden loss equals a NumPy computation on transformers' hidden states."""
     import jax
     import jax.numpy as jnp
+    from helpers import save_tiny
 
     import minitron_jax as mj
-    from minitron_jax.distill import hidden_init, make_objective
-    from minitron_jax.hf import save_params
-    from minitron_jax.losses import KDConfig
-    from minitron_jax.prune import prune, prune_record, save_prune_record
-    from minitron_jax.recipe import RunConfig
-    from helpers import save_tiny
+    from minitron_jax.io.hf import save_params
+    from minitron_jax.io.prune_record import prune_record, save_prune_record
+    from minitron_jax.model.losses import KDConfig
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.train.run_config import RunConfig
+    from minitron_jax.train.trainer import hidden_init, make_objective
 
     save_tiny(tmp_path / "t", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=32,
               num_attention_heads=4, num_key_value_heads=2, head_dim=4)
@@ -223,8 +225,8 @@ def test_edge_values_still_validate():
 
 
 def test_remat_choices_are_the_models():
-    from minitron_jax.model import REMAT_POLICIES
-    from minitron_jax.recipe import REMAT
+    from minitron_jax.model.llama import REMAT_POLICIES
+    from minitron_jax.train.run_config import REMAT
     assert set(REMAT) == set(REMAT_POLICIES)
 
 
@@ -232,7 +234,8 @@ def test_clip_zero_means_no_clipping():
     """clip=0 updates exactly as an unreachable clip does (a huge gradient passes whole: before, it zeroed
     every update); clip=1 does not. Two steps, so that Adam's moments see the clipped scale."""
     import jax.numpy as jnp
-    from minitron_jax.distill import make_optimizer
+
+    from minitron_jax.train.trainer import make_optimizer
 
     params = {"w": jnp.ones((3,)), "norm": jnp.ones((2,))}
     grads = [{"w": jnp.asarray([300.0, -40.0, 5.0]), "norm": jnp.asarray([1.0, 2.0])},
@@ -252,7 +255,8 @@ def test_clip_zero_means_no_clipping():
 def test_mesh_that_does_not_fit_the_devices_is_refused_before_loading(pair, tmp_path, no_weight_reads):
     """8 devices here: 3 does not divide them; the message names the count and a mesh that fits."""
     import jax
-    from minitron_jax.distill import check_mesh
+
+    from minitron_jax.train.preflight import check_mesh
     assert jax.device_count() == 8
     with pytest.raises(RecipeError, match=r"mesh=\[1, -1, 3\] does not fit the 8 devices here .*e.g. mesh=\[1,-1,1\]"):
         train(recipe(pair, tmp_path / "m", "mesh=[1,-1,3]", "steps=2"), log=QUIET)
@@ -268,8 +272,9 @@ def test_tokenizer_larger_than_the_embedding_is_refused_before_loading(pair, tmp
     the trainer blamed on the learning rate; now check_pair refuses it, naming both numbers."""
     import shutil
 
-    from minitron_jax.hf import CheckpointError
     from transformers import AutoTokenizer
+
+    from minitron_jax.core.errors import CheckpointError
     t, s, d = pair
     big = shutil.copytree(t if who == "teacher" else s, tmp_path / who)
     tok = AutoTokenizer.from_pretrained(big)

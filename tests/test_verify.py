@@ -6,11 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minitron_jax import evaluate, verify
-from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-from helpers import save_tiny
+from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.eval import evaluate
+from minitron_jax.eval import parity as verify
 
 
 def test_compare_with_transformers_uses_the_chunked_loss(tmp_path):

@@ -16,8 +16,8 @@ import sys
 
 import jax
 
-from minitron_jax import distill
-from minitron_jax.cli import main as cli_main
+from minitron_jax.run.cli import main as cli_main
+from minitron_jax.train import trainer as distill
 
 
 def main(argv: list[str]) -> None:

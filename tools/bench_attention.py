@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from minitron_jax.attention import attend  # noqa: E402
+from minitron_jax.model.attention import attend
 
 
 def parse_args(argv=None):

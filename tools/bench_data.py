@@ -61,7 +61,7 @@ def cpu():
 
 RUN_STORE = WATCH + """
 import json, resource, sys, time
-from minitron_jax.tokenize_corpus import tokenize
+from minitron_jax.data.tokenize import tokenize
 src, tok, out, workers = sys.argv[1:5]
 t = time.perf_counter()
 m = tokenize(src, tok, out, workers=int(workers), progress=False)
@@ -139,8 +139,9 @@ print(json.dumps({"imports_mib": imports, "imports_peak_mib": imports_peak, "sec
 def in_memory_docs(store: str, splits) -> list:
     """The documents of the train split of `store`, read whole into RAM (what `build_corpus` holds)."""
     import numpy as np
-    from minitron_jax import store_loader
-    from minitron_jax.token_store import open_store
+
+    from minitron_jax.data import store_reader as store_loader
+    from minitron_jax.data.token_store import open_store
     st = open_store(store)
     tokens, off = st.read(0, st.n_tokens), st.document_offsets()
     keep = (store_loader.SplitMap(st, splits).of(np.arange(st.n_documents)) == store_loader.TRAIN
@@ -156,8 +157,10 @@ def synthetic_store(root: Path, n_tokens: int, seed: int = 0) -> tuple[str, dict
     """A token store of `n_tokens` synthetic tokens (module docstring) under root, written once and reused.
     Returns (path, {"written": bool, "seconds", "bytes" on disk, "documents"})."""
     import time
+
     import numpy as np
-    from minitron_jax import token_store as S
+
+    from minitron_jax.data import token_store as S
     out = root / f"zipf{ZIPF_S:g}_v{VOCAB}_doc{MEAN_DOC}_n{n_tokens}_seed{seed}"
     params = {"tokens": n_tokens, "zipf_s": ZIPF_S, "vocab": VOCAB, "mean_document": MEAN_DOC, "seed": seed,
               "table_bits": TABLE_BITS}
@@ -216,7 +219,8 @@ def synthetic_store(root: Path, n_tokens: int, seed: int = 0) -> tuple[str, dict
 
 def _throughput(rows, stream: bool, batch: int, steps: int) -> dict:
     import time
-    from minitron_jax import loader
+
+    from minitron_jax.data import loader
     t = time.perf_counter()
     ld = loader.Loader(rows, batch, seed=0, process_index=0, process_count=1, stream=stream)
     for _ in range(WARMUP):
@@ -232,10 +236,10 @@ def v5p_host_tokens_per_s(mfu: float) -> dict:
     """Tokens/s one v5p host (4 chips) consumes in the 8B -> 4B-Width distill step, from `plan.estimate` as
     `minitron plan configs/llama31_8b_to_4b_width_tpu.yaml --teacher configs/llama31_8b_config.json
     --target hidden_size=3072,intermediate_size=9216 --devices 64 --peak-tflops 459 --mfu MFU` computes it."""
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.plan import estimate
-    from minitron_jax.prune import validate
-    from minitron_jax.recipe import load_recipe
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.prune.pruning import validate
+    from minitron_jax.run.plan import estimate
+    from minitron_jax.train.run_config import load_recipe
     root = Path(__file__).resolve().parents[1]
     teacher = LlamaConfig.from_file(root / "configs/llama31_8b_config.json")
     student = validate(teacher, "hidden_size=3072,intermediate_size=9216")
@@ -259,7 +263,10 @@ def _rss_line(name: str, packing: str, split: str, r: dict) -> None:
 
 def main_loader(args) -> None:
     import time
-    from minitron_jax import data, loader, store_loader
+
+    from minitron_jax.data import loader
+    from minitron_jax.data import store_reader as store_loader
+    from minitron_jax.data import text as data
     root = Path(args.store_dir)
     root.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(float(n)) for n in args.sizes}, reverse=True)
@@ -336,7 +343,7 @@ def main_loader(args) -> None:
 
 
 def main() -> None:
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1, help="copies of the corpus")

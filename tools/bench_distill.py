@@ -74,8 +74,8 @@ def torch_peak(n: int = 2048, reps: int = 5) -> float:
 
 def trainer_path(args) -> dict:
     """`minitron distill` (the CLI, its default allocator) vs a torch KD step in a separate process."""
-    import subprocess
     import statistics
+    import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     steps = args.warmup + args.iters + 2  # step 1 compiles; the last one also evaluates and saves
@@ -85,7 +85,7 @@ def trainer_path(args) -> dict:
         t_dir, s_dir, data = subprocess.run([sys.executable, "-c", prep], env=env, check=True, capture_output=True,
                                             text=True).stdout.split()
         out = os.path.join(tmp, "run")
-        cmd = [sys.executable, "-m", "minitron_jax.cli", "distill", f"teacher={t_dir}", f"student={s_dir}",
+        cmd = [sys.executable, "-m", "minitron_jax.run.cli", "distill", f"teacher={t_dir}", f"student={s_dir}",
                f"data={data}", f"out={out}", f"steps={steps}", f"batch_size={args.batch}", f"seq_len={args.seq}",
                "warmup=1", "lr=1e-4", "min_lr=1e-4", f"chunk_size={args.chunk_size}", f"remat={args.remat}",
                f"eval_every={10 ** 6}", "eval_batches=1", f"save_every={10 ** 6}", "export=false"]
@@ -124,10 +124,11 @@ def prepare_student(tmp: str) -> str:
     """Teacher dir, a random-importance student of it (timing only) and the Shakespeare corpus, as paths."""
     import jax
     import numpy as np
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.hf import load_params, save_params
-    from minitron_jax.prune import prune, required_scores
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.io.hf import load_params, save_params
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.prune.pruning import prune, required_scores
 
     t_dir = str(fetch_smollm2(progress=lambda m: None))
     t_cfg = LlamaConfig.from_file(t_dir)
@@ -148,13 +149,14 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import torch
+
     import minitron_jax as mj
-    from minitron_jax.assets import fetch_smollm2
-    from minitron_jax.distill import make_optimizer, make_train_step, measure_peak_flops
-    from minitron_jax.hf import save_params
-    from minitron_jax.losses import KDConfig
-    from minitron_jax.prune import prune, required_scores
-    from minitron_jax.recipe import RunConfig
+    from minitron_jax.core.assets import fetch_smollm2
+    from minitron_jax.io.hf import save_params
+    from minitron_jax.model.losses import KDConfig
+    from minitron_jax.prune.pruning import prune, required_scores
+    from minitron_jax.train.run_config import RunConfig
+    from minitron_jax.train.trainer import make_optimizer, make_train_step, measure_peak_flops
 
     torch.set_num_threads(threads)
     ftz = not args.torch_denormals and torch.set_flush_denormal(True)

@@ -78,12 +78,13 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
     import torch
+
     import minitron_jax as mj
-    from minitron_jax.model import forward
+    from minitron_jax.model.llama import forward
 
     model_dir = args.model
     if model_dir is None:
-        from minitron_jax.assets import fetch_smollm2
+        from minitron_jax.core.assets import fetch_smollm2
         model_dir = fetch_smollm2()
     model = mj.from_pretrained(str(model_dir))
     cfg, params = model.config, jax.device_put(model.params())

@@ -50,10 +50,10 @@ def main() -> None:
     import numpy as np
 
     import minitron_jax as mj
-    from minitron_jax.assets import fetch_smollm2
-    from minitron_jax.importance import ScoreConfig, finalize, init_state, make_step
-    from minitron_jax.model import forward
-    from minitron_jax.prune import prune
+    from minitron_jax.core.assets import fetch_smollm2
+    from minitron_jax.model.llama import forward
+    from minitron_jax.prune.importance import ScoreConfig, finalize, init_state, make_step
+    from minitron_jax.prune.pruning import prune
 
     model = mj.from_pretrained(fetch_smollm2())
     params, cfg = model.params(), model.config

@@ -43,17 +43,18 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.distill import build_steps, kd_config
-    from minitron_jax.hf import from_pretrained, load_tokenizer, save_params
-    from minitron_jax.loader import Loader, training_data
-    from minitron_jax.prune import prune
-    from minitron_jax.recipe import RunConfig
-    from minitron_jax.sharding import make_mesh, to_global
-    from minitron_jax.teacher_logits import LogitsConfig, TeacherLogits, logits_batch, storage_bytes_per_token, \
-        write_teacher_logits
-    from minitron_jax.tokenize_corpus import tokenize
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.data.loader import Loader, training_data
+    from minitron_jax.data.tokenize import tokenize
+    from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.model.sharding import make_mesh, to_global
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.run.teacher_pass import write_teacher_logits
+    from minitron_jax.train.run_config import RunConfig
+    from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits, logits_batch, storage_bytes_per_token
+    from minitron_jax.train.trainer import build_steps, kd_config
 
     teacher = fetch_smollm2()
     tmp = Path(tempfile.mkdtemp(prefix="bench_tl_"))
@@ -139,6 +140,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from minitron_jax.allocator import ensure
+    from minitron_jax.core.allocator import ensure
     ensure()  # under mimalloc, as the `minitron` command runs (MINITRON_ALLOCATOR=system: glibc)
     main()

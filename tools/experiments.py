@@ -89,11 +89,11 @@ def pruning_experiments(args) -> dict:
     from transformers import AutoTokenizer
 
     import minitron_jax as mj
-    from minitron_jax.assets import fetch_shakespeare, fetch_smollm2
-    from minitron_jax.data import pack, read_documents, split_documents, tokenize_documents
-    from minitron_jax.evaluate import evaluate_model, gated_losses, next_line_task
-    from minitron_jax.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
-    from minitron_jax.prune import prune
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.data.text import pack, read_documents, split_documents, tokenize_documents
+    from minitron_jax.eval.evaluate import evaluate_model, gated_losses, next_line_task
+    from minitron_jax.prune.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
+    from minitron_jax.prune.pruning import prune
 
     t0 = time.time()
     model_dir = fetch_smollm2()
@@ -160,7 +160,7 @@ def recorded_settings(r: dict) -> dict:
     BASE with the --eval it recorded (what those runs used), the teacher's layers from the depth arm."""
     if "config" in r:
         return r["config"]
-    from minitron_jax.pipeline import load_pipeline
+    from minitron_jax.run.pipeline import load_pipeline
     teacher_layers = depth_keep() + len(r["depth_dropped"]) if "depth_dropped" in r else None
     return run_settings(load_pipeline(BASE, [f"eval.samples={r['args']['eval']}", *PAPER_KD]), teacher_layers)
 
@@ -183,13 +183,13 @@ def distill_experiments(args) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from minitron_jax.config import LlamaConfig
-    from minitron_jax.distill import train
-    from minitron_jax.hf import save_params
-    from minitron_jax.importance import load_scores
-    from minitron_jax.evaluate import eval_set
-    from minitron_jax.model import init_params
-    from minitron_jax.pipeline import Pipeline, distill_recipe, load_pipeline
+    from minitron_jax.eval.evaluate import eval_set
+    from minitron_jax.io.hf import save_params
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.model.llama import init_params
+    from minitron_jax.prune.importance import load_scores
+    from minitron_jax.run.pipeline import Pipeline, distill_recipe, load_pipeline
+    from minitron_jax.train.trainer import train
 
     out, t0 = Path(args.out), time.time()
     r: dict = {"args": {"eval": args.eval, "correction_steps": args.correction_steps, "scratch_lr": args.scratch_lr,
@@ -261,8 +261,8 @@ def distill_experiments(args) -> dict:
 
 
 def row_losses(models: dict[str, str], rows) -> dict[str, list[float]]:
-    from minitron_jax.evaluate import lm_loss
-    from minitron_jax.hf import from_pretrained
+    from minitron_jax.eval.evaluate import lm_loss
+    from minitron_jax.io.hf import from_pretrained
     out = {}
     for name, path in models.items():
         m = from_pretrained(path, dtype="float32")

@@ -1,0 +1,1 @@
+"""Shared pieces every room uses: errors, atomic outputs, the lock, progress, the allocator, assets."""

@@ -1,0 +1,187 @@
+"""Outputs appear whole or not at all, and never at the cost of data minitron did not write.
+
+`check_output` is every check on an output directory (cheap: call it before loading models);
+`atomic_directory` repeats it, writes into a hidden sibling `.<name>.tmp-<token>` and, when complete,
+marks it as ours (`MARKER`), renames any previous output aside, renames the new one into place and
+only then deletes the old one. A directory without the marker is never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+
+from minitron_jax.core.errors import OutputError
+
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+              "added_tokens.json", "vocab.json", "merges.txt")
+MARKER = ".minitron-output.json"
+WRITER = "minitron_jax"
+
+
+
+
+def is_minitron_output(path: str | Path) -> bool:
+    """Whether `path` is a directory that `atomic_directory` wrote (it holds a valid `MARKER`)."""
+    try:
+        rec = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(rec, dict) and rec.get("written_by") == WRITER
+
+
+def _listing(path: Path, n: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    return ", ".join(names[:n]) + (f", ... ({len(names)} entries)" if len(names) > n else "")
+
+
+def _check_existing(path: Path, overwrite: bool) -> None:
+    """Refuse replacing a file, a directory minitron did not write, or (without overwrite) any non-empty one."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"output {path} is an existing file; choose another path (outputs are directories)")
+    if not any(path.iterdir()):
+        return  # an empty directory: nothing to lose
+    if not is_minitron_output(path):
+        raise OutputError(f"output {path} exists and was not written by minitron (no {MARKER}); --overwrite only "
+                          f"replaces minitron outputs, and this would delete {_listing(path)}: choose another "
+                          "path, or delete it by hand")
+    if not overwrite:
+        raise OutputError(f"output {path} exists; choose another path or pass --overwrite (overwrite=True)")
+
+
+def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> Path:
+    """Every check on output directory `path`, before any work; returns it absolute, or raises OutputError.
+
+    Refused: an existing file; an existing non-empty directory without `overwrite`, and even with it one
+    that lacks `MARKER`; `path` equal to, inside, or holding one of `inputs` (None entries are ignored);
+    a path under a regular file; a parent directory that cannot be written.
+    """
+    path = Path(path).absolute()
+    anc = next(a for a in (path, *path.parents) if a.exists() or a == a.parent)
+    if anc != path:
+        if not anc.is_dir():
+            raise OutputError(f"output {path} is under {anc}, which is a file, not a directory; choose an --out "
+                              "that is not under a file")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise OutputError(f"output {path}: cannot create it in {anc} (read-only directory); choose a writable "
+                              "--out or fix the permissions")
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output {path}: cannot replace it, its parent {path.parent} is a read-only directory; "
+                          "choose a writable --out or fix the permissions")
+    real = path.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).absolute().resolve()
+        if src == real:
+            raise OutputError(f"output {path} is the input {inp}; choose a different --out")
+        if real.is_relative_to(src):
+            raise OutputError(f"output {path} is inside the input {inp}; choose an --out outside the inputs")
+        if src.is_relative_to(real):
+            raise OutputError(f"the input {inp} is inside output {path}, which would be replaced; choose an --out "
+                              "that holds none of the inputs")
+    _check_existing(path, overwrite)
+    return path
+
+
+def _token() -> str:
+    """Unique per writer (pid + random), identical on every process of a multi-host job (process 0's)."""
+    pid, rand = os.getpid() % 2**31, secrets.randbits(31)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        pid, rand = (int(v) for v in np.asarray(
+            multihost_utils.broadcast_one_to_all(np.array([pid, rand], dtype=np.int32))))
+    return f"{pid}-{rand:08x}"
+
+
+def _install(tmp: Path, path: Path, token: str, overwrite: bool) -> None:
+    """Move the complete `tmp` to `path`; a previous output is set aside first, deleted last, restored on failure."""
+    _check_existing(path, overwrite)  # again: something may have appeared while we were writing
+    old = path.parent / f".{path.name}.old-{token}"
+    try:
+        os.replace(path, old)
+        moved = True
+    except FileNotFoundError:
+        moved = False
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        if moved:
+            try:
+                os.replace(old, path)
+            except OSError as e2:
+                raise OutputError(f"output {path}: could not move the finished output into place ({e}) nor "
+                                  f"the previous one back ({e2}); it is intact in {old}: rename it back by hand") from e2
+        raise OutputError(f"output {path}: could not move the finished output into place ({e}); "
+                          f"{'the previous output is back in place' if moved else 'nothing was replaced'}") from e
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable[str | Path | None] = (),
+                     overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh `.<name>.tmp-<token>` beside `path`; on normal exit it replaces `path`, on error it
+    is removed and `path` is untouched. `check_output(path, inputs=, overwrite=)` runs first.
+
+    The token is the same on every process (multi-host writers such as orbax share the directory);
+    process 0 does the file-system operations. Other writers' temporaries are left alone.
+    """
+    path = check_output(path, inputs=tuple(inputs), overwrite=overwrite)
+    token = _token()
+    tmp = path.parent / f".{path.name}.tmp-{token}"
+    lead = jax.process_index() == 0
+    if lead:
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if lead:
+            (tmp / MARKER).write_text(json.dumps(
+                {"written_by": WRITER, "version": _version(), "kind": kind, "host": socket.gethostname(),
+                 "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+            _install(tmp, path, token, overwrite)
+    finally:
+        if lead and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("minitron-jax")
+    except Exception:  # not installed as a distribution
+        return "unknown"
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """One small file, whole or not at all: written under a name unique to this writer, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def copy_side_files(source: str | Path | None, dest: Path) -> None:
+    """Tokenizer and generation-config files travel with the weights."""
+    if source is None:
+        return
+    for name in SIDE_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy2(Path(source) / name, dest / name)

@@ -1,0 +1,215 @@
+"""Training data: documents -> packed fixed-length rows -> a resumable, process-sharded batch stream.
+
+The order of rows is a pure function of (seed, step), so any process count reads the same global
+batches and a run resumes from nothing but ``{"step", "seed", "global_batch", "rows"}``.
+Ordering uses ``grain.MapDataset.source(rows).shuffle(seed).repeat()``: with shuffle *before* repeat,
+grain reshuffles every epoch (epoch e uses seed + e). Each epoch gives ``len(rows) // global_batch``
+steps (the remainder is dropped, a different remainder each epoch), so a batch never spans epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import text as data
+from minitron_jax.data.packing import PackedRows, pack_first_fit
+from minitron_jax.data.store_reader import HOLDOUT, Splits, is_store, parse_blend, split_rows, training_rows
+
+
+def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None,
+          shuffle_documents: bool = False) -> PackedRows:
+    token_docs = data.tokenize_documents(docs, tokenizer, vocab_size=vocab_size)
+    if packing == "first_fit":
+        pad = tokenizer.pad_token_id or 0
+        data.check_token_ids([pad], vocab_size, "the tokenizer's pad id (padding of first_fit rows)")
+        return pack_first_fit(token_docs, seq_len, seed, pad)
+    if (n := sum(len(d) for d in token_docs)) < seq_len:
+        raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
+                        f"add data or lower seq_len")
+    return PackedRows(data.pack(token_docs, seq_len, None, seed, shuffle_documents=shuffle_documents))
+
+
+def _cache_key(path: Path, tokenizer, **args) -> str:
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    stats = [(p.relative_to(path).as_posix() if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    tok = [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), vocab,
+           tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    blob = json.dumps(["loader-cache-v1", str(path.resolve()), stats, tok, args], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _check_rows(train: PackedRows, held: PackedRows | None, vocab_size: int | None, path: Path) -> None:
+    data.check_token_ids(train.tokens, vocab_size, f"the training rows of {path}")
+    if held is not None:
+        data.check_token_ids(held.tokens, vocab_size, f"the held-out rows of {path}")
+
+
+def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat",
+                 holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
+                 cache_dir: str | Path | None = None, text_field: str = "text",
+                 vocab_size: int | None = None) -> tuple[PackedRows, PackedRows | None]:
+    """(train, held_out or None) packed rows of seq_len; cached as .npy under cache_dir when given.
+
+    `holdout`: one document name, a comma list or a sequence (`data.split_documents`), else a fraction.
+    `vocab_size` (the model's) refuses token ids its embedding does not have, cached rows included."""
+    if packing not in ("concat", "first_fit"):
+        raise ValueError(f"packing={packing!r}; use 'concat' or 'first_fit'")
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive")
+    holdout = data.parse_holdout(holdout)
+    path, want_held = Path(path), bool(holdout) or holdout_fraction > 0
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        key = _cache_key(path, tokenizer, seq_len=seq_len, packing=packing, holdout=holdout,
+                         holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
+        if (cache / f"{key}.json").is_file():  # the marker is written last: arrays without it are ignored
+            names = json.loads((cache / f"{key}.json").read_text())
+            a = {n: np.load(cache / f"{key}.{n}.npy", mmap_mode="r") for n in names}
+            held = PackedRows(a["held_tokens"], a.get("held_segs")) if "held_tokens" in a else None
+            train = PackedRows(a["train_tokens"], a.get("train_segs"))
+            _check_rows(train, held, vocab_size, path)
+            return train, held
+    docs = data.read_documents(path, text_field)
+    try:
+        train_docs, held_docs = data.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    if not train_docs:
+        raise DataError(f"all {len(docs)} documents in {path} were held out by holdout={','.join(holdout)}; nothing is "
+                        f"left to train on: name fewer documents")
+    if want_held and not held_docs:
+        raise DataError(f"the held-out split of {path} is empty (holdout={holdout}, fraction={holdout_fraction})")
+    train = _pack(train_docs, tokenizer, seq_len, packing, seed, "training", vocab_size)
+    held = (_pack(held_docs, tokenizer, seq_len, packing, seed, "held-out", vocab_size, shuffle_documents=True)
+            if want_held else None)  # held-out rows: documents in a seeded order, as evaluate.eval_set takes them
+    _check_rows(train, held, vocab_size, path)
+    if cache_dir is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{split}_{kind}": v for split, r in (("train", train), ("held", held)) if r is not None
+                  for kind, v in (("tokens", r.tokens), ("segs", r.segment_ids)) if v is not None}
+        for name, arr in [*arrays.items(), ("marker", None)]:
+            final = cache / (f"{key}.json" if arr is None else f"{key}.{name}.npy")
+            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                if arr is None:
+                    f.write(json.dumps(sorted(arrays)).encode())
+                else:
+                    np.save(f, arr)
+            os.replace(tmp, final)
+    return train, held
+
+
+def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None = None):
+    """(training rows, held-out PackedRows or None, stream) for a run's recipe `rc`: text through `build_corpus`,
+    a token store or a blend through `store_loader` (held-out rows: the first eval_batches x micro-batch rows
+    of the held-out documents; the validation documents are in neither)."""
+    holdout_fraction = 0.0 if rc.holdout else rc.holdout_fraction
+    if not (is_store(rc.data) or parse_blend(rc.data)):
+        train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
+                                   holdout_fraction=holdout_fraction, seed=rc.seed, cache_dir=cache_dir,
+                                   text_field=rc.text_field, vocab_size=vocab_size)
+        return train, held, False
+    splits = Splits(tuple(data.parse_holdout(rc.holdout)), holdout_fraction, rc.validation_fraction, rc.seed)
+    rows, stream = training_rows(rc.data, rc.seq_len, packing=rc.packing, splits=splits, seed=rc.seed,
+                                 pad_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size)
+    held = None
+    if rc.holdout or holdout_fraction:
+        n = rc.eval_batches * (rc.batch_size // rc.grad_accum)
+        held = PackedRows(split_rows(rc.data, rc.seq_len, n, HOLDOUT, splits, seed=rc.seed, vocab_size=vocab_size,
+                                     what="the held-out evaluation during training"))
+    return rows, held, stream
+
+
+def _stack(items: list[dict]) -> dict:
+    return {k: np.stack([it[k] for it in items]) for k in ("input_ids", "segment_ids", "mask")}
+
+
+class Loader:
+    """Global batch of step t = rows of the seeded order [t*B, (t+1)*B); this process reads its 1/P slice.
+
+    `rows` is finite (`PackedRows`, `store_loader.StoreWindows`: shuffled by grain's index shuffle, epoch by
+    epoch, the remainder of each epoch dropped) or, with `stream`, an endless sequence already in training
+    order (`store_loader.FirstFitStream`, a blend): row g of the stream is row g of the order."""
+
+    def __init__(self, rows, global_batch: int, *, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, stream: bool = False):
+        import grain
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if global_batch <= 0 or global_batch % process_count:
+            raise DataError(f"global_batch={global_batch} must be a positive multiple of the process count "
+                            f"{process_count} (every process reads global_batch / process_count rows)")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+        if not stream and len(rows) < global_batch:
+            n_tok = getattr(rows, "n_tokens", len(rows) * rows.seq_len)
+            raise DataError(
+                f"the data has {n_tok:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
+                f"needs {global_batch} rows ({global_batch * rows.seq_len:,} tokens); add data, or lower the global "
+                f"batch or the sequence length")
+        self.rows, self.global_batch, self.seed, self.stream = rows, global_batch, seed, stream
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = global_batch // process_count
+        self.steps_per_epoch = None if stream else len(rows) // global_batch
+        self._order = rows if stream else grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+        self._step = 0
+
+    @property
+    def peek_step(self) -> int:  # the step the next batch belongs to
+        return self._step
+
+    def batch_at(self, step: int) -> dict:
+        """This process's slice of global batch `step`: input_ids/segment_ids int32, mask float32, [b, S]."""
+        if self.stream:
+            start = step * self.global_batch + self.process_index * self.local_batch
+        else:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            start = epoch * len(self.rows) + j * self.global_batch + self.process_index * self.local_batch
+        return _stack([self._order[i] for i in range(start, start + self.local_batch)])
+
+    def __next__(self) -> dict:
+        self._step += 1
+        return self.batch_at(self._step - 1)
+
+    next = __next__
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def get_state(self) -> dict:  # JSON-able; independent of the process count
+        rows = getattr(self.rows, "identity", None) if self.stream else len(self.rows)
+        state = {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": rows}
+        if streams := getattr(self.rows, "streams", None):  # first_fit block walks: where they are (a shortcut)
+            state["cursors"] = [s.cursor for s in streams]
+        return state
+
+    def set_state(self, state: dict) -> None:
+        mine = self.get_state()
+        for k in ("seed", "global_batch", "rows"):
+            if k in state and state[k] != mine[k]:
+                raise DataError(f"loader state has {k}={state[k]}, but this loader has {k}={mine[k]}; resuming would "
+                                f"give a different data order (use the run's original {k})")
+        self._step = int(state["step"])
+        streams = getattr(self.rows, "streams", None) or []
+        if len(state.get("cursors", ())) == len(streams):  # a cursor past the rows asked for is never used
+            for s, c in zip(streams, state.get("cursors", ())):
+                s.cursor = c
+
+
+def eval_batches(rows: PackedRows, batch: int, max_batches: int | None = None) -> Iterator[dict]:
+    """Rows in fixed order, `batch` at a time; the last batch is padded with mask-0 rows (same shapes)."""
+    n = len(rows) if max_batches is None else min(len(rows), max_batches * batch)
+    pad = {k: np.zeros(rows.seq_len, np.float32 if k == "mask" else np.int32) for k in ("input_ids", "segment_ids", "mask")}
+    for s in range(0, n, batch):
+        items = [rows[i] for i in range(s, min(s + batch, n))]
+        yield _stack(items + [pad] * (batch - len(items)))

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, multiple choice, parity with transformers."""

@@ -1,0 +1,1 @@
+"""The model: LlamaConfig, sharding rules, attention, the forward function, losses."""

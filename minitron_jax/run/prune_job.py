@@ -1,0 +1,105 @@
+"""A saved model pruned into a saved student: what `minitron prune` and the prune stage of `minitron run`
+both do (one function, so the two cannot disagree on checks, calibration or what is written).
+
+Scores are checked against the model's config before any weights load, then against its weights; a
+target is pruned directly, a parameter budget is searched (`prune.search`) ranking candidates by LM
+loss on calibration rows drawn from the validation documents of a token store given `splits` with a
+`validation_fraction`, else from the training documents (`importance.calibration_samples`, held-out
+documents excluded); never the rows a report is computed on. The student is written atomically (HF
+safetensors or an orbax checkpoint) with its prune record and `prune_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from minitron_jax.core.atomic import write_text
+from minitron_jax.data.store_reader import TRAIN, VALIDATION
+from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
+from minitron_jax.io.orbax_model import save_model
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.llama import Llama
+from minitron_jax.prune import pruning as P
+from minitron_jax.prune.importance import calibration_samples, check_scores_match, load_scores
+from minitron_jax.run import search as nas
+
+
+def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path, *, target: str | None = None,
+                budget: str | int | None = None, data: str | Path | None = None, calib_samples: int = 16,
+                seq_len: int = 256, batch_size: int = 8, seed: int = 0, exclude=(), text_field: str = "text",
+                mesh=None, attention: str = "xla", fmt: str = "hf", overwrite: bool = False,
+                force_scores: bool = False, splits=None, search_distill: dict | None = None,
+                log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Prune `model_dir` to `target` (a shape) or `budget` (parameters, searched) with `scores_path`; write
+    the student to `out`. Returns {"target", "params", "student", "search"} (search: the ranked table or None).
+    `data` (with `calib_samples` rows of `seq_len`, drawn with `seed` + 1, skipping `exclude`d documents)
+    is needed for a budget. Loading and the search's forward passes are sharded over `mesh`.
+    `search_distill` {"candidates", "recipe" (RunConfig), "metric", "out"}: the budget's `candidates` best shapes
+    after pruning are each distilled for recipe.steps and re-ranked by `metric` (`nas.py`)."""
+
+    if (target is None) == (budget is None):
+        raise P.PruneError("give exactly one of a target shape or a parameter budget")
+    cfg = LlamaConfig.from_file(model_dir)
+    if target is not None:
+        P.validate(cfg, target)  # fail before loading anything
+    else:
+        budget = P.parse_count(budget)
+        if data is None:
+            raise P.PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
+    scores, meta = load_scores(scores_path)
+    match = dict(force=force_scores, model=str(model_dir), force_hint="--force-scores")
+    check_scores_match(meta, cfg, **match)  # the config, before any weights load
+    rows = None
+    if budget is not None:  # calibration rows before the weights: bad data fails fast
+        split = VALIDATION if splits is not None and splits.validation_fraction > 0 else TRAIN
+        rows = calibration_samples(data, load_tokenizer(model_dir, vocab_size=cfg.vocab_size), calib_samples, seq_len,
+                                   seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude,
+                                   splits=splits, split=split)
+        log(f"budget search: {calib_samples} rows of {seq_len} from the {('training', 'validation')[split]} documents")
+    model = from_pretrained(model_dir, mesh=mesh)
+    check_scores_match(meta, cfg, model.params(), **match)  # and the weights
+    if target is not None:
+        target = str(P.PruneTarget.parse(target))
+        params, new = P.prune(model.params(), cfg, scores, target)
+        table = None
+    else:
+        params, new, table = P.search(model.params(), cfg, scores, budget,
+                                      lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
+                                                           attention=attention), log=log)
+        target = str(table[0]["spec"])
+        if search_distill:
+            sd = search_distill
+            cands = nas.save_candidates(table, model.params(), cfg, scores, model_dir, Path(sd["out"]), sd["candidates"])
+            del params, model  # the short runs need the devices; the winner is pruned again below
+            ranked = nas.distill_candidates(cands, sd["recipe"], rows, metric=sd["metric"], mesh=mesh,
+                                            batch_size=batch_size, log=log)
+            report = nas.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
+            log(report["summary"])
+            target = ranked[0]["spec"]
+            model = from_pretrained(model_dir, mesh=mesh)
+            params, new = P.prune(model.params(), cfg, scores, target)
+            done = {c["spec"] for c in ranked}
+            table = ranked + [r for r in table if r["spec"] not in done]
+    out = Path(out)
+    if fmt == "hf":
+        save_params(params, new, out, source=model_dir, overwrite=overwrite)
+    else:
+        pruned = Llama(new, params=params)
+        pruned.source = str(Path(model_dir).resolve())
+        save_model(pruned, out, overwrite=overwrite)
+    P.save_prune_record(out, P.prune_record(cfg, scores, target, source=model_dir))
+    keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
+            "rank_change", "validation_curve")
+    search = [{k: r[k] for k in keys if k in r} for r in table] if table else None
+    report = {"source": str(model_dir), "scores": str(scores_path),
+              "score_metadata": {k: v for k, v in meta.items() if k != "config"},
+              "params_before": cfg.param_count(), "params_after": new.param_count(), "target": target,
+              "config": new.to_hf_dict(), "search": search}
+    import jax
+    if jax.process_index() == 0:
+        write_text(out / "prune_report.json", json.dumps(report, indent=2, default=str))
+    log(f"pruned {cfg.param_count():,} -> {new.param_count():,} parameters: {out}")
+    return {"target": target, "params": new.param_count(), "student": str(out), "search": search}

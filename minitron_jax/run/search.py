@@ -1,0 +1,139 @@
+"""The papers' architecture search with short distillation (spec section 1, step 5; arXiv 2407.14679 4.3).
+
+`prune.search` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
+after pruning. This module takes the `candidates` best of them, distills each for a short budget
+(`steps`, the papers' ~400 steps at 8B scale, during which their rankings settled after ~300) from the
+teacher, by default from stored top-k teacher logits (`teacher_logits.py`: one teacher pass serves every
+candidate), and ranks them again by the loss after that distillation (`metric`):
+
+* `validation_loss`: next-token loss on the validation documents' rows (the rows the post-pruning ranking
+  used; never the held-out rows a report is computed on);
+* `distill_loss`: the distillation objective, mean of the last 10% of the steps (training rows).
+
+The validation loss is also measured every `steps / 4` steps, so the table shows when the ranking settles.
+Every candidate is pruned and saved first; the teacher is then released, and each short run is an
+ordinary `distill.train` run (its own directory and metrics). A finished candidate leaves `result.json` (its
+checkpoints are deleted); a search interrupted part-way reruns only the candidates without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from minitron_jax.core.atomic import write_text
+from minitron_jax.core.errors import Preempted
+from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.io.hf import save_params
+from minitron_jax.io.prune_record import prune_record, save_prune_record
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.prune.pruning import prune
+from minitron_jax.train.trainer import train
+
+METRICS = ("validation_loss", "distill_loss")
+
+
+def _rank(values: list[float]) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), values[i]))
+    ranks = [0] * len(values)
+    for r, i in enumerate(order, 1):
+        ranks[i] = r
+    return ranks
+
+
+def save_candidates(table: list[dict], params, cfg, scores, teacher_dir, out: Path, n: int) -> list[dict]:
+    """Prune and save the `n` best candidates of `prune.search`'s table (sorted by post-pruning loss) under
+    out/candidate_I/student_hf (with their prune records); returns their rows with "student" added."""
+    rows = []
+    for i, r in enumerate(table[:n]):
+        p, c = prune(params, cfg, scores, r["target"])
+        d = out / f"candidate_{i}" / "student_hf"
+        save_params(p, c, d, source=teacher_dir, overwrite=True)
+        save_prune_record(d, prune_record(cfg, scores, r["target"], source=teacher_dir))
+        rows.append({**{k: r[k] for k in ("spec", "params", "loss")}, "student": str(d)})
+    return rows
+
+
+def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "validation_loss", mesh=None,
+                       batch_size: int = 8, log: Callable[[str], Any] = print) -> list[dict]:
+    """Short distillation of every candidate (`rc`: the run's recipe; its student and out are replaced), then
+    the table ranked by `metric`. Each row gains "distilled" (the metric), "validation_curve" [(step, loss)],
+    "distill_loss", "rank_pruned", "rank_distilled", "rank_change" (positive: moved up)."""
+
+    if metric not in METRICS:
+        raise ValueError(f"search.metric={metric!r}: choose one of {', '.join(METRICS)}")
+    every = max(1, rc.steps // 4)
+    for i, row in enumerate(rows):
+        cfg = LlamaConfig.from_file(row["student"])
+        curve: list[tuple[int, float]] = []
+
+        def hook(run, cfg=cfg, curve=curve):
+            if run.step % every == 0 or run.step == run.rc.steps:
+                curve.append((run.step, lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
+                                                mesh=mesh, attention=run.rc.attention)))
+        out = Path(row["student"]).parent / "distill"
+        done = out / "result.json"
+        if done.is_file():  # finished before an interruption of the search
+            row.update(json.loads(done.read_text()))
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # an interrupted short run starts again: its curve is whole
+            run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=False)
+            log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
+            summary = train(run_rc, log, hooks=[hook])
+            if "preempted_at" in summary:
+                raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
+                                f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
+            losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            losses = [r["loss"] for r in losses if "loss" in r]
+            tail = losses[-max(1, len(losses) // 10):]
+            res = {"distill_loss": sum(tail) / len(tail), "validation_curve": curve, "validation_loss": curve[-1][1]}
+            write_text(done, json.dumps(res))
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the result is kept; the weights are not needed
+            row.update(res)
+        row["distilled"] = row[metric]
+        log(f"  {row['spec']}: pruned {row['loss']:.4f} -> {metric} {row['distilled']:.4f}")
+    pr, dr = _rank([r["loss"] for r in rows]), _rank([r["distilled"] for r in rows])
+    for r, a, b in zip(rows, pr, dr):
+        r["rank_pruned"], r["rank_distilled"], r["rank_change"] = a, b, a - b
+    return sorted(rows, key=lambda r: r["rank_distilled"])
+
+
+def table_markdown(rows: list[dict], metric: str, steps: int) -> str:
+    head = (f"| rank after {steps} steps | rank after pruning | change | shape | params | loss after pruning | "
+            f"{metric} after {steps} steps | validation loss by step |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        curve = ", ".join(f"{s}: {v:.3f}" for s, v in r.get("validation_curve", []))
+        lines.append(f"| {r['rank_distilled']} | {r['rank_pruned']} | {r['rank_change']:+d} | `{r['spec']}` | "
+                     f"{r['params']:,} | {r['loss']:.4f} | {r['distilled']:.4f} | {curve} |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out: Path, metric: str, steps: int) -> dict[str, str]:
+    """search.json, search.md (the table) and search.png (validation loss per candidate by step) in `out`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = table_markdown(rows, metric, steps)
+    changed = any(r["rank_change"] for r in rows)
+    summary = (f"The ranking after {steps} distillation steps {'differs from' if changed else 'equals'} the ranking "
+               f"right after pruning; best after pruning: `{min(rows, key=lambda r: r['rank_pruned'])['spec']}`, "
+               f"best after distillation: `{rows[0]['spec']}`.")
+    write_text(out / "search.md", md + "\n\n" + summary + "\n")
+    write_text(out / "search.json", json.dumps(rows, indent=2, default=str))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        pts = [(0, r["loss"])] + [tuple(p) for p in r.get("validation_curve", [])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{r['spec']} ({r['params'] / 1e6:.1f}M)")
+    ax.set(xlabel="distillation step", ylabel="validation loss", title="candidates: validation loss while distilling")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "search.png", dpi=90)
+    plt.close(fig)
+    return {"table": str(out / "search.md"), "plot": str(out / "search.png"), "summary": summary}

@@ -1,0 +1,267 @@
+"""Offline teacher logits: the teacher's top-k logits for the rows a run reads, computed once and stored.
+
+`minitron teacher-logits [RECIPE.yaml] teacher=HF_DIR data=STORE out=LOGITS k=64 ...` runs the (sharded)
+teacher over the training rows of a distillation recipe, in the order its loader gives them: row j of the
+store is row j % B of global batch j // B (B = batch_size, seeded by `seed`, split by `holdout` /
+`holdout_fraction` / `validation_fraction`, packed by `packing`). A distillation run with
+`teacher_logits=LOGITS` and the same data settings then reads the teacher's distribution instead of running
+the teacher: no teacher parameters or activations on the devices, and every student trained on the same
+rows (search candidates, experiment arms, repeated runs) reuses one teacher pass.
+
+Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in one step):
+
+* `tokens/`   uint32 [N, S]: each row's token ids (to line the logits up with their tokens; a run checks them).
+* `values/`   bfloat16 (or float32) [N, S, k]: the k largest teacher logits per position, descending.
+* `indices/`  int32 [N, S, k]: their vocabulary ids.
+* `lse/`      float32 [N, S] (lse=true): log-sum-exp of the position's whole logit row, so the exact teacher
+  log-probabilities of the kept entries are `values - lse` (and `exp(values - lse)` sums to the mass the
+  top k cover, reported in the manifest).
+* `manifest.json`, written last: the store is complete only once it exists. It records what the rows
+  depend on (`IDENTITY_KEYS`: teacher, tokenizer, token stores, seq_len, packing, seed, batch_size, splits)
+  and k, the dtypes and the row count.
+* `state.json` while writing: the rows committed so far (every process's writes for them are done), the
+  resume point of an interrupted run.
+
+Distillation from stored values uses the top-k forward KL of `losses.py` (the teacher distribution
+renormalised over its k entries, the student's full-vocabulary log-softmax read at those ids): the same
+loss as online `top_k=k`, so a run from stored float32 values equals the online top-k run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minitron_jax.core.errors import LogitsError, RecipeError
+from minitron_jax.core.lock import LOCK_NAME, output_lock
+from minitron_jax.core.progress import Progress
+from minitron_jax.data.loader import Loader, training_data
+from minitron_jax.data.store_reader import is_store, open_stores, parse_blend
+from minitron_jax.data.token_store import _kv, delete_key, list_keys, read_json, write_json
+from minitron_jax.io.hf import from_pretrained, load_tokenizer
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.llama import forward, lm_head_weight
+from minitron_jax.model.losses import _logits, _split
+from minitron_jax.model.sharding import make_mesh, to_global
+from minitron_jax.train.preflight import check_batch, check_mesh, maybe_initialize_distributed
+from minitron_jax.train.stored_logits import FORMAT, MANIFEST, STATE, VERSION, LogitsConfig, _arrays, identity
+
+# ---------------------------------------------------------------------------- identities
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- arrays
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- the teacher pass
+def make_topk_fn(t_cfg, k: int, chunk_size: int, attention: str, compute_dtype=None):
+    """jitted (params, batch [b, S]) -> (values fp32 [b, S, k], indices int32 [b, S, k], lse fp32 [b, S]),
+    one sequence chunk of logits at a time (never [b, S, V])."""
+    import jax
+    import jax.numpy as jnp
+
+    def fn(params, batch):
+        h = forward(params, t_cfg, batch["input_ids"], attention_mask=batch["mask"], segment_ids=batch["segment_ids"],
+                    return_hidden=True, compute_dtype=compute_dtype, attention=attention)
+        head = lm_head_weight(params, t_cfg)
+        s = h.shape[1]
+        c = max(1, min(chunk_size, s))
+        n = -(-s // c)
+
+        def chunk(x):
+            z = _logits(x, head)
+            v, i = jax.lax.top_k(z, k)
+            return v, i, jax.nn.logsumexp(z, axis=-1)
+
+        v, i, lse = jax.lax.map(chunk, _split(h, n, c))
+        back = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * c, *x.shape[3:])[:, :s]  # noqa: E731
+        return back(v), back(i), back(lse)
+
+    return jax.jit(fn)
+
+
+def _local_pieces(x) -> list[tuple[int, np.ndarray]]:
+    """(first global row, rows) of each distinct row block of `x` this process holds."""
+    seen = {}
+    for s in x.addressable_shards:
+        r = s.index[0]
+        start = r.start or 0
+        if start not in seen:
+            seen[start] = np.asarray(s.data)
+    return sorted(seen.items())
+
+
+def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
+    """Write (or finish) the store at rc.out; returns its manifest. Every process writes its own rows."""
+    import jax
+
+    if rc.teacher is None:
+        raise RecipeError("teacher=DIR is required (the model whose logits are stored)")
+    if rc.data is None or not (is_store(rc.data) or parse_blend(rc.data)):
+        raise RecipeError(f"data={rc.data}: teacher logits are stored for the rows of a token store; tokenize the "
+                          f"text first (`minitron tokenize {rc.data} --tokenizer {rc.teacher} --out STORE`)")
+    rc.student = rc.student or rc.teacher
+    rc.validate()
+    maybe_initialize_distributed(rc)
+    t_cfg = LlamaConfig.from_file(rc.teacher)
+    lc.validate(t_cfg.vocab_size)
+    if rc.seq_len > t_cfg.max_position_embeddings:
+        raise RecipeError(f"seq_len={rc.seq_len} exceeds the teacher's max_position_embeddings="
+                          f"{t_cfg.max_position_embeddings}")
+    P = jax.process_count()
+    if rc.batch_size % P:
+        raise RecipeError(f"batch_size={rc.batch_size} must divide by the {P} processes")
+    data_ax, fsdp, _ = check_mesh(rc)
+    if (data_ax * fsdp) % P:
+        raise RecipeError(f"mesh={list(rc.mesh)} has {data_ax * fsdp} data-parallel devices for {P} processes: each "
+                          f"process writes its own rows, so data x fsdp must be a multiple of {P}")
+    check_batch(dataclasses.replace(rc, grad_accum=1), data_ax * fsdp, jax.device_count())  # the forward's batch
+    tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
+    ident = identity(rc, rc.teacher)
+    open_stores(rc.data, rc.teacher, "the teacher")
+    rows, _, stream = training_data(rc, tok, t_cfg.vocab_size)
+    B = rc.batch_size
+    if lc.samples:
+        n = lc.samples
+    elif stream:
+        raise RecipeError(f"packing={rc.packing} / a blend gives an endless row stream: give samples=N (e.g. "
+                          "steps x batch_size of the run that will read it)")
+    else:
+        n = (len(rows) // B) * B
+    loader = Loader(rows, B, seed=rc.seed, stream=stream)
+    b = B // P
+    out = rc.out
+    header = {"format": FORMAT, "version": VERSION, "identity": ident, "rows": n, "k": lc.k,
+              "values_dtype": lc.values_dtype, "lse": lc.lse, "seq_len": rc.seq_len, "chunk_rows": b,
+              "processes": P, "attention": rc.attention, "compute_dtype": rc.compute_dtype,
+              "vocab_size": t_cfg.vocab_size}
+    with output_lock(out, "minitron teacher-logits"):
+        return _write(rc, lc, loader, header, n, b, out, t_cfg, log)
+
+
+def _unfinished_start(out, header: dict, n: int, log) -> int:
+    """The row to start at: 0 for a new store, the committed rows of an unfinished one with the same header."""
+    import jax
+    state = read_json(out, STATE)
+    if state is not None and state.get("header") == header:
+        log(f"resuming {out} at row {state['rows_done']} of {n}")
+        return int(state["rows_done"])
+    if state is None and [k for k in list_keys(out) if k != LOCK_NAME]:
+        raise LogitsError(f"{out} exists and is not an unfinished teacher-logits store; choose another out")
+    if state is not None:
+        log(f"{out} holds an unfinished store for other settings: starting it again")
+        _sync("teacher-logits-restart")
+        if jax.process_index() == 0:
+            import tensorstore as ts
+            kv = _kv(out)
+            for name in ("tokens", "values", "indices", "lse"):  # "name/" .. "name0": every key under name/
+                kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
+            delete_key(out, STATE)
+    return 0
+
+
+def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cfg, log) -> dict[str, Any]:
+    import jax
+
+    done = read_json(out, MANIFEST)
+    if done is not None:
+        if {k: done.get(k) for k in header} == header:
+            log(f"{out} is already complete ({n} rows): nothing to do")
+            return done
+        raise LogitsError(f"{out} already holds teacher logits for other settings; choose another out or delete it")
+    start = _unfinished_start(out, header, n, log)
+    _sync("teacher-logits-start")
+    arrays = _arrays(out, n, rc.seq_len, lc.k, lc.values_dtype, lc.lse, b)
+    mesh = make_mesh(*rc.mesh)
+    teacher = from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
+    params = teacher.params()
+    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, rc.compute_dtype)
+    B = rc.batch_size
+    steps = -(-n // B)
+    local_dir = "://" not in str(out)
+    prog = Progress(steps, "teacher-logits", metrics_path=(Path(str(out)) / "metrics.jsonl")
+                    if jax.process_index() == 0 and local_dir else None)
+    prog.step = start // B
+    mass_sum = tok_sum = 0.0
+    pending = []
+    vdt = np.float32 if lc.values_dtype == "float32" else _bf16()
+    for step in range(start // B, steps):
+        local = loader.batch_at(step)
+        with jax.set_mesh(mesh):
+            v, i, lse = fn(params, to_global(local, mesh, lead=False))
+        pieces = list(zip(_local_pieces(v), _local_pieces(i), _local_pieces(lse)))
+        base = min(r0 for (r0, _), _, _ in pieces)  # this process's first global row of the batch
+        for (r0, vv), (_, ii), (_, ll) in pieces:
+            g0 = step * B + r0
+            m = min(len(vv), n - g0)
+            if m <= 0:
+                continue
+            lo = r0 - base
+            sl = slice(g0, g0 + m)
+            pending += [arrays["tokens"][sl].write(local["input_ids"][lo:lo + m].astype(np.uint32)),
+                        arrays["values"][sl].write(vv[:m].astype(vdt)), arrays["indices"][sl].write(ii[:m])]
+            if lc.lse:
+                pending.append(arrays["lse"][sl].write(ll[:m]))
+            mask = local["mask"][lo:lo + m]
+            mass_sum += float(np.sum(np.exp(vv[:m] - ll[:m, :, None]).sum(-1) * mask))
+            tok_sum += float(mask.sum())
+        prog.update(steps=1, tokens=B * rc.seq_len)
+        if (step + 1) % lc.commit_every == 0 or step + 1 == steps:
+            for f in pending:
+                f.result()
+            pending = []
+            _sync(f"teacher-logits-{step}")
+            if jax.process_index() == 0:
+                write_json(out, STATE, {"header": header, "rows_done": min(n, (step + 1) * B)})
+    prog.close()
+    mass = _mean_across(mass_sum, tok_sum)
+    manifest = {**header, "topk_mass": mass}
+    _sync("teacher-logits-end")
+    if jax.process_index() == 0:
+        write_json(out, MANIFEST, manifest)
+        delete_key(out, STATE)
+    log(f"teacher logits written to {out}: {n} rows x {rc.seq_len} tokens, top {lc.k}"
+        + (f"; mean teacher probability mass in the top {lc.k}: {mass:.4f} (rows written in this run)"
+           if mass is not None else ""))
+    return manifest
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+def _sync(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+        sync_global_devices(name)
+
+
+def _mean_across(total: float, count: float) -> float | None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import process_allgather
+        both = np.asarray(process_allgather(np.array([total, count], np.float64)))
+        total, count = float(both[:, 0].sum()), float(both[:, 1].sum())
+    return total / count if count else None
+
+
+
+
+
+
+__all__ = ["LogitsConfig", "LogitsError", "TeacherLogits", "write_teacher_logits", "make_topk_fn", "logits_batch",
+           "teacher_identity", "storage_bytes_per_token"]

@@ -1,0 +1,118 @@
+"""Checks before any weights or data load: joining a multi-process job, the mesh against the devices, the
+batch against the mesh, the teacher/student pair (configs, tokenizers, stored logits, token stores)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+
+from minitron_jax.core.errors import AOTError, RecipeError, TrainingError
+from minitron_jax.data.store_reader import is_store, open_stores, parse_blend
+from minitron_jax.io.hf import load_tokenizer
+from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import resolve_mesh_shape
+from minitron_jax.train.run_config import RunConfig
+from minitron_jax.train.stored_logits import TeacherLogits
+
+MAX_TENSOR = 8  # largest tensor axis check_batch proposes (Llama-3.1 8B has 8 KV heads)
+
+
+def check_batch(rc: RunConfig, dp: int, devices: int) -> None:
+    """Each micro-batch's rows must split evenly over the data-parallel devices (data x fsdp), else the
+    rows would be replicated (every device computing every row); refused with sizes that work: other
+    batch sizes, other grad_accum values, and the smallest tensor axis (at most MAX_TENSOR) that leaves
+    gcd(rows, devices) data-parallel devices, e.g. mesh=[1,-1,4] for 64-row micro-batches on 256 chips."""
+    rows = rc.batch_size // rc.grad_accum
+    if rows % dp == 0:
+        return
+    accums = [a for a in range(1, rc.batch_size + 1) if rc.batch_size % a == 0 and (rc.batch_size // a) % dp == 0]
+    step = rc.grad_accum * dp
+    lo, hi = (rc.batch_size // step) * step, -(-rc.batch_size // step) * step
+    sizes = " or ".join(str(b) for b in dict.fromkeys(b for b in (lo, hi) if b > 0))
+    tensor = devices // math.gcd(rows, devices)
+    mesh = (f", or mesh=[1,-1,{tensor}] ({devices // tensor} fsdp x {tensor} tensor, keeping grad_accum="
+            f"{rc.grad_accum})" if 1 < tensor <= MAX_TENSOR else "")
+    raise AOTError(f"batch_size={rc.batch_size} / grad_accum={rc.grad_accum} gives micro-batches of {rows} rows, which "
+                   f"do not divide over the {dp} data-parallel devices (data x fsdp of mesh={list(rc.mesh)} on "
+                   f"{devices} chips); use batch_size={sizes} with grad_accum={rc.grad_accum}"
+                   + (f", or grad_accum in {{{', '.join(map(str, accums))}}}" if accums else "")
+                   + (mesh or ", or a mesh with fewer data-parallel devices"))
+
+
+def maybe_initialize_distributed(rc: RunConfig) -> None:
+    """Join a multi-process job: from the recipe, else MINITRON_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
+    else `coordinator_address=auto` (TPU pods, SLURM: JAX detects the cluster)."""
+    addr = rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR")
+    if not addr or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; ignored by GPU/TPU
+    if addr == "auto":
+        jax.distributed.initialize()
+        return
+    n = rc.num_processes or int(os.environ.get("MINITRON_NUM_PROCESSES", "0"))
+    pid = rc.process_id if rc.process_id is not None else int(os.environ.get("MINITRON_PROCESS_ID", "-1"))
+    if n < 1 or pid < 0:
+        raise TrainingError("a coordinator address needs num_processes and process_id "
+                            "(or MINITRON_NUM_PROCESSES / MINITRON_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+
+
+def check_mesh(rc: RunConfig) -> tuple[int, int, int]:
+    """The recipe's mesh resolved for the devices here, or a RecipeError naming their count and a mesh that fits."""
+    n = jax.device_count()
+    try:
+        return resolve_mesh_shape(rc.mesh, n)
+    except ValueError:
+        pass
+    keep = [1 if s == -1 else s for s in rc.mesh]
+    hint = next(c for c in ([keep[0], -1, keep[2]], [1, -1, keep[2]], [keep[0], -1, 1], [1, -1, 1])
+                if n % (c[0] * c[2]) == 0)
+    raise RecipeError(f"mesh={rc.mesh} does not fit the {n} devices here (the sizes must multiply to {n}, with -1 "
+                      f"for one axis taking what is left); e.g. mesh=[{','.join(map(str, hint))}]")
+
+
+def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
+    """Configs and tokenizers (which must not hold ids beyond the embedding), checked before any weights or
+    data are touched."""
+
+    s_cfg = LlamaConfig.from_file(rc.student)
+    t_cfg = LlamaConfig.from_file(rc.teacher) if rc.mode == "distill" else None
+    tok = load_tokenizer(rc.student, vocab_size=s_cfg.vocab_size)
+    for name, cfg in (("student", s_cfg), ("teacher", t_cfg)):
+        if cfg is not None and rc.seq_len > cfg.max_position_embeddings:
+            raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
+                                f"{cfg.max_position_embeddings}; lower seq_len")
+    if t_cfg is not None:
+        if t_cfg.vocab_size != s_cfg.vocab_size:
+            raise TrainingError(f"teacher vocabulary ({t_cfg.vocab_size}) != student vocabulary ({s_cfg.vocab_size}): "
+                                "logit distillation needs one shared vocabulary; prune the student from this teacher")
+        t_tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
+        if t_tok.get_vocab() != tok.get_vocab() or (t_tok.bos_token_id, t_tok.eos_token_id) != (tok.bos_token_id, tok.eos_token_id):
+            raise TrainingError(f"the tokenizers of {rc.teacher} and {rc.student} differ: the same token id would mean "
+                                "different text to teacher and student; copy the teacher's tokenizer files to the student")
+    if rc.batch_size % (rc.grad_accum * jax.process_count()):
+        raise TrainingError(f"batch_size={rc.batch_size} must divide by grad_accum x processes = "
+                            f"{rc.grad_accum} x {jax.process_count()}")
+    data, fsdp, tensor = check_mesh(rc)
+    if (data * fsdp) % jax.process_count():  # each process feeds its own rows: the batch axes must span them
+        raise RecipeError(f"mesh={list(rc.mesh)} has {data * fsdp} data-parallel devices (data x fsdp) for "
+                          f"{jax.process_count()} processes: each process loads its own rows, so data x fsdp must "
+                          f"be a multiple of {jax.process_count()}; e.g. mesh=[1,-1,{tensor}]")
+    check_batch(rc, data * fsdp, jax.device_count())  # rows that do not divide would be replicated, not split
+    if rc.teacher_logits is not None:  # their teacher, tokenizer, token store and rows must be this run's
+        store = TeacherLogits(rc.teacher_logits)
+        if rc.top_k and rc.top_k != store.k:
+            raise TrainingError(f"top_k={rc.top_k}, but teacher_logits={rc.teacher_logits} holds the top {store.k}; "
+                                f"set top_k=0 or top_k={store.k}")
+        store.check_run(rc, rc.teacher, rc.steps * rc.batch_size)
+    if is_store(rc.data) or parse_blend(rc.data):  # the stores' tokenizer must be the models' (sha256)
+        open_stores(rc.data, rc.teacher if t_cfg is not None else rc.student,
+                    "the teacher" if t_cfg is not None else "the model")
+    elif rc.validation_fraction:
+        raise RecipeError(f"validation_fraction={rc.validation_fraction} splits token stores; {rc.data} is text: "
+                          f"tokenize it (`minitron tokenize {rc.data} --tokenizer TEACHER --out STORE`) or set "
+                          "validation_fraction=0")
+    return s_cfg, t_cfg, tok
