@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from minitron_jax.core.errors import DataError, RecipeError
+from minitron_jax.core.yaml_config import load
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import PruneTarget, dry_run, validate
 from minitron_jax.run.pipeline import (
@@ -22,7 +23,7 @@ from minitron_jax.run.pipeline import (
     finetune_recipe,
     load_pipeline,
 )
-from minitron_jax.train.run_config import RunConfig, load, load_recipe
+from minitron_jax.train.run_config import RunConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minitron_jax.core.errors import TrainingError
-from minitron_jax.io.prune_record import PRUNE_RECORD, load_prune_record, prune_record, save_prune_record
+from minitron_jax.prune.record import PRUNE_RECORD, load_prune_record, prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import init_params
 from minitron_jax.prune.pruning import prune

@@ -12,8 +12,9 @@ import pytest
 from distill_helpers import make_pair, metrics
 
 from minitron_jax.core.errors import RecipeError, ResumeError
+from minitron_jax.core.yaml_config import dump
 from minitron_jax.io.hf import open_checkpoint
-from minitron_jax.train.run_config import RESUME_FREE, RESUME_NEVER, RunConfig, check_resume, dump, load_recipe
+from minitron_jax.train.run_config import RESUME_FREE, RESUME_NEVER, RunConfig, check_resume, load_recipe
 from minitron_jax.train.trainer import train
 
 COMMON = ("batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "save_every=1", "peak_tflops=1",

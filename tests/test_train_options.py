@@ -122,7 +122,7 @@ def test_hidden_loss_pairs_the_layers_and_channels_pruning_kept(tmp_path):
 
     import minitron_jax as mj
     from minitron_jax.io.hf import save_params
-    from minitron_jax.io.prune_record import prune_record, save_prune_record
+    from minitron_jax.prune.record import prune_record, save_prune_record
     from minitron_jax.model.losses import KDConfig
     from minitron_jax.prune.pruning import prune
     from minitron_jax.train.run_config import RunConfig

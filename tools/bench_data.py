@@ -21,7 +21,7 @@ ids 3..49151 of a 49152 vocabulary (frequent tokens get small ids), drawn with a
 table. Stores are cached under --store-dir (reruns reuse them). Every figure is `next(loader)` of
 `loader.Loader(rows, batch, stream=stream)` on `store_loader.training_rows(STORE, S, packing, splits)`,
 as training builds it, for --steps steps after 2 warm-up steps; the baseline is today's in-memory path:
-the smallest store's documents held in RAM, packed by `data.pack` (concat) or `loader.pack_first_fit`
+the smallest store's documents held in RAM, packed by `data.pack` (concat) or `packing.pack_first_fit`
 into `PackedRows`, through the same Loader. Beside them, the tokens/s one v5p host (4 chips) consumes in
 the 8B -> 4B-Width distill step (`plan.estimate`, as `minitron plan`). Peak RSS: each loader in a fresh
 subprocess; VmRSS after the imports, then the peak is reset (`/proc/self/clear_refs` 5) and VmHWM at the
@@ -112,7 +112,8 @@ RUN_LOADER_RSS = """
 import json, resource, sys, time
 import numpy as np
 import grain, jax, tensorstore
-from minitron_jax import data, loader, store_loader
+from minitron_jax.data import loader, store_reader as store_loader, text as data
+from minitron_jax.data.packing import PackedRows
 sys.path.insert(0, sys.argv[7])
 from bench_data import in_memory_docs
 def status_mib(key):
@@ -124,7 +125,7 @@ store, S, B, packing, split, steps = sys.argv[1], *map(int, sys.argv[2:4]), sys.
 splits = store_loader.Splits((), 0.01, 0.01) if split else store_loader.Splits()
 t = time.perf_counter()
 if store.startswith("memory:"):  # today's path: the whole corpus in RAM as packed rows
-    rows, stream = loader.PackedRows(data.pack(in_memory_docs(store[7:], splits), S, None, 0, shuffle_documents=False)), False
+    rows, stream = PackedRows(data.pack(in_memory_docs(store[7:], splits), S, None, 0, shuffle_documents=False)), False
 else:
     rows, stream = store_loader.training_rows(store, S, packing=packing, splits=splits, seed=0)
 ld = loader.Loader(rows, B, seed=0, process_index=0, process_count=1, stream=stream)
@@ -264,9 +265,9 @@ def _rss_line(name: str, packing: str, split: str, r: dict) -> None:
 def main_loader(args) -> None:
     import time
 
-    from minitron_jax.data import loader
     from minitron_jax.data import store_reader as store_loader
     from minitron_jax.data import text as data
+    from minitron_jax.data.packing import PackedRows, pack_first_fit
     root = Path(args.store_dir)
     root.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(float(n)) for n in args.sizes}, reverse=True)
@@ -304,8 +305,8 @@ def main_loader(args) -> None:
                     runs.append((f"store {n:.0e}", r))
                 t = time.perf_counter()
                 docs = in_memory_docs(small, splits)
-                rows = (loader.pack_first_fit(docs, S, 0, 0) if packing == "first_fit"
-                        else loader.PackedRows(data.pack(docs, S, None, 0, shuffle_documents=False)))
+                rows = (pack_first_fit(docs, S, 0, 0) if packing == "first_fit"
+                        else PackedRows(data.pack(docs, S, None, 0, shuffle_documents=False)))
                 build = time.perf_counter() - t
                 r = _throughput(rows, False, B, steps)
                 r["warmup_s"] += build

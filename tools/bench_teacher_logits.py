@@ -48,7 +48,6 @@ def main(argv=None) -> dict:
     from minitron_jax.data.loader import Loader, training_data
     from minitron_jax.data.tokenize import tokenize
     from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
-    from minitron_jax.model.config import LlamaConfig
     from minitron_jax.model.sharding import make_mesh, to_global
     from minitron_jax.prune.pruning import prune
     from minitron_jax.run.teacher_pass import write_teacher_logits

@@ -13,7 +13,7 @@ a bounded cache of offset chunks).
   model never attends across a removed document and never trains on it. The loader orders the windows with
   grain's index shuffle (`loader.Loader`): no permutation of all windows is held.
 * `packing=first_fit` (`FirstFitStream`): the documents that start in each block of `block_tokens` tokens
-  are cut into pieces of at most S and packed by first fit (`loader.first_fit_layout`); each epoch visits
+  are cut into pieces of at most S and packed by first fit (`packing.first_fit_layout`); each epoch visits
   the blocks in a seeded order and each block's rows in a seeded order. Only the offsets of a block are
   read to lay it out; a row's tokens are read when the row is asked for.
 * Blends (`training_rows` with a dict): `{STORE: weight}`; grain's `MapDataset.mix` interleaves the stores' own
@@ -249,7 +249,7 @@ def _row(tokens: np.ndarray, segment_ids: np.ndarray) -> dict:
 
 class StoreWindows:
     """`packing=concat` rows by random access: window w = tokens [w*S, (w+1)*S) of the store, with the
-    tokens of documents outside `keep` removed (segment 0, mask 0). Same items as `loader.PackedRows`."""
+    tokens of documents outside `keep` removed (segment 0, mask 0). Same items as `packing.PackedRows`."""
 
     def __init__(self, store: TokenStore, seq_len: int, split_map: SplitMap | None = None, keep: int = TRAIN,
                  vocab_size: int | None = None):

@@ -3,7 +3,7 @@
 q [B, S, Hq, D], k / v [B, S, Hkv, D] (GQA: Hq a multiple of Hkv), causal, with padding
 (`attention_mask` [B, S], left padding included) and packed documents (`segment_ids` [B, S]):
 - "xla": `jax.nn.dot_product_attention` with the boolean [B, 1, S, S] mask of
-  `model.attention_mask_4d`: the reference, and exactly the computation the model always ran. It
+  `attention_mask_4d`: the reference, and exactly the computation the model always ran. It
   materialises S x S scores and probabilities.
 - "chunked": flash attention in plain XLA, for every backend. Online softmax over key blocks inside a
   loop over query blocks; a `jax.custom_vjp` backward recomputes each block's probabilities from the
@@ -81,7 +81,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, attention_mask: jax.Arra
     """Causal attention [B, S, Hq, D] of q [B, S, Hq, D] over k, v [B, S, Hkv, D].
 
     `block`: chunked / splash block size (default: chosen from S). `mask`: the precomputed 4-D mask
-    of `model.attention_mask_4d` for "xla" (the model builds it once, outside its layer loop).
+    of `attention_mask_4d` for "xla" (the model builds it once, outside its layer loop).
     `interpret`: splash's Pallas interpret mode (default: on unless compiling for a TPU)."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]

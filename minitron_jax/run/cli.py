@@ -13,6 +13,7 @@ from minitron_jax.core.allocator import ensure
 from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import AOTError, MinitronError, Preempted
+from minitron_jax.core.yaml_config import build, load_values, split_config
 from minitron_jax.data.store_reader import Splits
 from minitron_jax.data.text import parse_holdout
 from minitron_jax.data.tokenize import tokenize
@@ -30,7 +31,7 @@ from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, loa
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.teacher_pass import write_teacher_logits
-from minitron_jax.train.run_config import RunConfig, build, load_recipe, load_values, split_config
+from minitron_jax.train.run_config import RunConfig, load_recipe
 from minitron_jax.train.stored_logits import LogitsConfig
 from minitron_jax.train.trainer import measure_peak_flops, train
 

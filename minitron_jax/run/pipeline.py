@@ -29,6 +29,7 @@ from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
 from minitron_jax.core.lock import output_lock
+from minitron_jax.core.yaml_config import DataArg, build, coerce, load_values, merge, read_yaml
 from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, Splits, is_store, open_stores
 from minitron_jax.data.text import read_documents, split_documents
 from minitron_jax.data.tokenize import tokenize
@@ -44,7 +45,7 @@ from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
 from minitron_jax.run.teacher_pass import write_teacher_logits
 from minitron_jax.train.preflight import check_mesh
-from minitron_jax.train.run_config import DataArg, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
+from minitron_jax.train.run_config import RunConfig, check_warmup
 from minitron_jax.train.stored_logits import LogitsConfig
 from minitron_jax.train.trainer import train
 

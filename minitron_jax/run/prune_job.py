@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minitron_jax.core.atomic import write_text
+from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
 from minitron_jax.eval.evaluate import lm_loss
 from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
@@ -24,6 +25,7 @@ from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama
 from minitron_jax.prune import pruning as P
 from minitron_jax.prune.importance import calibration_samples, check_scores_match, load_scores
+from minitron_jax.prune.record import prune_record, save_prune_record
 from minitron_jax.run import search as nas
 
 
@@ -41,14 +43,14 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     after pruning are each distilled for recipe.steps and re-ranked by `metric` (`nas.py`)."""
 
     if (target is None) == (budget is None):
-        raise P.PruneError("give exactly one of a target shape or a parameter budget")
+        raise PruneError("give exactly one of a target shape or a parameter budget")
     cfg = LlamaConfig.from_file(model_dir)
     if target is not None:
         P.validate(cfg, target)  # fail before loading anything
     else:
         budget = P.parse_count(budget)
         if data is None:
-            raise P.PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
+            raise PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
     scores, meta = load_scores(scores_path)
     match = dict(force=force_scores, model=str(model_dir), force_hint="--force-scores")
     check_scores_match(meta, cfg, **match)  # the config, before any weights load
@@ -90,7 +92,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         pruned = Llama(new, params=params)
         pruned.source = str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
-    P.save_prune_record(out, P.prune_record(cfg, scores, target, source=model_dir))
+    save_prune_record(out, prune_record(cfg, scores, target, source=model_dir))
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
             "rank_change", "validation_curve")
     search = [{k: r[k] for k in keys if k in r} for r in table] if table else None

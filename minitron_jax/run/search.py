@@ -29,9 +29,9 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import Preempted
 from minitron_jax.eval.evaluate import lm_loss
 from minitron_jax.io.hf import save_params
-from minitron_jax.io.prune_record import prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import prune
+from minitron_jax.prune.record import prune_record, save_prune_record
 from minitron_jax.train.trainer import train
 
 METRICS = ("validation_loss", "distill_loss")

@@ -257,11 +257,3 @@ def _mean_across(total: float, count: float) -> float | None:
         both = np.asarray(process_allgather(np.array([total, count], np.float64)))
         total, count = float(both[:, 0].sum()), float(both[:, 1].sum())
     return total / count if count else None
-
-
-
-
-
-
-__all__ = ["LogitsConfig", "LogitsError", "TeacherLogits", "write_teacher_logits", "make_topk_fn", "logits_batch",
-           "teacher_identity", "storage_bytes_per_token"]

@@ -19,9 +19,10 @@ import orbax.checkpoint as ocp
 
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import ResumeError
+from minitron_jax.core.yaml_config import dump
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import is_param_spec, param_specs
-from minitron_jax.train.run_config import RunConfig, check_resume, dump
+from minitron_jax.train.run_config import RunConfig, check_resume
 
 
 def checkpoint_manager(path: Path, rc: RunConfig) -> ocp.CheckpointManager:

@@ -50,7 +50,6 @@ from minitron_jax.data.loader import Loader, eval_batches, training_data
 from minitron_jax.data.token_store import read_json
 from minitron_jax.io.hf import from_pretrained, save_params
 from minitron_jax.io.orbax_model import abstract_params
-from minitron_jax.io.prune_record import PRUNE_RECORD, load_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight, rms_norm
 from minitron_jax.model.losses import (
@@ -64,6 +63,7 @@ from minitron_jax.model.losses import (
     next_token_targets,
 )
 from minitron_jax.model.sharding import batch_sharding, make_mesh, named_sharding, to_global
+from minitron_jax.prune.record import PRUNE_RECORD, load_prune_record
 from minitron_jax.train.preflight import check_mesh, check_pair, maybe_initialize_distributed
 from minitron_jax.train.resume import (
     check_checkpoint_shapes,
