@@ -120,7 +120,7 @@ def combine(parts: dict, kd: KDConfig):
 
 
 # ---------------------------------------------------------------------------- where the teacher comes from
-Run = Callable[[Any, LlamaConfig, dict, Any], tuple[Any, Any]]  # (params, cfg, mb, dtype) -> (hidden, layer states)
+Forward = Callable[[Any, LlamaConfig, dict, Any], tuple[Any, Any]]  # (params, cfg, mb, dtype) -> (hidden, layers)
 
 
 class TeacherSource:
@@ -129,7 +129,7 @@ class TeacherSource:
     `logit_term(o, kd, n)` is the term on them; `for_eval()` is the source held-out batches use."""
     loads_teacher = False  # the teacher's weights are loaded and passed to the steps
 
-    def teacher_outputs(self, teacher, mb: dict, run: Run) -> dict:
+    def teacher_outputs(self, teacher, mb: dict, run: Forward) -> dict:
         return {}
 
     def logit_term(self, o: dict, kd: KDConfig, n):
