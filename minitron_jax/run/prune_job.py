@@ -20,6 +20,7 @@ from minitron_jax.data.store_reader import TRAIN, VALIDATION
 from minitron_jax.eval.evaluate import lm_loss
 from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
+from minitron_jax.io.prune_record import prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama
 from minitron_jax.prune import pruning as P
@@ -90,7 +91,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         pruned = Llama(new, params=params)
         pruned.source = str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
-    P.save_prune_record(out, P.prune_record(cfg, scores, target, source=model_dir))
+    save_prune_record(out, prune_record(cfg, scores, target, source=model_dir))
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
             "rank_change", "validation_curve")
     search = [{k: r[k] for k in keys if k in r} for r in table] if table else None
