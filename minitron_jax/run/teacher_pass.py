@@ -251,5 +251,4 @@ def _mean_across(total: float, count: float) -> float | None:
 
 
 
-__all__ = ["LogitsConfig", "LogitsError", "TeacherLogits", "write_teacher_logits", "make_topk_fn", "logits_batch",
-           "teacher_identity", "storage_bytes_per_token"]
+__all__ = ["LogitsConfig", "LogitsError", "write_teacher_logits", "make_topk_fn"]
