@@ -35,8 +35,8 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     import minitron_jax as mj
     from minitron_jax.core.assets import fetch_shakespeare
     from minitron_jax.io.hf import save_params
-    from minitron_jax.prune.record import prune_record, save_prune_record
     from minitron_jax.prune.pruning import prune
+    from minitron_jax.prune.record import prune_record, save_prune_record
 
     teacher, student, data = root / "teacher", root / "student", root / "data"
     data.mkdir(parents=True)

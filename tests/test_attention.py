@@ -202,7 +202,8 @@ def test_forward_gradients_equal_xla_chunked_under_remat():
 def test_distill_steps_use_the_recipe_attention():
     """make_eval_step / make_objective pass rc.attention to forward: chunked gives the same eval sums and
     its traced step holds no S x S array, which xla's does."""
-    from minitron_jax.train.trainer import kd_config, make_eval_step, make_objective
+    from minitron_jax.train.objective import kd_config, make_objective
+    from minitron_jax.train.steps import make_eval_step
     s = 1024  # above chunked's default block (512)
     params = init_params(CFG, jax.random.key(0))
     ids, mask, seg = _batch(s)

@@ -23,7 +23,7 @@ from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits
 S, B, K = 32, 8, 16
 KILL_AT = """
 import os, signal, sys
-from minitron_jax import progress
+from minitron_jax.core import progress
 real = progress.Progress.update
 def update(self, steps=1, tokens=0, **m):
     rec = real(self, steps, tokens, **m)
@@ -110,7 +110,9 @@ def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
     from distill_helpers import metrics
 
     from minitron_jax.io.hf import open_checkpoint
-    from minitron_jax.train.trainer import build_steps, kd_config, train
+    from minitron_jax.train.objective import kd_config
+    from minitron_jax.train.steps import build_steps
+    from minitron_jax.train.trainer import train
     write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40, values_dtype="float32"),
                          log=lambda s: None)
     online = recipe(setup, tmp_path / "online", top_k=K)

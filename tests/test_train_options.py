@@ -122,11 +122,11 @@ def test_hidden_loss_pairs_the_layers_and_channels_pruning_kept(tmp_path):
 
     import minitron_jax as mj
     from minitron_jax.io.hf import save_params
-    from minitron_jax.prune.record import prune_record, save_prune_record
     from minitron_jax.model.losses import KDConfig
     from minitron_jax.prune.pruning import prune
+    from minitron_jax.prune.record import prune_record, save_prune_record
+    from minitron_jax.train.objective import hidden_init, make_objective
     from minitron_jax.train.run_config import RunConfig
-    from minitron_jax.train.trainer import hidden_init, make_objective
 
     save_tiny(tmp_path / "t", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=32,
               num_attention_heads=4, num_key_value_heads=2, head_dim=4)
@@ -235,7 +235,7 @@ def test_clip_zero_means_no_clipping():
     every update); clip=1 does not. Two steps, so that Adam's moments see the clipped scale."""
     import jax.numpy as jnp
 
-    from minitron_jax.train.trainer import make_optimizer
+    from minitron_jax.train.steps import make_optimizer
 
     params = {"w": jnp.ones((3,)), "norm": jnp.ones((2,))}
     grads = [{"w": jnp.asarray([300.0, -40.0, 5.0]), "norm": jnp.asarray([1.0, 2.0])},

@@ -156,7 +156,8 @@ def main(argv=None) -> dict:
     from minitron_jax.model.losses import KDConfig
     from minitron_jax.prune.pruning import prune, required_scores
     from minitron_jax.train.run_config import RunConfig
-    from minitron_jax.train.trainer import make_optimizer, make_train_step, measure_peak_flops
+    from minitron_jax.train.steps import make_optimizer, make_train_step
+    from minitron_jax.train.trainer import measure_peak_flops
 
     torch.set_num_threads(threads)
     ftz = not args.torch_denormals and torch.set_flush_denormal(True)

@@ -51,9 +51,10 @@ def main(argv=None) -> dict:
     from minitron_jax.model.sharding import make_mesh, to_global
     from minitron_jax.prune.pruning import prune
     from minitron_jax.run.teacher_pass import write_teacher_logits
+    from minitron_jax.train.objective import kd_config
     from minitron_jax.train.run_config import RunConfig
+    from minitron_jax.train.steps import build_steps
     from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits, logits_batch, storage_bytes_per_token
-    from minitron_jax.train.trainer import build_steps, kd_config
 
     teacher = fetch_smollm2()
     tmp = Path(tempfile.mkdtemp(prefix="bench_tl_"))

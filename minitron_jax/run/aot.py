@@ -29,9 +29,10 @@ from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import unrolled_layers
 from minitron_jax.model.sharding import make_mesh, named_sharding, resolve_mesh_shape
 from minitron_jax.prune.importance import ScoreConfig, init_state, make_step
+from minitron_jax.train.objective import kd_config
 from minitron_jax.train.preflight import check_batch
 from minitron_jax.train.run_config import RunConfig
-from minitron_jax.train.trainer import build_steps, kd_config
+from minitron_jax.train.steps import build_steps
 
 
 @dataclasses.dataclass(frozen=True)

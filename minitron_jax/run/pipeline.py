@@ -44,10 +44,10 @@ from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
 from minitron_jax.run.teacher_pass import write_teacher_logits
-from minitron_jax.train.preflight import check_mesh
+from minitron_jax.train import trainer
+from minitron_jax.train.preflight import check_devices, check_mesh
 from minitron_jax.train.run_config import RunConfig, check_warmup
 from minitron_jax.train.stored_logits import LogitsConfig
-from minitron_jax.train.trainer import train
 
 VALIDATION_FRACTION = 0.05
 STAGES = ("data", "finetune", "score", "logits", "prune", "distill", "evaluate", "report")
@@ -314,6 +314,7 @@ class Pipeline:
             raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
                               "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
                               "e.g. with launch/tpu_vm.sh")
+        check_devices(rc, batch=None)  # the mesh against the devices (each stage checks its batch)
         if not self.cfg.holdout and rc.holdout_fraction == 0:
             raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
                               "out a seeded fraction (distill.holdout_fraction=0.001)")
@@ -414,7 +415,7 @@ class Pipeline:
                   "validation_fraction": self.validation_fraction()}
 
         def trained(rc, stage: str) -> dict:
-            summary = train(rc, self.log)
+            summary = trainer.train(rc, self.log)  # looked up at call time (tests wrap it)
             if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
                 step = summary["preempted_at"]
                 raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
-from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.eval import evaluate
 from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
 from minitron_jax.model.config import LlamaConfig
@@ -69,7 +69,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         table = None
     else:
         params, new, table = P.search(model.params(), cfg, scores, budget,
-                                      lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
+                                      lambda p, c: evaluate.lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
                                                            attention=attention), log=log)
         target = str(table[0]["spec"])
         if search_distill:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import Preempted
-from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.eval import evaluate
 from minitron_jax.io.hf import save_params
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import prune
@@ -73,7 +73,7 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
 
         def hook(run, cfg=cfg, curve=curve):
             if run.step % every == 0 or run.step == run.rc.steps:
-                curve.append((run.step, lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
+                curve.append((run.step, evaluate.lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
                                                 mesh=mesh, attention=run.rc.attention)))
         out = Path(row["student"]).parent / "distill"
         done = out / "result.json"

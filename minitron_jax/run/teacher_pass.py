@@ -29,7 +29,6 @@ loss as online `top_k=k`, so a run from stored float32 values equals the online 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,13 @@ from minitron_jax.core.errors import LogitsError, RecipeError
 from minitron_jax.core.lock import LOCK_NAME, output_lock
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.loader import Loader, training_data
-from minitron_jax.data.store_reader import is_store, open_stores, parse_blend
+from minitron_jax.data.store_reader import is_store, parse_blend
 from minitron_jax.data.token_store import _kv, delete_key, list_keys, read_json, write_json
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
-from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import _logits, _split
 from minitron_jax.model.sharding import make_mesh, to_global
-from minitron_jax.train.preflight import check_batch, check_mesh, maybe_initialize_distributed
+from minitron_jax.train.preflight import check_data, check_devices, check_model
 from minitron_jax.train.stored_logits import FORMAT, MANIFEST, STATE, VERSION, LogitsConfig, _arrays, identity
 
 # ---------------------------------------------------------------------------- identities
@@ -114,23 +112,13 @@ def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
                           f"text first (`minitron tokenize {rc.data} --tokenizer {rc.teacher} --out STORE`)")
     rc.student = rc.student or rc.teacher
     rc.validate()
-    maybe_initialize_distributed(rc)
-    t_cfg = LlamaConfig.from_file(rc.teacher)
+    check_devices(rc, batch="forward")  # joins the job; the forward's batch against the mesh
+    t_cfg = check_model(rc, "teacher", rc.teacher)
     lc.validate(t_cfg.vocab_size)
-    if rc.seq_len > t_cfg.max_position_embeddings:
-        raise RecipeError(f"seq_len={rc.seq_len} exceeds the teacher's max_position_embeddings="
-                          f"{t_cfg.max_position_embeddings}")
     P = jax.process_count()
-    if rc.batch_size % P:
-        raise RecipeError(f"batch_size={rc.batch_size} must divide by the {P} processes")
-    data_ax, fsdp, _ = check_mesh(rc)
-    if (data_ax * fsdp) % P:
-        raise RecipeError(f"mesh={list(rc.mesh)} has {data_ax * fsdp} data-parallel devices for {P} processes: each "
-                          f"process writes its own rows, so data x fsdp must be a multiple of {P}")
-    check_batch(dataclasses.replace(rc, grad_accum=1), data_ax * fsdp, jax.device_count())  # the forward's batch
     tok = load_tokenizer(rc.teacher, vocab_size=t_cfg.vocab_size)
     ident = identity(rc, rc.teacher)
-    open_stores(rc.data, rc.teacher, "the teacher")
+    check_data(rc, rc.teacher, "the teacher")
     rows, _, stream = training_data(rc, tok, t_cfg.vocab_size)
     B = rc.batch_size
     if lc.samples:

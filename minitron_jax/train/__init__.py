@@ -1,1 +1,3 @@
-"""The run config, preflight checks, the trainer and its steps, resume, the stored-logit reader."""
+"""Training: the run config (run_config), preflight checks (preflight), the objective and its teacher source
+(objective), the jitted steps (steps), the hooks after each step (hooks), setup and loop (trainer), resume,
+the stored-logit reader (stored_logits)."""

@@ -1,8 +1,11 @@
-"""Checks before any weights or data load: joining a multi-process job, the mesh against the devices, the
-batch against the mesh, the teacher/student pair (configs, tokenizers, stored logits, token stores)."""
+"""Checks before any weights or data load, shared by training (`train`), the teacher pass
+(`write_teacher_logits`) and `minitron run` (`Pipeline.validate`): joining a multi-process job, the mesh against
+the devices and the batch against the mesh (`check_devices`); the models (`check_model`), the teacher/student
+pair (`check_pair`: configs, tokenizers, stored logits) and the token stores (`check_data`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -74,17 +77,61 @@ def check_mesh(rc: RunConfig) -> tuple[int, int, int]:
                       f"for one axis taking what is left); e.g. mesh=[{','.join(map(str, hint))}]")
 
 
-def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
-    """Configs and tokenizers (which must not hold ids beyond the embedding), checked before any weights or
-    data are touched."""
+def check_devices(rc: RunConfig, batch: str | None = "train") -> tuple[int, int, int]:
+    """Join the job (a multi-process one), then check the mesh against the devices and the batch against the
+    mesh; returns the mesh shape (data, fsdp, tensor). Each process feeds its own rows: the batch and the
+    data-parallel devices (data x fsdp) must split over the processes, and each micro-batch's rows over the
+    data-parallel devices (`check_batch`). `batch`: "train" (micro-batches of batch_size / grad_accum rows),
+    "forward" (the teacher pass: one forward of batch_size rows a step, each process writing its rows) or
+    None (the mesh only: `minitron run`, whose stages check their own batches)."""
+    maybe_initialize_distributed(rc)
+    data, fsdp, tensor = check_mesh(rc)
+    procs, forward = jax.process_count(), batch == "forward"
+    if batch is None:
+        return data, fsdp, tensor
+    if forward and rc.batch_size % procs:
+        raise RecipeError(f"batch_size={rc.batch_size} must divide by the {procs} processes")
+    if not forward and rc.batch_size % (rc.grad_accum * procs):
+        raise TrainingError(f"batch_size={rc.batch_size} must divide by grad_accum x processes = "
+                            f"{rc.grad_accum} x {procs}")
+    if (data * fsdp) % procs:
+        if forward:
+            raise RecipeError(f"mesh={list(rc.mesh)} has {data * fsdp} data-parallel devices for {procs} processes: "
+                              f"each process writes its own rows, so data x fsdp must be a multiple of {procs}")
+        raise RecipeError(f"mesh={list(rc.mesh)} has {data * fsdp} data-parallel devices (data x fsdp) for "
+                          f"{procs} processes: each process loads its own rows, so data x fsdp must "
+                          f"be a multiple of {procs}; e.g. mesh=[1,-1,{tensor}]")
+    # rows that do not divide would be replicated, not split
+    check_batch(dataclasses.replace(rc, grad_accum=1) if forward else rc, data * fsdp, jax.device_count())
+    return data, fsdp, tensor
 
-    s_cfg = LlamaConfig.from_file(rc.student)
-    t_cfg = LlamaConfig.from_file(rc.teacher) if rc.mode == "distill" else None
+
+def check_model(rc: RunConfig, name: str, path) -> LlamaConfig:
+    """The config of the `name` model ("student", "teacher") at `path`, which must reach seq_len."""
+    cfg = LlamaConfig.from_file(path)
+    if rc.seq_len > cfg.max_position_embeddings:
+        raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
+                            f"{cfg.max_position_embeddings}; lower seq_len")
+    return cfg
+
+
+def check_data(rc: RunConfig, model, who: str) -> None:
+    """Token stores (or a blend) must hold the tokenizer of `model` (sha256); text cannot be split by
+    validation_fraction."""
+    if is_store(rc.data) or parse_blend(rc.data):
+        open_stores(rc.data, model, who)
+    elif rc.validation_fraction:
+        raise RecipeError(f"validation_fraction={rc.validation_fraction} splits token stores; {rc.data} is text: "
+                          f"tokenize it (`minitron tokenize {rc.data} --tokenizer TEACHER --out STORE`) or set "
+                          "validation_fraction=0")
+
+
+def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
+    """Configs and tokenizers (which must not hold ids beyond the embedding), stored teacher logits and token
+    stores, checked before any weights or data are touched (the devices: `check_devices`)."""
+    s_cfg = check_model(rc, "student", rc.student)
+    t_cfg = check_model(rc, "teacher", rc.teacher) if rc.mode == "distill" else None
     tok = load_tokenizer(rc.student, vocab_size=s_cfg.vocab_size)
-    for name, cfg in (("student", s_cfg), ("teacher", t_cfg)):
-        if cfg is not None and rc.seq_len > cfg.max_position_embeddings:
-            raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
-                                f"{cfg.max_position_embeddings}; lower seq_len")
     if t_cfg is not None:
         if t_cfg.vocab_size != s_cfg.vocab_size:
             raise TrainingError(f"teacher vocabulary ({t_cfg.vocab_size}) != student vocabulary ({s_cfg.vocab_size}): "
@@ -93,26 +140,14 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
         if t_tok.get_vocab() != tok.get_vocab() or (t_tok.bos_token_id, t_tok.eos_token_id) != (tok.bos_token_id, tok.eos_token_id):
             raise TrainingError(f"the tokenizers of {rc.teacher} and {rc.student} differ: the same token id would mean "
                                 "different text to teacher and student; copy the teacher's tokenizer files to the student")
-    if rc.batch_size % (rc.grad_accum * jax.process_count()):
-        raise TrainingError(f"batch_size={rc.batch_size} must divide by grad_accum x processes = "
-                            f"{rc.grad_accum} x {jax.process_count()}")
-    data, fsdp, tensor = check_mesh(rc)
-    if (data * fsdp) % jax.process_count():  # each process feeds its own rows: the batch axes must span them
-        raise RecipeError(f"mesh={list(rc.mesh)} has {data * fsdp} data-parallel devices (data x fsdp) for "
-                          f"{jax.process_count()} processes: each process loads its own rows, so data x fsdp must "
-                          f"be a multiple of {jax.process_count()}; e.g. mesh=[1,-1,{tensor}]")
-    check_batch(rc, data * fsdp, jax.device_count())  # rows that do not divide would be replicated, not split
     if rc.teacher_logits is not None:  # their teacher, tokenizer, token store and rows must be this run's
         store = TeacherLogits(rc.teacher_logits)
         if rc.top_k and rc.top_k != store.k:
             raise TrainingError(f"top_k={rc.top_k}, but teacher_logits={rc.teacher_logits} holds the top {store.k}; "
                                 f"set top_k=0 or top_k={store.k}")
         store.check_run(rc, rc.teacher, rc.steps * rc.batch_size)
-    if is_store(rc.data) or parse_blend(rc.data):  # the stores' tokenizer must be the models' (sha256)
-        open_stores(rc.data, rc.teacher if t_cfg is not None else rc.student,
-                    "the teacher" if t_cfg is not None else "the model")
-    elif rc.validation_fraction:
-        raise RecipeError(f"validation_fraction={rc.validation_fraction} splits token stores; {rc.data} is text: "
-                          f"tokenize it (`minitron tokenize {rc.data} --tokenizer TEACHER --out STORE`) or set "
-                          "validation_fraction=0")
+    if t_cfg is not None:  # the stores' tokenizer must be the models' (sha256)
+        check_data(rc, rc.teacher, "the teacher")
+    else:
+        check_data(rc, rc.student, "the model")
     return s_cfg, t_cfg, tok
