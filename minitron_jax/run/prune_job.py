@@ -2,7 +2,7 @@
 both do (one function, so the two cannot disagree on checks, calibration or what is written).
 
 Scores are checked against the model's config before any weights load, then against its weights; a
-target is pruned directly, a parameter budget is searched (`prune.search`) ranking candidates by LM
+target is pruned directly, a parameter budget is searched (`pruning.rank_shapes`) ranking candidates by LM
 loss on calibration rows drawn from the validation documents of a token store given `splits` with a
 `validation_fraction`, else from the training documents (`importance.calibration_samples`, held-out
 documents excluded); never the rows a report is computed on. The student is written atomically (HF
@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minitron_jax.core.atomic import write_text
+from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
 from minitron_jax.eval.evaluate import lm_loss
 from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
+from minitron_jax.io.prune_record import prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama
-from minitron_jax.prune import pruning as P
 from minitron_jax.prune.importance import calibration_samples, check_scores_match, load_scores
+from minitron_jax.prune.pruning import prune, rank_shapes
+from minitron_jax.prune.targets import PruneTarget, parse_count, validate
 from minitron_jax.run import search as nas
 
 
@@ -41,14 +44,14 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     after pruning are each distilled for recipe.steps and re-ranked by `metric` (`nas.py`)."""
 
     if (target is None) == (budget is None):
-        raise P.PruneError("give exactly one of a target shape or a parameter budget")
+        raise PruneError("give exactly one of a target shape or a parameter budget")
     cfg = LlamaConfig.from_file(model_dir)
     if target is not None:
-        P.validate(cfg, target)  # fail before loading anything
+        validate(cfg, target)  # fail before loading anything
     else:
-        budget = P.parse_count(budget)
+        budget = parse_count(budget)
         if data is None:
-            raise P.PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
+            raise PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
     scores, meta = load_scores(scores_path)
     match = dict(force=force_scores, model=str(model_dir), force_hint="--force-scores")
     check_scores_match(meta, cfg, **match)  # the config, before any weights load
@@ -62,13 +65,13 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     model = from_pretrained(model_dir, mesh=mesh)
     check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if target is not None:
-        target = str(P.PruneTarget.parse(target))
-        params, new = P.prune(model.params(), cfg, scores, target)
+        target = str(PruneTarget.parse(target))
+        params, new = prune(model.params(), cfg, scores, target)
         table = None
     else:
-        params, new, table = P.search(model.params(), cfg, scores, budget,
-                                      lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
-                                                           attention=attention), log=log)
+        params, new, table = rank_shapes(model.params(), cfg, scores, budget,
+                                          lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
+                                                               attention=attention), log=log)
         target = str(table[0]["spec"])
         if search_distill:
             sd = search_distill
@@ -80,7 +83,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             log(report["summary"])
             target = ranked[0]["spec"]
             model = from_pretrained(model_dir, mesh=mesh)
-            params, new = P.prune(model.params(), cfg, scores, target)
+            params, new = prune(model.params(), cfg, scores, target)
             done = {c["spec"] for c in ranked}
             table = ranked + [r for r in table if r["spec"] not in done]
     out = Path(out)
@@ -90,7 +93,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         pruned = Llama(new, params=params)
         pruned.source = str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
-    P.save_prune_record(out, P.prune_record(cfg, scores, target, source=model_dir))
+    save_prune_record(out, prune_record(cfg, scores, target, source=model_dir))
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
             "rank_change", "validation_curve")
     search = [{k: r[k] for k in keys if k in r} for r in table] if table else None

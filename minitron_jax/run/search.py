@@ -1,6 +1,6 @@
 """The papers' architecture search with short distillation (spec section 1, step 5; arXiv 2407.14679 4.3).
 
-`prune.search` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
+`pruning.rank_shapes` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
 after pruning. This module takes the `candidates` best of them, distills each for a short budget
 (`steps`, the papers' ~400 steps at 8B scale, during which their rankings settled after ~300) from the
 teacher, by default from stored top-k teacher logits (`teacher_logits.py`: one teacher pass serves every
@@ -46,7 +46,7 @@ def _rank(values: list[float]) -> list[int]:
 
 
 def save_candidates(table: list[dict], params, cfg, scores, teacher_dir, out: Path, n: int) -> list[dict]:
-    """Prune and save the `n` best candidates of `prune.search`'s table (sorted by post-pruning loss) under
+    """Prune and save the `n` best candidates of `pruning.rank_shapes`' table (sorted by post-pruning loss) under
     out/candidate_I/student_hf (with their prune records); returns their rows with "student" added."""
     rows = []
     for i, r in enumerate(table[:n]):
