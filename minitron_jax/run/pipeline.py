@@ -6,7 +6,9 @@ Every later stage reads the store. Documents are split once: held out (`holdout`
 `holdout_fraction`; only evaluated), validation (`validation_fraction` of the rest; only used to rank a
 budget's candidates), training (everything else: calibration and distillation).
 
-Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
+The stages are `STAGES`, run in order by one loop (`Pipeline._run`); each `Stage` names the stages whose
+outputs it reads and the settings its output depends on. Each stage writes into its own folder under `out`
+and marks it done last with those settings (a changed setting refuses the old output), so a re-run resumes from
 the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
 not marked done and raises `distill.Preempted`). One mesh, built from the distillation recipe's `mesh`,
 serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
@@ -33,7 +35,8 @@ from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap,
 from minitron_jax.data.text import read_documents, split_documents
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
-from minitron_jax.io.hf import from_pretrained, load_tokenizer
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import make_mesh
 from minitron_jax.prune.importance import score_model
@@ -43,10 +46,10 @@ from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
 from minitron_jax.run.teacher_pass import write_teacher_logits
+from minitron_jax.train import trainer
 from minitron_jax.train.preflight import check_mesh
 from minitron_jax.train.run_config import DataArg, RunConfig, build, check_warmup, coerce, load_values, merge, read_yaml
 from minitron_jax.train.stored_logits import LogitsConfig
-from minitron_jax.train.trainer import train
 
 VALIDATION_FRACTION = 0.05
 
@@ -472,7 +475,8 @@ class Pipeline:
                 "validation_fraction": self.validation_fraction()}
 
     def trained(self, rc, stage: str) -> dict:
-        summary = train(rc, self.log)
+        """`train(rc)`; a preempted run raises `Preempted` (the stage is not marked done)."""
+        summary = trainer.train(rc, self.log)
         if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
             step = summary["preempted_at"]
             raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "
@@ -483,6 +487,7 @@ class Pipeline:
         return self.tokenized(run.teacher, run.data)
 
     def check_tokenized(self, run: RunState) -> None:
+        """After the data stage: text data has documents in every split the run uses, in the store it became."""
         if run.text:  # the splits of the store it became (a store given as data was checked by validate)
             self.check_store(run.teacher, run.store)
 
@@ -497,7 +502,7 @@ class Pipeline:
         need = required_scores(t_cfg, c.prune.target) if c.prune.target else {}
         n = c.score.layer_samples
         window = t_cfg.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
-        model = from_pretrained(teacher_dir, mesh=run.mesh)
+        model = hf.from_pretrained(teacher_dir, mesh=run.mesh)
         path = score_model(model, run.tok, run.store, self.out / "score", samples=c.score.samples,
                            seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed, mesh=run.mesh,
                            attention=c.distill.attention, layer_loss_samples=n if "layer_loss" in need else 0,
@@ -557,7 +562,7 @@ class Pipeline:
                                text_field=c.distill.text_field, vocab_size=vocab_size, **self.split())
         out = {}
         for name, path in models.items():
-            m = from_pretrained(path, dtype="float32", mesh=mesh)
+            m = hf.from_pretrained(path, dtype="float32", mesh=mesh)
             r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8, mesh=mesh,
                                attention=c.distill.attention)
             out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],

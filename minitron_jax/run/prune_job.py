@@ -18,8 +18,9 @@ from typing import Any, Callable
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
-from minitron_jax.eval.evaluate import lm_loss
-from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
+from minitron_jax.eval import evaluate
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
 from minitron_jax.io.prune_record import prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
@@ -62,7 +63,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
                                    seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude,
                                    splits=splits, split=split)
         log(f"budget search: {calib_samples} rows of {seq_len} from the {('training', 'validation')[split]} documents")
-    model = from_pretrained(model_dir, mesh=mesh)
+    model = hf.from_pretrained(model_dir, mesh=mesh)
     check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if target is not None:
         target = str(PruneTarget.parse(target))
@@ -70,7 +71,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         table = None
     else:
         params, new, table = rank_shapes(model.params(), cfg, scores, budget,
-                                          lambda p, c: lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
+                                          lambda p, c: evaluate.lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
                                                                attention=attention), log=log)
         target = str(table[0]["spec"])
         if search_distill:
@@ -82,7 +83,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             report = nas.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
             log(report["summary"])
             target = ranked[0]["spec"]
-            model = from_pretrained(model_dir, mesh=mesh)
+            model = hf.from_pretrained(model_dir, mesh=mesh)
             params, new = prune(model.params(), cfg, scores, target)
             done = {c["spec"] for c in ranked}
             table = ranked + [r for r in table if r["spec"] not in done]

@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import Preempted
-from minitron_jax.eval.evaluate import lm_loss
+from minitron_jax.eval import evaluate
 from minitron_jax.io.hf import save_params
 from minitron_jax.io.prune_record import prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import prune
-from minitron_jax.train.trainer import train
+from minitron_jax.train import trainer
 
 METRICS = ("validation_loss", "distill_loss")
 
@@ -73,8 +73,9 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
 
         def hook(run, cfg=cfg, curve=curve):
             if run.step % every == 0 or run.step == run.rc.steps:
-                curve.append((run.step, lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
-                                                mesh=mesh, attention=run.rc.attention)))
+                loss = evaluate.lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
+                                        mesh=mesh, attention=run.rc.attention)
+                curve.append((run.step, loss))
         out = Path(row["student"]).parent / "distill"
         done = out / "result.json"
         if done.is_file():  # finished before an interruption of the search
@@ -83,7 +84,7 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
             shutil.rmtree(out, ignore_errors=True)  # an interrupted short run starts again: its curve is whole
             run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=False)
             log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
-            summary = train(run_rc, log, hooks=[hook])
+            summary = trainer.train(run_rc, log, hooks=[hook])
             if "preempted_at" in summary:
                 raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
                                 f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
