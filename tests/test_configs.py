@@ -13,7 +13,7 @@ import pytest
 from minitron_jax.core.errors import DataError, RecipeError
 from minitron_jax.core.yaml_config import load
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.prune.pruning import PruneTarget, dry_run, validate
+from minitron_jax.prune.targets import PruneTarget, dry_run, validate
 from minitron_jax.run.pipeline import (
     FinetuneSettings,
     Pipeline,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.prune.pruning import PruneTarget
+from minitron_jax.prune.targets import PruneTarget
 from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.prune.pruning import validate
+from minitron_jax.prune.targets import validate
 from minitron_jax.run.cli import main
 from minitron_jax.run.plan import estimate, per_device_param_bytes
 from minitron_jax.train.run_config import load_recipe

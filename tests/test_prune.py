@@ -18,16 +18,8 @@ from minitron_jax.io.hf import save_params
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, is_param_spec, param_specs
 from minitron_jax.model.sharding import make_mesh
-from minitron_jax.prune.pruning import (
-    PruneTarget,
-    candidate_targets,
-    dry_run,
-    parse_count,
-    plan,
-    prune,
-    search,
-    validate,
-)
+from minitron_jax.prune.pruning import keep_sets, prune, rank_shapes
+from minitron_jax.prune.targets import PruneTarget, candidate_targets, dry_run, parse_count, validate
 
 
 def tiny_cfg(tied=False, **kw):
@@ -82,7 +74,7 @@ def test_heads_equal_zeroed_o_proj_columns():
     params, scores = tiny_params(cfg), rand_scores(cfg)
     new_p, new_cfg = prune(params, cfg, scores, "num_attention_heads=4")
     assert (new_cfg.num_attention_heads, new_cfg.num_key_value_heads, new_cfg.head_dim) == (4, 2, 8)
-    keep = plan(cfg, scores, "num_attention_heads=4")["q_heads"]
+    keep = keep_sets(cfg, scores, "num_attention_heads=4")["q_heads"]
     for l, heads in enumerate(keep):  # two per group, the best of each group, in order
         for g in range(2):
             members = np.arange(4 * g, 4 * g + 4)
@@ -98,7 +90,7 @@ def test_kv_groups_equal_zeroed_o_proj_columns():
     for target, heads in [("num_key_value_heads=2", 4), ("num_key_value_heads=2,num_attention_heads=2", 2)]:
         new_p, new_cfg = prune(params, cfg, scores, target)
         assert (new_cfg.num_key_value_heads, new_cfg.num_attention_heads) == (2, heads)
-        p = plan(cfg, scores, target)
+        p = keep_sets(cfg, scores, target)
         for l in range(4):
             groups = np.sort(np.argsort(-scores["kv_groups"][l])[:2])
             assert list(p["kv_groups"][l]) == list(groups)
@@ -155,7 +147,7 @@ def test_hidden_slicing_matches_numpy(tied):
     target = "hidden_size=32,intermediate_size=48,num_attention_heads=4,drop_layers=2"
     new_p, new_cfg = prune(params, cfg, scores, target)
     H = np.sort(np.argsort(-scores["hidden"])[:32])
-    assert list(plan(cfg, scores, target)["hidden"]) == list(H) and np.all(np.diff(H) > 0)
+    assert list(keep_sets(cfg, scores, target)["hidden"]) == list(H) and np.all(np.diff(H) > 0)
     L = [0, 1, 3]
     lay, new = params["layers"], new_p["layers"]
     np.testing.assert_array_equal(new_p["embed_tokens"], params["embed_tokens"][:, H])
@@ -314,14 +306,14 @@ def test_search_picks_best_by_callback():
         seen.append(c)
         return float(np.abs(p["layers"]["down_proj"]).mean() * 100 + np.abs(p["norm"]).sum() / c.hidden_size)
 
-    best_p, best_cfg, table = search(params, cfg, scores, budget, evaluate, log=lines.append, ffn_multiple=16)
+    best_p, best_cfg, table = rank_shapes(params, cfg, scores, budget, evaluate, log=lines.append, ffn_multiple=16)
     assert len(table) == len(seen) >= 5 and len(lines) == 2 * len(table) + 1
     assert all(abs(r["params"] - budget) <= 0.05 * budget for r in table)
     assert [r["loss"] for r in table] == sorted(r["loss"] for r in table)
     assert best_cfg == table[0]["config"] and evaluate(best_p, best_cfg) == table[0]["loss"]
     assert table[0]["loss"] == min(evaluate(*prune(params, cfg, scores, r["target"])) for r in table)
     with pytest.raises(PruneError, match="scores lack 'hidden'"):
-        search(None, cfg, {}, budget, evaluate, candidates=["hidden_size=32"])
+        rank_shapes(None, cfg, {}, budget, evaluate, candidates=["hidden_size=32"])
 
 
 # ---------------------------------------------------------------------------- export
@@ -343,11 +335,11 @@ def test_pruned_model_loads_in_transformers(tmp_path):
 
 def test_window_depth_metric_drops_the_best_contiguous_block():
     """depth_metric=window drops the whole block whose removal scored best (lowest)."""
-    from minitron_jax.prune.pruning import plan
+    from minitron_jax.prune.pruning import keep_sets
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     window = np.array([3.0, 2.5, 1.0, 4.0])  # k = 3 -> 4 windows; window 2 (layers 2,3,4) is best
-    p = plan(cfg, {"layer_window": window}, "num_hidden_layers=3,depth_metric=window")
+    p = keep_sets(cfg, {"layer_window": window}, "num_hidden_layers=3,depth_metric=window")
     assert p["layers"].tolist() == [0, 1, 5]
     with pytest.raises(PruneError, match="layer_window"):
-        plan(cfg, {"layer_window": window[:3]}, "num_hidden_layers=3,depth_metric=window")
+        keep_sets(cfg, {"layer_window": window[:3]}, "num_hidden_layers=3,depth_metric=window")

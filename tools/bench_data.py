@@ -238,7 +238,7 @@ def v5p_host_tokens_per_s(mfu: float) -> dict:
     `minitron plan configs/llama31_8b_to_4b_width_tpu.yaml --teacher configs/llama31_8b_config.json
     --target hidden_size=3072,intermediate_size=9216 --devices 64 --peak-tflops 459 --mfu MFU` computes it."""
     from minitron_jax.model.config import LlamaConfig
-    from minitron_jax.prune.pruning import validate
+    from minitron_jax.prune.targets import validate
     from minitron_jax.run.plan import estimate
     from minitron_jax.train.run_config import load_recipe
     root = Path(__file__).resolve().parents[1]

@@ -128,7 +128,8 @@ def prepare_student(tmp: str) -> str:
     from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
     from minitron_jax.io.hf import load_params, save_params
     from minitron_jax.model.config import LlamaConfig
-    from minitron_jax.prune.pruning import prune, required_scores
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.prune.targets import required_scores
 
     t_dir = str(fetch_smollm2(progress=lambda m: None))
     t_cfg = LlamaConfig.from_file(t_dir)
@@ -154,7 +155,8 @@ def main(argv=None) -> dict:
     from minitron_jax.core.assets import fetch_smollm2
     from minitron_jax.io.hf import save_params
     from minitron_jax.model.losses import KDConfig
-    from minitron_jax.prune.pruning import prune, required_scores
+    from minitron_jax.prune.pruning import prune
+    from minitron_jax.prune.targets import required_scores
     from minitron_jax.train.run_config import RunConfig
     from minitron_jax.train.steps import make_optimizer, make_train_step
     from minitron_jax.train.trainer import measure_peak_flops

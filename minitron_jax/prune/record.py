@@ -13,7 +13,8 @@ import numpy as np
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.prune.pruning import SIZES, PruneTarget, plan, validate
+from minitron_jax.prune.pruning import keep_sets
+from minitron_jax.prune.targets import SIZES, PruneTarget, validate
 
 PRUNE_RECORD = "minitron_prune.json"  # beside a pruned student's config.json
 
@@ -25,7 +26,7 @@ def prune_record(cfg: LlamaConfig, scores: dict, target, *, source=None) -> dict
     student layer, None where that axis was not pruned. The distiller pairs hidden states by
     `layers` and starts its projection as the selection of `hidden`."""
     t, new = PruneTarget.parse(target), validate(cfg, target)
-    p = plan(cfg, scores, t)
+    p = keep_sets(cfg, scores, t)
     full = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
     rec = {k: (np.arange(full[k]) if p[k] is None and k in full else p[k]) for k in p}
     return {"source": None if source is None else str(source), "target": str(t),

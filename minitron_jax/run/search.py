@@ -1,6 +1,6 @@
 """The papers' architecture search with short distillation (spec section 1, step 5; arXiv 2407.14679 4.3).
 
-`prune.search` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
+`pruning.rank_shapes` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
 after pruning. This module takes the `candidates` best of them, distills each for a short budget
 (`steps`, the papers' ~400 steps at 8B scale, during which their rankings settled after ~300) from the
 teacher, by default from stored top-k teacher logits (`teacher_logits.py`: one teacher pass serves every
@@ -32,7 +32,7 @@ from minitron_jax.io.hf import save_params
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import prune
 from minitron_jax.prune.record import prune_record, save_prune_record
-from minitron_jax.train.trainer import train
+from minitron_jax.train import trainer
 
 METRICS = ("validation_loss", "distill_loss")
 
@@ -46,7 +46,7 @@ def _rank(values: list[float]) -> list[int]:
 
 
 def save_candidates(table: list[dict], params, cfg, scores, teacher_dir, out: Path, n: int) -> list[dict]:
-    """Prune and save the `n` best candidates of `prune.search`'s table (sorted by post-pruning loss) under
+    """Prune and save the `n` best candidates of `pruning.rank_shapes`' table (sorted by post-pruning loss) under
     out/candidate_I/student_hf (with their prune records); returns their rows with "student" added."""
     rows = []
     for i, r in enumerate(table[:n]):
@@ -73,8 +73,9 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
 
         def hook(run, cfg=cfg, curve=curve):
             if run.step % every == 0 or run.step == run.rc.steps:
-                curve.append((run.step, evaluate.lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
-                                                mesh=mesh, attention=run.rc.attention)))
+                loss = evaluate.lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
+                                        mesh=mesh, attention=run.rc.attention)
+                curve.append((run.step, loss))
         out = Path(row["student"]).parent / "distill"
         done = out / "result.json"
         if done.is_file():  # finished before an interruption of the search
@@ -83,7 +84,7 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
             shutil.rmtree(out, ignore_errors=True)  # an interrupted short run starts again: its curve is whole
             run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=False)
             log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
-            summary = train(run_rc, log, hooks=[hook])
+            summary = trainer.train(run_rc, log, hooks=[hook])
             if "preempted_at" in summary:
                 raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
                                 f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
