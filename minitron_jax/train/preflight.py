@@ -10,7 +10,8 @@ from typing import Any
 import jax
 
 from minitron_jax.core.errors import AOTError, RecipeError, TrainingError
-from minitron_jax.data.store_reader import is_store, open_stores, parse_blend
+from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.store_reader import open_stores
 from minitron_jax.io.hf import load_tokenizer
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import resolve_mesh_shape
@@ -108,7 +109,7 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
             raise TrainingError(f"top_k={rc.top_k}, but teacher_logits={rc.teacher_logits} holds the top {store.k}; "
                                 f"set top_k=0 or top_k={store.k}")
         store.check_run(rc, rc.teacher, rc.steps * rc.batch_size)
-    if is_store(rc.data) or parse_blend(rc.data):  # the stores' tokenizer must be the models' (sha256)
+    if not DataSpec(rc.data).is_text:  # the stores' tokenizer must be the models' (sha256)
         open_stores(rc.data, rc.teacher if t_cfg is not None else rc.student,
                     "the teacher" if t_cfg is not None else "the model")
     elif rc.validation_fraction:
