@@ -20,7 +20,8 @@ import numpy as np
 from minitron_jax.core.errors import DataError
 from minitron_jax.data import text as data
 from minitron_jax.data.packing import PackedRows, pack_first_fit
-from minitron_jax.data.store_reader import HOLDOUT, Splits, is_store, parse_blend, split_rows, training_rows
+from minitron_jax.data.rows import RowSource
+from minitron_jax.data.spec import DataSpec
 
 
 def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None,
@@ -109,23 +110,22 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
 
 
 def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None = None):
-    """(training rows, held-out PackedRows or None, stream) for a run's recipe `rc`: text through `build_corpus`,
-    a token store or a blend through `store_loader` (held-out rows: the first eval_batches x micro-batch rows
-    of the held-out documents; the validation documents are in neither)."""
-    holdout_fraction = 0.0 if rc.holdout else rc.holdout_fraction
-    if not (is_store(rc.data) or parse_blend(rc.data)):
-        train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=tuple(rc.holdout),
-                                   holdout_fraction=holdout_fraction, seed=rc.seed, cache_dir=cache_dir,
+    """(training rows, held-out PackedRows or None, stream) for a run's recipe `rc`, as its `spec.DataSpec` splits
+    them: text through `build_corpus`, a token store or a blend through `store_reader` (held-out rows: the first
+    eval_batches x micro-batch rows of the held-out documents; the validation documents are in neither)."""
+    spec = DataSpec.of_recipe(rc)
+    if spec.is_text:
+        train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=spec.holdout,
+                                   holdout_fraction=spec.holdout_fraction, seed=rc.seed, cache_dir=cache_dir,
                                    text_field=rc.text_field, vocab_size=vocab_size)
         return train, held, False
-    splits = Splits(tuple(data.parse_holdout(rc.holdout)), holdout_fraction, rc.validation_fraction, rc.seed)
-    rows, stream = training_rows(rc.data, rc.seq_len, packing=rc.packing, splits=splits, seed=rc.seed,
-                                 pad_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size)
+    rows, stream = spec.training_rows(rc.seq_len, packing=rc.packing, pad_id=tokenizer.pad_token_id or 0,
+                                      vocab_size=vocab_size)
     held = None
-    if rc.holdout or holdout_fraction:
+    if spec.holds_out:
         n = rc.eval_batches * (rc.batch_size // rc.grad_accum)
-        held = PackedRows(split_rows(rc.data, rc.seq_len, n, HOLDOUT, splits, seed=rc.seed, vocab_size=vocab_size,
-                                     what="the held-out evaluation during training"))
+        held = PackedRows(spec.held_out_rows(rc.seq_len, n, vocab_size=vocab_size,
+                                             what="the held-out evaluation during training"))
     return rows, held, stream
 
 
@@ -136,12 +136,13 @@ def _stack(items: list[dict]) -> dict:
 class Loader:
     """Global batch of step t = rows of the seeded order [t*B, (t+1)*B); this process reads its 1/P slice.
 
-    `rows` is finite (`PackedRows`, `store_loader.StoreWindows`: shuffled by grain's index shuffle, epoch by
-    epoch, the remainder of each epoch dropped) or, with `stream`, an endless sequence already in training
-    order (`store_loader.FirstFitStream`, a blend): row g of the stream is row g of the order."""
+    `rows` (a `rows.RowSource`) is finite (`PackedRows`, `store_reader.StoreWindows`: shuffled by grain's index
+    shuffle, epoch by epoch, the remainder of each epoch dropped) or, with `stream` (default: the source's own),
+    an endless sequence already in training order (`store_reader.FirstFitStream`, `store_reader.Blend`): row g
+    of the stream is row g of the order. The state holds the source's own state (`RowSource.get_state`)."""
 
-    def __init__(self, rows, global_batch: int, *, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, stream: bool = False):
+    def __init__(self, rows: RowSource, global_batch: int, *, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, stream: bool | None = None):
         import grain
         import jax
         process_index = jax.process_index() if process_index is None else process_index
@@ -151,10 +152,10 @@ class Loader:
                             f"{process_count} (every process reads global_batch / process_count rows)")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+        stream = rows.stream if stream is None else stream
         if not stream and len(rows) < global_batch:
-            n_tok = getattr(rows, "n_tokens", len(rows) * rows.seq_len)
             raise DataError(
-                f"the data has {n_tok:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
+                f"the data has {rows.n_tokens:,} tokens in {len(rows)} rows of {rows.seq_len}, but one global batch "
                 f"needs {global_batch} rows ({global_batch * rows.seq_len:,} tokens); add data, or lower the global "
                 f"batch or the sequence length")
         self.rows, self.global_batch, self.seed, self.stream = rows, global_batch, seed, stream
@@ -187,11 +188,9 @@ class Loader:
         return self
 
     def get_state(self) -> dict:  # JSON-able; independent of the process count
-        rows = getattr(self.rows, "identity", None) if self.stream else len(self.rows)
+        rows = self.rows.identity if self.stream else len(self.rows)
         state = {"step": self._step, "seed": self.seed, "global_batch": self.global_batch, "rows": rows}
-        if streams := getattr(self.rows, "streams", None):  # first_fit block walks: where they are (a shortcut)
-            state["cursors"] = [s.cursor for s in streams]
-        return state
+        return {**state, **self.rows.get_state()}  # first_fit block walks: where they are (a shortcut)
 
     def set_state(self, state: dict) -> None:
         mine = self.get_state()
@@ -200,10 +199,7 @@ class Loader:
                 raise DataError(f"loader state has {k}={state[k]}, but this loader has {k}={mine[k]}; resuming would "
                                 f"give a different data order (use the run's original {k})")
         self._step = int(state["step"])
-        streams = getattr(self.rows, "streams", None) or []
-        if len(state.get("cursors", ())) == len(streams):  # a cursor past the rows asked for is never used
-            for s, c in zip(streams, state.get("cursors", ())):
-                s.cursor = c
+        self.rows.set_state(state)
 
 
 def eval_batches(rows: PackedRows, batch: int, max_batches: int | None = None) -> Iterator[dict]:

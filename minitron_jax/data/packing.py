@@ -1,5 +1,5 @@
 """Packing token documents into fixed-length rows: first-fit-decreasing layouts with segment ids
-(`PackedRows`), used by the in-memory loader and by token-store first-fit blocks."""
+(`PackedRows`, the in-memory `rows.RowSource`), used by the in-memory loader and by token-store first-fit blocks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ from typing import Sequence
 
 import numpy as np
 
+from minitron_jax.data.rows import RowSource
 
-class PackedRows:
-    """[N, S] int32 token rows, optional [N, S] int32 segment ids (None: one segment, no padding)."""
+
+class PackedRows(RowSource):
+    """[N, S] int32 token rows, optional [N, S] int32 segment ids (None: one segment, no padding). A finite
+    `RowSource` that keeps no position (a resume checks its length)."""
+
+    stream = False
 
     def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray | None = None):
         self.tokens, self.segment_ids = tokens, segment_ids
@@ -17,6 +22,10 @@ class PackedRows:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def identity(self) -> str:
+        return f"rows:{len(self)}:{self.seq_len}"
 
     @property
     def n_tokens(self) -> int:  # real (non-padding) tokens

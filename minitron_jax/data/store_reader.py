@@ -16,8 +16,11 @@ a bounded cache of offset chunks).
   are cut into pieces of at most S and packed by first fit (`packing.first_fit_layout`); each epoch visits
   the blocks in a seeded order and each block's rows in a seeded order. Only the offsets of a block are
   read to lay it out; a row's tokens are read when the row is asked for.
-* Blends (`training_rows` with a dict): `{STORE: weight}`; grain's `MapDataset.mix` interleaves the stores' own
-  (infinitely repeated) orders in exact proportion, a pure function of the global row index.
+* Blends (`Blend`, `training_rows` with a dict): `{STORE: weight}`; grain's `MapDataset.mix` interleaves the
+  stores' own (infinitely repeated) orders in exact proportion, a pure function of the global row index.
+
+`StoreWindows`, `FirstFitStream` and `Blend` are `rows.RowSource`s: the first-fit block cursors travel in the
+loader state through their `get_state` / `set_state`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from minitron_jax.core.errors import DataError, StoreError
 from minitron_jax.data.packing import first_fit_layout
+from minitron_jax.data.rows import RowSource
 from minitron_jax.data.text import check_token_ids, pack, sample_budget
 from minitron_jax.data.token_store import MANIFEST, TokenStore, open_store, tokenizer_identity
 
@@ -70,6 +74,11 @@ def parse_blend(data) -> dict[str, float] | None:
         out[str(k)] = float(w)
     total = sum(out.values())
     return {k: w / total for k, w in out.items()}
+
+
+def store_weights(data) -> dict[str, float]:
+    """{store: normalized weight} of STORE or a blend (one store: weight 1)."""
+    return parse_blend(data) or {str(data): 1.0}
 
 
 def data_label(data) -> str:
@@ -247,9 +256,12 @@ def _row(tokens: np.ndarray, segment_ids: np.ndarray) -> dict:
             "mask": (segment_ids > 0).astype(np.float32)}
 
 
-class StoreWindows:
+class StoreWindows(RowSource):
     """`packing=concat` rows by random access: window w = tokens [w*S, (w+1)*S) of the store, with the
-    tokens of documents outside `keep` removed (segment 0, mask 0). Same items as `packing.PackedRows`."""
+    tokens of documents outside `keep` removed (segment 0, mask 0). Same items as `packing.PackedRows`; finite
+    (the Loader shuffles it), no position kept."""
+
+    stream = False
 
     def __init__(self, store: TokenStore, seq_len: int, split_map: SplitMap | None = None, keep: int = TRAIN,
                  vocab_size: int | None = None):
@@ -266,6 +278,10 @@ class StoreWindows:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def n_tokens(self) -> int:  # the tokens of its windows
+        return self.n * self.seq_len
 
     @property
     def identity(self) -> str:
@@ -288,13 +304,26 @@ def _block_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-class FirstFitStream:
+def _cursor_state(streams: list) -> dict:
+    """The loader-state entry of first_fit block walks: where they are (a shortcut for a resumed run)."""
+    return {"cursors": [s.cursor for s in streams]} if streams else {}
+
+
+def _set_cursors(streams: list, state: dict) -> None:
+    if len(state.get("cursors", ())) == len(streams):  # a cursor past the rows asked for is never used
+        for s, c in zip(streams, state.get("cursors", ())):
+            s.cursor = c
+
+
+class FirstFitStream(RowSource):
     """`packing=first_fit` over a store, as an endless ordered sequence of rows (`[g]`, g = 0, 1, ...).
 
     Epoch e visits the blocks in the order `rng(seed, e).permutation(n_blocks)`; a block's rows (the first-fit
     layout of the pieces of its documents of the kept split) come in the order `rng(seed, e, block)`. Row g is
     found by walking the blocks from the last position asked for (memoized row counts), so reading forward,
-    as training does, costs one layout per block."""
+    as training does, costs one layout per block. Its `cursor` travels in the loader state."""
+
+    stream = True
 
     def __init__(self, store: TokenStore, seq_len: int, split_map: SplitMap | None = None, keep: int = TRAIN, *,
                  seed: int = 0, block_tokens: int = BLOCK_TOKENS, pad_id: int = 0, vocab_size: int | None = None):
@@ -324,6 +353,16 @@ class FirstFitStream:
     @property
     def identity(self) -> str:
         return f"first_fit:{self.store.store}:{self.store.n_tokens}:{self.seq_len}:{self.block_tokens}"
+
+    @property
+    def streams(self) -> list[FirstFitStream]:  # the block walks whose cursors the loader state keeps
+        return [self]
+
+    def get_state(self) -> dict:
+        return _cursor_state(self.streams)
+
+    def set_state(self, state: dict) -> None:
+        _set_cursors(self.streams, state)
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -410,14 +449,46 @@ def tokenizer_dir_of(tokenizer) -> str | None:
 
 def open_stores(data, tokenizer_dir=None, what: str = "the teacher") -> dict[str, tuple[TokenStore, float]]:
     """{store: (TokenStore, weight)} for `data` = STORE or a blend, every one checked against the tokenizer."""
-    blend = parse_blend(data) or {str(data): 1.0}
     out = {}
-    for k, w in blend.items():
+    for k, w in store_weights(data).items():
         st = open_store(k)
         if tokenizer_dir is not None:
             check_tokenizer(st, tokenizer_dir, what)
         out[k] = (st, w)
     return out
+
+
+class Blend(RowSource):
+    """Stores mixed in proportion, as an endless ordered sequence: grain's `MapDataset.mix` of each component's
+    own order (a `FirstFitStream` as it is; `StoreWindows` shuffled with seed + c and repeated). The cursors of
+    its first_fit components travel in the loader state."""
+
+    stream = True
+
+    def __init__(self, comps: list[tuple[RowSource, float]], seed: int = 0):
+        import grain
+        ds = [grain.MapDataset.source(r) if r.stream else
+              grain.MapDataset.source(r).shuffle(seed=(seed + c) % (1 << 32)).repeat() for c, (r, _) in enumerate(comps)]
+        self._mixed = grain.MapDataset.mix(ds, [w for _, w in comps])
+        self.seq_len = comps[0][0].seq_len
+        self._identity = "blend:" + ";".join(f"{r.identity}={w:.6g}" for r, w in comps)
+        self.streams = [r for r, _ in comps if isinstance(r, FirstFitStream)]
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, g: int) -> dict:
+        return self._mixed[g]
+
+    def get_state(self) -> dict:
+        return _cursor_state(self.streams)
+
+    def set_state(self, state: dict) -> None:
+        _set_cursors(self.streams, state)
 
 
 def training_rows(data, seq_len: int, *, packing: str = "concat", splits: Splits = Splits(), seed: int = 0,
@@ -426,7 +497,6 @@ def training_rows(data, seq_len: int, *, packing: str = "concat", splits: Splits
     """(rows, stream): the training rows of a store or blend, for `loader.Loader`. One store with concat
     packing gives `StoreWindows` (finite, the Loader shuffles and repeats it: stream False); first_fit or a
     blend give an endless ordered sequence (stream True)."""
-    import grain
     stores = open_stores(data, tokenizer_dir)
     comps = []
     for c, (k, (st, w)) in enumerate(stores.items()):
@@ -440,15 +510,8 @@ def training_rows(data, seq_len: int, *, packing: str = "concat", splits: Splits
             rows = StoreWindows(st, seq_len, sm, vocab_size=vocab_size)
         comps.append((rows, w))
     if len(comps) == 1:
-        rows = comps[0][0]
-        rows.streams = [rows] if packing == "first_fit" else []
-        return rows, packing == "first_fit"
-    ds = [grain.MapDataset.source(r) if isinstance(r, FirstFitStream)
-          else grain.MapDataset.source(r).shuffle(seed=(seed + c) % (1 << 32)).repeat() for c, (r, _) in enumerate(comps)]
-    mixed = grain.MapDataset.mix(ds, [w for _, w in comps])
-    mixed.identity = "blend:" + ";".join(f"{r.identity}={w:.6g}" for r, w in comps)
-    mixed.streams = [r for r, _ in comps if isinstance(r, FirstFitStream)]
-    return mixed, True
+        return comps[0][0], comps[0][0].stream
+    return Blend(comps, seed), True
 
 
 def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, seed: int = 0, tokenizer_dir=None,

@@ -20,25 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.core.errors import DataError, EvalError
-from minitron_jax.data.store_reader import (
-    HOLDOUT,
-    TRAIN,
-    Splits,
-    is_store,
-    parse_blend,
-    split_rows,
-    split_token_docs,
-    tokenizer_dir_of,
-)
-from minitron_jax.data.text import (
-    check_token_ids,
-    pack,
-    parse_holdout,
-    read_documents,
-    read_jsonl,
-    split_documents,
-    tokenize_documents,
-)
+from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.text import check_token_ids, read_jsonl
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import lm_loss_from_hidden, next_token_targets, token_logprob_sums
@@ -238,6 +221,9 @@ def evaluate_model(params, cfg: LlamaConfig, tokenizer, rows: np.ndarray, items:
     return {"params": cfg.param_count(), "tokens": int(rows.size), "loss": loss, "perplexity": math.exp(loss), **mc}
 
 
+TASK_DOCS = 1000  # a token store's next-line task is built from its first 1,000 held-out documents
+
+
 def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: str | Path | None = None,
              task_items: int = 100, holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
              text_field: str = "text", vocab_size: int | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -249,34 +235,7 @@ def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: s
     it trained on; with neither, every document is evaluated. Rows are the first `samples` of the packed
     held-out rows (concat packing, seeded document order). Items come from `task` (JSONL) when given, else
     `next_line_task` over the held-out documents."""
-    if is_store(data) or parse_blend(data):
-        return _store_eval_set(data, tokenizer, seq_len=seq_len, samples=samples, task=task, task_items=task_items,
-                               holdout=holdout, holdout_fraction=holdout_fraction, seed=seed, vocab_size=vocab_size)
-    docs = read_documents(data, text_field)  # read once; only the held-out documents are tokenized
-    held_docs = split_documents(docs, holdout, holdout_fraction, seed)[1] if (holdout or holdout_fraction) else docs
-    rows = pack(tokenize_documents(held_docs, tokenizer, vocab_size=vocab_size), seq_len, None, seed)
-    if len(rows) < samples:
-        raise DataError(f"{data}: the held-out documents give {len(rows)} rows of {seq_len} tokens, fewer than the "
-                        f"{samples} asked for; lower the sample count or seq_len, or hold out more documents")
-    items = load_task(task) if task else next_line_task(held_docs, task_items, seed=seed)
-    return np.asarray(rows[:samples]), items
-
-
-TASK_DOCS = 1000  # a token store's next-line task is built from its first 1,000 held-out documents
-
-
-def _store_eval_set(data, tokenizer, *, seq_len: int, samples: int, task, task_items: int, holdout, holdout_fraction,
-                    seed: int, vocab_size) -> tuple[np.ndarray, list[dict]]:
-    """`eval_set` for a token store (or blend): the first `samples` rows of its held-out documents in a seeded
-    order (`store_loader.split_rows`: the rows `eval_set` gives for the same text); the next-line task from the text of its first TASK_DOCS held-out documents,
-    decoded. The store's tokenizer must be `tokenizer`'s (checked by sha256 when it was loaded from a directory)."""
-    holdout = tuple(parse_holdout(holdout))
-    splits = Splits(holdout, 0.0 if holdout else holdout_fraction, 0.0, seed)
-    split = HOLDOUT if splits.active else TRAIN  # nothing held out: every document, as for text
-    tok_dir = tokenizer_dir_of(tokenizer)
-    rows = split_rows(data, seq_len, samples, split, splits, seed=seed, tokenizer_dir=tok_dir, vocab_size=vocab_size)
-    if task:
-        return rows, load_task(task)
-    docs = split_token_docs(data, split, splits, max_docs=TASK_DOCS, tokenizer_dir=tok_dir)
-    texts = [(f"document {i}", tokenizer.decode(d, skip_special_tokens=True)) for i, d in enumerate(docs)]
-    return rows, next_line_task(texts, task_items, seed=seed)
+    spec = DataSpec(data, holdout=holdout, holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
+    rows, docs = spec.evaluation_rows(tokenizer, seq_len, samples, vocab_size=vocab_size,
+                                      task_docs=0 if task else TASK_DOCS)
+    return rows, load_task(task) if task else next_line_task(docs, task_items, seed=seed)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.core.errors import DataError, ScoresError
+from minitron_jax.core.errors import ScoresError
 from minitron_jax.core.progress import Progress
-from minitron_jax.data.store_reader import Splits, calibration_rows, is_store, parse_blend, tokenizer_dir_of
-from minitron_jax.data.text import check_token_ids, load_samples, parse_holdout, warn
+from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.text import check_token_ids, parse_holdout, warn
 from minitron_jax.eval.evaluate import batches, gated_losses, mesh_context, multiple_choice
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
@@ -330,17 +330,12 @@ def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size:
 
 def calibration_samples(data, tokenizer, samples: int, seq_len: int, seed: int = 0, *, text_field: str = "text",
                         vocab_size: int | None = None, exclude=(), splits=None, split: int = 0):
-    """Calibration rows from text (`data.load_samples`, documents named in `exclude` skipped) or from a token
-    store or blend (`store_loader.calibration_rows` over the documents of `split`, default training; the
-    store's tokenizer checked against `tokenizer`'s directory)."""
-    if is_store(data) or parse_blend(data):
-        splits = splits if splits is not None else Splits(tuple(parse_holdout(exclude)), seed=seed)
-        return calibration_rows(data, samples, seq_len, seed, split=split, splits=splits,
-                                tokenizer_dir=tokenizer_dir_of(tokenizer), vocab_size=vocab_size)
-    if split or (splits is not None and (splits.holdout_fraction or splits.validation_fraction)):
-        raise DataError(f"holdout and validation fractions split token stores; {data} is text: tokenize it with "
-                        f"`minitron tokenize {data} --tokenizer MODEL_DIR --out STORE`, or name held-out documents")
-    return load_samples(data, tokenizer, samples, seq_len, seed, text_field, vocab_size=vocab_size, exclude=exclude)
+    """Calibration rows (`spec.DataSpec.calibration_rows`) from text (`data.load_samples`, documents named in
+    `exclude` skipped) or from a token store or blend (`store_loader.calibration_rows` over the documents of
+    `split`, default training, as `splits` splits them; the store's tokenizer checked against `tokenizer`'s
+    directory)."""
+    spec = DataSpec.of_splits(data, splits, exclude=exclude, seed=seed, text_field=text_field)
+    return spec.calibration_rows(tokenizer, samples, seq_len, seed, split=split, vocab_size=vocab_size)
 
 
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,

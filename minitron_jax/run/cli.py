@@ -14,8 +14,7 @@ from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import AOTError, MinitronError, Preempted
 from minitron_jax.core.yaml_config import build, load_values, split_config
-from minitron_jax.data.store_reader import Splits
-from minitron_jax.data.text import parse_holdout
+from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
 from minitron_jax.eval.parity import compare_with_transformers
@@ -135,8 +134,8 @@ def _splits(args):
     """--holdout / --holdout-fraction / --validation-fraction as `store_loader.Splits` (None: none given)."""
     if not (args.holdout_fraction or args.validation_fraction):
         return None
-    names = tuple(parse_holdout(args.holdout))
-    return Splits(names, 0.0 if names else args.holdout_fraction, args.validation_fraction, args.seed)
+    return DataSpec(args.data, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
+                    validation_fraction=args.validation_fraction, seed=args.seed).splits
 
 
 def _check_scores_path(path: str) -> None:

@@ -32,7 +32,8 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
 from minitron_jax.core.lock import output_lock
 from minitron_jax.core.yaml_config import DataArg, build, coerce, load_values, merge, read_yaml
-from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, Splits, is_store, open_stores
+from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
 from minitron_jax.data.text import read_documents, split_documents
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
@@ -339,7 +340,7 @@ class Pipeline:
         if isinstance(self.cfg.data, dict):
             return teacher, self.cfg.data
         data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else self.cfg.data
-        return teacher, data if is_store(data) else Path(data)
+        return teacher, Path(data) if self.spec(data).is_text else data
 
     def validate(self, teacher: Path, data) -> None:
         """Everything that can be checked before expensive work."""
@@ -366,7 +367,7 @@ class Pipeline:
             raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
                               "out a seeded fraction (distill.holdout_fraction=0.001)")
         self.splits()  # refuses impossible fractions
-        if is_store(data) or isinstance(data, dict):
+        if not self.spec(data).is_text:
             self.check_store(teacher, data)
         elif not Path(data).exists():
             raise DataError(f"data path {data} does not exist")
@@ -380,16 +381,21 @@ class Pipeline:
         rc = distill_recipe(self.cfg, teacher="-", student="-", data="-")
         return make_mesh(*check_mesh(rc))
 
+    def spec(self, data=None) -> DataSpec:
+        """`data` (the run's text, store or blend) split as every stage splits it: `holdout` names, else the
+        recipe's `holdout_fraction`; `validation_fraction` of the rest."""
+        c = self.cfg
+        return DataSpec(data, holdout=c.holdout, holdout_fraction=c.distill.holdout_fraction,
+                        validation_fraction=self.validation_fraction(), seed=c.seed, text_field=c.distill.text_field)
+
     def split(self) -> dict:
         """How held-out documents are chosen, as `build_corpus` / `evaluate.eval_set` take it."""
-        c = self.cfg
-        return {"holdout": list(c.holdout), "holdout_fraction": 0.0 if c.holdout else c.distill.holdout_fraction,
-                "seed": c.seed}
+        sp = self.spec()
+        return {"holdout": list(self.cfg.holdout), "holdout_fraction": sp.holdout_fraction, "seed": sp.seed}
 
     def splits(self):
-        """Held-out, validation and training documents of the stores (`store_loader.Splits`)."""
-        sp = self.split()
-        return Splits(tuple(sp["holdout"]), sp["holdout_fraction"], self.validation_fraction(), sp["seed"])
+        """Held-out, validation and training documents of the stores (`store_reader.Splits`)."""
+        return self.spec().splits
 
     def validation_fraction(self) -> float:
         c = self.cfg
@@ -423,7 +429,7 @@ class Pipeline:
     def tokenized(self, teacher: Path, data) -> dict:
         """The data stage: text -> `out/data/store` with the teacher's tokenizer; a store or blend (checked by
         `validate`) as it is."""
-        if is_store(data) or isinstance(data, dict):
+        if not self.spec(data).is_text:
             return {"store": data}
         store = self.out / "data" / "store"
         m = tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
@@ -448,7 +454,7 @@ class Pipeline:
         mesh = self.mesh()
         self.out.mkdir(parents=True, exist_ok=True)
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
-        run = RunState(teacher_dir, data, text=not (is_store(data) or isinstance(data, dict)), mesh=mesh,
+        run = RunState(teacher_dir, data, text=self.spec(data).is_text, mesh=mesh,
                        tok=load_tokenizer(teacher_dir, vocab_size=tok_vocab), vocab_size=tok_vocab)
         for st in STAGES:
             if st.on is None or st.on(self):

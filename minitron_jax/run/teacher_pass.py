@@ -38,7 +38,7 @@ from minitron_jax.core.errors import LogitsError, RecipeError
 from minitron_jax.core.lock import LOCK_NAME, output_lock
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.loader import Loader, training_data
-from minitron_jax.data.store_reader import is_store, parse_blend
+from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.token_store import _kv, delete_key, list_keys, read_json, write_json
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.llama import forward, lm_head_weight
@@ -107,7 +107,7 @@ def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
 
     if rc.teacher is None:
         raise RecipeError("teacher=DIR is required (the model whose logits are stored)")
-    if rc.data is None or not (is_store(rc.data) or parse_blend(rc.data)):
+    if rc.data is None or DataSpec(rc.data).is_text:
         raise RecipeError(f"data={rc.data}: teacher logits are stored for the rows of a token store; tokenize the "
                           f"text first (`minitron tokenize {rc.data} --tokenizer {rc.teacher} --out STORE`)")
     rc.student = rc.student or rc.teacher

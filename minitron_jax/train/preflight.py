@@ -13,7 +13,8 @@ from typing import Any
 import jax
 
 from minitron_jax.core.errors import AOTError, RecipeError, TrainingError
-from minitron_jax.data.store_reader import is_store, open_stores, parse_blend
+from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.store_reader import open_stores
 from minitron_jax.io.hf import load_tokenizer
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.sharding import resolve_mesh_shape
@@ -118,7 +119,7 @@ def check_model(rc: RunConfig, name: str, path) -> LlamaConfig:
 def check_data(rc: RunConfig, model, who: str) -> None:
     """Token stores (or a blend) must hold the tokenizer of `model` (sha256); text cannot be split by
     validation_fraction."""
-    if is_store(rc.data) or parse_blend(rc.data):
+    if not DataSpec(rc.data).is_text:
         open_stores(rc.data, model, who)
     elif rc.validation_fraction:
         raise RecipeError(f"validation_fraction={rc.validation_fraction} splits token stores; {rc.data} is text: "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from minitron_jax.core.errors import LogitsError, RecipeError
-from minitron_jax.data.store_reader import parse_blend
+from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.token_store import MANIFEST as STORE_MANIFEST
 from minitron_jax.data.token_store import kvstore_url, open_store, read_json, tokenizer_identity
 from minitron_jax.io.hf import open_checkpoint
@@ -91,9 +91,8 @@ def teacher_identity(path: str | Path) -> dict[str, str]:
 def data_identity(data) -> dict[str, Any]:
     """{store path: sha256 of its manifest.json} (and the blend weights) for STORE or a blend."""
     import tensorstore as ts
-    blend = parse_blend(data) or {str(data): 1.0}
     out = {}
-    for k, w in blend.items():
+    for k, w in DataSpec(data).weights.items():
         open_store(k)  # complete, or refused naming why
         raw = ts.KvStore.open(kvstore_url(k) + "/").result().read(STORE_MANIFEST).result().value
         out[str(Path(k).absolute()) if "://" not in k else k] = {"manifest_sha256": hashlib.sha256(raw).hexdigest(),
@@ -105,7 +104,7 @@ def identity(rc, t_dir: str | Path) -> dict[str, Any]:
     """What the stored rows depend on, for the manifest and for the check before a run reads them."""
     return {"teacher": teacher_identity(t_dir), "tokenizer": tokenizer_identity(t_dir),
             "data": data_identity(rc.data), **{k: getattr(rc, k) for k in ROW_KEYS},
-            "holdout_fraction": 0.0 if rc.holdout else rc.holdout_fraction}  # unused with holdout names
+            "holdout_fraction": DataSpec.of_recipe(rc).holdout_fraction}  # 0 with holdout names
 
 
 def _spec(out, name: str, dtype: str, shape=None, chunk=None) -> dict:
