@@ -6,16 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA3_ROPE, rel_err, save_tiny
+from helpers import LLAMA3_ROPE, read_all, rel_err, save_tiny
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
 from minitron_jax.io.safetensors import SafetensorsFile
-
-
-def read_all(path):
-    from minitron_jax.io.hf import open_checkpoint
-    return {n: np.asarray(f.tensor(n)) for n, f in open_checkpoint(path).items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA3_ROPE, rel_err, save_tiny
-from test_importance import numpy_scores, torch_activations
-from test_roundtrip import read_all
+from helpers import LLAMA3_ROPE, numpy_scores, read_all, rel_err, save_tiny, torch_activations
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj

@@ -25,7 +25,7 @@ from minitron_jax.run.pipeline import (
 )
 from minitron_jax.train.run_config import RunConfig, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 PIPELINES = sorted(CONFIGS.glob("pipeline_*.yaml")) + [CONFIGS / "smollm2_cpu.yaml"]
 PATHS = ["teacher=-", "student=-", "data=-"]

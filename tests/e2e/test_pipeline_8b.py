@@ -14,7 +14,7 @@ from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import PruneTarget
 from minitron_jax.run.pipeline import Pipeline, load_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCALE = 32  # hidden 4096 -> 128, intermediate 14336 -> 448 (transformers: hidden a multiple of the 32 heads); the width target scales with it
 CONFIGS = ["pipeline_llama31_8b_width_tpu.yaml", "pipeline_llama31_8b_width_gpu.yaml",
            "pipeline_llama31_8b_depth_tpu.yaml", "pipeline_llama31_8b_depth_gpu.yaml"]

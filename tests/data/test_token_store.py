@@ -158,7 +158,7 @@ def test_killed_run_resumes_identically(corpus, store1, tmp_path):
         "import minitron_jax.data.token_store as S\nfrom minitron_jax.data.tokenize import tokenize\n"
         "w = S.write_json\nS.write_json = lambda *a: (w(*a), time.sleep(0.05))\n"
         f"tokenize({str(src)!r}, {str(tok)!r}, {str(out)!r}, workers=2, **{SMALL!r})\n")
-    p = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent.parent)], start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parents[2])], start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:

@@ -14,19 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distill_helpers import make_pair, metrics
+from distill_helpers import ENV, make_pair, metrics, two_processes
 
 from minitron_jax.io.hf import open_checkpoint
 from minitron_jax.run.cli import main
 
-HOOK = str(Path(__file__).with_name("train_with_hook.py"))
-ROOT = Path(__file__).parents[1]
+HOOK = str(Path(__file__).parents[1] / "train_with_hook.py")
+ROOT = Path(__file__).parents[2]
 COMMON = ["seq_len=64", "holdout=[tempest]", "eval_every=100", "peak_tflops=1", "warmup=1", "save_every=100"]
 # micro-batches of 4 rows over data x fsdp = 4 devices; each of 2 processes feeds 2 of them
 POD = ["steps=6", "batch_size=8", "grad_accum=2", "mesh=[2,2,2]"]
-ENV = {"JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("pair"), sharpen=8.0)
@@ -39,28 +36,6 @@ def args(pair, out, *extra):
 
 def checkpoints(out) -> list[int]:
     return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def two_processes(program: list[str], argv: list[str]) -> list[subprocess.CompletedProcess]:
-    """`python PROGRAM ARGV` as 2 processes of 4 fake CPU devices joined on 127.0.0.1 (as launch/local.sh)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, *program, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, **ENV, "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
-                                              "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(i),
-                                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-             for i in range(2)]
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)  # a process left waiting at a collective hangs here
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            p.kill()
-    return done
 
 
 def weights(out) -> dict[str, np.ndarray]:

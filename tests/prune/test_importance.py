@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA3_ROPE, save_tiny
+from helpers import LLAMA3_ROPE, numpy_scores, save_tiny, torch_activations
 
 import minitron_jax as mj
 from minitron_jax.eval.evaluate import gated_losses
@@ -25,47 +25,6 @@ def tiny(tmp_path_factory):
     ref = save_tiny(path, **CFG)
     samples = np.random.RandomState(0).randint(0, 128, (10, 24)).astype(np.int32)
     return path, ref, samples
-
-
-def torch_activations(model, samples):
-    """Per-layer activations captured by hooks on the transformers modules."""
-    acts = {k: [[] for _ in model.model.layers] for k in
-            ("layer_in", "layer_out", "attn_norm", "mlp_norm", "o_proj_in", "down_proj_in", "mlp_pre")}
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def pre(key, i):
-            return lambda mod, args: acts[key][i].append(args[0].detach().numpy().astype(np.float64))
-        def post(key, i):
-            return lambda mod, args, out: acts[key][i].append((out[0] if isinstance(out, tuple) else out).detach().numpy().astype(np.float64))
-        hooks += [layer.register_forward_pre_hook(pre("layer_in", i)), layer.register_forward_hook(post("layer_out", i)),
-                  layer.input_layernorm.register_forward_hook(post("attn_norm", i)),
-                  layer.post_attention_layernorm.register_forward_hook(post("mlp_norm", i)),
-                  layer.self_attn.o_proj.register_forward_pre_hook(pre("o_proj_in", i)),
-                  layer.mlp.down_proj.register_forward_pre_hook(pre("down_proj_in", i)),
-                  layer.mlp.gate_proj.register_forward_hook(post("mlp_pre", i))]
-    with torch.no_grad():
-        model(torch.tensor(samples, dtype=torch.long))
-    for h in hooks:
-        h.remove()
-    return {k: np.stack([v[0] for v in per_layer]) for k, per_layer in acts.items()}  # [L, B, S, C]
-
-
-def numpy_scores(acts, cfg, batch_agg, seq_agg, mlp_site):
-    def seq(a):  # [L, B, S, C] -> [L, B, C]
-        return {"mean": np.abs(a).mean(2), "l2": np.sqrt((a ** 2).sum(2)), "var": a.var(2)}[seq_agg]
-
-    def batch(x):  # [L, B, C] -> [L, C]
-        return {"l2": np.sqrt((x ** 2).sum(1)), "mean": x.mean(1), "var": x.var(1)}[batch_agg]
-
-    L, H, K, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    o = batch(seq(acts["o_proj_in"]))
-    heads = np.sqrt((o.reshape(L, H, d) ** 2).sum(-1))
-    x, y = acts["layer_in"], acts["layer_out"]
-    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
-    return {"mlp": batch(seq(acts["mlp_pre" if mlp_site == "pre_activation" else "down_proj_in"])),
-            "heads": heads, "kv_groups": np.sqrt((heads.reshape(L, K, H // K) ** 2).sum(-1)),
-            "hidden": (batch(seq(acts["attn_norm"])) + batch(seq(acts["mlp_norm"]))).sum(0),
-            "layer_bi": (1 - cos).mean((1, 2))}
 
 
 @pytest.mark.parametrize("batch_agg,seq_agg", list(itertools.product(["l2", "mean", "var"], ["mean", "l2", "var"])))

@@ -158,8 +158,7 @@ def test_interrupted_write_resumes_to_identical_arrays(setup, tmp_path):
 
 def test_two_processes_write_one_store(setup, tmp_path):
     """2 processes x 4 devices, each writing its rows of every global batch, give the 1-process store."""
-    from distill_helpers import run_cli
-    from test_preemption import two_processes
+    from distill_helpers import run_cli, two_processes
     run_cli(["teacher-logits", *cli_args(setup, tmp_path / "one", "samples=24")], devices=1)
     done = two_processes(["-m", "minitron_jax.run.cli", "teacher-logits"], cli_args(setup, tmp_path / "two", "samples=24"))
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
