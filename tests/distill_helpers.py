@@ -36,8 +36,8 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     import minitron_jax as mj
     from minitron_jax.core.assets import fetch_shakespeare
     from minitron_jax.io.hf import save_params
-    from minitron_jax.prune.record import prune_record, save_prune_record
     from minitron_jax.prune.pruning import prune
+    from minitron_jax.prune.record import prune_record, save_prune_record
 
     teacher, student, data = root / "teacher", root / "student", root / "data"
     data.mkdir(parents=True)
@@ -122,3 +122,16 @@ def two_processes(program: list[str], argv: list[str]) -> list[subprocess.Comple
         for p in procs:
             p.kill()
     return done
+
+
+QUIET = lambda m: None  # noqa: E731  a `log` that prints nothing
+
+
+def recipe(pair, out, *extra):
+    """The RunConfig of a short quiet run of `pair` (teacher, student, data) into `out` on mesh [1,1,8]."""
+    from minitron_jax.train.run_config import load_recipe
+
+    t, s, d = pair
+    return load_recipe(None, [f"teacher={t}", f"student={s}", f"data={d}", f"out={out}", "batch_size=4",
+                              "seq_len=64", "holdout=[tempest]", "eval_every=100", "save_every=100",
+                              "peak_tflops=1", "mesh=[1,1,8]", "warmup=0", *extra])

@@ -46,7 +46,7 @@ def rel_err(a, b, mask=None) -> float:
 
 
 # ---------------------------------------------------------------------------- checkpoints to corrupt
-# (test_config.py, test_hf.py, test_safetensors_io.py: the `tiny_dirs` / `ckpt` / `no_weight_reads`
+# (model/test_config.py, io/test_hf.py, io/test_safetensors.py: the `tiny_dirs` / `ckpt` / `no_weight_reads`
 # fixtures in conftest.py save a tiny random `transformers.LlamaForCausalLM` with TINY's shape)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -122,3 +122,64 @@ def read_all(path):
     """Every tensor of an HF checkpoint directory, by name."""
     from minitron_jax.io.hf import open_checkpoint
     return {n: np.asarray(f.tensor(n)) for n, f in open_checkpoint(path).items()}
+
+
+# ---------------------------------------------------------------------------- for refusal tests
+# (documents, a tokenizer, a NaN model: data/test_text.py, data/test_loader.py, eval/test_evaluate.py,
+# prune/test_importance.py)
+class CodePointTokenizer:
+    """A character tokenizer: id = code point % 200 + 3 (BOS 1, EOS 2, pad 0); records what it was given."""
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, offset: int = 3, pad: int = 0):
+        self.offset, self.pad_token_id, self.calls = offset, pad, []
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": self([texts])["input_ids"][0].tolist()}
+        self.calls.append(sum(map(len, texts)))
+        return {"input_ids": [np.frombuffer(t.encode("utf-32-le"), np.uint32) % 200 + self.offset for t in texts]}
+
+    def get_vocab(self):
+        return {chr(i): i + self.offset for i in range(200)}
+
+    def __len__(self):
+        return 200 + self.offset
+
+
+def nan_model(path):
+    """The model at `path` with one NaN weight (layer 0's q_proj)."""
+    m = minitron_jax.from_pretrained(path)
+    p = m.params()
+    p["layers"]["q_proj"] = p["layers"]["q_proj"].at[0, 0, 0].set(np.nan)
+    bad = minitron_jax.Llama(m.config, params=p)
+    bad.source = str(path)
+    return bad
+
+
+def write_docs(d, n, text="Some words of text, in a line. " * 20):
+    d.mkdir()
+    for i in range(n):
+        (d / f"doc{i}.txt").write_text(f"{i}: {text}")
+    return d
+
+
+# ---------------------------------------------------------------------------- token stores
+# (data/test_store_reader.py, run/test_prune_job.py, train/test_trainer.py; the store fixtures are in
+# conftest.py)
+def tokenize_store(src: Path, tok_dir, out: Path) -> Path:
+    """`minitron tokenize SRC` with the tokenizer of `tok_dir` into the token store `out`."""
+    from minitron_jax.data.tokenize import tokenize
+    tokenize([str(src)], tok_dir, str(out), workers=1, progress=False)
+    return out
+
+
+def store_reference(store):
+    """Every token's document (numpy searchsorted over the full offsets) and the documents' token arrays."""
+    from minitron_jax.data.token_store import open_store
+
+    st = open_store(store)
+    off = np.asarray(st.document_offsets())
+    tokens = np.asarray(st.read(0, st.n_tokens))
+    doc_of = np.searchsorted(off, np.arange(st.n_tokens), side="right") - 1
+    return st, off, tokens, doc_of

@@ -1,4 +1,4 @@
-"""The `minitron` command re-executes itself under mimalloc (minitron_jax/allocator.py)."""
+"""The `minitron` command re-executes itself under mimalloc (core/allocator.py)."""
 
 import os
 import subprocess

@@ -185,7 +185,7 @@ def test_damaged_cache_refused(fake, tmp_path, damage):
     if damage == "truncated":
         (d / "lear_gut.txt").write_bytes(b"Nothing")
         match = rf"lear_gut\.txt has 7 bytes but .* records {len(TEXTS['lear_gut.txt'])}: it was changed or truncated"
-    elif damage == "only marker":  # the case: a directory holding only a marker was trusted
+    elif damage == "only marker":  # a directory holding only a marker used to be trusted
         for p in d.glob("*_gut.txt"):
             p.unlink()
         match = r"hamlet_gut\.txt \(\+1 more\), recorded in .*minitron_asset\.json, is missing"

@@ -40,7 +40,7 @@ def q_proj(path: Path) -> np.ndarray:
 
 @pytest.fixture
 def workdir(tmp_path) -> Path:
-    """D of the issue: a teacher, its scores and an unrelated file, none written by `atomic_directory`."""
+    """D: a teacher, its scores and an unrelated file, none written by `atomic_directory`."""
     d = tmp_path / "D"
     (d / "teacher").mkdir(parents=True)
     (d / "teacher" / "config.json").write_text("{}")
@@ -53,7 +53,7 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
 
-# ---------------------------------------------------------------------------- 1: never delete what is not ours
+# ---------------------------------------------------------------------------- never delete what is not ours
 def test_overwrite_refuses_a_directory_minitron_did_not_write(workdir):
     before = listing(workdir)
     model = tiny_model()
@@ -114,7 +114,7 @@ def test_existing_output_needs_overwrite_and_files_are_never_replaced(tmp_path):
     assert is_minitron_output(empty)
 
 
-# ---------------------------------------------------------------------------- 1: replace old only once new is complete
+# ---------------------------------------------------------------------------- replace old only once new is complete
 def test_replacing_a_previous_output(tmp_path, monkeypatch):
     """A second export replaces the first (as every distillation run re-exports out/student_hf); the old
     copy is deleted only once the new one is in place."""
@@ -169,7 +169,7 @@ def test_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     assert listing(out) == before and leftovers(tmp_path, "ckpt") == []
 
 
-# ---------------------------------------------------------------------------- 1: paths that cannot be written
+# ---------------------------------------------------------------------------- paths that cannot be written
 def test_output_under_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -203,7 +203,7 @@ def test_read_only_parent_as_reported_by_the_os(tmp_path, monkeypatch):
         check_output(ro / "out", overwrite=True)
 
 
-# ---------------------------------------------------------------------------- 2: one temporary per writer
+# ---------------------------------------------------------------------------- one temporary per writer
 def test_two_writers_never_share_a_temporary(tmp_path):
     out = tmp_path / "out"
     stale = tmp_path / ".out.tmp-1-deadbeef"  # a dead writer's temporary: left alone

@@ -5,11 +5,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import CodePointTokenizer, write_docs
 
 from minitron_jax.core.errors import DataError
 from minitron_jax.data import text as data
 from minitron_jax.data.loader import Loader, build_corpus, eval_batches
-from minitron_jax.data.packing import PackedRows, pack_first_fit
+from minitron_jax.data.packing import PackedRows
+from minitron_jax.data.text import read_documents, tokenize_documents
 
 S = 64
 
@@ -79,12 +81,6 @@ def test_first_fit_packing(corpus, tokenizer):
     again, _ = build_corpus(corpus, tokenizer, S, packing="first_fit", seed=1)
     np.testing.assert_array_equal(again.tokens, train.tokens)
     np.testing.assert_array_equal(again.segment_ids, train.segment_ids)
-
-
-def test_first_fit_small_cases():
-    rows = pack_first_fit([np.array([1, 2, 3]), np.array([4, 5, 6, 7, 8]), np.array([9, 10])], 5, pad_id=0)
-    np.testing.assert_array_equal(rows.tokens, [[4, 5, 6, 7, 8], [1, 2, 3, 9, 10]])
-    np.testing.assert_array_equal(rows.segment_ids, [[1, 1, 1, 1, 1], [1, 1, 1, 2, 2]])
 
 
 def test_holdout(corpus, tokenizer):
@@ -216,3 +212,45 @@ def test_eval_batches():
     assert (batches[-1]["segment_ids"][2:] == 0).all()
     assert len(list(eval_batches(rows, 4, max_batches=2))) == 2
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(batches, eval_batches(rows, 4)) for k in x)  # fixed order
+
+
+# ---------------------------------------------------------------------------- ids beyond the vocabulary, small corpora
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_build_corpus_refuses_ids_beyond_the_vocabulary_fresh_and_cached(tmp_path, packing):
+    d = write_docs(tmp_path / "d", 4)
+    largest = max(int(r.max()) for r in tokenize_documents(read_documents(d), CodePointTokenizer()))
+    kw = dict(packing=packing, holdout="doc3", cache_dir=tmp_path / "cache")
+    train, held = build_corpus(d, CodePointTokenizer(), 32, vocab_size=largest + 1, **kw)  # fits: built and cached
+    assert held is not None and int(train.tokens.max()) == largest
+    # the cached rows, asked for by a model with a smaller vocabulary
+    with pytest.raises(DataError, match=rf"training rows of .*: the largest token id {largest} .*vocab_size={largest}\b"):
+        build_corpus(d, CodePointTokenizer(), 32, vocab_size=largest, **kw)
+    with pytest.raises(DataError, match=rf"document doc0\.txt: the largest token id {largest} .*vocab_size={largest}\b"):
+        build_corpus(d, CodePointTokenizer(), 32, vocab_size=largest, packing=packing, holdout="doc3")
+    if packing == "first_fit":  # the padding id counts too: it is looked up in the embedding
+        with pytest.raises(DataError, match=r"pad id .*token id 500"):
+            build_corpus(d, CodePointTokenizer(pad=500), 32, vocab_size=largest + 1, packing=packing)
+
+
+@pytest.mark.parametrize("n", [2, 5, 10])
+def test_default_fraction_holds_out_one_of_few_documents(tmp_path, n):
+    d = write_docs(tmp_path / "d", n)
+    train, held = build_corpus(d, CodePointTokenizer(), 32, holdout_fraction=0.05)
+    assert held is not None and len(held) == (len("0: ") + 620 + 2) // 32  # exactly one document's rows
+    assert len(train) == (n - 1) * (len("0: ") + 620 + 2) // 32
+
+
+def test_single_document_cannot_be_split_and_says_how(tmp_path):
+    d = write_docs(tmp_path / "d", 1)
+    with pytest.raises(DataError, match=r"d: 1 document cannot be split .*add documents, "
+                                        r"or hold none out \(holdout_fraction=0\)"):
+        build_corpus(d, CodePointTokenizer(), 32, holdout_fraction=0.05)
+
+
+def test_build_corpus_takes_a_holdout_string(tmp_path):
+    d = write_docs(tmp_path / "d", 6)
+    want = build_corpus(d, CodePointTokenizer(), 32, holdout=["doc1", "doc4"])
+    got = build_corpus(d, CodePointTokenizer(), 32, holdout="doc1,doc4")
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert got[1].n_tokens == 2 * (len("0: ") + 620 + 2) // 32 * 32  # doc1 and doc4 only

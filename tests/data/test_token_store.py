@@ -1,6 +1,6 @@
-"""Token store (token_store.py) and the tokenize job (tokenize_corpus.py): contents equal to an independent
-`tokenizers` re-tokenization, readable with plain tensorstore, byte-identical for any worker count and
-across a killed-and-restarted run, and clear errors that leave no store that looks complete."""
+"""Token store (data/token_store.py) and the tokenize job that writes it (data/tokenize.py): contents equal to
+an independent `tokenizers` re-tokenization, readable with plain tensorstore, byte-identical for any worker
+count and across a killed-and-restarted run, and clear errors that leave no store that looks complete."""
 
 import hashlib
 import json

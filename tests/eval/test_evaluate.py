@@ -1,4 +1,6 @@
-"""LM loss, layer-gated losses and multiple-choice scoring against transformers (PyTorch, fp32, CPU)."""
+"""Evaluation (eval/evaluate.py): LM loss, layer-gated losses and multiple-choice scoring against transformers
+(PyTorch, fp32, CPU); ids beyond the vocabulary and non-finite losses refused; the evaluation set from a
+token store equals the one from its text."""
 
 import json
 
@@ -6,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny
+from helpers import CodePointTokenizer, nan_model, save_tiny
 
 import minitron_jax as mj
-from minitron_jax.core.errors import DataError
+from minitron_jax.core.errors import DataError, EvalError
 from minitron_jax.eval.evaluate import (
     evaluate_model,
     gated_losses,
@@ -21,8 +23,10 @@ from minitron_jax.eval.evaluate import (
     next_line_task,
 )
 from minitron_jax.model.sharding import make_mesh
+from minitron_jax.prune.importance import compute_scores
 
 REL = 1e-5
+S = 64  # the sequence length of the token-store test
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +405,42 @@ def test_eval_set_holds_out_what_training_holds_out(tmp_path):
         assert all(c in held_text for it in items for c in it["choices"] + [it["context"]])
     with pytest.raises(DataError, match="fewer than the 10000 asked for"):
         eval_set(data, tok, seq_len=32, samples=10_000, holdout=["doc3"])
+
+
+# ---------------------------------------------------------------------------- ids beyond the vocabulary, NaN losses
+def test_forward_paths_refuse_ids_beyond_the_vocabulary(tiny_pair):
+    """Even rows built without vocab_size never reach the model: the embedding gather gives NaN, not an error."""
+    m = mj.from_pretrained(tiny_pair[0])
+    rows = np.random.RandomState(0).randint(0, 128, (4, 16)).astype(np.int32)
+    assert np.isfinite(lm_loss(m.params(), m.config, rows, batch_size=2))
+    rows[2, 5] = 128
+    with pytest.raises(DataError, match=r"evaluation rows: the largest token id 128 .*vocab_size=128"):
+        lm_loss(m.params(), m.config, rows, batch_size=2)
+    with pytest.raises(DataError, match=r"calibration rows: the largest token id 128 .*vocab_size=128"):
+        compute_scores(m.params(), m.config, rows, batch_size=2)
+    items = [{"context": "ab", "choices": ["c", "d"], "answer": 0}, {"context": "ab", "choices": ["c", "\x7f"], "answer": 0}]
+    with pytest.raises(DataError, match=r"task item 1: the largest token id 130 .*vocab_size=128"):  # chr(127) -> 130
+        multiple_choice(m.params(), m.config, CodePointTokenizer(), items, batch_size=2)
+
+
+def test_eval_refuses_non_finite_loss_and_logprobs(tiny_pair):
+    bad = nan_model(tiny_pair[0])
+    rows = np.random.RandomState(0).randint(0, 128, (4, 16)).astype(np.int32)
+    with pytest.raises(EvalError, match=r"the LM loss on 4 rows of 16 tokens is nan; check the model's weights"):
+        lm_loss(bad.params(), bad.config, rows, batch_size=2)
+    items = [{"context": "ab", "choices": ["c", "d"], "answer": 0}]
+    with pytest.raises(EvalError, match=r"log-probability of a choice of task item 0 is nan"):
+        multiple_choice(bad.params(), bad.config, CodePointTokenizer(), items, batch_size=2)
+    assert isinstance(EvalError("x"), DataError)  # cli.main turns it into a one-line exit
+
+
+# ---------------------------------------------------------------------------- the evaluation set from a token store
+def test_eval_set_from_a_store_equals_eval_set_from_its_text(corpus, store, tokenizer):
+    """`minitron eval` / the evaluate stage give the same rows and next-line items from the store as from the
+    text it was tokenized from (held-out documents by name, or every document)."""
+    from minitron_jax.eval.evaluate import eval_set
+    for kw in ({"holdout": "doc03,doc1"}, {}):
+        rows, items = eval_set(corpus, tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
+        s_rows, s_items = eval_set(str(store), tokenizer, seq_len=S, samples=12, task_items=20, seed=2, **kw)
+        np.testing.assert_array_equal(s_rows, rows)
+        assert s_items == items

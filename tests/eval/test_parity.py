@@ -1,4 +1,4 @@
-"""`verify.compare_with_transformers` (what `minitron parity` runs): its JAX loss is the project's chunked
+"""`compare_with_transformers` (eval/parity.py, what `minitron parity` runs): its JAX loss is the project's chunked
 next-token loss and equals a float64 re-derivation from transformers' logits."""
 
 import shutil

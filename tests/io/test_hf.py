@@ -1,11 +1,11 @@
-"""Loading and exporting HF checkpoints (minitron_jax/hf.py): every way an HF checkpoint or an export
+"""Loading and exporting HF checkpoints (io/hf.py): every way an HF checkpoint or an export
 can be wrong is refused early, with a message that names the problem and the fix.
 
 Fixtures are a tiny random `transformers.LlamaForCausalLM` saved as safetensors and then corrupted
 (`tiny_dirs`, `ckpt` and `no_weight_reads` are in conftest.py). Load-side tests run under
 `no_weight_reads`, which makes any read of tensor bytes fail the test, so each error is proven to come
-*before* weights are read (not from a crash half-way through a load). The round trip HF -> JAX -> HF
-itself is in test_roundtrip.py.
+*before* weights are read (not from a crash half-way through a load). The round trip HF -> JAX -> HF gives
+bit-identical tensors, and transformers loads what we export.
 """
 
 from __future__ import annotations
@@ -20,12 +20,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY, load, read_config, transformers_refuses, write_config
+import torch
+from helpers import (
+    LLAMA3_ROPE,
+    TINY,
+    load,
+    read_all,
+    read_config,
+    rel_err,
+    save_tiny,
+    transformers_refuses,
+    write_config,
+)
 from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 import minitron_jax
+import minitron_jax as mj
 from minitron_jax import CheckpointError, ConfigError, LlamaConfig
 from minitron_jax.io import hf as hf_mod
+from minitron_jax.io.safetensors import SafetensorsFile
 from minitron_jax.model.llama import is_param_spec, param_specs
 
 
@@ -91,7 +105,7 @@ def test_tied_checkpoint_with_lm_head_copy_loads(tied_ckpt):
     np.testing.assert_array_equal(np.asarray(model.params()["embed_tokens"]), emb)
 
 
-# ---------------------------------------------------------------------------- 1-3: tensors vs config
+# ---------------------------------------------------------------------------- tensors vs config
 def test_missing_tensor_is_named(ckpt, no_weight_reads):
     rewrite_weights(ckpt, drop=["model.layers.1.mlp.up_proj.weight"])
     with pytest.raises(CheckpointError, match=r"(?s)missing tensors \(1\): model\.layers\.1\.mlp\.up_proj\.weight"
@@ -132,7 +146,7 @@ def test_integer_weights_refused(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 7: pickle weights
+# ---------------------------------------------------------------------------- pickle weights
 class _Trap:
     """Unpickling this creates `marker`: proof that somebody unpickled the file."""
 
@@ -172,7 +186,7 @@ def test_no_weights_at_all(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 9-10: damaged files (sharded)
+# ---------------------------------------------------------------------------- damaged files (sharded)
 def _shard(ckpt: Path) -> dict:
     """Split the single file into two shards plus an index, as transformers does for big models."""
     tensors = load_file(ckpt / "model.safetensors")
@@ -222,7 +236,7 @@ def test_malformed_index(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 8, 13: export
+# ---------------------------------------------------------------------------- export
 def test_export_of_config_transformers_refuses(tmp_path, no_export_fetch):
     # 36 % 8 != 0 (NB: 36 with 4 heads would be fine: 36 % 4 == 0, and transformers accepts it)
     cfg = LlamaConfig(**{**TINY, "hidden_size": 36, "num_attention_heads": 8, "num_key_value_heads": 4})
@@ -261,7 +275,7 @@ def test_save_overwrite_and_empty_dir_are_allowed(ckpt, tmp_path):
                                       np.asarray(model.params()["layers"]["q_proj"]))
 
 
-# ---------------------------------------------------------------------------- issue 13.6: malformed index files
+# ---------------------------------------------------------------------------- malformed index files
 @pytest.mark.parametrize("text,match", [
     ("[1, 2]", r"is malformed \(a JSON list, not an object\): it needs a 'weight_map' object"),
     ('{"weight_map": ["model.norm.weight"]}', r"is malformed \(weight_map=\['model\.norm\.weight'\]\)"),
@@ -277,7 +291,7 @@ def test_index_not_a_weight_map(ckpt, no_weight_reads, text, match):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- issue 13.9: shards outside the directory
+# ---------------------------------------------------------------------------- shards outside the directory
 def _point_shard(ckpt: Path, index: dict, fname: str) -> None:
     """Make the index place every tensor of shard 2 in `fname` instead."""
     index["weight_map"] = {n: (fname if f.startswith("model-00002") else f) for n, f in index["weight_map"].items()}
@@ -333,7 +347,7 @@ def test_shards_linked_inside_and_hf_hub_snapshot_allowed(ckpt, tmp_path):
     np.testing.assert_array_equal(np.asarray(load(snap).params()["norm"]), ref)
 
 
-# ---------------------------------------------------------------------------- issue 13.2, 13.6: tokenizers
+# ---------------------------------------------------------------------------- tokenizers
 def _save_tokenizer(d: Path, n: int) -> None:
     """A word-level tokenizer of `n` tokens (4 of them special), saved as transformers saves one."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -371,3 +385,59 @@ def test_tokenizer_unreadable(ckpt):
     (ckpt / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"cannot load the tokenizer of .*; copy the tokenizer files"):
         hf_mod.load_tokenizer(ckpt)
+
+
+# ---------------------------------------------------------------------------- the round trip HF -> JAX -> HF
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_roundtrip_bit_identical(tmp_path, dtype, tied):
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_tiny(src, dtype=dtype, tie_word_embeddings=tied, head_dim=24, rope_theta=500000.0,
+              rope_scaling=LLAMA3_ROPE)
+    model = mj.from_pretrained(src)  # default: the dtype the checkpoint stores
+    assert str(model.embed_tokens[...].dtype) == str(dtype).replace("torch.", "")
+    mj.save_pretrained(model, out, max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").exists()  # sharded output
+    a, b = read_all(src), read_all(out)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary directory left behind
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head_dim"] == 24 and cfg["tie_word_embeddings"] is tied
+    assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0
+    assert (out / "generation_config.json").exists()  # side files copied from the source
+
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    orig = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.RandomState(0).randint(0, 128, (2, 24)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ref(ids).logits.numpy(), orig(ids).logits.numpy())
+
+
+def test_cast_on_import_and_export(tmp_path):
+    """fp32 checkpoint loaded as bf16 rounds like torch's .to(bfloat16); exported as bf16 on request."""
+    ref = save_tiny(tmp_path / "src")
+    model = mj.from_pretrained(tmp_path / "src", dtype="bfloat16")
+    np.testing.assert_array_equal(
+        np.asarray(model.params()["layers"]["q_proj"][1], np.float32),
+        ref.model.layers[1].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().numpy())
+    mj.save_pretrained(model, tmp_path / "out")
+    f = SafetensorsFile(tmp_path / "out" / "model.safetensors")
+    assert {str(f.dtype(n)) for n in f.names()} == {"bfloat16"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_pruned_shape_exports_with_explicit_head_dim(tmp_path):
+    """hidden != heads * head_dim (a width-pruned shape) survives export and loads in transformers."""
+    model = mj.Llama(mj.LlamaConfig(vocab_size=96, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    mj.save_pretrained(model, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert hf.config.head_dim == 16 and hf.config.hidden_size == 40
+    ids = np.random.RandomState(0).randint(0, 96, (1, 20))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model(jnp.asarray(ids)), ref) <= 1e-5

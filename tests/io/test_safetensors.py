@@ -1,4 +1,4 @@
-"""A damaged safetensors file (minitron_jax/safetensors_io.py) is refused before any tensor bytes are
+"""A damaged safetensors file (io/safetensors.py) is refused before any tensor bytes are
 read, with a message that names the file and the fix.
 
 The checkpoint fixtures (`ckpt`, `no_weight_reads`) are in conftest.py: a tiny random
@@ -19,7 +19,7 @@ from minitron_jax.core.errors import SafetensorsError
 from minitron_jax.io.safetensors import SafetensorsFile
 
 
-# ---------------------------------------------------------------------------- 9-10: damaged files
+# ---------------------------------------------------------------------------- damaged files
 def test_truncated_safetensors(ckpt, no_weight_reads):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
@@ -49,7 +49,7 @@ def test_header_size_disagreeing_with_shape(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- issue 13.6: every malformed header
+# ---------------------------------------------------------------------------- every malformed header
 def _with_header(f, mutate) -> None:
     """Rewrite the header of `f` through `mutate(header) -> header`, keeping the tensor bytes."""
     raw = f.read_bytes()

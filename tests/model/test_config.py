@@ -1,4 +1,4 @@
-"""LlamaConfig <-> config.json (minitron_jax/config.py): both RoPE key styles are read as transformers
+"""LlamaConfig <-> config.json (model/config.py): both RoPE key styles are read as transformers
 reads them, FLOPs per token are counted by hand, and every config this project cannot build, or that
 transformers would not load, is refused before any weights are read, with a message that names the
 problem and the fix.
@@ -48,7 +48,7 @@ def test_llama3_rope_accepted_in_both_key_styles(ckpt, variant):
     assert (c.rope_type, c.rope_theta, c.rope_scaling_dict["factor"]) == ("llama3", 500000.0, 8.0)
 
 
-# ---------------------------------------------------------------------------- 4-6, 12: config content
+# ---------------------------------------------------------------------------- config content
 @pytest.mark.parametrize("change", [{"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
                                     {"model_type": "mistral"},
                                     {"architectures": ["MistralForCausalLM"]}])
@@ -96,7 +96,7 @@ def test_heads_not_divisible_by_kv_heads(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 11: config.json itself
+# ---------------------------------------------------------------------------- config.json itself
 def test_malformed_config_json(ckpt, no_weight_reads):
     (ckpt / "config.json").write_text(read_config(ckpt).__repr__())  # a Python dict is not JSON
     with pytest.raises(ConfigError, match=r"config\.json is not valid JSON \(.*\); fix or re-export the config"):
@@ -125,7 +125,7 @@ def test_config_json_not_an_object(ckpt, no_weight_reads):
         load(ckpt)
 
 
-# ---------------------------------------------------------------------------- 13: what transformers would refuse
+# ---------------------------------------------------------------------------- what transformers would refuse
 @pytest.mark.parametrize("hidden,heads,refused", [(36, 8, True), (34, 4, True), (36, 4, False), (32, 4, False)])
 def test_check_transformers_loadable_tracks_transformers(hidden, heads, refused):
     """minitron refuses exactly the (hidden, heads) pairs that transformers' own LlamaConfig refuses,
@@ -158,7 +158,7 @@ def test_rope_scaling_wins_over_rope_parameters_like_transformers(ckpt):
     assert LlamaConfig.from_hf_dict(cfg).rope_type == "llama3"
 
 
-# ---------------------------------------------------------------------------- issue 13.6-7: values of the wrong type
+# ---------------------------------------------------------------------------- values of the wrong type
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 

@@ -1,4 +1,4 @@
-"""The model (minitron_jax/model.py): logits of the Flax model equal transformers' (PyTorch, fp32, CPU) on
+"""The model (model/llama.py): logits of the Flax model equal transformers' (PyTorch, fp32, CPU) on
 tiny random Llamas; capture sites equal its hidden states; param_specs match its tensors."""
 
 import jax

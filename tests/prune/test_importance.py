@@ -1,19 +1,33 @@
-"""Importance scores equal an independent re-derivation from torch forward hooks on transformers'
-model (not our forward), for every axis and every aggregation option; sharded equals 1-device."""
+"""Importance scores (prune/importance.py) equal an independent re-derivation from torch forward hooks on
+transformers' model (not our forward), for every axis and every aggregation option; sharded equals 1-device.
+Scores are refused when a tokenizer is larger than the model, when they are not finite, and when they
+belong to another model (fingerprints of config and weights)."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA3_ROPE, numpy_scores, save_tiny, torch_activations
+from helpers import LLAMA3_ROPE, CodePointTokenizer, nan_model, numpy_scores, save_tiny, torch_activations, write_docs
 
 import minitron_jax as mj
+from minitron_jax.core.errors import DataError, ScoresError
 from minitron_jax.eval.evaluate import gated_losses
 from minitron_jax.model.sharding import make_mesh
-from minitron_jax.prune.importance import ScoreConfig, compute_scores, layer_skip_losses, window_gates
+from minitron_jax.prune.importance import (
+    ScoreConfig,
+    check_scores_match,
+    compute_scores,
+    layer_skip_losses,
+    load_scores,
+    model_fingerprint,
+    save_scores,
+    score_model,
+    window_gates,
+)
 
 CFG = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
            rope_scaling=LLAMA3_ROPE, num_hidden_layers=3)
@@ -126,3 +140,69 @@ def test_batch_moments_merge_is_centred_on_offset_values():
     np.testing.assert_allclose(batch_aggregate(*st, "var"), rows.var(1), rtol=1e-3)
     np.testing.assert_allclose(batch_aggregate(*st, "mean"), rows.mean(1), rtol=1e-6)
     np.testing.assert_allclose(batch_aggregate(*st, "l2"), np.sqrt((rows ** 2).sum(1)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- scores refused
+def test_score_model_refuses_a_larger_tokenizer_before_writing(tiny_pair, tmp_path):
+    d = write_docs(tmp_path / "d", 2, text="zzzz " * 40)  # 'z' -> 122 + 10 = 132 > 127
+    out = tmp_path / "scores"
+    with pytest.raises(DataError, match=r"document doc0\.txt of .*: the largest token id 132 .*vocab_size=128"):
+        score_model(mj.from_pretrained(tiny_pair[0]), CodePointTokenizer(offset=10), d, out, samples=2, seq_len=16, batch_size=2)
+    assert not out.exists()  # nothing made, not even the directory
+
+
+def test_save_scores_refuses_non_finite_scores(tmp_path):
+    scores = {"mlp": np.ones((2, 3), np.float32), "heads": np.ones((2, 4), np.float32),
+              "layer_bi": np.array([0.1, np.inf], np.float32), "hidden": np.ones(5, np.float32)}
+    scores["mlp"][1, :2] = np.nan
+    with pytest.raises(ScoresError, match=r"scores\.safetensors not written: the scores mlp \(2 of 6\), layer_bi \(1 of 2\) "
+                                          r"are NaN or inf; .*weights for NaN/inf.*float32.*tokenizer saved"):
+        save_scores(tmp_path / "scores.safetensors", scores, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_model_with_nan_weights_writes_nothing(tiny_pair, tmp_path):
+    d = write_docs(tmp_path / "d", 2, text="zzzz " * 40)
+    out = tmp_path / "scores"
+    with pytest.raises(ScoresError, match=r"the scores .*mlp .*are NaN or inf"):
+        score_model(nan_model(tiny_pair[0]), CodePointTokenizer(), d, out, samples=2, seq_len=16, batch_size=2)
+    assert not (out / "scores.safetensors").exists() and not (out / "scores.png").exists()
+    assert not list(out.glob("scores*"))
+
+
+def test_fingerprint_tells_models_apart_not_dtypes_or_shardings(tiny_pair):
+    from minitron_jax.model.sharding import make_mesh
+    a, b = mj.from_pretrained(tiny_pair[0]), mj.from_pretrained(tiny_pair[1])
+    fa = model_fingerprint(a.config, a.params())
+    assert fa["model_config_sha256"] == model_fingerprint(b.config)["model_config_sha256"]  # same shape
+    assert fa["model_weights_sha256"] != model_fingerprint(b.config, b.params())["model_weights_sha256"]
+    assert model_fingerprint(a.config, mj.from_pretrained(tiny_pair[0], dtype="bfloat16").params()) == fa
+    sharded = mj.from_pretrained(tiny_pair[0], mesh=make_mesh(1, 4, 2))
+    assert model_fingerprint(sharded.config, sharded.params()) == fa
+    p = a.params()
+    p["layers"]["down_proj"] = p["layers"]["down_proj"].at[1, 3, 5].add(0.5)  # one weight of the last layer
+    assert model_fingerprint(a.config, p)["model_weights_sha256"] != fa["model_weights_sha256"]
+
+
+def test_scores_of_another_model_are_refused(tiny_pair, tmp_path, capsys):
+    d = write_docs(tmp_path / "d", 2, text="zzzz " * 40)
+    a, b = mj.from_pretrained(tiny_pair[0]), mj.from_pretrained(tiny_pair[1])
+    path = score_model(a, CodePointTokenizer(), d, tmp_path / "s", samples=2, seq_len=16, batch_size=2)
+    _, meta = load_scores(path)
+    check_scores_match(meta, a.config)  # before loading weights: the config
+    check_scores_match(meta, a.config, a.params())  # after: the weights
+    with pytest.raises(ScoresError, match=rf"computed on {re.escape(str(tiny_pair[0]))}, whose weights differ from those "
+                                          r"of B; re-score B, or pass --force to prune"):
+        check_scores_match(meta, b.config, b.params(), model="B", force_hint="--force")
+    other = mj.LlamaConfig.from_file(tiny_pair[0] / "config.json")
+    import dataclasses
+    other = dataclasses.replace(other, intermediate_size=64)
+    with pytest.raises(ScoresError, match=r"whose config differs .*\(intermediate_size 96 vs 64\)"):
+        check_scores_match(meta, other)
+    capsys.readouterr()
+    check_scores_match(meta, b.config, b.params(), force=True)  # forced: a warning, no error
+    assert "weights differ" in capsys.readouterr().err
+    old = {k: v for k, v in meta.items() if not k.startswith("model_")}  # written before fingerprints
+    check_scores_match(old, b.config, b.params())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no model fingerprint" in err

@@ -1,5 +1,6 @@
-"""Structured pruning: exact equivalences with masked originals, slicing rules, counts from config.json
-alone, infeasible targets refused before any work, budget search, and transformers loading the result."""
+"""Structured pruning (prune/pruning.py): exact equivalences with masked originals, slicing rules, counts from
+config.json alone, infeasible targets refused before any work, budget search, and transformers loading the
+result."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""aot.py / `minitron plan --compile`: the run's own jitted steps compiled for a TPU topology on this CPU
+"""run/aot.py, `minitron plan --compile`: the run's own jitted steps compiled for a TPU topology on this CPU
 machine. Refusals (unknown topology, missing libtpu, a batch that does not divide the slice) need no
 libtpu; the compile tests are skipped without the `tpu` extra (`pip install -e .[tpu]`)."""
 

@@ -1,4 +1,6 @@
-"""`minitron convert` / `minitron export`: HF -> orbax -> HF is lossless, also onto a mesh."""
+"""The `minitron` command line (run/cli.py): `convert` / `export` (HF -> orbax -> HF) is lossless, also onto a
+mesh; errors and bad `key=value` words are one-line messages, not tracebacks; and paths that would overwrite
+an input, paths of the wrong kind and a missing or too-large tokenizer are refused before any model loads."""
 
 import numpy as np
 import pytest
@@ -53,7 +55,7 @@ def test_config_overrides_and_their_errors_from_the_command_line(capsys):
             main(argv)
 
 
-# ---------------------------------------------------------------------------- issue 13: refusals before work
+# ---------------------------------------------------------------------------- refusals before work
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any weight load fails the test: each refusal below must come before the model is read."""

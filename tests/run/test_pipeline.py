@@ -1,4 +1,4 @@
-"""A CI-sized `minitron run`: tiny random teacher, a few steps. The exported student loads in
+"""A CI-sized `minitron run` (run/pipeline.py): tiny random teacher, a few steps. The exported student loads in
 transformers with logits equal to the JAX student's, every stage leaves its output, and a re-run
 resumes (skips finished stages)."""
 

@@ -1,6 +1,7 @@
-"""Configuration: one typed loader (YAML with `base:` files + dotted `key=value` overrides, types from
-`typing.get_type_hints`) for the run recipe and the nested pipeline config; every YAML in configs/
-validates; unknown keys are refused at every level; validation never changes a value."""
+"""The pipeline config of `minitron run` (run/pipeline.py) and the files in configs/: every YAML validates, the
+8B files (base + delta) equal their explicit values, unknown pipeline keys are refused at every level,
+sections are typed, a recipe file supplies the distill defaults, teacher correction has its own schedule.
+The loader itself (`base:` files, dotted overrides) is tested in core/test_yaml_config.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from minitron_jax.core.errors import DataError, RecipeError
-from minitron_jax.core.yaml_config import load
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import PruneTarget, dry_run, validate
 from minitron_jax.run.pipeline import (
@@ -97,64 +97,6 @@ def test_base_plus_delta_equals_the_explicit_values(tmp_path, kind, hw):
     assert dataclasses.replace(got, recipe=None) == dataclasses.replace(ref, recipe=None)
 
 
-def test_base_files_are_relative_to_the_yaml_and_merge_by_section(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "root.yaml").write_text("out: r\nscore: {samples: 5, seq_len: 32}\ndistill: {steps: 9, warmup: 1}\n")
-    (tmp_path / "a" / "mid.yaml").write_text("base: ../root.yaml\nscore: {seq_len: 64}\nseed: 3\n")
-    (tmp_path / "a" / "leaf.yaml").write_text("base: mid.yaml\nscore: {batch_size: 2}\ndistill: {lr: 2.0e-4}\n")
-    cfg = load_pipeline(tmp_path / "a" / "leaf.yaml", ["score.samples=6"])
-    ref = PipelineConfig()
-    assert (cfg.out, cfg.seed) == ("r", 3)
-    assert dataclasses.astuple(cfg.score) == (6, 64, 2, ref.score.layer_samples, None)
-    assert dataclasses.replace(cfg.distill, steps=ref.distill.steps, warmup=ref.distill.warmup, lr=ref.distill.lr) \
-        == ref.distill and (cfg.distill.steps, cfg.distill.warmup, cfg.distill.lr) == (9, 1, 2e-4)
-    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
-    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
-    with pytest.raises(RecipeError, match="cycle"):
-        load_pipeline(tmp_path / "x.yaml")
-    (tmp_path / "z.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(RecipeError, match="cannot read config .*missing.yaml"):
-        load_recipe(tmp_path / "z.yaml", PATHS)
-
-
-# ---------------------------------------------------------------------------- the loader
-@dataclasses.dataclass
-class Inner:
-    x: int = 1
-    ids: list[int] = dataclasses.field(default_factory=list)
-    name: str | None = None
-
-
-@dataclasses.dataclass
-class Mid:
-    inner: Inner = dataclasses.field(default_factory=Inner)
-    rate: float = 0.5
-
-
-@dataclasses.dataclass
-class Outer:
-    mid: Mid = dataclasses.field(default_factory=Mid)
-    flag: bool = False
-
-
-def test_dotted_overrides_reach_any_depth_with_types_from_the_hints():
-    cfg = load(Outer, None, ["mid.inner.x=3", "mid.inner.ids=4,5", "mid.rate=2e-4", "flag=yes", "mid.inner.name=007"])
-    assert cfg == Outer(Mid(Inner(3, [4, 5], "007"), 2e-4), True)
-    assert load(Outer, None, ["mid.inner.name="]) == Outer()  # an empty value is None for an optional field
-    assert load(Outer, None, ["mid.inner.ids=[]"]) == Outer()
-    assert load(Outer, None, {"mid.inner.x": 4, "mid": {"rate": 1.0}}) == Outer(Mid(Inner(4), 1.0))  # a dict too
-    for bad, msg in (("mid.inner.x=2.5", r"mid.inner.x=2.5 is not a valid int"),
-                     ("mid.inner.x.y=2", r"mid.inner.x takes a value \(int\), not keys: mid.inner.x.y= has nowhere to go"),
-                     ("mid.inner.z=2", r"unknown mid.inner keys \['z'\]; valid keys: x, ids, name"),
-                     ("mid=3", r"mid=3: mid is a section"),
-                     ("flag=maybe", r"flag='maybe' is not a valid bool"),
-                     ("mid.rate=true", r"mid.rate=True is not a valid float"),  # a bool is no number
-                     ("mid.inner.ids=", r"mid.inner.ids needs a value \(an empty list is mid.inner.ids=\[\]\)"),
-                     ("base=x.yaml", r"base= names a base file inside a YAML config, not on the command line")):
-        with pytest.raises(RecipeError, match=msg):
-            load(Outer, None, [bad])
-
-
 @pytest.mark.parametrize("override,msg", [
     ("score.samplez=3", r"unknown score keys \['samplez'\]; valid keys: samples, seq_len, batch_size, layer_samples, task"),
     ("prune.targt=x", r"unknown prune keys \['targt'\]; valid keys: target, params"),
@@ -195,19 +137,6 @@ def test_recipe_file_supplies_the_distill_defaults(tmp_path):
     (tmp_path / "bad.yaml").write_text("stepz: 50\n")
     with pytest.raises(RecipeError, match=r"unknown recipe \(.*bad.yaml\) keys \['stepz'\]"):
         load_pipeline(None, [f"recipe={tmp_path / 'bad.yaml'}"])
-
-
-# ---------------------------------------------------------------------------- validation changes nothing
-def test_validate_refuses_warmup_not_below_steps_and_changes_nothing():
-    rc = RunConfig(teacher="t", student="s", data="d", steps=20, warmup=40)
-    before = dataclasses.asdict(rc)
-    with pytest.raises(RecipeError, match=r"^warmup=40 must be below steps=20: set warmup=2 \(steps/10\) or more steps$"):
-        rc.validate()
-    assert dataclasses.asdict(rc) == before
-    ok = RunConfig(teacher="t", student="s", data="d", steps=20, warmup=19)
-    assert ok.validate() is ok and dataclasses.asdict(ok) == {**before, "warmup": 19}
-    with pytest.raises(RecipeError, match=r"pipeline distill section: warmup=15 must be below steps=4"):
-        distill_recipe(load_pipeline(None, ["distill.steps=4"]), teacher="t", student="s", data="d")
 
 
 # ---------------------------------------------------------------------------- teacher correction

@@ -1,4 +1,4 @@
-"""`minitron plan`: the 8B -> 4B recipes planned from config.json alone agree with the spec's counts,
+"""`minitron plan` (run/plan.py): the 8B -> 4B recipes planned from config.json alone agree with the spec's counts,
 and per-device parameter memory follows the sharding rules; the weights-free planner does not import the
 trainer."""
 

@@ -1,5 +1,6 @@
-"""`minitron score` then `minitron prune` (target, window depth, budget search, dry-run) end to end on a
-small random model that uses the real SmolLM2 tokenizer and real Shakespeare text."""
+"""`minitron score` then `minitron prune` (run/prune_job.py: target, window depth, budget search, dry-run) end
+to end on a small random model that uses the real SmolLM2 tokenizer and real Shakespeare text; and the
+budget search on a token store ranks its candidates on validation rows only."""
 
 import json
 import shutil
@@ -7,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err, save_tiny
+from helpers import rel_err, save_tiny, store_reference, tokenize_store
 from transformers import AutoModelForCausalLM
 
 import minitron_jax as mj
 from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+from minitron_jax.data import store_reader as SL
 from minitron_jax.prune.importance import load_scores
 from minitron_jax.run.cli import main
 
@@ -138,3 +140,41 @@ def test_scores_of_another_model_of_the_same_shape_are_refused(scored, tmp_path,
     main(argv + ["--force-scores"])
     assert "used anyway (--force-scores)" in capsys.readouterr().err
     assert (tmp_path / "p" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------- budget search on a token store
+def test_budget_search_ranks_on_validation_rows_only(tmp_path, monkeypatch):
+    """`prune --params` on a store with a validation fraction ranks the candidates on rows of validation
+    documents: every row the search's loss sees is a window of the validation documents' token stream."""
+    from distill_helpers import make_pair
+
+    import minitron_jax.eval.evaluate as E
+    from minitron_jax.io.hf import from_pretrained, load_tokenizer
+    from minitron_jax.prune.importance import score_model
+    from minitron_jax.run.prune_job import prune_saved
+    teacher, _, text = make_pair(tmp_path)
+    src = tmp_path / "many"
+    src.mkdir()
+    for f in sorted(text.iterdir()):  # 30 documents: some land in each split
+        lines = f.read_text(errors="replace").splitlines()
+        for k in range(10):
+            (src / f"{f.stem}_{k}.txt").write_text("\n".join(lines[k * 300:(k + 1) * 300]))
+    store = tokenize_store(src, teacher, tmp_path / "store")
+    splits = SL.Splits(("tempest",), 0.0, 0.3, seed=0)
+    scores = score_model(from_pretrained(teacher), load_tokenizer(teacher), str(store), tmp_path / "score", samples=4,
+                         seq_len=32, batch_size=4, splits=splits)
+    seen = []
+    real = E.lm_loss
+    monkeypatch.setattr(E, "lm_loss", lambda p, c, rows, **kw: seen.append(np.asarray(rows)) or real(p, c, rows, **kw))
+    lines = []
+    from minitron_jax.model.config import LlamaConfig
+    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
+    prune_saved(teacher, scores, tmp_path / "searched", budget=budget, data=str(store), calib_samples=4, seq_len=32,
+                batch_size=4, splits=splits, log=lines.append)
+    st, off, tokens, doc_of = store_reference(store)
+    val = np.flatnonzero(SL.SplitMap(st, splits).of(np.arange(st.n_documents)) == SL.VALIDATION)
+    stream = np.concatenate([tokens[off[d]:off[d + 1]] for d in val]).tobytes()
+    assert seen and any("validation documents" in m for m in lines)
+    for rows in seen:
+        for r in rows:
+            assert r.astype(np.uint32).tobytes() in stream

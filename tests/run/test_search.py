@@ -1,4 +1,4 @@
-"""The papers' architecture search with short distillation (`nas.py`, `search:` in `minitron run`): the best
+"""The papers' architecture search with short distillation (run/search.py, `search:` in `minitron run`): the best
 candidates after pruning are each distilled from stored teacher logits and re-ranked on validation rows."""
 
 import json

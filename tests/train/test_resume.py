@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from distill_helpers import make_pair, metrics
+from distill_helpers import metrics
 
 from minitron_jax.core.errors import RecipeError, ResumeError
 from minitron_jax.core.yaml_config import dump
@@ -19,11 +19,6 @@ from minitron_jax.train.trainer import train
 
 COMMON = ("batch_size=4", "seq_len=64", "holdout=[tempest]", "eval_every=100", "save_every=1", "peak_tflops=1",
           "mesh=[1,1,8]", "warmup=0", "steps=3")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), sharpen=8.0)
 
 
 def recipe(pair, out, *extra):

@@ -1,7 +1,7 @@
-"""Preemption and bad steps on a pod: SIGTERM on one process stops every process after the same step with
-one checkpoint, `minitron distill` then exits 143 so that a scheduler requeues it, and the resumed run
-ends where an uninterrupted one does; a non-finite gradient stops the run before its state is saved; a
-batch that does not split over the data-parallel devices is refused before any work."""
+"""The trainer (train/trainer.py) preempted and on bad steps, on a pod: SIGTERM on one process stops every
+process after the same step with one checkpoint, `minitron distill` then exits 143 so that a scheduler
+requeues it, and the resumed run ends where an uninterrupted one does; a non-finite gradient stops the run
+before its state is saved. (A batch that does not split over the data-parallel devices: test_preflight.py.)"""
 
 import dataclasses
 import os
@@ -14,19 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distill_helpers import ENV, make_pair, metrics, two_processes
+from distill_helpers import ENV, metrics, two_processes
 
 from minitron_jax.io.hf import open_checkpoint
-from minitron_jax.run.cli import main
 
 HOOK = str(Path(__file__).parents[1] / "train_with_hook.py")
 ROOT = Path(__file__).parents[2]
 COMMON = ["seq_len=64", "holdout=[tempest]", "eval_every=100", "peak_tflops=1", "warmup=1", "save_every=100"]
 # micro-batches of 4 rows over data x fsdp = 4 devices; each of 2 processes feeds 2 of them
 POD = ["steps=6", "batch_size=8", "grad_accum=2", "mesh=[2,2,2]"]
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"), sharpen=8.0)
 
 
 def args(pair, out, *extra):
@@ -135,24 +131,3 @@ def test_non_finite_gradient_stops_before_saving(pair, tmp_path, monkeypatch):
     assert checkpoints(out) == [1, 2]
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert not (out / "student_hf").exists()
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["batch_size=4"], r"batch_size=4 / grad_accum=1 gives micro-batches of 4 rows, which do not divide over the 8 "
-                       r"data-parallel devices \(data x fsdp of mesh=\[1, -1, 1\] on 8 chips\); use batch_size=8 with "
-                       r"grad_accum=1, or mesh=\[1,-1,2\] \(4 fsdp x 2 tensor, keeping grad_accum=1\)"),
-    (["batch_size=8", "grad_accum=4", "mesh=[2,2,2]"],
-     r"micro-batches of 2 rows, which do not divide over the 4 .*mesh=\[2, 2, 2\].*use batch_size=16 with grad_accum=4, "
-     r"or grad_accum in \{1, 2\}"),
-    (["batch_size=16", "grad_accum=4"], r"micro-batches of 4 rows.* over the 8 .*use batch_size=32 with grad_accum=4, "
-                                        r"or grad_accum in \{1, 2\}"),
-])
-def test_batch_that_does_not_split_over_the_mesh_is_refused(pair, tmp_path, extra, message):
-    """`minitron distill` on 8 fake devices: rows that do not divide over data x fsdp would be computed
-    on several devices each (sharding.spec_for replicates what does not divide); refused before any
-    weights or data load, with sizes that work."""
-    import jax
-    assert jax.device_count() == 8
-    with pytest.raises(SystemExit, match=message):
-        main(["distill", *args(pair, tmp_path / "b", "steps=2", *extra)])
-    assert not (tmp_path / "b").exists()

@@ -1,15 +1,15 @@
-"""The prune record (minitron_prune.json): it describes exactly what `prune` kept, survives the JSON
-round trip, and a student paired with the wrong teacher is refused with a message."""
+"""The prune record (prune/record.py, minitron_prune.json): it describes exactly what `prune` kept, survives
+the JSON round trip, and a student paired with the wrong teacher is refused with a message."""
 
 import jax
 import numpy as np
 import pytest
 
 from minitron_jax.core.errors import TrainingError
-from minitron_jax.prune.record import PRUNE_RECORD, load_prune_record, prune_record, save_prune_record
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import init_params
 from minitron_jax.prune.pruning import prune
+from minitron_jax.prune.record import PRUNE_RECORD, load_prune_record, prune_record, save_prune_record
 from minitron_jax.train.trainer import hidden_init
 
 CFG = LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=5, num_attention_heads=6,
