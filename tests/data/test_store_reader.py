@@ -179,7 +179,7 @@ def test_blend_proportions_and_determinism(store, store_b):
 PROC = r"""
 import json, sys
 import numpy as np
-from minitron_jax import store_loader as SL
+from minitron_jax.data import store_reader as SL
 from minitron_jax.data.loader import Loader
 data, p, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rows, stream = SL.training_rows(data, 64, packing="first_fit", splits=SL.Splits((), 0.1, 0.1), seed=3)

@@ -23,7 +23,7 @@ from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits
 S, B, K = 32, 8, 16
 KILL_AT = """
 import os, signal, sys
-from minitron_jax import progress
+from minitron_jax.core import progress
 real = progress.Progress.update
 def update(self, steps=1, tokens=0, **m):
     rec = real(self, steps, tokens, **m)
