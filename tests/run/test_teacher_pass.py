@@ -1,0 +1,217 @@
+"""Offline teacher top-k logits (`minitron teacher-logits`, `distill teacher_logits=`): the stored values equal
+an independent transformers forward of the teacher on the loader's rows, a run from them equals the online
+top-k run, an interrupted write resumes to identical arrays, two processes write one store, and a store that
+belongs to other rows or another teacher is refused before step 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from minitron_jax.core.errors import LogitsError
+from minitron_jax.data.loader import Loader, training_data
+from minitron_jax.run.teacher_pass import write_teacher_logits
+from minitron_jax.train.run_config import RunConfig
+from minitron_jax.train.stored_logits import LogitsConfig, TeacherLogits
+
+S, B, K = 32, 8, 16
+KILL_AT = """
+import os, signal, sys
+from minitron_jax.core import progress
+real = progress.Progress.update
+def update(self, steps=1, tokens=0, **m):
+    rec = real(self, steps, tokens, **m)
+    if self.desc == "teacher-logits" and self.step == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: committed rows, written-but-uncommitted rows
+    return rec
+progress.Progress.update = update
+from minitron_jax.run.cli import main
+main(["teacher-logits", *sys.argv[2:]])
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from distill_helpers import make_pair
+
+    from minitron_jax.data.tokenize import tokenize
+    root = tmp_path_factory.mktemp("tl")
+    teacher, student, text = make_pair(root)
+    tokenize([str(text)], teacher, str(root / "store"), workers=1, progress=False)
+    return teacher, student, root / "store"
+
+
+def recipe(setup, out, **kw) -> RunConfig:
+    teacher, student, store = setup
+    base = dict(teacher=str(teacher), student=str(student), data=str(store), seq_len=S, batch_size=B, steps=5,
+                warmup=1, holdout=["tempest"], eval_every=100, eval_batches=1, save_every=100, peak_tflops=1.0,
+                out=str(out))
+    return RunConfig(**{**base, **kw}).validate()
+
+
+def cli_args(setup, out, *extra):
+    teacher, _, store = setup
+    return [f"teacher={teacher}", f"data={store}", f"out={out}", f"seq_len={S}", f"batch_size={B}", f"k={K}",
+            "holdout=[tempest]", *extra]
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+    st = TeacherLogits(path)
+    return st.read(0, st.rows)
+
+
+def test_stored_topk_equals_a_transformers_forward_of_the_teacher(setup, tmp_path):
+    """Row j of the store is row j of the loader's order; per position the stored top-k values are the
+    teacher's logits rounded to bfloat16, the indices name logits that large (the top k, up to ties), and lse is
+    the whole row's log-sum-exp: all from a transformers forward of every document piece of the row (segment
+    ids: positions restart, attention stays inside the piece), fp32, rel 1e-5 before rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron_jax.io.hf import load_tokenizer
+    teacher = setup[0]
+    rc = recipe(setup, tmp_path / "tl")
+    m = write_teacher_logits(rc, LogitsConfig(k=K, samples=20), log=lambda s: None)
+    assert m["rows"] == 20 and 0 < m["topk_mass"] < 1
+    got = read_all(tmp_path / "tl")
+    rows, _, stream = training_data(rc, load_tokenizer(teacher), 512)
+    loader = Loader(rows, B, seed=rc.seed, stream=stream, process_index=0, process_count=1)
+    want = np.concatenate([loader.batch_at(s)["input_ids"] for s in range(3)])[:20]
+    segs = np.concatenate([loader.batch_at(s)["segment_ids"] for s in range(3)])[:20]
+    np.testing.assert_array_equal(got["tokens"], want)
+    assert got["values"].dtype == ml_dtypes.bfloat16 and got["indices"].dtype == np.int32
+    hf = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    checked = 0
+    for r in range(20):
+        for s in np.unique(segs[r][segs[r] > 0]):
+            pos = np.flatnonzero(segs[r] == s)
+            with torch.no_grad():
+                z = hf(torch.tensor(want[r, pos][None].astype(np.int64))).logits[0].numpy()
+            top = -np.sort(-z, axis=-1)[:, :K]
+            vals = got["values"][r, pos].astype(np.float32)
+            idx = got["indices"][r, pos]
+            np.testing.assert_array_equal(vals, top.astype(ml_dtypes.bfloat16).astype(np.float32))
+            at = np.take_along_axis(z, idx, axis=-1)  # the logits the stored ids name
+            np.testing.assert_allclose(at, top, rtol=1e-5, atol=1e-5)  # exact ids, up to ties
+            lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+            np.testing.assert_allclose(got["lse"][r, pos], lse, rtol=1e-5)
+            checked += len(pos)
+    assert checked > 300
+
+
+def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
+    """Same batches, float32 stored values: the per-step loss, KL and CE equal the online top_k=K run's to 1e-5
+    for 5 steps, and the final parameters agree; the offline run builds its steps without a teacher."""
+    from distill_helpers import metrics
+
+    from minitron_jax.io.hf import open_checkpoint
+    from minitron_jax.train.objective import kd_config
+    from minitron_jax.train.steps import build_steps
+    from minitron_jax.train.trainer import train
+    write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40, values_dtype="float32"),
+                         log=lambda s: None)
+    online = recipe(setup, tmp_path / "online", top_k=K)
+    offline = recipe(setup, tmp_path / "offline", teacher_logits=str(tmp_path / "tl"))
+    for rc in (online, offline):
+        train(rc, log=lambda s: None)
+    a, b = metrics(tmp_path / "online"), metrics(tmp_path / "offline")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert x["batch_fingerprint"] == y["batch_fingerprint"]
+        for k in ("loss", "kl", "ce"):
+            assert abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (k, x[k], y[k])
+    wa, wb = (open_checkpoint(tmp_path / n / "student_hf") for n in ("online", "offline"))
+    for name in wa:
+        np.testing.assert_allclose(wb[name].tensor(name), wa[name].tensor(name), rtol=1e-4, atol=1e-6)
+    from minitron_jax.model.config import LlamaConfig
+    s_cfg, t_cfg = LlamaConfig.from_file(setup[1]), LlamaConfig.from_file(setup[0])
+    from minitron_jax.model.sharding import make_mesh
+    built = build_steps(offline, s_cfg, t_cfg, make_mesh(1, -1, 1), kd_config(offline))
+    assert built.teacher is None and built.batch["t_values"].shape == (1, B, S, K)
+
+
+def test_interrupted_write_resumes_to_identical_arrays(setup, tmp_path):
+    """SIGKILL after step 3 of 5 (36 rows of 8 per step) (commit_every=2: rows of step 3 written, not committed); the same command then
+    finishes the store, and every array equals an uninterrupted run's."""
+    from distill_helpers import run_cli
+    whole = tmp_path / "whole"
+    run_cli(["teacher-logits", *cli_args(setup, whole, "samples=36", "commit_every=2")], devices=1)
+    part = tmp_path / "part"
+    p = subprocess.run([sys.executable, "-c", KILL_AT, "3", *cli_args(setup, part, "samples=36", "commit_every=2")],
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not (part / "manifest.json").exists()
+    assert json.loads((part / "state.json").read_text())["rows_done"] == 2 * B
+    with pytest.raises(LogitsError, match="did not finish"):
+        TeacherLogits(part)
+    r = run_cli(["teacher-logits", *cli_args(setup, part, "samples=36", "commit_every=2")], devices=1)
+    assert "resuming" in r.stdout + r.stderr
+    a, b = read_all(whole), read_all(part)
+    for k in a:
+        np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+    assert not (part / "state.json").exists()
+
+
+def test_two_processes_write_one_store(setup, tmp_path):
+    """2 processes x 4 devices, each writing its rows of every global batch, give the 1-process store."""
+    from distill_helpers import run_cli, two_processes
+    run_cli(["teacher-logits", *cli_args(setup, tmp_path / "one", "samples=24")], devices=1)
+    done = two_processes(["-m", "minitron_jax.run.cli", "teacher-logits"], cli_args(setup, tmp_path / "two", "samples=24"))
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    a, b = read_all(tmp_path / "one"), read_all(tmp_path / "two")
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["values"].astype(np.float32), b["values"].astype(np.float32))
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+
+
+def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setup, tmp_path):
+    from minitron_jax.core.errors import TrainingError
+    from minitron_jax.train.trainer import train
+    write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40), log=lambda s: None)
+    cases = {"seq_len": dict(seq_len=16), "holdout": dict(holdout=["sonnets"]), "seed": dict(seed=1),
+             "holds 40 rows": dict(steps=6)}
+    for what, kw in cases.items():
+        with pytest.raises(LogitsError, match=what):
+            train(recipe(setup, tmp_path / what.replace(" ", "_"), teacher_logits=str(tmp_path / "tl"), **kw),
+                  log=lambda s: None)
+        assert not (tmp_path / what.replace(" ", "_") / "checkpoints").exists()
+    from minitron_jax.data.tokenize import tokenize
+    tokenize([str(setup[0].parent / "data")], setup[0], str(tmp_path / "store2"), workers=1, progress=False)
+    with pytest.raises(LogitsError, match="the token store"):
+        train(recipe(setup, tmp_path / "s2", data=str(tmp_path / "store2"), teacher_logits=str(tmp_path / "tl")),
+              log=lambda s: None)
+    with pytest.raises(TrainingError, match="top_k=8"):
+        train(recipe(setup, tmp_path / "k", teacher_logits=str(tmp_path / "tl"), top_k=8), log=lambda s: None)
+    # another teacher: same shapes and tokenizer, other weights
+    from distill_helpers import make_pair
+    other = make_pair(tmp_path / "other")[0]
+    import shutil
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (setup[0] / f).exists():
+            shutil.copy(setup[0] / f, other / f)
+    from helpers import save_tiny
+    save_tiny(other, seed=7, vocab_size=512, hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)
+    with pytest.raises(LogitsError, match="teacher's weights"):
+        train(recipe(setup, tmp_path / "t2", teacher=str(other), teacher_logits=str(tmp_path / "tl")),
+              log=lambda s: None)
+
+
+def test_teacher_logits_refuses_text_data_and_an_out_that_is_something_else(setup, tmp_path):
+    from minitron_jax.core.errors import RecipeError
+    text = setup[0].parent / "data"
+    with pytest.raises(RecipeError, match="tokenize the text first"):
+        write_teacher_logits(recipe(setup, tmp_path / "tl", data=str(text)), LogitsConfig(k=K, samples=8),
+                             log=lambda s: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(LogitsError, match="not an unfinished teacher-logits store"):
+        write_teacher_logits(recipe(setup, other), LogitsConfig(k=K, samples=8), log=lambda s: None)
+    assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
