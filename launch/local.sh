@@ -11,7 +11,7 @@ pids=()
 for ((i = 0; i < n; i++)); do
   MINITRON_COORDINATOR=127.0.0.1:$port MINITRON_NUM_PROCESSES=$n MINITRON_PROCESS_ID=$i JAX_PLATFORMS=cpu \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" \
-    "$py" -m minitron_jax.run.cli "$@" > >(sed "s/^/[p$i] /") 2>&1 &
+    "$py" -m minitron_jax "$@" > >(sed "s/^/[p$i] /") 2>&1 &
   pids+=($!)
 done
 status=0

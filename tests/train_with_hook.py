@@ -17,7 +17,7 @@ import sys
 import jax
 
 from minitron_jax.run.cli import main as cli_main
-from minitron_jax.train import trainer as distill
+from minitron_jax.train import trainer
 
 
 def main(argv: list[str]) -> None:
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         signal.raise_signal(signal.SIGTERM)  # delivered to this thread before raise_signal returns
 
-    distill.train = functools.partial(distill.train, hooks=[hook])  # cli.cmd_train imports it at call time
+    trainer.train = functools.partial(trainer.train, hooks=[hook])  # cli.cmd_train imports it at call time
     cli_main(["distill", *overrides])
 
 

@@ -1,4 +1,4 @@
-"""Tokenizer throughput of `minitron tokenize` (tokenize_corpus.tokenize) with N workers, next to
+"""Tokenizer throughput of `minitron tokenize` (data/tokenize.py) with N workers, next to
 `datasets.map(batched=True)` with the same tokenizer on the same files, and the peak RSS of each run.
 
     .venv/bin/python tools/bench_data.py --workers 1 2 [--repeat K] [--no-baseline]
@@ -19,7 +19,7 @@ Loader throughput from synthetic token stores (`--loader`). Each store is writte
 1000 tokens, at least 2), each BOS (1) + tokens + EOS (2); the tokens are i.i.d. Zipf(s=1) ranks over the
 ids 3..49151 of a 49152 vocabulary (frequent tokens get small ids), drawn with a 2^24-entry inverse-CDF
 table. Stores are cached under --store-dir (reruns reuse them). Every figure is `next(loader)` of
-`loader.Loader(rows, batch, stream=stream)` on `store_loader.training_rows(STORE, S, packing, splits)`,
+`loader.Loader(rows, batch, stream=stream)` on `store_reader.training_rows(STORE, S, packing, splits)`,
 as training builds it, for --steps steps after 2 warm-up steps; the baseline is today's in-memory path:
 the smallest store's documents held in RAM, packed by `data.pack` (concat) or `packing.pack_first_fit`
 into `PackedRows`, through the same Loader. Beside them, the tokens/s one v5p host (4 chips) consumes in
@@ -112,7 +112,7 @@ RUN_LOADER_RSS = """
 import json, resource, sys, time
 import numpy as np
 import grain, jax, tensorstore
-from minitron_jax.data import loader, store_reader as store_loader, text as data
+from minitron_jax.data import loader, store_reader, text as data
 from minitron_jax.data.packing import PackedRows
 sys.path.insert(0, sys.argv[7])
 from bench_data import in_memory_docs
@@ -122,12 +122,12 @@ imports, imports_peak = status_mib("VmRSS"), resource.getrusage(resource.RUSAGE_
 with open("/proc/self/clear_refs", "w") as f:  # reset this memory map's peak (VmHWM) to the current RSS
     f.write("5")
 store, S, B, packing, split, steps = sys.argv[1], *map(int, sys.argv[2:4]), sys.argv[4], sys.argv[5] == "1", int(sys.argv[6])
-splits = store_loader.Splits((), 0.01, 0.01) if split else store_loader.Splits()
+splits = store_reader.Splits((), 0.01, 0.01) if split else store_reader.Splits()
 t = time.perf_counter()
 if store.startswith("memory:"):  # today's path: the whole corpus in RAM as packed rows
     rows, stream = PackedRows(data.pack(in_memory_docs(store[7:], splits), S, None, 0, shuffle_documents=False)), False
 else:
-    rows, stream = store_loader.training_rows(store, S, packing=packing, splits=splits, seed=0)
+    rows, stream = store_reader.training_rows(store, S, packing=packing, splits=splits, seed=0)
 ld = loader.Loader(rows, B, seed=0, process_index=0, process_count=1, stream=stream)
 for _ in range(steps):
     next(ld)
@@ -141,11 +141,11 @@ def in_memory_docs(store: str, splits) -> list:
     """The documents of the train split of `store`, read whole into RAM (what `build_corpus` holds)."""
     import numpy as np
 
-    from minitron_jax.data import store_reader as store_loader
+    from minitron_jax.data import store_reader
     from minitron_jax.data.token_store import open_store
     st = open_store(store)
     tokens, off = st.read(0, st.n_tokens), st.document_offsets()
-    keep = (store_loader.SplitMap(st, splits).of(np.arange(st.n_documents)) == store_loader.TRAIN
+    keep = (store_reader.SplitMap(st, splits).of(np.arange(st.n_documents)) == store_reader.TRAIN
             if splits.active else np.ones(st.n_documents, bool))
     return [tokens[off[i]:off[i + 1]] for i in np.flatnonzero(keep)]
 
@@ -265,7 +265,7 @@ def _rss_line(name: str, packing: str, split: str, r: dict) -> None:
 def main_loader(args) -> None:
     import time
 
-    from minitron_jax.data import store_reader as store_loader
+    from minitron_jax.data import store_reader
     from minitron_jax.data import text as data
     from minitron_jax.data.packing import PackedRows, pack_first_fit
     root = Path(args.store_dir)
@@ -287,7 +287,7 @@ def main_loader(args) -> None:
           f"{host['hosts']} hosts = {host['tokens_s']:,.0f} tokens/s ({host['rows_per_host_step']} rows of "
           f"{host['seq_len']} per host per step)")
     small = stores[sizes[-1]]
-    modes = [("no split", store_loader.Splits()), ("split 1%+1%", store_loader.Splits((), 0.01, 0.01))]
+    modes = [("no split", store_reader.Splits()), ("split 1%+1%", store_reader.Splits((), 0.01, 0.01))]
     print(f"\nloader: next(Loader) for --steps {' '.join(map(str, args.steps))} steps after {WARMUP} warm-up steps "
           f"(warm-up s: open + Loader + warm-up); tokens/s counts every position, pad is the share of padding")
     print(f"{'source':>28} {'batch':>8} {'packing':>9} {'split':>11} {'windows/s':>10} {'tokens/s':>12} "
@@ -298,7 +298,7 @@ def main_loader(args) -> None:
                 runs = []
                 for n in sizes:
                     t = time.perf_counter()
-                    rows, stream = store_loader.training_rows(stores[n], S, packing=packing, splits=splits, seed=0)
+                    rows, stream = store_reader.training_rows(stores[n], S, packing=packing, splits=splits, seed=0)
                     opened = time.perf_counter() - t
                     r = _throughput(rows, stream, B, steps)
                     r["warmup_s"] += opened

@@ -16,7 +16,7 @@ Teacher: SmolLM2-135M (fetch_smollm2). Student: its hidden_size=432,intermediate
 Both sides: batch x seq tokens, forward KL(teacher || student) at T=1 summed over the vocabulary and
 averaged over the b*(S-1) target tokens, AdamW lr 1e-4, betas 0.9/0.95, eps 1e-8, wd 0.1 (not on
 norms), global-norm clip 1.0. JAX: jax.jit(make_train_step(...), donate_argnums=0), one device,
-no mesh, as distill.train runs it. torch: teacher forward under no_grad, student forward,
+no mesh, as trainer.train runs it. torch: teacher forward under no_grad, student forward,
 F.kl_div(log_softmax(s), log_softmax(t), log_target=True), backward, clip_grad_norm_, AdamW.step,
 zero_grad. Threads / pinning / allocator as tools/bench_forward.py; the sides are timed alternately.
 torch flushes denormals (torch.set_flush_denormal) as XLA:CPU always does: without it, torch's step

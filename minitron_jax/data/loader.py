@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from minitron_jax.core.errors import DataError
-from minitron_jax.data import text as data
+from minitron_jax.data import text
 from minitron_jax.data.packing import PackedRows, pack_first_fit
 from minitron_jax.data.rows import RowSource
 from minitron_jax.data.spec import DataSpec
@@ -26,15 +26,15 @@ from minitron_jax.data.spec import DataSpec
 
 def _pack(docs, tokenizer, seq_len: int, packing: str, seed: int, what: str, vocab_size: int | None,
           shuffle_documents: bool = False) -> PackedRows:
-    token_docs = data.tokenize_documents(docs, tokenizer, vocab_size=vocab_size)
+    token_docs = text.tokenize_documents(docs, tokenizer, vocab_size=vocab_size)
     if packing == "first_fit":
         pad = tokenizer.pad_token_id or 0
-        data.check_token_ids([pad], vocab_size, "the tokenizer's pad id (padding of first_fit rows)")
+        text.check_token_ids([pad], vocab_size, "the tokenizer's pad id (padding of first_fit rows)")
         return pack_first_fit(token_docs, seq_len, seed, pad)
     if (n := sum(len(d) for d in token_docs)) < seq_len:
         raise DataError(f"the {what} documents have {n:,} tokens, less than one row of seq_len={seq_len}; "
                         f"add data or lower seq_len")
-    return PackedRows(data.pack(token_docs, seq_len, None, seed, shuffle_documents=shuffle_documents))
+    return PackedRows(text.pack(token_docs, seq_len, None, seed, shuffle_documents=shuffle_documents))
 
 
 def _cache_key(path: Path, tokenizer, **args) -> str:
@@ -49,9 +49,9 @@ def _cache_key(path: Path, tokenizer, **args) -> str:
 
 
 def _check_rows(train: PackedRows, held: PackedRows | None, vocab_size: int | None, path: Path) -> None:
-    data.check_token_ids(train.tokens, vocab_size, f"the training rows of {path}")
+    text.check_token_ids(train.tokens, vocab_size, f"the training rows of {path}")
     if held is not None:
-        data.check_token_ids(held.tokens, vocab_size, f"the held-out rows of {path}")
+        text.check_token_ids(held.tokens, vocab_size, f"the held-out rows of {path}")
 
 
 def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat",
@@ -66,7 +66,7 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
         raise ValueError(f"packing={packing!r}; use 'concat' or 'first_fit'")
     if seq_len <= 0:
         raise DataError(f"seq_len={seq_len} must be positive")
-    holdout = data.parse_holdout(holdout)
+    holdout = text.parse_holdout(holdout)
     path, want_held = Path(path), bool(holdout) or holdout_fraction > 0
     if cache_dir is not None:
         cache = Path(cache_dir)
@@ -79,9 +79,9 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
             train = PackedRows(a["train_tokens"], a.get("train_segs"))
             _check_rows(train, held, vocab_size, path)
             return train, held
-    docs = data.read_documents(path, text_field)
+    docs = text.read_documents(path, text_field)
     try:
-        train_docs, held_docs = data.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+        train_docs, held_docs = text.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     if not train_docs:

@@ -225,7 +225,7 @@ def kd_loss(student_hidden, teacher_hidden, student_head, teacher_head, targets,
 
 
 def kd_loss_stored(student_hidden, student_head, values, indices, targets, mask, cfg: KDConfig, normalizer=None):
-    """`kd_loss` against stored teacher top-k logits (`teacher_logits.py`): `values` [B, S, k] (any float
+    """`kd_loss` against stored teacher top-k logits (`run/teacher_pass.py`): `values` [B, S, k] (any float
     dtype; the teacher's raw logits, descending) and their vocabulary ids `indices` [B, S, k]. The KL is
     the top-k one of `kd_loss(top_k=k)` (the same function of the same numbers: from float32 values it
     equals the online top-k loss); CE as in `kd_loss`. Same return value."""

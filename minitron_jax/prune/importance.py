@@ -331,7 +331,7 @@ def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size:
 def calibration_samples(data, tokenizer, samples: int, seq_len: int, seed: int = 0, *, text_field: str = "text",
                         vocab_size: int | None = None, exclude=(), splits=None, split: int = 0):
     """Calibration rows (`spec.DataSpec.calibration_rows`) from text (`data.load_samples`, documents named in
-    `exclude` skipped) or from a token store or blend (`store_loader.calibration_rows` over the documents of
+    `exclude` skipped) or from a token store or blend (`store_reader.calibration_rows` over the documents of
     `split`, default training, as `splits` splits them; the store's tokenizer checked against `tokenizer`'s
     directory)."""
     spec = DataSpec.of_splits(data, splits, exclude=exclude, seed=seed, text_field=text_field)
@@ -349,7 +349,7 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     `window` = k > 0 adds `layer_window` [L-k+1]: for each contiguous block of k layers, the LM loss
     with the block skipped (on `window_samples` rows, else as `add_depth_scores`), or 1 - acc_norm on
     `task_items` (multiple-choice) when given. `exclude`: document names (as `holdout`) never used for
-    calibration; for a token store, `splits` (`store_loader.Splits`) may name the held-out and validation
+    calibration; for a token store, `splits` (`store_reader.Splits`) may name the held-out and validation
     documents instead, and calibration reads only training documents. Forward passes are sharded over `mesh`
     with the `attention` implementation."""
 

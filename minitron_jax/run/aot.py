@@ -2,7 +2,7 @@
 
 With the `tpu` extra (`pip install -e .[tpu]`, which brings libtpu), `jax.experimental.topologies`
 describes a TPU slice's devices; the run's own mesh is built over them and the exact jitted functions
-`distill.train` and `importance.compute_scores` execute are lowered with abstract arguments
+`trainer.train` and `importance.compute_scores` execute are lowered with abstract arguments
 (ShapeDtypeStruct + NamedSharding, from `distill.build_steps`) and compiled. XLA then reports each step's
 per-device argument / output / temp / alias bytes (`memory_analysis`) and FLOPs (`cost_analysis`), which
 `compile_steps` puts next to the chip's HBM and the analytic FLOP count (`LlamaConfig.flops_per_token`).

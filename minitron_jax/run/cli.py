@@ -131,7 +131,7 @@ def cmd_score(args) -> None:
 
 
 def _splits(args):
-    """--holdout / --holdout-fraction / --validation-fraction as `store_loader.Splits` (None: none given)."""
+    """--holdout / --holdout-fraction / --validation-fraction as `store_reader.Splits` (None: none given)."""
     if not (args.holdout_fraction or args.validation_fraction):
         return None
     return DataSpec(args.data, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
@@ -357,7 +357,7 @@ def _score_parser(sub) -> None:
     s.add_argument("--window-samples", type=int, default=0,
                    help="rows for the --window losses (default: --layer-loss-samples, else up to 32)")
     s.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
-                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+                   help="attention implementation (model/attention.py); chunked/splash never hold S x S probabilities")
     s.set_defaults(fn=cmd_score)
 
 
@@ -382,7 +382,7 @@ def _prune_parser(sub) -> None:
     q.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     _split_args(q, "never used to rank candidates")
     q.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
-                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+                   help="attention implementation (model/attention.py); chunked/splash never hold S x S probabilities")
     q.add_argument("--overwrite", action="store_true", help="replace --out if an earlier minitron command wrote it")
     q.add_argument("--force-scores", action="store_true",
                    help="use --scores although they were computed on another model (warns)")
@@ -437,7 +437,7 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mesh", default=None)
     ev.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
-                   help="attention implementation (attention.py); chunked/splash never hold S x S probabilities")
+                   help="attention implementation (model/attention.py); chunked/splash never hold S x S probabilities")
     ev.add_argument("--json", default=None)
     ev.add_argument("--text-field", default="text", help="JSONL / parquet / dataset field holding the text")
     ev.set_defaults(fn=cmd_eval)

@@ -1,7 +1,7 @@
 """`minitron run CONFIG`: fetch -> data -> (teacher correction) -> score -> prune -> distill -> evaluate -> report.
 
 The data stage tokenizes text data with the teacher's tokenizer into a token store (`out/data/store`,
-`tokenize_corpus.tokenize`); a store or a blend of stores is used as it is, once its tokenizer is checked.
+`tokenize.tokenize`); a store or a blend of stores is used as it is, once its tokenizer is checked.
 Every later stage reads the store. Documents are split once: held out (`holdout` names, else the recipe's
 `holdout_fraction`; only evaluated), validation (`validation_fraction` of the rest; only used to rank a
 budget's candidates), training (everything else: calibration and distillation).
@@ -12,8 +12,8 @@ and marks it done last with those settings (a changed setting refuses the old ou
 the first unfinished stage (distillation itself resumes from its last checkpoint; a preempted one is
 not marked done and raises `distill.Preempted`). One mesh, built from the distillation recipe's `mesh`,
 serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
-subcommand calls: `importance.score_model` (`minitron score`), `prune_io.prune_saved` (`minitron prune`),
-`distill.train` (`minitron distill|finetune`), `evaluate.eval_set` + `evaluate.evaluate_model`
+subcommand calls: `importance.score_model` (`minitron score`), `prune_job.prune_saved` (`minitron prune`),
+`trainer.train` (`minitron distill|finetune`), `evaluate.eval_set` + `evaluate.evaluate_model`
 (`minitron eval`). Held-out documents (`holdout` names, else the recipe's seeded `holdout_fraction`) are
 excluded from calibration and training and are the only rows evaluated.
 """
@@ -110,7 +110,7 @@ class PruneSettings:
 
 @dataclasses.dataclass
 class SearchSettings:
-    """The papers' search with short distillation (`nas.py`; with prune.params): the `candidates` best shapes
+    """The papers' search with short distillation (`run/search.py`; with prune.params): the `candidates` best shapes
     after pruning are each distilled for `steps` steps (the distill section's recipe, its warm-up capped at a
     tenth of them) and re-ranked by `metric` on the validation documents. candidates=0: ranked right after
     pruning only (as ModelOpt does)."""
@@ -128,7 +128,7 @@ class SearchSettings:
 
 @dataclasses.dataclass
 class LogitsSettings:
-    """Stored top-k teacher logits (`teacher_logits.py`, stage `logits`, out/logits): computed once for the
+    """Stored top-k teacher logits (`run/teacher_pass.py`, stage `logits`, out/logits): computed once for the
     training rows, read by the search's short runs and, with distill=true, by the distillation (no teacher
     on the devices)."""
     k: int = 64

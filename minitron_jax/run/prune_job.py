@@ -28,7 +28,7 @@ from minitron_jax.prune.importance import calibration_samples, check_scores_matc
 from minitron_jax.prune.pruning import prune, rank_shapes
 from minitron_jax.prune.record import prune_record, save_prune_record
 from minitron_jax.prune.targets import PruneTarget, parse_count, validate
-from minitron_jax.run import search as nas
+from minitron_jax.run import search as short_distill
 
 
 def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path, *, target: str | None = None,
@@ -42,7 +42,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     `data` (with `calib_samples` rows of `seq_len`, drawn with `seed` + 1, skipping `exclude`d documents)
     is needed for a budget. Loading and the search's forward passes are sharded over `mesh`.
     `search_distill` {"candidates", "recipe" (RunConfig), "metric", "out"}: the budget's `candidates` best shapes
-    after pruning are each distilled for recipe.steps and re-ranked by `metric` (`nas.py`)."""
+    after pruning are each distilled for recipe.steps and re-ranked by `metric` (`run/search.py`)."""
 
     if (target is None) == (budget is None):
         raise PruneError("give exactly one of a target shape or a parameter budget")
@@ -76,11 +76,11 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         target = str(table[0]["spec"])
         if search_distill:
             sd = search_distill
-            cands = nas.save_candidates(table, model.params(), cfg, scores, model_dir, Path(sd["out"]), sd["candidates"])
+            cands = short_distill.save_candidates(table, model.params(), cfg, scores, model_dir, Path(sd["out"]), sd["candidates"])
             del params, model  # the short runs need the devices; the winner is pruned again below
-            ranked = nas.distill_candidates(cands, sd["recipe"], rows, metric=sd["metric"], mesh=mesh,
+            ranked = short_distill.distill_candidates(cands, sd["recipe"], rows, metric=sd["metric"], mesh=mesh,
                                             batch_size=batch_size, log=log)
-            report = nas.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
+            report = short_distill.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
             log(report["summary"])
             target = ranked[0]["spec"]
             model = hf.from_pretrained(model_dir, mesh=mesh)

@@ -3,7 +3,7 @@
 `pruning.rank_shapes` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
 after pruning. This module takes the `candidates` best of them, distills each for a short budget
 (`steps`, the papers' ~400 steps at 8B scale, during which their rankings settled after ~300) from the
-teacher, by default from stored top-k teacher logits (`teacher_logits.py`: one teacher pass serves every
+teacher, by default from stored top-k teacher logits (`run/teacher_pass.py`: one teacher pass serves every
 candidate), and ranks them again by the loss after that distillation (`metric`):
 
 * `validation_loss`: next-token loss on the validation documents' rows (the rows the post-pruning ranking
@@ -12,7 +12,7 @@ candidate), and ranks them again by the loss after that distillation (`metric`):
 
 The validation loss is also measured every `steps / 4` steps, so the table shows when the ranking settles.
 Every candidate is pruned and saved first; the teacher is then released, and each short run is an
-ordinary `distill.train` run (its own directory and metrics). A finished candidate leaves `result.json` (its
+ordinary `trainer.train` run (its own directory and metrics). A finished candidate leaves `result.json` (its
 checkpoints are deleted); a search interrupted part-way reruns only the candidates without one.
 """
 

@@ -19,7 +19,7 @@ from minitron_jax.core.errors import RecipeError
 from minitron_jax.core.yaml_config import DataArg, dump, load
 
 DTYPES = ("float32", "bfloat16", "float16")  # compute_dtype / teacher_dtype
-REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (recipe.py does not import JAX)
+REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (run_config.py does not import JAX)
 ATTENTION = ("auto", "xla", "splash", "cudnn", "chunked")  # attention.IMPLEMENTATIONS
 
 # Resuming (`resume=true` with checkpoints in out/checkpoints) compares the recipe with the out/recipe.json
@@ -95,7 +95,7 @@ class RunConfig:
     compute_dtype: str | None = None  # e.g. "bfloat16" (master weights stay fp32)
     teacher_dtype: str | None = None  # default: compute_dtype, else the stored dtype
     remat: str = "none"  # "none" | "full" | "dots"
-    attention: str = "xla"  # "auto" | "xla" | "splash" | "cudnn" | "chunked" (attention.py)
+    attention: str = "xla"  # "auto" | "xla" | "splash" | "cudnn" | "chunked" (model/attention.py)
     # parallelism
     mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])  # data, fsdp, tensor
     coordinator_address: str | None = None  # multi-host; else env / auto-detection

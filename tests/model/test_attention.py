@@ -124,7 +124,7 @@ def test_auto_and_errors():
     assert RunConfig(student="s", data="d", mode="finetune", attention="chunked").validate()
     from minitron_jax.model.attention import IMPLEMENTATIONS
     from minitron_jax.train.run_config import ATTENTION
-    assert ATTENTION == IMPLEMENTATIONS  # recipe.py does not import JAX: the same list twice
+    assert ATTENTION == IMPLEMENTATIONS  # run_config.py does not import JAX: the same list twice
 
 
 # ---------------------------------------------------------------------------- never S x S

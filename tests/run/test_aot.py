@@ -191,20 +191,20 @@ def test_plan_without_compile_still_needs_devices_and_peak():
 
 
 def test_train_runs_the_steps_build_steps_makes(tmp_path, monkeypatch):
-    """`train` takes its jitted steps and its state's shardings from `distill.build_steps`, the function
+    """`train` takes its jitted steps and its state's shardings from `trainer.build_steps`, the function
     aot.py compiles: the live state has exactly the abstract state's shardings."""
     from distill_helpers import make_pair
 
-    from minitron_jax.train import trainer as distill
+    from minitron_jax.train import trainer
     from minitron_jax.train.run_config import load_recipe
     t, s, d = make_pair(tmp_path / "pair")
     built = []
-    real = distill.build_steps
-    monkeypatch.setattr(distill, "build_steps", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = trainer.build_steps
+    monkeypatch.setattr(trainer, "build_steps", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     seen = []
     rc = load_recipe(None, [f"teacher={t}", f"student={s}", f"data={d}", f"out={tmp_path / 'out'}", "batch_size=4",
                             "seq_len=64", "steps=1", "warmup=0", "eval_every=100", "peak_tflops=1", "mesh=[1,-1,2]"])
-    distill.train(rc, log=lambda m: None, hooks=[lambda run: seen.append(jax.tree.map(lambda x: x.sharding, run.state))])
+    trainer.train(rc, log=lambda m: None, hooks=[lambda run: seen.append(jax.tree.map(lambda x: x.sharding, run.state))])
     assert len(built) == 1 and len(seen) == 1
     want = jax.tree.map(lambda x: x.sharding, built[0].state)
     assert jax.tree.structure(want) == jax.tree.structure(seen[0])

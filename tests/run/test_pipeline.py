@@ -177,7 +177,7 @@ def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, 
     from step 2 and finishes every stage."""
     import signal
 
-    import minitron_jax.train.trainer as distill
+    from minitron_jax.train import trainer
 
     teacher, _, data = make_pair(tmp_path / "pair")
     out = tmp_path / "run"
@@ -186,21 +186,21 @@ def test_preempted_distill_stage_is_not_marked_done_and_run_exits_143(tmp_path, 
             "distill.steps=4", "distill.warmup=0", "distill.batch_size=4", "distill.seq_len=64",
             "distill.eval_every=100", "distill.save_every=100", "distill.mesh=[1,1,8]", "distill.peak_tflops=1",
             "eval.samples=4", "eval.seq_len=64", "eval.task_items=8"]
-    real = distill.train
+    real = trainer.train
 
     def preempted(rc, log=None, hooks=()):
         def sigterm(run):
             if run.step == 2:
                 signal.raise_signal(signal.SIGTERM)
         return real(rc, log, [*hooks, sigterm])
-    monkeypatch.setattr(distill, "train", preempted)
+    monkeypatch.setattr(trainer, "train", preempted)
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 143
     assert "distill stage" in capsys.readouterr().err
     assert (out / "prune" / "done.json").exists() and not (out / "distill" / "done.json").exists()
     assert sorted(p.name for p in (out / "distill" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
-    monkeypatch.setattr(distill, "train", real)
+    monkeypatch.setattr(trainer, "train", real)
     main(args)
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "at step 2" in printed

@@ -103,10 +103,10 @@ def test_non_finite_gradient_stops_before_saving(pair, tmp_path, monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from minitron_jax.train import trainer as distill
+    from minitron_jax.train import trainer
     from minitron_jax.train.run_config import load_recipe
 
-    real, calls = distill.build_steps, []
+    real, calls = trainer.build_steps, []
 
     def build_steps(*a, **k):
         steps = real(*a, **k)
@@ -120,13 +120,13 @@ def test_non_finite_gradient_stops_before_saving(pair, tmp_path, monkeypatch):
             return state, m
         return dataclasses.replace(steps, train=step)
 
-    monkeypatch.setattr(distill, "build_steps", build_steps)
+    monkeypatch.setattr(trainer, "build_steps", build_steps)
     out = tmp_path / "inf"
     rc = load_recipe(None, args(pair, out, "steps=5", "batch_size=4", "mesh=[1,1,8]", "save_every=1"))
-    with pytest.raises(distill.TrainingError, match=r"grad_norm is inf at step 3: stopped without saving this state\. "
+    with pytest.raises(trainer.TrainingError, match=r"grad_norm is inf at step 3: stopped without saving this state\. "
                                                     r"The last good checkpoint is step 2 in \S+checkpoints "
                                                     r"\(resume=true continues from it\); lower lr"):
-        distill.train(rc, log=lambda m: None)
+        trainer.train(rc, log=lambda m: None)
     assert len(calls) == 3 and all(np.isfinite(calls))  # the loss was finite: only the gradient check stops it
     assert checkpoints(out) == [1, 2]
     assert [r["step"] for r in metrics(out)] == [1, 2]
