@@ -32,8 +32,6 @@ NOT_FINITE_FIX = ("check the model's weights for NaN/inf, evaluate in float32 (c
                   "saved with the model")
 
 
-
-
 def make_loss_fn(cfg: LlamaConfig, compute_dtype=None, chunk_size: int = CHUNK, attention: str = "xla") -> Callable:
     """loss_sum(params, ids, mask, gates) -> (sum of next-token NLL over real targets, their count).
 
@@ -94,6 +92,26 @@ def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.nd
 def lm_loss(params, cfg: LlamaConfig, samples: np.ndarray, **kw) -> float:
     """Mean next-token cross-entropy of the model on packed rows `samples` [N, S]."""
     return float(gated_losses(params, cfg, samples, np.ones((1, cfg.num_hidden_layers), np.float32), **kw)[0])
+
+
+def row_losses(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int = 8, mesh=None, compute_dtype=None,
+               attention: str = "xla") -> tuple[np.ndarray, np.ndarray]:
+    """(sum of next-token NLL [N] float64, target count [N]) of each packed row of `samples` [N, S]: the terms of
+    `lm_loss` (= nll.sum() / count.sum()) kept apart per row, for paired comparisons of models on the same rows
+    (`eval/bootstrap.py`). Batches are split over `mesh` like `multiple_choice`'s."""
+    check_token_ids(samples, cfg.vocab_size, "the evaluation rows")
+    fn = jax.jit(make_choice_fn(cfg, compute_dtype, attention=attention))
+    gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32)
+    nll = []
+    with mesh_context(mesh):
+        for ids, mask in batches(samples, batch_size):  # every position whose next token is real is scored
+            lp = fn(params, put(ids, mesh), put(mask, mesh), put(mask, mesh), gates)
+            nll.append(-np.asarray(jax.device_get(lp), np.float64))
+    nll = np.concatenate(nll)[:len(samples)]
+    if not np.isfinite(nll).all():
+        k = int(np.flatnonzero(~np.isfinite(nll))[0])
+        raise EvalError(f"the LM loss of evaluation row {k} is {nll[k]}; {NOT_FINITE_FIX}")
+    return nll, np.full(len(samples), samples.shape[1] - 1, np.int64)
 
 
 # ---------------------------------------------------------------------------- multiple choice

@@ -111,17 +111,22 @@ class PruneSettings:
 @dataclasses.dataclass
 class SearchSettings:
     """The papers' search with short distillation (`run/search.py`; with prune.params): the `candidates` best shapes
-    after pruning are each distilled for `steps` steps (the distill section's recipe, its warm-up capped at a
-    tenth of them) and re-ranked by `metric` on the validation documents. candidates=0: ranked right after
+    after pruning are each distilled for `steps` steps (the distill section's recipe and objective, its warm-up
+    capped at a tenth of them) and re-ranked by `metric` on `samples` rows of the validation documents, with a
+    paired bootstrap interval of each candidate's difference to the winner. candidates=0: ranked right after
     pruning only (as ModelOpt does)."""
     candidates: int = 0
     steps: int = 40
     metric: str = "validation_loss"  # or distill_loss (the objective over the last 10% of the steps)
-    teacher_logits: bool = True  # from stored top-k teacher logits (the logits stage): one teacher pass for all
+    samples: int = 128  # validation rows (of score.seq_len tokens) the short runs are ranked on
+    # false: the online teacher, the distillation's own objective (spec 1.5); true: stored top-k logits (the
+    # logits stage: one teacher pass for every candidate, but top-k KD, which the spec's section 5 says hurts)
+    teacher_logits: bool = False
 
     def __post_init__(self):
-        if self.candidates < 0 or self.steps < 1:
-            raise RecipeError(f"search: candidates={self.candidates} must be >= 0 and steps={self.steps} >= 1")
+        if self.candidates < 0 or self.steps < 1 or self.samples < 1:
+            raise RecipeError(f"search: candidates={self.candidates} must be >= 0, steps={self.steps} >= 1 and "
+                              f"samples={self.samples} >= 1")
         if self.metric not in METRICS:
             raise RecipeError(f"search.metric={self.metric!r}: choose one of {', '.join(METRICS)}")
 
@@ -536,7 +541,7 @@ class Pipeline:
                                 steps=s.steps, warmup=min(c.distill.warmup, s.steps // 10), save_every=s.steps,
                                 eval_every=s.steps, out="-",
                                 teacher_logits=str(self.out / "logits" / "store") if s.teacher_logits else None)
-            search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric,
+            search = {"candidates": s.candidates, "recipe": rc, "metric": s.metric, "samples": s.samples,
                       "out": self.out / "prune" / "search"}
         return prune_saved(teacher_dir, run.outputs["score"]["scores"], self.out / "prune" / "student_hf",
                            target=c.prune.target, budget=c.prune.params, data=run.store,

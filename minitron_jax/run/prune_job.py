@@ -41,8 +41,10 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     the student to `out`. Returns {"target", "params", "student", "search"} (search: the ranked table or None).
     `data` (with `calib_samples` rows of `seq_len`, drawn with `seed` + 1, skipping `exclude`d documents)
     is needed for a budget. Loading and the search's forward passes are sharded over `mesh`.
-    `search_distill` {"candidates", "recipe" (RunConfig), "metric", "out"}: the budget's `candidates` best shapes
-    after pruning are each distilled for recipe.steps and re-ranked by `metric` (`run/search.py`)."""
+    `search_distill` {"candidates", "recipe" (RunConfig), "metric", "out", "samples"}: the budget's `candidates`
+    best shapes after pruning are each distilled for recipe.steps and re-ranked by `metric` (`run/search.py`) on
+    `samples` rows of the same documents as the calibration rows (drawn the same way: the first
+    `calib_samples` of them are the calibration rows)."""
 
     if (target is None) == (budget is None):
         raise PruneError("give exactly one of a target shape or a parameter budget")
@@ -56,13 +58,17 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
     scores, meta = load_scores(scores_path)
     match = dict(force=force_scores, model=str(model_dir), force_hint="--force-scores")
     check_scores_match(meta, cfg, **match)  # the config, before any weights load
-    rows = None
+    rows = valid_rows = None
     if budget is not None:  # calibration rows before the weights: bad data fails fast
         split = VALIDATION if splits is not None and splits.validation_fraction > 0 else TRAIN
-        rows = calibration_samples(data, load_tokenizer(model_dir, vocab_size=cfg.vocab_size), calib_samples, seq_len,
-                                   seed + 1, text_field=text_field, vocab_size=cfg.vocab_size, exclude=exclude,
-                                   splits=splits, split=split)
-        log(f"budget search: {calib_samples} rows of {seq_len} from the {('training', 'validation')[split]} documents")
+        n_valid = search_distill["samples"] if search_distill else 0
+        drawn = calibration_samples(data, load_tokenizer(model_dir, vocab_size=cfg.vocab_size),
+                                    max(calib_samples, n_valid), seq_len, seed + 1, text_field=text_field,
+                                    vocab_size=cfg.vocab_size, exclude=exclude, splits=splits, split=split)
+        rows, valid_rows = drawn[:calib_samples], drawn[:n_valid]
+        where = f"from the {('training', 'validation')[split]} documents"
+        log(f"budget search: {calib_samples} rows of {seq_len} {where}"
+            + (f"; the short distillation ranks on {n_valid} rows {where}" if n_valid else ""))
     model = hf.from_pretrained(model_dir, mesh=mesh)
     check_scores_match(meta, cfg, model.params(), **match)  # and the weights
     if target is not None:
@@ -78,7 +84,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             sd = search_distill
             cands = short_distill.save_candidates(table, model.params(), cfg, scores, model_dir, Path(sd["out"]), sd["candidates"])
             del params, model  # the short runs need the devices; the winner is pruned again below
-            ranked = short_distill.distill_candidates(cands, sd["recipe"], rows, metric=sd["metric"], mesh=mesh,
+            ranked = short_distill.distill_candidates(cands, sd["recipe"], valid_rows, metric=sd["metric"], mesh=mesh,
                                             batch_size=batch_size, log=log)
             report = short_distill.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
             log(report["summary"])
@@ -96,7 +102,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         save_model(pruned, out, overwrite=overwrite)
     save_prune_record(out, prune_record(cfg, scores, target, source=model_dir))
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
-            "rank_change", "validation_curve")
+            "rank_change", "validation_curve", "vs_winner")
     search = [{k: r[k] for k in keys if k in r} for r in table] if table else None
     report = {"source": str(model_dir), "scores": str(scores_path),
               "score_metadata": {k: v for k, v in meta.items() if k != "config"},

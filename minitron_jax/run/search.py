@@ -3,14 +3,19 @@
 `pruning.rank_shapes` enumerates the shapes within +-5% of a parameter budget and ranks them by LM loss right
 after pruning. This module takes the `candidates` best of them, distills each for a short budget
 (`steps`, the papers' ~400 steps at 8B scale, during which their rankings settled after ~300) from the
-teacher, by default from stored top-k teacher logits (`run/teacher_pass.py`: one teacher pass serves every
-candidate), and ranks them again by the loss after that distillation (`metric`):
+teacher with the final distillation's objective (spec section 1.5: the online teacher, full-vocabulary KD;
+stored top-k teacher logits, `run/teacher_pass.py`, are an option that saves the teacher passes, at the cost
+the spec's section 5 names for top-k with K <= 100), and ranks them again by the loss after that distillation
+(`metric`):
 
-* `validation_loss`: next-token loss on the validation documents' rows (the rows the post-pruning ranking
-  used; never the held-out rows a report is computed on);
+* `validation_loss`: next-token loss on rows of the validation documents (never the held-out rows a report
+  is computed on);
 * `distill_loss`: the distillation objective, mean of the last 10% of the steps (training rows).
 
 The validation loss is also measured every `steps / 4` steps, so the table shows when the ranking settles.
+Each candidate's final validation loss is kept per row, and the table gives each candidate's difference to
+the winner with a paired bootstrap interval over those rows (`eval/bootstrap.py`); the summary warns when
+the runner-up's interval reaches 0, that is when the rows do not separate the winner.
 Every candidate is pruned and saved first; the teacher is then released, and each short run is an
 ordinary `trainer.train` run (its own directory and metrics). A finished candidate leaves `result.json` (its
 checkpoints are deleted); a search interrupted part-way reruns only the candidates without one.
@@ -25,9 +30,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import Preempted
 from minitron_jax.eval import evaluate
+from minitron_jax.eval.bootstrap import paired_intervals
 from minitron_jax.io.hf import save_params
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.pruning import prune
@@ -35,6 +43,7 @@ from minitron_jax.prune.record import prune_record, save_prune_record
 from minitron_jax.train import trainer
 
 METRICS = ("validation_loss", "distill_loss")
+LEVEL = 0.95  # of the bootstrap intervals
 
 
 def _rank(values: list[float]) -> list[int]:
@@ -62,7 +71,9 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
                        batch_size: int = 8, log: Callable[[str], Any] = print) -> list[dict]:
     """Short distillation of every candidate (`rc`: the run's recipe; its student and out are replaced), then
     the table ranked by `metric`. Each row gains "distilled" (the metric), "validation_curve" [(step, loss)],
-    "distill_loss", "rank_pruned", "rank_distilled", "rank_change" (positive: moved up)."""
+    "validation_nll" / "validation_tokens" (per validation row, after the last step), "distill_loss",
+    "rank_pruned", "rank_distilled", "rank_change" (positive: moved up) and, with metric validation_loss,
+    "vs_winner" [difference, low, high] (`LEVEL` paired bootstrap interval over the validation rows)."""
 
     if metric not in METRICS:
         raise ValueError(f"search.metric={metric!r}: choose one of {', '.join(METRICS)}")
@@ -70,12 +81,14 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
     for i, row in enumerate(rows):
         cfg = LlamaConfig.from_file(row["student"])
         curve: list[tuple[int, float]] = []
+        last: dict[str, list] = {}
 
-        def hook(run, cfg=cfg, curve=curve):
+        def hook(run, cfg=cfg, curve=curve, last=last):
             if run.step % every == 0 or run.step == run.rc.steps:
-                loss = evaluate.lm_loss(run.state["trainable"]["model"], cfg, valid_rows, batch_size=batch_size,
-                                        mesh=mesh, attention=run.rc.attention)
-                curve.append((run.step, loss))
+                nll, tok = evaluate.row_losses(run.state["trainable"]["model"], cfg, valid_rows,
+                                               batch_size=batch_size, mesh=mesh, attention=run.rc.attention)
+                curve.append((run.step, float(nll.sum() / tok.sum())))
+                last.update(validation_nll=nll.tolist(), validation_tokens=tok.tolist())
         out = Path(row["student"]).parent / "distill"
         done = out / "result.json"
         if done.is_file():  # finished before an interruption of the search
@@ -91,7 +104,8 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
             losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             losses = [r["loss"] for r in losses if "loss" in r]
             tail = losses[-max(1, len(losses) // 10):]
-            res = {"distill_loss": sum(tail) / len(tail), "validation_curve": curve, "validation_loss": curve[-1][1]}
+            res = {"distill_loss": sum(tail) / len(tail), "validation_curve": curve, "validation_loss": curve[-1][1],
+                   **last}
             write_text(done, json.dumps(res))
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the result is kept; the weights are not needed
             row.update(res)
@@ -100,18 +114,53 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
     pr, dr = _rank([r["loss"] for r in rows]), _rank([r["distilled"] for r in rows])
     for r, a, b in zip(rows, pr, dr):
         r["rank_pruned"], r["rank_distilled"], r["rank_change"] = a, b, a - b
-    return sorted(rows, key=lambda r: r["rank_distilled"])
+    rows = sorted(rows, key=lambda r: r["rank_distilled"])
+    if metric == "validation_loss" and all("validation_nll" in r for r in rows):
+        iv = paired_intervals(np.array([r["validation_nll"] for r in rows]), np.array(rows[0]["validation_tokens"]),
+                              0, level=LEVEL)
+        for r, x in zip(rows, iv):
+            r["vs_winner"] = [float(v) for v in x]
+    return rows
+
+
+def separated(rows: list[dict]) -> bool | None:
+    """Whether the runner-up's interval lies wholly above the winner's loss (None: no intervals)."""
+    if len(rows) < 2 or "vs_winner" not in rows[1]:
+        return None
+    return rows[1]["vs_winner"][1] > 0
 
 
 def table_markdown(rows: list[dict], metric: str, steps: int) -> str:
+    iv = "vs_winner" in rows[0]
+    n = len(rows[0].get("validation_tokens", ()))
     head = (f"| rank after {steps} steps | rank after pruning | change | shape | params | loss after pruning | "
-            f"{metric} after {steps} steps | validation loss by step |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            f"{metric} after {steps} steps |" + (f" minus the winner's ({LEVEL:.0%} paired bootstrap over {n} rows) |"
+                                                 if iv else "") + " validation loss by step |")
+    lines = [head, "|---|---|---|---|---|---|---|" + "---|" * iv + "---|"]
     for r in rows:
         curve = ", ".join(f"{s}: {v:.3f}" for s, v in r.get("validation_curve", []))
+        d = r.get("vs_winner")
+        gap = (f" {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" if d and r["rank_distilled"] > 1 else " - |") if iv else ""
         lines.append(f"| {r['rank_distilled']} | {r['rank_pruned']} | {r['rank_change']:+d} | `{r['spec']}` | "
-                     f"{r['params']:,} | {r['loss']:.4f} | {r['distilled']:.4f} | {curve} |")
+                     f"{r['params']:,} | {r['loss']:.4f} | {r['distilled']:.4f} |{gap} {curve} |")
     return "\n".join(lines)
+
+
+def summary_text(rows: list[dict], steps: int) -> str:
+    changed = any(r["rank_change"] for r in rows)
+    text = (f"The ranking after {steps} distillation steps {'differs from' if changed else 'equals'} the ranking "
+            f"right after pruning; best after pruning: `{min(rows, key=lambda r: r['rank_pruned'])['spec']}`, "
+            f"best after distillation: `{rows[0]['spec']}`.")
+    sep = separated(rows)
+    if sep is False:
+        lo, hi = rows[1]["vs_winner"][1:]
+        text += (f" WARNING: the winner is not separated from the runner-up `{rows[1]['spec']}` on these "
+                 f"{len(rows[0]['validation_tokens'])} validation rows (the {LEVEL:.0%} interval of their difference, "
+                 f"[{lo:+.4f}, {hi:+.4f}], reaches 0): more rows (search.samples) or more steps would be needed "
+                 "to choose between them.")
+    elif sep:
+        text += f" The runner-up's {LEVEL:.0%} interval lies above the winner's loss: the winner is separated."
+    return text
 
 
 def write_report(rows: list[dict], out: Path, metric: str, steps: int) -> dict[str, str]:
@@ -122,10 +171,7 @@ def write_report(rows: list[dict], out: Path, metric: str, steps: int) -> dict[s
 
     out.mkdir(parents=True, exist_ok=True)
     md = table_markdown(rows, metric, steps)
-    changed = any(r["rank_change"] for r in rows)
-    summary = (f"The ranking after {steps} distillation steps {'differs from' if changed else 'equals'} the ranking "
-               f"right after pruning; best after pruning: `{min(rows, key=lambda r: r['rank_pruned'])['spec']}`, "
-               f"best after distillation: `{rows[0]['spec']}`.")
+    summary = summary_text(rows, steps)
     write_text(out / "search.md", md + "\n\n" + summary + "\n")
     write_text(out / "search.json", json.dumps(rows, indent=2, default=str))
     fig, ax = plt.subplots(figsize=(8, 4.5))

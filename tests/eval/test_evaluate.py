@@ -21,6 +21,7 @@ from minitron_jax.eval.evaluate import (
     make_loss_fn,
     multiple_choice,
     next_line_task,
+    row_losses,
 )
 from minitron_jax.model.sharding import make_mesh
 from minitron_jax.prune.importance import compute_scores
@@ -70,6 +71,22 @@ def test_lm_loss_on_mesh(tiny):
     x = samples(n=6, seed=4)
     got = lm_loss(model.params(), model.config, x, batch_size=4, mesh=mesh)
     assert got == pytest.approx(torch_loss(ref, x), rel=REL)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_row_losses_match_transformers_per_row(tiny, mesh_shape):
+    """Each row's NLL sum equals transformers' mean loss on that row alone x its S - 1 targets; their ratio is
+    lm_loss (a padded last batch, and a mesh that splits the rows)."""
+    path, ref, params, cfg = tiny
+    mesh = make_mesh(*mesh_shape) if mesh_shape else None
+    if mesh is not None:
+        params = mj.from_pretrained(path, mesh=mesh).params()
+    x = samples(n=7, seed=5)
+    nll, tok = row_losses(params, cfg, x, batch_size=4, mesh=mesh)
+    assert tok.tolist() == [x.shape[1] - 1] * len(x)
+    want = np.array([torch_loss(ref, x[i:i + 1]) * (x.shape[1] - 1) for i in range(len(x))])
+    np.testing.assert_allclose(nll, want, rtol=REL)
+    assert nll.sum() / tok.sum() == pytest.approx(lm_loss(params, cfg, x, batch_size=4, mesh=mesh), rel=REL)
 
 
 def test_gated_losses_match_layer_removal(tiny):
