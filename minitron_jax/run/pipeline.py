@@ -423,7 +423,7 @@ class Pipeline:
         d = c.distill
         return {"rows": steps * d.batch_size, "k": c.teacher_logits.k, "values_dtype": c.teacher_logits.values_dtype,
                 **{k: getattr(d, k) for k in ("seq_len", "batch_size", "packing", "holdout_fraction", "text_field",
-                                              "attention", "compute_dtype", "chunk_size")}}
+                                              "attention", "compute_dtype", "teacher_dtype", "chunk_size")}}
 
     def check_store(self, teacher: Path, data) -> None:
         """A store or blend: the teacher's tokenizer, and documents in every split the run uses."""

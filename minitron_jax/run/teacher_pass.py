@@ -17,10 +17,16 @@ Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in 
   log-probabilities of the kept entries are `values - lse` (and `exp(values - lse)` sums to the mass the
   top k cover, reported in the manifest).
 * `manifest.json`, written last: the store is complete only once it exists. It records what the rows
-  depend on (`IDENTITY_KEYS`: teacher, tokenizer, token stores, seq_len, packing, seed, batch_size, splits)
-  and k, the dtypes and the row count.
+  depend on (`stored_logits.identity`: the teacher (a sha256 of its config and of every weight byte), the
+  dtype it ran at, tokenizer, token stores, seq_len, packing, seed, batch_size, splits) and k, the dtypes and
+  the row count.
 * `state.json` while writing: the rows committed so far (every process's writes for them are done), the
-  resume point of an interrupted run.
+  resume point of an interrupted run. Process 0 writes it (0 rows) before the arrays are created, so a run
+  killed at any point after that is finished by the same command.
+
+The teacher runs at the dtype the online teacher of a distillation run would (`teacher_dtype`, else
+`compute_dtype`, else the checkpoint's): its weights and its forward, so the stored top-k are the logits an
+online top-k run sees; a run whose teacher would run at another dtype is refused.
 
 Distillation from stored values uses the top-k forward KL of `losses.py` (the teacher distribution
 renormalised over its k entries, the student's full-vocabulary log-softmax read at those ids): the same
@@ -46,21 +52,6 @@ from minitron_jax.model.losses import _logits, _split
 from minitron_jax.model.sharding import make_mesh, to_global
 from minitron_jax.train.preflight import check_data, check_devices, check_model
 from minitron_jax.train.stored_logits import FORMAT, MANIFEST, STATE, VERSION, LogitsConfig, _arrays, identity
-
-# ---------------------------------------------------------------------------- identities
-
-
-
-
-
-
-# ---------------------------------------------------------------------------- arrays
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------- the teacher pass
@@ -133,8 +124,7 @@ def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
     out = rc.out
     header = {"format": FORMAT, "version": VERSION, "identity": ident, "rows": n, "k": lc.k,
               "values_dtype": lc.values_dtype, "lse": lc.lse, "seq_len": rc.seq_len, "chunk_rows": b,
-              "processes": P, "attention": rc.attention, "compute_dtype": rc.compute_dtype,
-              "vocab_size": t_cfg.vocab_size}
+              "processes": P, "attention": rc.attention, "vocab_size": t_cfg.vocab_size}
     with output_lock(out, "minitron teacher-logits"):
         return _write(rc, lc, loader, header, n, b, out, t_cfg, log)
 
@@ -168,14 +158,17 @@ def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cf
         if {k: done.get(k) for k in header} == header:
             log(f"{out} is already complete ({n} rows): nothing to do")
             return done
-        raise LogitsError(f"{out} already holds teacher logits for other settings; choose another out or delete it")
+        raise LogitsError(f"{out} already holds teacher logits for other settings: {_differences(done, header)} "
+                          "differ; choose another out or delete it")
     start = _unfinished_start(out, header, n, log)
+    if start == 0 and jax.process_index() == 0:  # a resume point before any array exists: a run killed
+        write_json(out, STATE, {"header": header, "rows_done": 0})  # from here on reruns to completion
     _sync("teacher-logits-start")
     arrays = _arrays(out, n, rc.seq_len, lc.k, lc.values_dtype, lc.lse, b)
     mesh = make_mesh(*rc.mesh)
-    teacher = from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
-    params = teacher.params()
-    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, rc.compute_dtype)
+    dtype = rc.teacher_compute_dtype()  # as the online teacher: the logits a top-k run would see
+    params = from_pretrained(rc.teacher, mesh=mesh, dtype=dtype).params()
+    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, dtype)
     B = rc.batch_size
     steps = -(-n // B)
     local_dir = "://" not in str(out)
@@ -224,6 +217,13 @@ def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cf
         + (f"; mean teacher probability mass in the top {lc.k}: {mass:.4f} (rows written in this run)"
            if mass is not None else ""))
     return manifest
+
+
+def _differences(have: dict, want: dict) -> str:
+    """The header keys (and identity parts) where a complete store's manifest differs from this run's."""
+    what = {"teacher": "the teacher (weights or config)", "tokenizer": "the tokenizer", "data": "the token store(s)"}
+    ident = [what.get(k, k) for k, v in want["identity"].items() if (have.get("identity") or {}).get(k) != v]
+    return ", ".join(ident + [k for k in want if k != "identity" and have.get(k) != want[k]])
 
 
 def _bf16():

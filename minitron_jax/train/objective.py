@@ -183,7 +183,7 @@ def teacher_source(rc: RunConfig, t_cfg: LlamaConfig | None) -> TeacherSource:
         return NoTeacher()
     if rc.teacher_logits is not None:
         return StoredTeacher()
-    return OnlineTeacher(t_cfg, rc.teacher_dtype or rc.compute_dtype)
+    return OnlineTeacher(t_cfg, rc.teacher_compute_dtype())
 
 
 # ---------------------------------------------------------------------------- the one loss path

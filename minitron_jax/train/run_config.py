@@ -112,6 +112,11 @@ class RunConfig:
     export: bool = True  # write the final student as an HF directory in out/student_hf
     resume_allow: list[str] = dataclasses.field(default_factory=list)  # keys that may change on resume (see above)
 
+    def teacher_compute_dtype(self) -> str | None:
+        """The dtype the teacher runs at (its weights and its forward): teacher_dtype, else compute_dtype, else
+        None (the checkpoint's own)."""
+        return self.teacher_dtype or self.compute_dtype
+
     def validate(self) -> "RunConfig":
         """Check the run can start; raises RecipeError naming the fix. Never changes a value."""
         if self.mode not in ("distill", "finetune"):

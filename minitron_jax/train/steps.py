@@ -158,7 +158,7 @@ def build_steps(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, me
     opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, opt_sh)
     state = {"trainable": trainable, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
     stored = stored_spec(rc)
-    teacher = (abstract_params(t_cfg, mesh, rc.teacher_dtype or rc.compute_dtype or t_cfg.dtype)
+    teacher = (abstract_params(t_cfg, mesh, rc.teacher_compute_dtype() or t_cfg.dtype)
                if teacher_source(rc, t_cfg).loads_teacher else None)
     A = rc.grad_accum
     micro_shape = (A, rc.batch_size // A, rc.seq_len)

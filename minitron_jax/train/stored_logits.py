@@ -10,17 +10,24 @@ Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in 
   log-probabilities of the kept entries are `values - lse` (and `exp(values - lse)` sums to the mass the
   top k cover, reported in the manifest).
 * `manifest.json`, written last: the store is complete only once it exists. It records what the rows
-  depend on (`ROW_KEYS` and the identities: teacher, tokenizer, token stores) and k, the dtypes and the
+  depend on (`identity`: `ROW_KEYS`, the teacher (a sha256 of its config and of every byte of its weights),
+  the dtype the teacher ran at (`teacher_dtype`), the tokenizer and token stores) and k, the dtypes and the
   row count.
-* `state.json` while writing: the rows committed so far, the resume point of an interrupted run.
+* `state.json` while writing: the rows committed so far (0 from before the arrays exist), the resume point
+  of an interrupted run.
+
+`TeacherLogits.check_run` refuses, before step 0, a distillation run whose identity differs: another
+teacher (any changed weight byte), a teacher that would run at another dtype, other rows.
 
 The writer is `run/teacher_pass.py` (`minitron teacher-logits`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from minitron_jax.io.hf import open_checkpoint
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.prune.importance import model_fingerprint
 
-FORMAT, VERSION = "minitron-teacher-logits", 1
+FORMAT, VERSION = "minitron-teacher-logits", 2  # 2: the teacher dtype, every weight byte hashed
 
 
 MANIFEST, STATE = "manifest.json", "state.json"
@@ -71,21 +78,39 @@ class LogitsConfig:
 
 def teacher_identity(path: str | Path) -> dict[str, str]:
     """{"config_sha256", "weights_sha256"} of an HF directory, without loading it: the config's hash (as
-    `importance.model_fingerprint`) and a hash of every tensor's name, dtype, shape and first and last 4 KiB
-    of stored bytes (read through the safetensors header; any re-trained weights change them)."""
+    `importance.model_fingerprint`) and a sha256 over every tensor's name, dtype, shape and every stored byte,
+    read through a memory map of each safetensors file in `HASH_PIECE` slices (no copy of a whole tensor):
+    any changed weight changes it."""
     out = {"config_sha256": model_fingerprint(LlamaConfig.from_file(path))["model_config_sha256"]}
     h = hashlib.sha256()
-    for name, f in sorted(open_checkpoint(path).items()):
-        info = f.header[name]
-        a, b = info["data_offsets"]
-        h.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
-        with open(f.path, "rb") as fh:
-            fh.seek(f.data_start + a)
-            h.update(fh.read(min(4096, b - a)))
-            fh.seek(f.data_start + max(a, b - 4096))
-            h.update(fh.read(min(4096, b - a)))
+    files = open_checkpoint(path)
+    with contextlib.ExitStack() as stack:
+        maps = {}
+        for name, f in sorted(files.items()):
+            if f.path not in maps:
+                maps[f.path] = stack.enter_context(_mapped(f.path))
+            info = f.header[name]
+            a, b = info["data_offsets"]
+            h.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
+            _hash_bytes(h, maps[f.path], f.data_start + a, f.data_start + b)
     out["weights_sha256"] = h.hexdigest()
     return out
+
+
+HASH_PIECE = 64 << 20  # bytes per sha256 update: a slice of the memory map, never a copy
+
+
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """A read-only memoryview of the whole file through mmap (released before the map closes)."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+        yield view
+
+
+def _hash_bytes(h, view: memoryview, start: int, stop: int) -> None:
+    for at in range(start, stop, HASH_PIECE):
+        with view[at:min(stop, at + HASH_PIECE)] as piece:
+            h.update(piece)
 
 
 def data_identity(data) -> dict[str, Any]:
@@ -102,9 +127,16 @@ def data_identity(data) -> dict[str, Any]:
 
 def identity(rc, t_dir: str | Path) -> dict[str, Any]:
     """What the stored rows depend on, for the manifest and for the check before a run reads them."""
-    return {"teacher": teacher_identity(t_dir), "tokenizer": tokenizer_identity(t_dir),
-            "data": data_identity(rc.data), **{k: getattr(rc, k) for k in ROW_KEYS},
+    return {"teacher": teacher_identity(t_dir), "teacher_dtype": teacher_dtype(rc, t_dir),
+            "tokenizer": tokenizer_identity(t_dir), "data": data_identity(rc.data),
+            **{k: getattr(rc, k) for k in ROW_KEYS},
             "holdout_fraction": DataSpec.of_recipe(rc).holdout_fraction}  # 0 with holdout names
+
+
+def teacher_dtype(rc, t_dir: str | Path) -> str:
+    """The dtype the teacher runs at, its weights and its forward, as the online teacher does: teacher_dtype,
+    else compute_dtype, else the checkpoint's own. Stored logits are computed (and checked) at it."""
+    return rc.teacher_compute_dtype() or LlamaConfig.from_file(t_dir).dtype
 
 
 def _spec(out, name: str, dtype: str, shape=None, chunk=None) -> dict:
@@ -162,9 +194,15 @@ class TeacherLogits:
         return {name: f.result() for name, f in futs.items()}
 
     def check_run(self, rc, t_dir: str | Path, rows_needed: int) -> None:
-        """Refuse (before step 0) a run whose teacher, tokenizer, token store or row settings differ from the
-        store's, or that reads more rows than it holds."""
+        """Refuse (before step 0) a run whose teacher (any weight byte), teacher dtype, tokenizer, token store or
+        row settings differ from the store's, or that reads more rows than it holds."""
         want, have = identity(rc, t_dir), self.manifest["identity"]
+        if want["teacher_dtype"] != have.get("teacher_dtype"):
+            raise LogitsError(f"teacher_logits={self.path} holds the teacher's logits computed at "
+                              f"{have.get('teacher_dtype')}, but this run's teacher runs at {want['teacher_dtype']} "
+                              "(teacher_dtype, else compute_dtype, else the checkpoint's dtype): set "
+                              f"teacher_dtype={have.get('teacher_dtype')} to train on them, or rerun `minitron "
+                              f"teacher-logits` with teacher_dtype={want['teacher_dtype']}")
         bad = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps(have.get(k), sort_keys=True)]
         if bad:
             what = {"teacher": "the teacher's weights or config", "tokenizer": "the tokenizer",

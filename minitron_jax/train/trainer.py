@@ -132,7 +132,7 @@ def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log
     mesh = make_mesh(*rc.mesh)
     student = hf.from_pretrained(rc.student, mesh=mesh, dtype="float32")  # fp32 master weights
     stored = TeacherLogits(rc.teacher_logits) if rc.teacher_logits is not None else None  # checked in check_pair
-    teacher = (hf.from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_dtype or rc.compute_dtype)
+    teacher = (hf.from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_compute_dtype())
                if rc.mode == "distill" and stored is None else None)
     steps = build_steps(rc, s_cfg, t_cfg, mesh, kd_config(rc), teacher_layers)  # the functions aot.py compiles
     state = initial_state(steps, student.params(), proj, mesh)

@@ -61,6 +61,35 @@ def cli_args(setup, out, *extra):
             "holdout=[tempest]", *extra]
 
 
+KILL_AFTER_ARRAYS = """
+import os, signal, sys
+from minitron_jax.run import teacher_pass
+real = teacher_pass._arrays
+def arrays(*a, **kw):
+    out = real(*a, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)  # the arrays exist, no row is written
+teacher_pass._arrays = arrays
+from minitron_jax.run.cli import main
+main(["teacher-logits", *sys.argv[1:]])
+"""
+
+
+@pytest.fixture(scope="module")
+def whole(setup, tmp_path_factory):
+    """An uninterrupted store of 36 rows (commit_every=2), for the interrupted ones to equal."""
+    from distill_helpers import run_cli
+    out = tmp_path_factory.mktemp("whole") / "tl"
+    run_cli(["teacher-logits", *cli_args(setup, out, "samples=36", "commit_every=2")], devices=1)
+    return out
+
+
+def assert_same_store(a, b) -> None:
+    a, b = read_all(a), read_all(b)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+
+
 def read_all(path) -> dict[str, np.ndarray]:
     st = TeacherLogits(path)
     return st.read(0, st.rows)
@@ -73,16 +102,12 @@ def test_stored_topk_equals_a_transformers_forward_of_the_teacher(setup, tmp_pat
     ids: positions restart, attention stays inside the piece), fp32, rel 1e-5 before rounding."""
     from transformers import AutoModelForCausalLM
 
-    from minitron_jax.io.hf import load_tokenizer
     teacher = setup[0]
     rc = recipe(setup, tmp_path / "tl")
     m = write_teacher_logits(rc, LogitsConfig(k=K, samples=20), log=lambda s: None)
     assert m["rows"] == 20 and 0 < m["topk_mass"] < 1
     got = read_all(tmp_path / "tl")
-    rows, _, stream = training_data(rc, load_tokenizer(teacher), 512)
-    loader = Loader(rows, B, seed=rc.seed, stream=stream, process_index=0, process_count=1)
-    want = np.concatenate([loader.batch_at(s)["input_ids"] for s in range(3)])[:20]
-    segs = np.concatenate([loader.batch_at(s)["segment_ids"] for s in range(3)])[:20]
+    want, segs = loader_rows(rc, teacher, 20)
     np.testing.assert_array_equal(got["tokens"], want)
     assert got["values"].dtype == ml_dtypes.bfloat16 and got["indices"].dtype == np.int32
     hf = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -102,6 +127,101 @@ def test_stored_topk_equals_a_transformers_forward_of_the_teacher(setup, tmp_pat
             np.testing.assert_allclose(got["lse"][r, pos], lse, rtol=1e-5)
             checked += len(pos)
     assert checked > 300
+
+
+def loader_rows(rc, teacher, n) -> tuple[np.ndarray, np.ndarray]:
+    """The first n rows of the recipe's loader order: (input_ids, segment_ids), [n, S] each."""
+    from minitron_jax.io.hf import load_tokenizer
+    rows, _, stream = training_data(rc, load_tokenizer(teacher), 512)
+    loader = Loader(rows, B, seed=rc.seed, stream=stream, process_index=0, process_count=1)
+    steps = range(-(-n // B))
+    return (np.concatenate([loader.batch_at(s)["input_ids"] for s in steps])[:n],
+            np.concatenate([loader.batch_at(s)["segment_ids"] for s in steps])[:n])
+
+
+@pytest.fixture(scope="module")
+def fp32_teacher(setup, tmp_path_factory):
+    """16 rows of float32 values written with teacher_dtype=float32 and compute_dtype=bfloat16 (a bf16
+    student distilled from an fp32 teacher): (its recipe, the store)."""
+    out = tmp_path_factory.mktemp("fp32") / "tl"
+    rc = recipe(setup, out, steps=2, compute_dtype="bfloat16", teacher_dtype="float32")
+    write_teacher_logits(rc, LogitsConfig(k=K, samples=16, values_dtype="float32"), log=lambda s: None)
+    return rc, out
+
+
+def test_stored_logits_are_computed_at_the_teacher_dtype_not_compute_dtype(setup, fp32_teacher):
+    """teacher_dtype=float32 with compute_dtype=bfloat16: the stored float32 top-k values equal an fp32
+    transformers forward's top k (rel 1e-5; a bfloat16 teacher forward is off by ~1e-2), their ids are the
+    same ids wherever the k + 1 largest logits are 1e-4 apart (no near-tie), and the ids name logits that large
+    everywhere; the manifest records the teacher's dtype."""
+    from transformers import AutoModelForCausalLM
+    rc, out = fp32_teacher
+    teacher = setup[0]
+    got = read_all(out)
+    assert got["values"].dtype == np.float32
+    want, segs = loader_rows(rc, teacher, 16)
+    np.testing.assert_array_equal(got["tokens"], want)
+    hf = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    checked = untied = 0
+    for r in range(16):
+        for s in np.unique(segs[r][segs[r] > 0]):
+            pos = np.flatnonzero(segs[r] == s)
+            with torch.no_grad():
+                z = hf(torch.tensor(want[r, pos][None].astype(np.int64))).logits[0].numpy()
+            order = np.argsort(-z, axis=-1, kind="stable")[:, :K + 1]
+            top = np.take_along_axis(z, order, axis=-1)
+            np.testing.assert_allclose(got["values"][r, pos], top[:, :K], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(z, got["indices"][r, pos], axis=-1), top[:, :K],
+                                       rtol=1e-5, atol=1e-5)
+            apart = (-np.diff(top, axis=-1) > 1e-4).all(-1)
+            np.testing.assert_array_equal(got["indices"][r, pos][apart], order[apart, :K])
+            checked, untied = checked + len(pos), untied + int(apart.sum())
+    assert checked > 200 and untied > 0.5 * checked, (checked, untied)
+    assert TeacherLogits(out).manifest["identity"]["teacher_dtype"] == "float32"
+
+
+def test_a_store_for_another_teacher_dtype_is_refused_before_step_0(setup, fp32_teacher, tmp_path):
+    """Logits stored at teacher_dtype=float32; a run whose teacher runs at bfloat16 (teacher_dtype unset,
+    compute_dtype=bfloat16, as the online teacher would) is refused naming both dtypes and the fix; the same
+    run with teacher_dtype=float32 passes the check."""
+    from minitron_jax.train.trainer import train
+    rc, store = fp32_teacher
+    run = recipe(setup, tmp_path / "run", steps=2, compute_dtype="bfloat16", teacher_logits=str(store))
+    with pytest.raises(LogitsError, match=r"computed at float32, but this run's teacher runs at bfloat16.*set "
+                                          r"teacher_dtype=float32.*teacher-logits` with teacher_dtype=bfloat16"):
+        train(run, log=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    TeacherLogits(store).check_run(recipe(setup, tmp_path / "ok", steps=2, compute_dtype="bfloat16",
+                                          teacher_dtype="float32"), setup[0], 16)
+
+
+def test_a_teacher_changed_in_the_middle_of_a_tensor_is_refused(setup, tmp_path):
+    """One bit flipped in the middle byte of the teacher's largest tensor (far from its first and last 4 KiB)
+    after its logits were stored: the distillation run is refused before step 0 naming the teacher's weights,
+    and `teacher-logits` into the same store refuses it naming the teacher."""
+    import shutil
+
+    from minitron_jax.io.hf import open_checkpoint
+    from minitron_jax.train.trainer import train
+    teacher = shutil.copytree(setup[0], tmp_path / "teacher")
+    rc = recipe((teacher, *setup[1:]), tmp_path / "tl", steps=2)
+    write_teacher_logits(rc, LogitsConfig(k=K, samples=16), log=lambda s: None)
+    files = open_checkpoint(teacher)
+    name = max(files, key=lambda n: np.subtract(*files[n].header[n]["data_offsets"][::-1]))
+    a, b = files[name].header[name]["data_offsets"]
+    assert b - a > 4 * 8192, (name, b - a)
+    at = files[name].data_start + a + (b - a) // 8 * 4  # the low byte of a float32 in the middle
+    with open(files[name].path, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 1]))
+    run = recipe((teacher, *setup[1:]), tmp_path / "run", steps=2, teacher_logits=str(tmp_path / "tl"))
+    with pytest.raises(LogitsError, match="the teacher's weights or config"):
+        train(run, log=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(LogitsError, match="already holds teacher logits for other settings: the teacher"):
+        write_teacher_logits(rc, LogitsConfig(k=K, samples=16), log=lambda s: None)
 
 
 def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
@@ -135,12 +255,10 @@ def test_a_run_from_stored_logits_equals_the_online_top_k_run(setup, tmp_path):
     assert built.teacher is None and built.batch["t_values"].shape == (1, B, S, K)
 
 
-def test_interrupted_write_resumes_to_identical_arrays(setup, tmp_path):
+def test_interrupted_write_resumes_to_identical_arrays(setup, whole, tmp_path):
     """SIGKILL after step 3 of 5 (36 rows of 8 per step) (commit_every=2: rows of step 3 written, not committed); the same command then
     finishes the store, and every array equals an uninterrupted run's."""
     from distill_helpers import run_cli
-    whole = tmp_path / "whole"
-    run_cli(["teacher-logits", *cli_args(setup, whole, "samples=36", "commit_every=2")], devices=1)
     part = tmp_path / "part"
     p = subprocess.run([sys.executable, "-c", KILL_AT, "3", *cli_args(setup, part, "samples=36", "commit_every=2")],
                        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
@@ -152,9 +270,27 @@ def test_interrupted_write_resumes_to_identical_arrays(setup, tmp_path):
         TeacherLogits(part)
     r = run_cli(["teacher-logits", *cli_args(setup, part, "samples=36", "commit_every=2")], devices=1)
     assert "resuming" in r.stdout + r.stderr
-    a, b = read_all(whole), read_all(part)
-    for k in a:
-        np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+    assert_same_store(whole, part)
+    assert not (part / "state.json").exists()
+
+
+def test_a_write_killed_before_its_first_commit_resumes(setup, whole, tmp_path):
+    """SIGKILL right after the arrays are created (no row written, nothing committed): the store says the run
+    did not finish, the same command resumes it at row 0, and every array equals an uninterrupted run's."""
+    from distill_helpers import run_cli
+    part = tmp_path / "part"
+    args = cli_args(setup, part, "samples=36", "commit_every=2")
+    p = subprocess.run([sys.executable, "-c", KILL_AFTER_ARRAYS, *args],
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert (part / "values" / "zarr.json").exists() and not (part / "manifest.json").exists()
+    assert json.loads((part / "state.json").read_text())["rows_done"] == 0
+    with pytest.raises(LogitsError, match="did not finish"):
+        TeacherLogits(part)
+    r = run_cli(["teacher-logits", *args], devices=1)
+    assert f"resuming {part} at row 0 of 36" in r.stdout + r.stderr
+    assert_same_store(whole, part)
     assert not (part / "state.json").exists()
 
 
