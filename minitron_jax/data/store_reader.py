@@ -173,6 +173,14 @@ class SplitMap:
             n += np.bincount(self.of(d), minlength=3)
         return n.tolist()
 
+    def tokens(self, split: int) -> int:
+        """Tokens in the documents of `split` (the document offsets are read in blocks)."""
+        n = 0
+        for d, _ in self._blocks():
+            off = self.store.document_offsets(int(d[0]), int(d[-1]) + 1)
+            n += int(np.diff(off)[self.of(d) == split].sum())
+        return n
+
     def check(self, want: Sequence[int]) -> list[int]:
         n = self.counts()
         for s in want:

@@ -124,3 +124,28 @@ def test_summary_warns_when_the_winner_is_not_separated():
     assert "[-0.0010, +0.0200]" in summary_text(rows(-0.001), 40)
     text = summary_text(rows(0.001), 40)
     assert "WARNING" not in text and "the winner is separated" in text
+
+
+def test_more_validation_rows_than_the_documents_hold_is_refused_before_scoring(tmp_path):
+    """search.samples beyond the validation documents' rows is refused after the data stage, before the score
+    stage, naming the rows they hold (counted here from the documents themselves)."""
+    from minitron_jax.core.errors import DataError
+    from minitron_jax.data.store_reader import VALIDATION, SplitMap
+    from minitron_jax.data.token_store import open_store
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.run.pipeline import Pipeline, load_pipeline
+
+    teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
+    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
+    out = tmp_path / "run"
+    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
+                               "score.seq_len=32", "prune.target=null", f"prune.params={budget}",
+                               "search.candidates=2", "search.samples=100000"])
+    with pytest.raises(DataError) as e:
+        Pipeline(cfg, log=lambda m: None).run(until="prune")
+    st = open_store(out / "data" / "store")
+    val = np.flatnonzero(SplitMap(st, Pipeline(cfg).splits()).of(np.arange(st.n_documents)) == VALIDATION)
+    rows = sum(len(st.document(int(d))) for d in val) // 32
+    assert f"the validation documents hold {rows} rows of score.seq_len=32" in str(e.value)
+    assert "search.samples=100000" in str(e.value) and f"at most {rows}" in str(e.value)
+    assert not (out / "score").exists()
