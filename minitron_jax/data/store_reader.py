@@ -519,16 +519,24 @@ def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, 
     """[samples, seq_len] int32: the first `samples` rows of the documents of `split` concatenated in the order
     `rng(seed).permutation` gives them and cut: the rows `data.pack(docs, seq_len, None, seed)` gives for the
     same documents as text (`evaluate.eval_set`). Only the documents those rows need are read; the split's
-    document indices are held (8 bytes each). Each store of a blend gives its weight's share."""
+    document indices are held (8 bytes each). Each store of a blend gives its weight's share (`apportion`)."""
     stores = open_stores(data, tokenizer_dir)
-    out = []
-    left = samples
-    for c, (k, (st, w)) in enumerate(stores.items()):
-        n = left if c == len(stores) - 1 else int(round(samples * w))
-        left -= n
-        if n:
-            out.append(_first_rows(st, seq_len, n, split, splits, seed, vocab_size, what))
+    counts = apportion(samples, [w for _, w in stores.values()])
+    out = [_first_rows(st, seq_len, int(n), split, splits, seed, vocab_size, what)
+           for (st, _), n in zip(stores.values(), counts) if n]
     return np.concatenate(out)
+
+
+def apportion(total: int, weights: Sequence[float]) -> np.ndarray:
+    """int64 counts, one per weight, that sum to `total` exactly, each >= 0 and within 1 of its share
+    `total * w / sum(weights)` (largest remainder: every count is its share rounded down, then the ones with
+    the largest fractional parts, the earlier one on a tie, get one more)."""
+    w = np.asarray(weights, np.float64)
+    share = total * w / w.sum()
+    counts = np.floor(share).astype(np.int64)
+    extra = int(np.clip(total - counts.sum(), 0, len(w)))
+    counts[np.argsort(counts - share, kind="stable")[:extra]] += 1
+    return counts
 
 
 def _first_rows(st: TokenStore, seq_len: int, n: int, split: int, splits: Splits, seed: int, vocab_size,
