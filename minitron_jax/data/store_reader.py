@@ -5,9 +5,9 @@ and which documents a row touches is found by binary search in the stored docume
 a bounded cache of offset chunks).
 
 * Splits (`Splits`, `SplitMap`): each document is in exactly one of train / validation / holdout. Held-out
-  documents are the `holdout` names (`TokenStore.find_documents`), else a seeded `holdout_fraction`; the
-  validation documents are a seeded `validation_fraction` of the rest. A fraction is a per-document hash
-  test (`u(seed, i) < fraction`, at least one document), so membership needs no permutation and no I/O.
+  documents are the `holdout` names (`TokenStore.find_documents`), else a `holdout_fraction`; the
+  validation documents are a `validation_fraction` of the rest. A fraction is a per-document hash test
+  (`u(split_seed, i) < fraction`, at least one document), so membership needs no permutation and no I/O.
 * `packing=concat` (`StoreWindows`): window w is tokens [w*S, (w+1)*S) of the store. Tokens of documents
   outside the split get segment id 0 and mask 0, and each run of kept tokens its own segment id, so the
   model never attends across a removed document and never trains on it. The loader orders the windows with
@@ -88,7 +88,8 @@ def data_label(data) -> str:
 # ---------------------------------------------------------------------------- splits
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """How documents are split: `holdout` names (else `holdout_fraction`), then `validation_fraction`."""
+    """How documents are split: `holdout` names (else `holdout_fraction`), then `validation_fraction`; `seed`
+    draws the fractions' documents (a run's `split_seed`, never the seed that orders its rows)."""
     holdout: tuple[str, ...] = ()
     holdout_fraction: float = 0.0
     validation_fraction: float = 0.0
