@@ -249,7 +249,11 @@ def run_model(model: str | Path) -> tuple[Path, dict | None]:
     and the student_hf it exported) or that student_hf give the student and out/recipe.json; any other
     directory is a model as it is."""
     model = Path(model)
-    if (model / "recipe.json").is_file() and (model / "student_hf").is_dir():
+    if (model / "recipe.json").is_file() and not (model / "config.json").is_file():
+        if not (model / "student_hf").is_dir():
+            raise EvalError(f"{model} is a training run's out without the student it exports ({model / 'student_hf'}):"
+                            " the run has not finished, or ran with export=false; finish it (resume=true), or give "
+                            "--model an HF directory")
         model = model / "student_hf"
     recipe = model.parent / "recipe.json"
     if model.name != "student_hf" or not recipe.is_file():

@@ -172,3 +172,6 @@ def test_eval_of_a_run_uses_the_split_seed_it_trained_with(pair, tmp_path):
         with pytest.raises(SystemExit, match=rf"--split-seed {b}, but .*student_hf was trained with split_seed={a} "
                                              rf"\(.*recipe.json\).*pass --split-seed {a}"):
             main(["eval", "--model", str(model), *common, "--split-seed", str(b)])
+    shutil.rmtree(out / "student_hf")
+    with pytest.raises(SystemExit, match=r"a training run's out without the student it exports .*export=false"):
+        main(["eval", "--model", str(out), *common])
