@@ -57,10 +57,11 @@ def _check_rows(train: PackedRows, held: PackedRows | None, vocab_size: int | No
 def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "concat",
                  holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
                  cache_dir: str | Path | None = None, text_field: str = "text",
-                 vocab_size: int | None = None) -> tuple[PackedRows, PackedRows | None]:
+                 vocab_size: int | None = None, split_seed: int = 0) -> tuple[PackedRows, PackedRows | None]:
     """(train, held_out or None) packed rows of seq_len; cached as .npy under cache_dir when given.
 
-    `holdout`: one document name, a comma list or a sequence (`data.split_documents`), else a fraction.
+    `holdout`: one document name, a comma list or a sequence (`data.split_documents`), else a fraction drawn
+    with `split_seed` (`seed` orders the documents in the rows).
     `vocab_size` (the model's) refuses token ids its embedding does not have, cached rows included."""
     if packing not in ("concat", "first_fit"):
         raise ValueError(f"packing={packing!r}; use 'concat' or 'first_fit'")
@@ -71,7 +72,7 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
     if cache_dir is not None:
         cache = Path(cache_dir)
         key = _cache_key(path, tokenizer, seq_len=seq_len, packing=packing, holdout=holdout,
-                         holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
+                         holdout_fraction=holdout_fraction, seed=seed, text_field=text_field, split_seed=split_seed)
         if (cache / f"{key}.json").is_file():  # the marker is written last: arrays without it are ignored
             names = json.loads((cache / f"{key}.json").read_text())
             a = {n: np.load(cache / f"{key}.{n}.npy", mmap_mode="r") for n in names}
@@ -81,7 +82,8 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
             return train, held
     docs = text.read_documents(path, text_field)
     try:
-        train_docs, held_docs = text.split_documents(docs, holdout, holdout_fraction, seed) if want_held else (docs, [])
+        train_docs, held_docs = (text.split_documents(docs, holdout, holdout_fraction, split_seed) if want_held
+                                 else (docs, []))
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     if not train_docs:
@@ -117,7 +119,7 @@ def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None =
     if spec.is_text:
         train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=spec.holdout,
                                    holdout_fraction=spec.holdout_fraction, seed=rc.seed, cache_dir=cache_dir,
-                                   text_field=rc.text_field, vocab_size=vocab_size)
+                                   text_field=rc.text_field, vocab_size=vocab_size, split_seed=spec.split_seed)
         return train, held, False
     rows, stream = spec.training_rows(rc.seq_len, packing=rc.packing, pad_id=tokenizer.pad_token_id or 0,
                                       vocab_size=vocab_size)

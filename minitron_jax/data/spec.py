@@ -4,8 +4,10 @@ reads. Every command and pipeline stage asks it instead of deciding again.
 
 * Kind: a blend is a dict `{STORE: weight}` (`store_reader.parse_blend`, which refuses what cannot be mixed);
   a token store is a directory or URL with a manifest (`store_reader.is_store`); anything else is text.
-* Splits: `holdout` document names override `holdout_fraction` (it is 0 when names are given); a seeded
+* Splits: `holdout` document names override `holdout_fraction` (it is 0 when names are given); a
   `validation_fraction` of the rest is kept for model selection (token stores only); the rest is training.
+  The fractions are drawn with `split_seed`, never with `seed` (which orders the rows): runs that differ only
+  in `seed` hold out and validate on the same documents.
 * Rows: training rows are `loader.training_data`'s (text through `loader.build_corpus`, stores through
   `store_reader.training_rows` with these splits); `evaluation_rows` are the first rows of the held-out
   documents (every document when none is held out); `calibration_rows` come from the training documents (or
@@ -47,12 +49,22 @@ from minitron_jax.data.text import (
 TEXT, STORE, BLEND = "text", "store", "blend"
 
 
+def with_split_seed(recorded: dict) -> dict:
+    """Recorded settings (a run's recipe.json, a teacher-logits identity, a pipeline stage's) with their
+    `split_seed`: those written before it existed drew their splits with `seed`, so that is theirs (a run with
+    seed=0 then equals today's default split_seed=0)."""
+    if "split_seed" in recorded or "seed" not in recorded:
+        return recorded
+    return {**recorded, "split_seed": recorded["seed"]}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """`data` (a text path or `hf:` source, a token store, or a blend dict) and how its documents split.
 
     `holdout`: document names (one name, a comma list or a sequence; kept parsed). `holdout_fraction` is 0
-    when names are given: the names override it, here and nowhere else."""
+    when names are given: the names override it, here and nowhere else. `split_seed` draws the fractions'
+    documents; `seed` orders the rows (training order, the order held-out documents are packed in)."""
 
     data: Any
     holdout: tuple[str, ...] = ()
@@ -60,6 +72,7 @@ class DataSpec:
     validation_fraction: float = 0.0
     seed: int = 0
     text_field: str = "text"
+    split_seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "holdout", tuple(parse_holdout(self.holdout)))
@@ -70,16 +83,18 @@ class DataSpec:
     def of_recipe(cls, rc) -> DataSpec:
         """The data of a run recipe (`train.run_config.RunConfig` or anything with its data fields)."""
         return cls(rc.data, holdout=rc.holdout, holdout_fraction=rc.holdout_fraction,
-                   validation_fraction=rc.validation_fraction, seed=rc.seed, text_field=rc.text_field)
+                   validation_fraction=rc.validation_fraction, seed=rc.seed, text_field=rc.text_field,
+                   split_seed=rc.split_seed)
 
     @classmethod
     def of_splits(cls, data, splits: Splits | None, *, exclude=(), seed: int = 0, text_field: str = "text") -> DataSpec:
-        """From `store_reader.Splits` (as `minitron score|prune` and the pipeline pass them), else from the names
-        in `exclude` alone (`seed` then only seeds nothing: no fraction)."""
+        """From `store_reader.Splits` (as `minitron score|prune` and the pipeline pass them; their seed is the
+        split_seed), else from the names in `exclude` alone (no fraction to draw). `seed` orders the rows."""
         if splits is None:
             return cls(data, holdout=exclude, seed=seed, text_field=text_field)
         return cls(data, holdout=splits.holdout, holdout_fraction=splits.holdout_fraction,
-                   validation_fraction=splits.validation_fraction, seed=splits.seed, text_field=text_field)
+                   validation_fraction=splits.validation_fraction, seed=seed, text_field=text_field,
+                   split_seed=splits.seed)
 
     # ------------------------------------------------------------------ what the data is
     @functools.cached_property
@@ -112,14 +127,14 @@ class DataSpec:
     @functools.cached_property
     def splits(self) -> Splits:
         """The token-store splits (`store_reader.Splits`; refuses impossible fractions)."""
-        return Splits(self.holdout, self.holdout_fraction, self.validation_fraction, self.seed)
+        return Splits(self.holdout, self.holdout_fraction, self.validation_fraction, self.split_seed)
 
     def split_text(self, docs) -> tuple[list, list]:
         """(training, held-out) of text documents [(name, text)] (`text.split_documents`; no held-out ones when
         nothing is held out)."""
         if not self.holds_out:
             return list(docs), []
-        return split_documents(docs, self.holdout, self.holdout_fraction, self.seed)
+        return split_documents(docs, self.holdout, self.holdout_fraction, self.split_seed)
 
     # ------------------------------------------------------------------ rows
     def training_rows(self, seq_len: int, *, packing: str = "concat", pad_id: int = 0, vocab_size: int | None = None):
@@ -151,7 +166,7 @@ class DataSpec:
                                 f"than the {samples} asked for; lower the sample count or seq_len, or hold out more "
                                 f"documents")
             return np.asarray(rows[:samples]), held_docs
-        splits = Splits(self.holdout, self.holdout_fraction, 0.0, self.seed)
+        splits = Splits(self.holdout, self.holdout_fraction, 0.0, self.split_seed)
         split = HOLDOUT if splits.active else TRAIN  # nothing held out: every document, as for text
         tok_dir = tokenizer_dir_of(tokenizer)
         rows = split_rows(self.data, seq_len, samples, split, splits, seed=self.seed, tokenizer_dir=tok_dir,

@@ -5,9 +5,9 @@ and which documents a row touches is found by binary search in the stored docume
 a bounded cache of offset chunks).
 
 * Splits (`Splits`, `SplitMap`): each document is in exactly one of train / validation / holdout. Held-out
-  documents are the `holdout` names (`TokenStore.find_documents`), else a seeded `holdout_fraction`; the
-  validation documents are a seeded `validation_fraction` of the rest. A fraction is a per-document hash
-  test (`u(seed, i) < fraction`, at least one document), so membership needs no permutation and no I/O.
+  documents are the `holdout` names (`TokenStore.find_documents`), else a `holdout_fraction`; the
+  validation documents are a `validation_fraction` of the rest. A fraction is a per-document hash test
+  (`u(split_seed, i) < fraction`, at least one document), so membership needs no permutation and no I/O.
 * `packing=concat` (`StoreWindows`): window w is tokens [w*S, (w+1)*S) of the store. Tokens of documents
   outside the split get segment id 0 and mask 0, and each run of kept tokens its own segment id, so the
   model never attends across a removed document and never trains on it. The loader orders the windows with
@@ -88,7 +88,8 @@ def data_label(data) -> str:
 # ---------------------------------------------------------------------------- splits
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """How documents are split: `holdout` names (else `holdout_fraction`), then `validation_fraction`."""
+    """How documents are split: `holdout` names (else `holdout_fraction`), then `validation_fraction`; `seed`
+    draws the fractions' documents (a run's `split_seed`, never the seed that orders its rows)."""
     holdout: tuple[str, ...] = ()
     holdout_fraction: float = 0.0
     validation_fraction: float = 0.0
@@ -527,16 +528,24 @@ def split_rows(data, seq_len: int, samples: int, split: int, splits: Splits, *, 
     """[samples, seq_len] int32: the first `samples` rows of the documents of `split` concatenated in the order
     `rng(seed).permutation` gives them and cut: the rows `data.pack(docs, seq_len, None, seed)` gives for the
     same documents as text (`evaluate.eval_set`). Only the documents those rows need are read; the split's
-    document indices are held (8 bytes each). Each store of a blend gives its weight's share."""
+    document indices are held (8 bytes each). Each store of a blend gives its weight's share (`apportion`)."""
     stores = open_stores(data, tokenizer_dir)
-    out = []
-    left = samples
-    for c, (k, (st, w)) in enumerate(stores.items()):
-        n = left if c == len(stores) - 1 else int(round(samples * w))
-        left -= n
-        if n:
-            out.append(_first_rows(st, seq_len, n, split, splits, seed, vocab_size, what))
+    counts = apportion(samples, [w for _, w in stores.values()])
+    out = [_first_rows(st, seq_len, int(n), split, splits, seed, vocab_size, what)
+           for (st, _), n in zip(stores.values(), counts) if n]
     return np.concatenate(out)
+
+
+def apportion(total: int, weights: Sequence[float]) -> np.ndarray:
+    """int64 counts, one per weight, that sum to `total` exactly, each >= 0 and within 1 of its share
+    `total * w / sum(weights)` (largest remainder: every count is its share rounded down, then the ones with
+    the largest fractional parts, the earlier one on a tie, get one more)."""
+    w = np.asarray(weights, np.float64)
+    share = total * w / w.sum()
+    counts = np.floor(share).astype(np.int64)
+    extra = int(np.clip(total - counts.sum(), 0, len(w)))
+    counts[np.argsort(counts - share, kind="stable")[:extra]] += 1
+    return counts
 
 
 def _first_rows(st: TokenStore, seq_len: int, n: int, split: int, splits: Splits, seed: int, vocab_size,

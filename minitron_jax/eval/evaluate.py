@@ -12,6 +12,7 @@ loss or choice log-probability that is NaN or inf is an `EvalError`, never a res
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.core.errors import DataError, EvalError
-from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.text import check_token_ids, read_jsonl
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
@@ -244,16 +245,55 @@ TASK_DOCS = 1000  # a token store's next-line task is built from its first 1,000
 
 def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: str | Path | None = None,
              task_items: int = 100, holdout: str | Sequence[str] = (), holdout_fraction: float = 0.0, seed: int = 0,
-             text_field: str = "text", vocab_size: int | None = None) -> tuple[np.ndarray, list[dict]]:
+             text_field: str = "text", vocab_size: int | None = None,
+             split_seed: int = 0) -> tuple[np.ndarray, list[dict]]:
     """(rows [samples, seq_len], multiple-choice items): what `evaluate_model` is given by `minitron eval` and
     by the evaluate stage of `minitron run`.
 
     The held-out documents are split off as training splits them (`loader.build_corpus` with the same
-    `holdout` names, or the same seeded `holdout_fraction`), so a distilled model is never evaluated on rows
-    it trained on; with neither, every document is evaluated. Rows are the first `samples` of the packed
-    held-out rows (concat packing, seeded document order). Items come from `task` (JSONL) when given, else
-    `next_line_task` over the held-out documents."""
-    spec = DataSpec(data, holdout=holdout, holdout_fraction=holdout_fraction, seed=seed, text_field=text_field)
+    `holdout` names, or the same `holdout_fraction` drawn with the same `split_seed`), so a distilled model is
+    never evaluated on rows it trained on; with neither, every document is evaluated. Rows are the first
+    `samples` of the packed held-out rows (concat packing, document order seeded by `seed`). Items come from
+    `task` (JSONL) when given, else `next_line_task` over the held-out documents."""
+    spec = DataSpec(data, holdout=holdout, holdout_fraction=holdout_fraction, seed=seed, text_field=text_field,
+                    split_seed=split_seed)
     rows, docs = spec.evaluation_rows(tokenizer, seq_len, samples, vocab_size=vocab_size,
                                       task_docs=0 if task else TASK_DOCS)
     return rows, load_task(task) if task else next_line_task(docs, task_items, seed=seed)
+
+
+def run_model(model: str | Path) -> tuple[Path, dict | None]:
+    """(model directory, the run's recorded settings or None): a training run's out directory (recipe.json
+    and the student_hf it exported) or that student_hf give the student and out/recipe.json; any other
+    directory is a model as it is."""
+    model = Path(model)
+    if (model / "recipe.json").is_file() and not (model / "config.json").is_file():
+        if not (model / "student_hf").is_dir():
+            raise EvalError(f"{model} is a training run's out without the student it exports ({model / 'student_hf'}):"
+                            " the run has not finished, or ran with export=false; finish it (resume=true), or give "
+                            "--model an HF directory")
+        model = model / "student_hf"
+    recipe = model.parent / "recipe.json"
+    if model.name != "student_hf" or not recipe.is_file():
+        return model, None
+    try:
+        return model, with_split_seed(json.loads(recipe.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise EvalError(f"cannot read {recipe}, the settings of the run that trained {model} ({e}); repair or "
+                        "delete it") from None
+
+
+def eval_split_seed(model: str | Path, recorded: dict | None, given: int | None) -> int:
+    """The split_seed to evaluate `model` with: the one its run recorded (`run_model`), else `given`, else 0.
+    Another `given` than the run's is refused: its fractions would hold out other documents, some of them
+    ones the model trained on."""
+    have = None if recorded is None else recorded.get("split_seed")
+    if have is None:
+        return 0 if given is None else given
+    if given is not None and given != have:
+        recipe = Path(model).parent / "recipe.json"
+        raise EvalError(f"--split-seed {given}, but {model} was trained with split_seed={have} ({recipe}): its "
+                        f"held-out documents are drawn with split_seed={have}, so split_seed={given} would score it "
+                        f"partly on documents it trained on; drop --split-seed (the run's is used) or pass "
+                        f"--split-seed {have}")
+    return have

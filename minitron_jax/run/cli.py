@@ -16,7 +16,7 @@ from minitron_jax.core.errors import AOTError, MinitronError, Preempted
 from minitron_jax.core.yaml_config import build, load_values, split_config
 from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.tokenize import tokenize
-from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
+from minitron_jax.eval.evaluate import eval_set, eval_split_seed, evaluate_model, load_task, run_model
 from minitron_jax.eval.parity import compare_with_transformers
 from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer, save_pretrained
@@ -135,7 +135,7 @@ def _splits(args):
     if not (args.holdout_fraction or args.validation_fraction):
         return None
     return DataSpec(args.data, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
-                    validation_fraction=args.validation_fraction, seed=args.seed).splits
+                    validation_fraction=args.validation_fraction, split_seed=args.split_seed).splits
 
 
 def _check_scores_path(path: str) -> None:
@@ -186,6 +186,8 @@ def _split_args(p, held_use: str) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.0,
                    help="token store: a seeded fraction of the other documents kept for model selection (prune "
                         "--params ranks candidates on them; score never calibrates on them)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="draws the fractions' documents (a run's split_seed; --seed only orders the rows)")
 
 
 def cmd_train(args) -> None:
@@ -272,17 +274,19 @@ def cmd_run(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    cfg = LlamaConfig.from_file(args.model)
-    tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
+    model_dir, recorded = run_model(args.model)  # a run's out (or its student_hf): the split_seed it trained with
+    split_seed = eval_split_seed(model_dir, recorded, args.split_seed)
+    cfg = LlamaConfig.from_file(model_dir)
+    tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
         _check_writable_dir(Path(args.json).absolute().parent, "--json")
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
                            task_items=args.task_items, holdout=args.holdout or (),
                            holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
-                           vocab_size=cfg.vocab_size)  # the data's errors before the weights load
+                           vocab_size=cfg.vocab_size, split_seed=split_seed)  # data errors before the weights load
     mesh = _mesh(args.mesh)
-    model = hf.from_pretrained(args.model, mesh=mesh, dtype="float32")
-    result = {"model": args.model, "task": args.task or "next-line",
+    model = hf.from_pretrained(model_dir, mesh=mesh, dtype="float32")
+    result = {"model": str(model_dir), "split_seed": split_seed, "task": args.task or "next-line",
               **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
                                attention=args.attention)}
     text = json.dumps(result, indent=2)
@@ -422,19 +426,23 @@ def _run_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="held-out perplexity and a multiple-choice task (JSON)")
-    ev.add_argument("--model", required=True, help="HF directory")
+    ev.add_argument("--model", required=True, help="HF directory, or a training run's out (its student_hf is "
+                    "evaluated with the split_seed its recipe.json records)")
     ev.add_argument("--data", required=True, help="held-out text (or the corpus, with --holdout)")
     ev.add_argument("--holdout", default=None, help="comma-separated document names to evaluate on")
     ev.add_argument("--holdout-fraction", type=float, default=0.0,
-                    help="else evaluate on this seeded fraction of the documents, as training holds them out "
-                    "(holdout_fraction= and seed= of the run); with neither, every document")
+                    help="else evaluate on this fraction of the documents, as training holds them out "
+                    "(holdout_fraction= and split_seed= of the run); with neither, every document")
     ev.add_argument("--task", default=None, help="multiple-choice JSONL {context, choices, answer}; "
                     "default: pick the true next line among four, built from the text")
     ev.add_argument("--task-items", type=int, default=100)
     ev.add_argument("--samples", type=int, default=16)
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="the order the held-out documents are packed in")
+    ev.add_argument("--split-seed", type=int, default=None,
+                    help="draws --holdout-fraction's documents; default: the split_seed of the run that trained "
+                    "--model (its recipe.json), else 0; another than the run's is refused")
     ev.add_argument("--mesh", default=None)
     ev.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
                    help="attention implementation (model/attention.py); chunked/splash never hold S x S probabilities")

@@ -14,8 +14,9 @@ not marked done and raises `distill.Preempted`). One mesh, built from the distil
 serves every stage, with the recipe's `attention`; each stage calls the library function its CLI
 subcommand calls: `importance.score_model` (`minitron score`), `prune_job.prune_saved` (`minitron prune`),
 `trainer.train` (`minitron distill|finetune`), `evaluate.eval_set` + `evaluate.evaluate_model`
-(`minitron eval`). Held-out documents (`holdout` names, else the recipe's seeded `holdout_fraction`) are
-excluded from calibration and training and are the only rows evaluated.
+(`minitron eval`). Held-out documents (`holdout` names, else the recipe's `holdout_fraction`, drawn with the
+top-level `split_seed`, never with `seed`) are excluded from calibration and training and are the only rows
+evaluated.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
 from minitron_jax.core.lock import output_lock
 from minitron_jax.core.yaml_config import DataArg, build, coerce, load_values, merge, read_yaml
-from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
 from minitron_jax.data.text import read_documents, split_documents
 from minitron_jax.data.tokenize import tokenize
@@ -174,7 +175,10 @@ class PipelineConfig:
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     teacher_logits: LogitsSettings = dataclasses.field(default_factory=LogitsSettings)
     recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
+    # every stage's (they replace distill.seed / distill.split_seed): `seed` orders the rows (calibration,
+    # training); `split_seed` draws the holdout_fraction / validation_fraction documents
     seed: int = 0
+    split_seed: int = 0
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] | dict = ()) -> PipelineConfig:
@@ -304,8 +308,9 @@ class Pipeline:
         out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
         if not c.finetune.steps:  # no teacher correction: its other settings change nothing
             out["finetune"] = {"steps": 0}
-        if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output
-            out["distill"].pop("resume_allow", None)
+        if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output, and
+            out["distill"].pop("resume_allow", None)  # the top-level split_seed replaces its split_seed
+            out["distill"].pop("split_seed", None)
         if name == "score" and c.prune.target is not None:  # the depth scores it computes follow the target
             t = PruneTarget.parse(c.prune.target)
             if t.depth_metric != "bi" and not t.drop_layers:
@@ -326,6 +331,8 @@ class Pipeline:
         settings = self.settings(name)
         if (info := self.done(name)) is not None:
             old = info.get("settings", settings)  # markers from before settings were recorded: trusted
+            if "split_seed" in settings:  # markers from before split_seed: their seed drew the splits
+                old = with_split_seed(old)
             if old != settings:
                 changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise RecipeError(
@@ -393,12 +400,14 @@ class Pipeline:
         recipe's `holdout_fraction`; `validation_fraction` of the rest."""
         c = self.cfg
         return DataSpec(data, holdout=c.holdout, holdout_fraction=c.distill.holdout_fraction,
-                        validation_fraction=self.validation_fraction(), seed=c.seed, text_field=c.distill.text_field)
+                        validation_fraction=self.validation_fraction(), seed=c.seed, text_field=c.distill.text_field,
+                        split_seed=c.split_seed)
 
     def split(self) -> dict:
         """How held-out documents are chosen, as `build_corpus` / `evaluate.eval_set` take it."""
         sp = self.spec()
-        return {"holdout": list(self.cfg.holdout), "holdout_fraction": sp.holdout_fraction, "seed": sp.seed}
+        return {"holdout": list(self.cfg.holdout), "holdout_fraction": sp.holdout_fraction, "seed": sp.seed,
+                "split_seed": sp.split_seed}
 
     def splits(self):
         """Held-out, validation and training documents of the stores (`store_reader.Splits`)."""
@@ -497,7 +506,7 @@ class Pipeline:
     def common(self, run: RunState) -> dict:
         """The RunConfig keys every training run of the stages shares: the store and its splits."""
         c = self.cfg
-        return {"data": run.store, "holdout": list(c.holdout), "seed": c.seed,
+        return {"data": run.store, "holdout": list(c.holdout), "seed": c.seed, "split_seed": c.split_seed,
                 "validation_fraction": self.validation_fraction()}
 
     def trained(self, rc, stage: str) -> dict:
@@ -655,7 +664,8 @@ class Pipeline:
 
 STAGES = (
     Stage("data", (), ("teacher", "data"), Pipeline.data_stage, then=Pipeline.check_tokenized),
-    Stage("finetune", ("data",), ("holdout", "validation_fraction", "seed", "finetune"), Pipeline.finetune_stage,
+    Stage("finetune", ("data",), ("holdout", "validation_fraction", "seed", "split_seed", "finetune"),
+          Pipeline.finetune_stage,
           on=lambda p: bool(p.cfg.finetune.steps)),
     Stage("score", ("data", "finetune"), ("score",), Pipeline.score_stage),
     Stage("logits", ("data", "finetune"), ("logits",), Pipeline.logits_stage,

@@ -3,7 +3,7 @@
 `minitron teacher-logits [RECIPE.yaml] teacher=HF_DIR data=STORE out=LOGITS k=64 ...` runs the (sharded)
 teacher over the training rows of a distillation recipe, in the order its loader gives them: row j of the
 store is row j % B of global batch j // B (B = batch_size, seeded by `seed`, split by `holdout` /
-`holdout_fraction` / `validation_fraction`, packed by `packing`). A distillation run with
+`holdout_fraction` / `validation_fraction` drawn with `split_seed`, packed by `packing`). A distillation run with
 `teacher_logits=LOGITS` and the same data settings then reads the teacher's distribution instead of running
 the teacher: no teacher parameters or activations on the devices, and every student trained on the same
 rows (search candidates, experiment arms, repeated runs) reuses one teacher pass.
@@ -18,7 +18,7 @@ Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in 
   top k cover, reported in the manifest).
 * `manifest.json`, written last: the store is complete only once it exists. It records what the rows
   depend on (`stored_logits.identity`: the teacher (a sha256 of its config and of every weight byte), the
-  dtype it ran at, tokenizer, token stores, seq_len, packing, seed, batch_size, splits) and k, the dtypes and
+  dtype it ran at, tokenizer, token stores, seq_len, packing, seed, split_seed, batch_size, splits) and k, the dtypes and
   the row count.
 * `state.json` while writing: the rows committed so far (every process's writes for them are done), the
   resume point of an interrupted run. Process 0 writes it (0 rows) before the arrays are created, so a run

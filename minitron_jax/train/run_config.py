@@ -17,6 +17,7 @@ from typing import Any
 
 from minitron_jax.core.errors import RecipeError
 from minitron_jax.core.yaml_config import DataArg, dump, load
+from minitron_jax.data.spec import with_split_seed
 
 DTYPES = ("float32", "bfloat16", "float16")  # compute_dtype / teacher_dtype
 REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (run_config.py does not import JAX)
@@ -27,8 +28,8 @@ ATTENTION = ("auto", "xla", "splash", "cudnn", "chunked")  # attention.IMPLEMENT
 RESUME_FREE = ("out", "resume", "resume_allow", "save_every", "keep", "eval_every", "eval_batches", "log_every",
                "peak_tflops", "export", "mesh", "coordinator_address", "num_processes", "process_id", "remat",
                "grad_accum", "chunk_size", "attention")
-RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "holdout", "holdout_fraction", "text_field",
-                "validation_fraction")
+RESUME_NEVER = ("mode", "seq_len", "batch_size", "packing", "seed", "split_seed", "holdout", "holdout_fraction",
+                "text_field", "validation_fraction")
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ class RunConfig:
       shape is still compared with the checkpoint's, and the loader still refuses a corpus with another
       row count). Refused unless
       listed in `resume_allow` (resume_allow=[lr,temperature]).
-    - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, holdout, holdout_fraction,
+    - never (RESUME_NEVER): mode, seq_len, batch_size, packing, seed, split_seed, holdout, holdout_fraction,
       validation_fraction, text_field, and hidden_weight turned on or off: they change the rows, their order or what a
       checkpoint holds (the hidden-loss projection), so the checkpoint's data position or state means
       nothing. Start a new run in another out instead.
@@ -71,6 +72,9 @@ class RunConfig:
     holdout_fraction: float = 0.05  # used when `holdout` is empty
     # token stores: a seeded fraction of the non-held-out documents kept out of training for model selection
     validation_fraction: float = 0.0
+    # draws the holdout_fraction / validation_fraction documents; `seed` (row order, init) plays no part, so
+    # runs with other seeds hold out the same documents
+    split_seed: int = 0
     text_field: str = "text"
     # optimisation (spec section 5: Llama-3.1-Minitron-4B recipe)
     steps: int = 200
@@ -205,6 +209,7 @@ def check_resume(recorded: Any, rc: RunConfig, where: str | Path) -> list[str]:
     if not isinstance(recorded, dict):
         raise RecipeError(f"{where} is not a JSON object of recipe keys; delete it to resume with this run's settings "
                           "as the checkpoints' (it is rewritten), or choose another out")
+    recorded = with_split_seed(recorded)
     # a key this version added is missing from older recipe.json files; its default (None) is what they did
     missing = sorted(k for k in set(now) - set(recorded) if k not in RESUME_FREE and now[k] is not None)
     unknown = sorted(set(recorded) - set(now))

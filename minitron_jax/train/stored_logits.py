@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from minitron_jax.core.errors import LogitsError, RecipeError
-from minitron_jax.data.spec import DataSpec
+from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.token_store import MANIFEST as STORE_MANIFEST
 from minitron_jax.data.token_store import kvstore_url, open_store, read_json, tokenizer_identity
 from minitron_jax.io.hf import open_checkpoint
@@ -51,8 +51,8 @@ VALUE_DTYPES = ("bfloat16", "float32")
 
 
 # the recipe keys the stored rows depend on: a run that differs in any of them reads other rows
-ROW_KEYS = ("seq_len", "packing", "seed", "batch_size", "holdout", "holdout_fraction", "validation_fraction",
-            "text_field")
+ROW_KEYS = ("seq_len", "packing", "seed", "split_seed", "batch_size", "holdout", "holdout_fraction",
+            "validation_fraction", "text_field")
 
 
 @dataclasses.dataclass
@@ -196,7 +196,7 @@ class TeacherLogits:
     def check_run(self, rc, t_dir: str | Path, rows_needed: int) -> None:
         """Refuse (before step 0) a run whose teacher (any weight byte), teacher dtype, tokenizer, token store or
         row settings differ from the store's, or that reads more rows than it holds."""
-        want, have = identity(rc, t_dir), self.manifest["identity"]
+        want, have = identity(rc, t_dir), with_split_seed(self.manifest["identity"])
         if want["teacher_dtype"] != have.get("teacher_dtype"):
             raise LogitsError(f"teacher_logits={self.path} holds the teacher's logits computed at "
                               f"{have.get('teacher_dtype')}, but this run's teacher runs at {want['teacher_dtype']} "

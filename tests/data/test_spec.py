@@ -70,10 +70,10 @@ def test_kind_text_store_blend(corpus, store, store_b):
 
 
 def test_holdout_names_override_the_fraction():
-    spec = DataSpec("x", holdout="doc03, doc1", holdout_fraction=0.3, validation_fraction=0.2, seed=4)
+    spec = DataSpec("x", holdout="doc03, doc1", holdout_fraction=0.3, validation_fraction=0.2, split_seed=4, seed=9)
     assert spec.holdout == ("doc03", "doc1") and spec.holdout_fraction == 0.0 and spec.holds_out
     assert spec.splits == SR.Splits(("doc03", "doc1"), 0.0, 0.2, 4)
-    frac = DataSpec("x", holdout=(), holdout_fraction=0.3, validation_fraction=0.2, seed=4)
+    frac = DataSpec("x", holdout=(), holdout_fraction=0.3, validation_fraction=0.2, split_seed=4, seed=9)
     assert frac.holdout == () and frac.holdout_fraction == 0.3 and frac.holds_out
     assert frac.splits == SR.Splits((), 0.3, 0.2, 4)
     assert not DataSpec("x", validation_fraction=0.2).holds_out
@@ -81,22 +81,24 @@ def test_holdout_names_override_the_fraction():
     with pytest.raises(DataError, match="leaves no training documents"):
         DataSpec("x", holdout_fraction=0.6, validation_fraction=0.5).splits  # noqa: B018
     rc = SimpleNamespace(data="x", holdout=["hamlet"], holdout_fraction=0.05, validation_fraction=0.1, seed=2,
-                         text_field="body")
+                         text_field="body", split_seed=5)
     r = DataSpec.of_recipe(rc)
-    assert (r.holdout, r.holdout_fraction, r.validation_fraction, r.seed, r.text_field) == (("hamlet",), 0.0, 0.1, 2,
-                                                                                            "body")
+    assert (r.holdout, r.holdout_fraction, r.validation_fraction, r.seed, r.text_field, r.split_seed) == (
+        ("hamlet",), 0.0, 0.1, 2, "body", 5)
+    assert r.splits == SR.Splits(("hamlet",), 0.0, 0.1, 5)  # split_seed draws the splits, seed does not
     splits = SR.Splits(("a",), 0.0, 0.3, seed=7)
-    assert DataSpec.of_splits("x", splits, exclude="ignored").splits == splits
-    assert DataSpec.of_splits("x", None, exclude="a,b", seed=9).splits == SR.Splits(("a", "b"), 0.0, 0.0, 9)
+    assert DataSpec.of_splits("x", splits, exclude="ignored", seed=3).splits == splits
+    assert DataSpec.of_splits("x", splits, seed=3).seed == 3  # the rows' order
+    assert DataSpec.of_splits("x", None, exclude="a,b", seed=9).splits == SR.Splits(("a", "b"), 0.0, 0.0, 0)
 
 
 def test_text_split_equals_split_documents_and_the_store_split(corpus, store):
     docs = T.read_documents(corpus)
     st = open_store(store)
-    for kw in ({"holdout": "doc03,doc1"}, {"holdout_fraction": 0.25, "seed": 3}):
+    for kw in ({"holdout": "doc03,doc1"}, {"holdout_fraction": 0.25, "split_seed": 3}):
         spec = DataSpec(corpus, **kw)
         train, held = spec.split_text(docs)
-        want = T.split_documents(docs, kw.get("holdout", ()), kw.get("holdout_fraction", 0.0), kw.get("seed", 0))
+        want = T.split_documents(docs, kw.get("holdout", ()), kw.get("holdout_fraction", 0.0), kw.get("split_seed", 0))
         assert (train, held) == want and held and train
     named = DataSpec(store, holdout="doc03,doc1").splits
     of = SR.SplitMap(st, named).of(np.arange(st.n_documents))
@@ -140,10 +142,11 @@ def test_calibration_rows(corpus, store, tokenizer):
 def test_training_data_follows_the_spec(store, tokenizer):
     from minitron_jax.data.loader import training_data
     rc = SimpleNamespace(data=store, holdout=["doc03"], holdout_fraction=0.2, validation_fraction=0.1, seed=1,
-                         text_field="text", seq_len=S, packing="concat", eval_batches=2, batch_size=4, grad_accum=2)
+                         split_seed=4, text_field="text", seq_len=S, packing="concat", eval_batches=2, batch_size=4,
+                         grad_accum=2)
     rows, held, stream = training_data(rc, tokenizer, len(tokenizer))
     spec = DataSpec.of_recipe(rc)
-    want, _ = SR.training_rows(store, S, splits=SR.Splits(("doc03",), 0.0, 0.1, 1), seed=1)
+    want, _ = SR.training_rows(store, S, splits=SR.Splits(("doc03",), 0.0, 0.1, 4), seed=1)
     assert not stream and len(rows) == len(want)
     for i in (0, 7, len(want) - 1):
         np.testing.assert_array_equal(rows[i]["segment_ids"], want[i]["segment_ids"])
@@ -151,3 +154,46 @@ def test_training_data_follows_the_spec(store, tokenizer):
     np.testing.assert_array_equal(held.tokens, SR.split_rows(store, S, 4, SR.HOLDOUT, SR.Splits(("doc03",)), seed=1))
     rc.holdout, rc.holdout_fraction = [], 0.0
     assert training_data(rc, tokenizer, len(tokenizer))[1] is None  # nothing held out: no held-out rows
+
+
+def _recipe(data, **kw):
+    from minitron_jax.train.run_config import RunConfig
+    return RunConfig(teacher="-", student="-", data=str(data), seq_len=S, batch_size=4, eval_batches=1, **kw)
+
+
+def test_text_runs_with_other_seeds_hold_out_the_same_documents(corpus, tokenizer):
+    """Text: a run's held-out rows are those of the documents `split_seed` holds out, whatever its `seed`
+    (which only orders them); another split_seed holds out others."""
+    from minitron_jax.data.loader import training_data
+    docs = T.read_documents(corpus)
+    held_by = {k: T.split_documents(docs, (), 0.25, k)[1] for k in (0, 1)}  # the reference split of each split_seed
+    assert held_by[0] != held_by[1]
+    for seed in (0, 5):
+        for split_seed in (0, 1):
+            rc = _recipe(corpus, holdout_fraction=0.25, seed=seed, split_seed=split_seed)
+            assert DataSpec.of_recipe(rc).split_text(docs)[1] == held_by[split_seed]
+            held = training_data(rc, tokenizer, len(tokenizer))[1]
+            want = T.pack(T.tokenize_documents(held_by[split_seed], tokenizer), S, None, seed)
+            np.testing.assert_array_equal(held.tokens, want)
+
+
+def test_store_runs_with_other_seeds_hold_out_and_validate_on_the_same_documents(store, tokenizer):
+    """A token store: the split of every document, and so the training windows' masks, are the same for runs
+    that differ only in `seed`; another split_seed splits other documents."""
+    from minitron_jax.data.loader import training_data
+    st = open_store(store)
+
+    def split_of(rc):
+        of = SR.SplitMap(st, DataSpec.of_recipe(rc).splits).of(np.arange(st.n_documents))
+        rows = training_data(rc, tokenizer, len(tokenizer))[0]
+        return of, np.stack([rows[i]["mask"] for i in range(len(rows))])
+
+    kw = dict(holdout_fraction=0.2, validation_fraction=0.2)
+    of, masks = split_of(_recipe(store, seed=0, **kw))
+    assert set(of.tolist()) == {SR.TRAIN, SR.VALIDATION, SR.HOLDOUT}
+    want = SR.SplitMap(st, SR.Splits((), 0.2, 0.2, 0)).of(np.arange(st.n_documents))
+    np.testing.assert_array_equal(of, want)
+    other_of, other_masks = split_of(_recipe(store, seed=5, **kw))
+    np.testing.assert_array_equal(other_of, of)
+    np.testing.assert_array_equal(other_masks, masks)
+    assert not np.array_equal(split_of(_recipe(store, seed=0, split_seed=1, **kw))[0], of)

@@ -176,6 +176,41 @@ def test_blend_proportions_and_determinism(store, store_b):
         SL.parse_blend({str(store): 1, "/nonexistent/text": 1})
 
 
+def test_blend_evaluation_rows_never_allocate_a_negative_count(store, store_b, tmp_path):
+    """Four stores weighted .3/.3/.3/.1 share 2 rows as largest-remainder rounding does: 1, 1, 0, 0 (per-store
+    rounding gave 1, 1, 1 and -1 to the last). Each store's rows are its own first rows."""
+    copies = [tmp_path / "a2", tmp_path / "b2"]  # the same stores under other names: four blend components
+    copies[0].symlink_to(store, target_is_directory=True)
+    copies[1].symlink_to(store_b, target_is_directory=True)
+    blend = {str(store): 0.3, str(store_b): 0.3, str(copies[0]): 0.3, str(copies[1]): 0.1}
+    assert SL.apportion(2, list(blend.values())).tolist() == [1, 1, 0, 0]
+    got = SL.split_rows(blend, S, 2, SL.TRAIN, SL.Splits(), seed=2)
+    want = [SL.split_rows(str(s), S, 1, SL.TRAIN, SL.Splits(), seed=2) for s in (store, store_b)]
+    np.testing.assert_array_equal(got, np.concatenate(want))
+
+
+def _largest_remainder(total, w):
+    """The Hamilton apportionment, derived again: floors of the quotas, then one more to the `total - sum`
+    largest remainders (ties: the earlier index)."""
+    quota = total * np.asarray(w, float) / np.sum(w)
+    base = np.floor(quota).astype(int)
+    winners = np.lexsort((np.arange(len(w)), -(quota - base)))[:total - base.sum()]
+    return base + np.isin(np.arange(len(w)), winners)
+
+
+def test_apportion_equals_largest_remainder_rounding_over_random_weights():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        w = rng.exponential(size=rng.integers(1, 9)) ** rng.choice([1, 3])  # some very uneven
+        total = int(rng.integers(0, 60))
+        got = SL.apportion(total, w)
+        assert got.sum() == total and (got >= 0).all(), (total, w, got)
+        assert (np.abs(got - total * w / w.sum()) < 1).all(), (total, w, got)
+        np.testing.assert_array_equal(got, _largest_remainder(total, w))
+    assert SL.apportion(3, [1, 1, 1, 1]).tolist() == [1, 1, 1, 0]  # ties: the earlier stores
+    assert SL.apportion(10, [0.25, 0.75]).tolist() == [3, 7]  # 2.5 / 7.5: the tie to the first
+
+
 PROC = r"""
 import json, sys
 import numpy as np

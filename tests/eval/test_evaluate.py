@@ -409,14 +409,15 @@ def test_eval_set_holds_out_what_training_holds_out(tmp_path):
             return super().__call__(text, add_special_tokens)
     tok = BatchTokenizer()
     docs = read_documents(data)
-    for split in ({"holdout": ["doc3", "doc5"]}, {"holdout_fraction": 0.34, "seed": 7}, {}):
+    for split in ({"holdout": ["doc3", "doc5"]}, {"holdout_fraction": 0.34, "seed": 7, "split_seed": 2}, {}):
         rows, items = eval_set(data, tok, seq_len=32, samples=5, task_items=12, **split)
         train, held = build_corpus(data, tok, 32, **split)
         if held is None:  # every document, in the seeded order held-out rows use (training rows keep theirs)
             from minitron_jax.data.text import pack, tokenize_documents
             held = type(train)(pack(tokenize_documents(docs, tok), 32, None, seed=0))
         np.testing.assert_array_equal(rows, held.tokens[:5])
-        held_docs = split_documents(docs, **split)[1] if split else docs
+        held_docs = (split_documents(docs, split.get("holdout", ()), split.get("holdout_fraction", 0.0),
+                                     split.get("split_seed", 0))[1] if split else docs)
         assert held_docs and len(held_docs) < len(docs) or not split
         held_text = "".join(t for _, t in held_docs)
         assert all(c in held_text for it in items for c in it["choices"] + [it["context"]])

@@ -136,3 +136,42 @@ def test_model_without_tokenizer_or_with_a_larger_one_is_refused_before_loading(
         with pytest.raises(SystemExit, match=r"49152.*128|128.*49152"):
             main([cmd[0], "--model", str(tmp_path / "m"), "--data", str(text), *cmd[1:]])
     assert not (tmp_path / "s" / "scores.safetensors").exists()
+
+
+def test_eval_of_a_run_uses_the_split_seed_it_trained_with(pair, tmp_path):
+    """`minitron eval --model OUT` (or OUT/student_hf) draws --holdout-fraction's documents with the split_seed
+    of OUT/recipe.json: the same scores as the exported student given that --split-seed; another --split-seed
+    than the run's is refused, naming both."""
+    import json
+    import shutil
+
+    from minitron_jax.core.yaml_config import dump
+    from minitron_jax.data.text import read_documents, split_documents
+    from minitron_jax.train.run_config import RunConfig
+
+    teacher, student, data = pair
+    docs = read_documents(data)
+    a, b = 1, 0
+    assert split_documents(docs, (), 0.34, a)[1] != split_documents(docs, (), 0.34, b)[1]
+    out = tmp_path / "run"
+    shutil.copytree(student, out / "student_hf")
+    rc = RunConfig(teacher=str(teacher), student=str(student), data=str(data), holdout_fraction=0.34, split_seed=a)
+    (out / "recipe.json").write_text(dump(rc))
+    common = ["--data", str(data), "--holdout-fraction", "0.34", "--samples", "2", "--seq-len", "32",
+              "--task-items", "4", "--json", str(tmp_path / "r.json")]
+
+    def evaluate(model, *extra):
+        main(["eval", "--model", str(model), *common, *extra])
+        return json.loads((tmp_path / "r.json").read_text())
+
+    run, exported = evaluate(out), evaluate(out / "student_hf", "--split-seed", str(a))
+    plain, other = evaluate(student, "--split-seed", str(a)), evaluate(student, "--split-seed", str(b))
+    assert run["split_seed"] == exported["split_seed"] == plain["split_seed"] == a and other["split_seed"] == b
+    assert run["loss"] == exported["loss"] == plain["loss"] != other["loss"]
+    for model in (out, out / "student_hf"):
+        with pytest.raises(SystemExit, match=rf"--split-seed {b}, but .*student_hf was trained with split_seed={a} "
+                                             rf"\(.*recipe.json\).*pass --split-seed {a}"):
+            main(["eval", "--model", str(model), *common, "--split-seed", str(b)])
+    shutil.rmtree(out / "student_hf")
+    with pytest.raises(SystemExit, match=r"a training run's out without the student it exports .*export=false"):
+        main(["eval", "--model", str(out), *common])

@@ -195,3 +195,33 @@ def test_depth_pipeline_selects_the_papers_block(hw):
     assert new.num_hidden_layers == 16 and n == 4_540_469_248  # spec: Llama-3.1-Minitron-4B-Depth
     dropped = PruneTarget.parse(cfg.prune.target).drop_layers
     assert [l for l in range(32) if l not in dropped] == [*range(15), 31]
+
+
+def test_split_seed_reaches_every_stage_and_a_changed_one_is_noticed(tmp_path):
+    """The top-level split_seed (not seed) splits the documents of every stage: the stores' splits, the
+    evaluation's, the training recipes'; every stage after the data stage records it, so a done stage made with
+    another split_seed is refused. A marker from before split_seed was recorded compares its seed."""
+    import json
+    from types import SimpleNamespace
+
+    from minitron_jax.run.pipeline import STAGES
+
+    cfg = load_pipeline(None, [f"out={tmp_path}", "holdout=[]", "distill.holdout_fraction=0.1", "seed=5",
+                               "split_seed=3"])
+    p = Pipeline(cfg, log=lambda m: None)
+    assert p.splits().seed == 3 and (p.split()["split_seed"], p.split()["seed"]) == (3, 5)
+    rc = distill_recipe(cfg, **p.common(SimpleNamespace(store="STORE")), teacher="-", student="-")
+    assert (rc.split_seed, rc.seed) == (3, 5)
+    assert [st.name for st in STAGES if p.settings(st.name).get("split_seed") != 3] == ["data"]  # text -> store
+    p.stage("score", lambda: {"scores": "s"})
+    fail = lambda: pytest.fail("a done stage was redone")  # noqa: E731
+    with pytest.raises(RecipeError, match=r"score was made with other settings \(split_seed changed: "
+                                          r"\{\"split_seed\": 3\} then, \{\"split_seed\": 4\} now\)"):
+        Pipeline(dataclasses.replace(cfg, split_seed=4), log=lambda m: None).stage("score", fail)
+    marker = tmp_path / "score" / "done.json"
+    old = json.loads(marker.read_text())
+    del old["settings"]["split_seed"]  # from before split_seed: seed=5 drew its splits
+    marker.write_text(json.dumps(old))
+    assert Pipeline(dataclasses.replace(cfg, split_seed=5), log=lambda m: None).stage("score", fail)["scores"] == "s"
+    with pytest.raises(RecipeError, match=r"split_seed changed: \{\"split_seed\": 5\} then, \{\"split_seed\": 3\}"):
+        p.stage("score", fail)

@@ -311,7 +311,7 @@ def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setu
     from minitron_jax.train.trainer import train
     write_teacher_logits(recipe(setup, tmp_path / "tl"), LogitsConfig(k=K, samples=40), log=lambda s: None)
     cases = {"seq_len": dict(seq_len=16), "holdout": dict(holdout=["sonnets"]), "seed": dict(seed=1),
-             "holds 40 rows": dict(steps=6)}
+             "split_seed": dict(split_seed=1), "holds 40 rows": dict(steps=6)}
     for what, kw in cases.items():
         with pytest.raises(LogitsError, match=what):
             train(recipe(setup, tmp_path / what.replace(" ", "_"), teacher_logits=str(tmp_path / "tl"), **kw),

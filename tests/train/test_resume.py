@@ -64,6 +64,7 @@ def corrupt(step_dir):
     (["seq_len=32"], r"seq_len 64 -> 32; seq_len cannot change on resume"),
     (["seed=1", "lr=2e-4", "resume_allow=[lr]"], r"differ from those of its checkpoints .*: seed 0 -> 1; seed cannot"),
     (["hidden_weight=1", "resume_allow=[hidden_weight]"], r"hidden_weight 0.0 -> 1.0; hidden_weight cannot change"),
+    (["split_seed=1"], r"differ from those of its checkpoints .*: split_seed 0 -> 1; split_seed cannot change"),
 ])
 def test_changed_settings_are_refused_before_loading(pair, base, tmp_path, no_loading, extra, message):
     out = copy_run(base, tmp_path)
@@ -106,6 +107,21 @@ def test_recipe_json_of_another_version_is_a_clear_error(pair, base, tmp_path, n
     (out / "recipe.json").write_text("[1, 2]")
     with pytest.raises(RecipeError, match="is not a JSON object"):
         train(recipe(pair, out, "resume=true"), log=lambda m: None)
+
+
+def test_recipe_json_from_before_split_seed_resumes_with_the_seed_that_drew_its_splits():
+    """A recipe.json without split_seed drew its splits with `seed`: seed=0 resumes with today's default
+    split_seed=0; seed=3 resumes only with split_seed=3."""
+    for seed in (0, 3):
+        rc = RunConfig(teacher="t", student="s", data="d", holdout_fraction=0.1, seed=seed)
+        old = json.loads(dump(rc))
+        del old["split_seed"]
+        if seed == 0:
+            assert check_resume(old, rc, "recipe.json") == []
+            continue
+        with pytest.raises(RecipeError, match="split_seed 3 -> 0; split_seed cannot change on resume"):
+            check_resume(old, rc, "recipe.json")
+        assert check_resume(old, dataclasses.replace(rc, split_seed=3), "recipe.json") == []
 
 
 def test_resume_classification_covers_every_key():
