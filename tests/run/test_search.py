@@ -9,22 +9,29 @@ import pytest
 from distill_helpers import make_pair
 
 
-def test_search_distills_candidates_from_stored_logits_and_ranks_on_validation_rows(tmp_path, monkeypatch):
-    import minitron_jax.eval.evaluate as E
-    from minitron_jax.data.store_reader import VALIDATION, SplitMap
-    from minitron_jax.data.token_store import open_store
+def small_search(tmp_path, *search):
+    """A budget search over a tiny random pair: 3 candidates, the `search` keys given, 8 x 32-token steps."""
     from minitron_jax.model.config import LlamaConfig
-    from minitron_jax.run.pipeline import Pipeline, load_pipeline
-    from minitron_jax.train.stored_logits import TeacherLogits
+    from minitron_jax.run.pipeline import load_pipeline
 
     teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
     out = tmp_path / "run"
-    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
-                               "score.samples=8", "score.seq_len=32", "score.batch_size=4", "prune.target=null",
-                               f"prune.params={budget}", "prune.calib_samples=4", "search.candidates=3",
-                               "search.steps=4", "search.samples=6", "search.teacher_logits=true", "distill.batch_size=8", "distill.seq_len=32", "distill.steps=6",
-                               "distill.warmup=0", "distill.peak_tflops=1", "distill.lr=1e-3"])
+    return load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
+                                "score.samples=8", "score.seq_len=32", "score.batch_size=4", "prune.target=null",
+                                f"prune.params={budget}", "prune.calib_samples=4", "search.candidates=3", *search,
+                                "distill.batch_size=8", "distill.seq_len=32", "distill.steps=6", "distill.warmup=0",
+                                "distill.peak_tflops=1", "distill.lr=1e-3"]), out
+
+
+def test_search_distills_candidates_from_stored_logits_and_ranks_on_validation_rows(tmp_path, monkeypatch):
+    import minitron_jax.eval.evaluate as E
+    from minitron_jax.data.store_reader import VALIDATION, SplitMap
+    from minitron_jax.data.token_store import open_store
+    from minitron_jax.run.pipeline import Pipeline
+    from minitron_jax.train.stored_logits import TeacherLogits
+
+    cfg, out = small_search(tmp_path, "search.steps=4", "search.samples=6", "search.teacher_logits=true")
     seen = []
     for name in ("lm_loss", "row_losses"):
         real = getattr(E, name)
@@ -81,17 +88,9 @@ def test_search_runs_the_distillation_objective_by_default_and_gives_intervals(t
     objective (no logits stage); the table gives each candidate's difference to the winner with a paired
     bootstrap interval over the search.samples validation rows, equal to one recomputed from the stored rows."""
     from minitron_jax.eval.bootstrap import paired_intervals
-    from minitron_jax.model.config import LlamaConfig
-    from minitron_jax.run.pipeline import Pipeline, load_pipeline
+    from minitron_jax.run.pipeline import Pipeline
 
-    teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
-    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
-    out = tmp_path / "run"
-    cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
-                               "score.samples=8", "score.seq_len=32", "score.batch_size=4", "prune.target=null",
-                               f"prune.params={budget}", "prune.calib_samples=4", "search.candidates=3",
-                               "search.steps=3", "search.samples=10", "distill.batch_size=8", "distill.seq_len=32",
-                               "distill.steps=6", "distill.warmup=0", "distill.peak_tflops=1", "distill.lr=1e-3"])
+    cfg, out = small_search(tmp_path, "search.steps=3", "search.samples=10")
     Pipeline(cfg, log=lambda m: None).run(until="prune")
     assert not (out / "logits").exists()
     rows = json.loads((out / "prune" / "search" / "search.json").read_text())
