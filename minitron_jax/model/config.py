@@ -1,4 +1,5 @@
-"""Llama-3.1 configuration <-> Hugging Face `config.json`.
+"""Llama-3.1 configuration (and the families of `family.py`: Mistral, Qwen2, Qwen3) <-> Hugging Face
+`config.json`.
 
 Reads both transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`) RoPE keys,
 always carries `head_dim` explicitly (a width-pruned model has hidden != heads * head_dim) and
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minitron_jax.core.errors import ConfigError
+from minitron_jax.model.family import FAMILIES, MOE_KEYS, Family, supported
 
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -42,6 +44,56 @@ def _typed(d, key, kind: str, default=None, *, positive: bool = False, nonneg: b
     return v
 
 
+def _family(d: dict[str, Any]) -> Family:
+    """The family `model_type` names, its architecture checked; unsupported fields refused by name."""
+    archs, model_type = d.get("architectures") or [], d.get("model_type")
+    if not isinstance(archs, list):
+        raise ConfigError(f"config.json field architectures={archs!r} must be a list such as [\"LlamaForCausalLM\"]")
+    fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if fam is None or any(a != fam.architecture for a in archs):
+        raise ConfigError(f"unsupported checkpoint (model_type={model_type!r}, architectures={archs}): minitron_jax "
+                          f"supports {supported()}")
+    moe = [k for k in MOE_KEYS if d.get(k) not in (None, 0, False, [])]
+    if moe:
+        raise ConfigError(f"config.json field {moe[0]}={d[moe[0]]!r} describes a mixture of experts, which "
+                          f"minitron_jax does not prune; it supports dense {fam.architecture} only")
+    biased = ("attention_bias", "mlp_bias") if fam.model_type != "qwen2" else ("mlp_bias",)  # qwen2's are fixed
+    for flag in biased:
+        if _typed(d, flag, "bool"):
+            raise ConfigError(
+                f"config.json field {flag}=true is not supported: {fam.architecture} here has "
+                + ("q/k/v biases only" if fam.qkv_bias else "no projection biases")
+                + ". Convert a bias-free checkpoint or fold the biases away first.")
+    return fam
+
+
+def _sliding(d: dict[str, Any], fam: Family, layers: int) -> dict[str, Any]:
+    """sliding_window (None unless some layer slides, as transformers decides it) and qwen's max_window_layers."""
+    if fam.sliding == "none":
+        return {}
+    # transformers' Mistral / Qwen configs default sliding_window to 4096 when the key is absent
+    window = _typed(d, "sliding_window", "int", None, positive=True) if "sliding_window" in d else 4096
+    if fam.sliding == "mistral":
+        return {"sliding_window": window}
+    first = _typed(d, "max_window_layers", "int", 28, nonneg=True)
+    if not _typed(d, "use_sliding_window", "bool", False):
+        window = None
+    types = d.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"config.json field layer_types={_short(types)} must list 'full_attention' or "
+                              f"'sliding_attention' for each of the {layers} layers")
+        slides = "sliding_attention" in types and window is not None
+    else:
+        slides = window is not None and first < layers
+    return {"sliding_window": window if slides else None, "max_window_layers": first}
+
+
+def _short(v: Any, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -62,6 +114,9 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     dtype: str = "float32"  # the dtype the checkpoint stores
+    model_type: str = "llama"  # the family (`family.FAMILIES`)
+    sliding_window: int | None = None  # set when some layer attends within a window (refused beyond it)
+    max_window_layers: int | None = None  # qwen2 / qwen3: layers from this index on slide (written back)
 
     def __post_init__(self):
         self.validate()
@@ -92,6 +147,30 @@ class LlamaConfig:
                 raise ConfigError(f"llama3 RoPE scaling is missing {missing}; it needs all of {LLAMA3_KEYS}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
+        if self.model_type not in FAMILIES:
+            raise ConfigError(f"model_type={self.model_type!r} is not supported; supported: {supported()}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or null")
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family.qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
+    def check_seq_len(self, seq_len: int, what: str = "the sequence") -> None:
+        """Refuse sequences longer than the sliding window: attention here is full (exact only up to it)."""
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            raise ConfigError(
+                f"{what} has {seq_len} positions but this {self.model_type} model attends within a sliding window of "
+                f"{self.sliding_window}, which minitron_jax does not implement (it is exact up to the window): use "
+                f"sequences of at most {self.sliding_window} tokens")
 
     @property
     def rope_scaling_dict(self) -> dict[str, float]:
@@ -110,9 +189,15 @@ class LlamaConfig:
         """Exact number of parameters, as transformers counts them (tied embeddings once)."""
         h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        per_layer = attn + 3 * h * f + 2 * h
+        per_layer = attn + 3 * h * f + 2 * h + self._vector_params_per_layer()
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + emb + h
+
+    def _vector_params_per_layer(self) -> int:
+        """q/k/v biases and q/k norms of one layer (family extras; not matmul weights)."""
+        d = self.head_dim
+        bias = d * (self.num_attention_heads + 2 * self.num_key_value_heads) if self.qkv_bias else 0
+        return bias + (2 * d if self.qk_norm else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs of one forward pass per token at sequence length `seq_len`: 2 x the matmul
@@ -121,6 +206,7 @@ class LlamaConfig:
         h = self.hidden_size
         matmul_params = self.param_count() - self.vocab_size * h * (0 if self.tie_word_embeddings else 1)
         matmul_params -= h * (2 * self.num_hidden_layers + 1)  # norms
+        matmul_params -= self.num_hidden_layers * self._vector_params_per_layer()  # biases, q/k norms
         attn = 2 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
         return 2.0 * matmul_params + attn
 
@@ -128,21 +214,9 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         """Every field read is type-checked (ints are ints, not bools or floats; numbers finite; sizes positive)."""
-        archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        if not isinstance(archs, list):
-            raise ConfigError(f"config.json field architectures={archs!r} must be a list such as [\"LlamaForCausalLM\"]")
-        if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
-            raise ConfigError(
-                f"not a Llama checkpoint (model_type={model_type!r}, architectures={archs}): "
-                "minitron_jax supports LlamaForCausalLM (Llama-2/3/3.1/3.2, SmolLM2, Minitron-Llama)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if _typed(d, flag, "bool"):
-                raise ConfigError(
-                    f"{flag}=true is not supported: Llama-3.1 has no projection biases. Convert a "
-                    "bias-free checkpoint or fold the biases away first.")
+        fam = _family(d)
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported; Llama uses 'silu'")
+            raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported; {fam.architecture} uses 'silu'")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError("pretraining_tp != 1 is not supported (transformers ignores it only at 1)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -154,7 +228,7 @@ class LlamaConfig:
 
         rope, scaling = _typed(d, "rope_parameters", "object"), _typed(d, "rope_scaling", "object")
         if isinstance(rope, dict) and "rope_type" not in rope and rope and all(isinstance(v, dict) for v in rope.values()):
-            raise ConfigError("per-layer-type rope_parameters are not supported for Llama")
+            raise ConfigError("per-layer-type rope_parameters are not supported (one RoPE for every layer)")
         # As transformers 5.x does: a non-null 4.x `rope_scaling` replaces `rope_parameters`; theta comes from
         # the chosen dict, else the top-level 4.x `rope_theta`, else the default.
         params = dict(scaling or rope or {})
@@ -164,6 +238,9 @@ class LlamaConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if not isinstance(rope_type, str):
             raise ConfigError(f"config.json {where}.rope_type={rope_type!r} must be a string such as 'llama3'")
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config.json {where}.rope_type={rope_type!r} is not implemented; supported RoPE types: "
+                              f"{ROPE_TYPES} (Llama-3.1 uses 'llama3'; SmolLM2, Mistral, Qwen use 'default')")
         extra = ()
         if rope_type == "llama3":
             for k in LLAMA3_KEYS:
@@ -190,7 +267,8 @@ class LlamaConfig:
             # transformers' LlamaConfig default is untied
             tie_word_embeddings=_typed(d, "tie_word_embeddings", "bool", False),
             bos_token_id=_typed(d, "bos_token_id", "int", nonneg=True), eos_token_id=eos,
-            pad_token_id=_typed(d, "pad_token_id", "int", nonneg=True), dtype=dtype.replace("torch.", ""))
+            pad_token_id=_typed(d, "pad_token_id", "int", nonneg=True), dtype=dtype.replace("torch.", ""),
+            model_type=fam.model_type, **_sliding(d, fam, ints["num_hidden_layers"]))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
@@ -215,7 +293,7 @@ class LlamaConfig:
         return {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling_dict}
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json for `LlamaForCausalLM`; readable by transformers 4.x and 5.x."""
+        """config.json for the family's architecture (`LlamaForCausalLM`, ...); readable by transformers 4.x and 5.x."""
         scaling = None
         if self.rope_type != "default":
             scaling = {"rope_type": self.rope_type, **self.rope_scaling_dict}
@@ -223,8 +301,8 @@ class LlamaConfig:
         rope_params = self.rope_parameters()
         if "original_max_position_embeddings" in rope_params:
             rope_params["original_max_position_embeddings"] = int(rope_params["original_max_position_embeddings"])
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        d = {
+            "architectures": [self.family.architecture], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -238,11 +316,22 @@ class LlamaConfig:
             "pad_token_id": self.pad_token_id, "dtype": self.dtype, "torch_dtype": self.dtype,
             "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         }
+        if self.model_type == "llama":
+            return d
+        for key in ("mlp_bias", "pretraining_tp") + (("attention_bias",) if self.model_type != "qwen3" else ()):
+            del d[key]  # Llama's switches, absent from these families' configs
+        if self.family.sliding == "mistral":
+            d["sliding_window"] = self.sliding_window
+        elif self.family.sliding == "qwen":
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     max_window_layers=self.max_window_layers if self.max_window_layers is not None else
+                     self.num_hidden_layers)
+        return d
 
     def check_transformers_loadable(self) -> None:
         """Refuse shapes that transformers 5.x `LlamaConfig` rejects, naming sizes that would work."""
         h, n = self.hidden_size, self.num_attention_heads
-        if h % n:
+        if h % n and self.family.hidden_divisible_by_heads:
             lower = (h // n) * n
             raise ConfigError(
                 f"hidden_size={h} is not a multiple of num_attention_heads={n}: transformers 5.x "

@@ -1,4 +1,4 @@
-"""Llama-3.1 as a pure function of a parameter dict, in Hugging Face's tensor layout, with layers
+"""Llama-3.1 (and Mistral, Qwen2, Qwen3: `family.py`, flags read from the config) as a pure function of a parameter dict, in Hugging Face's tensor layout, with layers
 stacked on a leading axis.
 
 One definition serves scoring, pruning, distillation and export:
@@ -32,6 +32,8 @@ from minitron_jax.model.sharding import constrain
 
 LAYER_PARAMS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+QKV_BIASES = ("q_bias", "k_bias", "v_bias")  # qwen2 (`family.py`)
+QK_NORMS = ("q_norm", "k_norm")  # qwen3
 CAPTURE_SITES = ("layer_in", "attn_norm", "o_proj_in", "mlp_norm", "mlp_pre", "down_proj_in", "layer_out")
 _UNROLL_LAYERS = contextvars.ContextVar("minitron_unroll_layers", default=False)
 
@@ -56,7 +58,7 @@ REMAT_POLICIES = {
 
 class ParamSpec(NamedTuple):
     """One parameter: its shape, the logical name of each axis (`sharding.RULES`) and how
-    transformers initialises it: "normal" (N(0, 0.02)) or "ones"."""
+    transformers initialises it: "normal" (N(0, 0.02)), "ones" or "zeros"."""
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     init: str = "normal"
@@ -83,6 +85,11 @@ def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
         "up_proj": S((L, F, H), ("layers", "mlp", "embed")),
         "down_proj": S((L, H, F), ("layers", "embed", "mlp")),
     }
+    if cfg.qkv_bias:  # sliced with their heads
+        layers.update(q_bias=S((L, Q), ("layers", "q_heads"), "zeros"), k_bias=S((L, K), ("layers", "kv_heads"), "zeros"),
+                      v_bias=S((L, K), ("layers", "kv_heads"), "zeros"))
+    if cfg.qk_norm:  # over head_dim: kept whole by every pruning axis
+        layers.update(q_norm=S((L, D), ("layers", "head_dim"), "ones"), k_norm=S((L, D), ("layers", "head_dim"), "ones"))
     specs: dict[str, Any] = {"embed_tokens": S((cfg.vocab_size, H), ("vocab", "embed")),
                              "layers": layers, "norm": S((H,), ("norm",), "ones")}
     if not cfg.tie_word_embeddings:
@@ -94,7 +101,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict[str
     """Random init as transformers does it: normal(0, 0.02) for matrices, ones for norms."""
     leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=is_param_spec)
     keys = jax.random.split(key, len(leaves))
-    init = {"ones": lambda spec, k: jnp.ones(spec.shape, dtype),
+    init = {"ones": lambda spec, k: jnp.ones(spec.shape, dtype), "zeros": lambda spec, k: jnp.zeros(spec.shape, dtype),
             "normal": lambda spec, k: (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)}
     return jax.tree.unflatten(treedef, [init[spec.init](spec, k) for spec, k in zip(leaves, keys)])
 
@@ -190,6 +197,7 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
     layer's activation [B, S, C] and `token_mask` is [B, S] (1 for real tokens).
     """
     b, s = input_ids.shape
+    cfg.check_seq_len(s)
     cdt = jnp.dtype(compute_dtype or params["embed_tokens"].dtype)
     if positions is None:
         positions = default_positions(attention_mask, segment_ids, (b, s))
@@ -209,9 +217,12 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
 
     def layer(h, lp, gate):
         x = rms_norm(h, lp["input_layernorm"], eps)
-        q = linear(x, lp["q_proj"]).reshape(b, s, nq, d)
-        k = linear(x, lp["k_proj"]).reshape(b, s, nk, d)
-        v = linear(x, lp["v_proj"]).reshape(b, s, nk, d)
+        q, k, v = (linear(x, lp[f"{n}_proj"]) for n in "qkv")
+        if cfg.qkv_bias:
+            q, k, v = (y + lp[f"{n}_bias"].astype(cdt) for y, n in zip((q, k, v), "qkv"))
+        q, k, v = q.reshape(b, s, nq, d), k.reshape(b, s, nk, d), v.reshape(b, s, nk, d)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
         q = constrain(q * cos + rotate_half(q) * sin, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k * cos + rotate_half(k) * sin, ("batch", "seq", "act_heads", "head_dim"))
         a = attend(q, k, v, attention_mask=attention_mask, segment_ids=segment_ids, impl=impl, scale=d ** -0.5,
@@ -270,7 +281,7 @@ class Llama(nnx.Module):
             key = (rngs or nnx.Rngs(0)).params()
             params = init_params(config, key, jnp.dtype(dtype or config.dtype))
         self.embed_tokens = nnx.Param(params["embed_tokens"])
-        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in LAYER_PARAMS})
+        self.layers = nnx.Dict({k: nnx.Param(params["layers"][k]) for k in param_specs(config)["layers"]})
         self.norm = nnx.Param(params["norm"])
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(params["lm_head"])
@@ -278,7 +289,7 @@ class Llama(nnx.Module):
     def params(self) -> dict[str, Any]:
         """The parameters as a plain dict of arrays in the layout of `param_specs`."""
         out = {"embed_tokens": self.embed_tokens[...],
-               "layers": {k: self.layers[k][...] for k in LAYER_PARAMS},
+               "layers": {k: self.layers[k][...] for k in param_specs(self.config)["layers"]},
                "norm": self.norm[...]}
         if not self.config.tie_word_embeddings:
             out["lm_head"] = self.lm_head[...]

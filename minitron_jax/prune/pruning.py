@@ -1,4 +1,4 @@
-"""Minitron structured pruning (spec sections 3-4): slice a Llama by importance scores to a target shape
+"""Minitron structured pruning (spec sections 3-4): slice a Llama (or Mistral / Qwen2 / Qwen3) by importance scores to a target shape
 (`targets.py`), and rank the candidate shapes of a parameter budget by pruning each.
 
 Scores (from `importance.py`, indices of the ORIGINAL model, higher = more important):
@@ -101,7 +101,8 @@ def _take(x, idx, axis):  # NumPy stays NumPy, JAX stays JAX
 
 
 def _take_per_layer(x, idx, axis):  # idx [L', k]: a different keep-set in every layer
-    idx = idx[:, :, None] if axis == 1 else idx[:, None, :]
+    if x.ndim == 3:  # [L, out, in] matrices; [L, n] biases take idx as it is
+        idx = idx[:, :, None] if axis == 1 else idx[:, None, :]
     return (np if isinstance(x, np.ndarray) else jnp).take_along_axis(x, idx, axis=axis)
 
 
@@ -126,9 +127,11 @@ def prune(params: dict[str, Any], cfg: LlamaConfig, scores: dict, target) -> tup
     if p["q_heads"] is not None:
         q = np.stack([_blocks(r, cfg.head_dim) for r in p["q_heads"]])
         lay["q_proj"], lay["o_proj"] = _take_per_layer(lay["q_proj"], q, 1), _take_per_layer(lay["o_proj"], q, 2)
-    if p["kv_groups"] is not None:
+        if "q_bias" in lay:
+            lay["q_bias"] = _take_per_layer(lay["q_bias"], q, 1)
+    if p["kv_groups"] is not None:  # q_norm / k_norm act within a head: kept whole
         kv = np.stack([_blocks(r, cfg.head_dim) for r in p["kv_groups"]])
-        lay.update({k: _take_per_layer(lay[k], kv, 1) for k in ("k_proj", "v_proj")})
+        lay.update({k: _take_per_layer(lay[k], kv, 1) for k in ("k_proj", "v_proj", "k_bias", "v_bias") if k in lay})
     out["layers"] = lay
     return _reshard(out, params, new), new
 

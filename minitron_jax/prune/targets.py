@@ -138,7 +138,7 @@ def validate(cfg: LlamaConfig, target) -> LlamaConfig:
                          f"groups; valid num_attention_heads for {kv} KV heads: {valid_heads}"
                          + (f"; or keep num_key_value_heads in {kvs}" if kvs else ""))
     hidden = t.hidden_size or cfg.hidden_size
-    if hidden % heads:
+    if hidden % heads and cfg.family.hidden_divisible_by_heads:
         lo = hidden // heads * heads
         near = [s for s in (lo - heads, lo, lo + heads, lo + 2 * heads) if 0 < s <= cfg.hidden_size]
         alt = [h for h in valid_heads if hidden % h == 0]

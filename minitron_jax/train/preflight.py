@@ -113,6 +113,10 @@ def check_model(rc: RunConfig, name: str, path) -> LlamaConfig:
     if rc.seq_len > cfg.max_position_embeddings:
         raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
                             f"{cfg.max_position_embeddings}; lower seq_len")
+    if cfg.sliding_window is not None and rc.seq_len > cfg.sliding_window:
+        raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s sliding_window={cfg.sliding_window}, "
+                            f"beyond which minitron_jax's full attention is not the model's; lower seq_len to "
+                            f"{cfg.sliding_window} or less")
     return cfg
 
 
@@ -132,6 +136,10 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
     stores, checked before any weights or data are touched (the devices: `check_devices`)."""
     s_cfg = check_model(rc, "student", rc.student)
     t_cfg = check_model(rc, "teacher", rc.teacher) if rc.mode == "distill" else None
+    if t_cfg is not None and t_cfg.model_type != s_cfg.model_type:
+        raise TrainingError(f"the teacher {rc.teacher} is a {t_cfg.family.architecture} and the student {rc.student} "
+                            f"a {s_cfg.family.architecture}: minitron distils a student pruned from its teacher, of "
+                            "the same family; prune the student from this teacher")
     tok = load_tokenizer(rc.student, vocab_size=s_cfg.vocab_size)
     if t_cfg is not None:
         if t_cfg.vocab_size != s_cfg.vocab_size:

@@ -35,8 +35,9 @@ def make_optimizer(rc: RunConfig) -> tuple[optax.GradientTransformation, Callabl
         init_value=0.0, peak_value=rc.lr, warmup_steps=rc.warmup, decay_steps=rc.steps, end_value=rc.min_lr)
     schedule = lambda count: base(count + 1)  # noqa: E731  (update 1 uses lr/warmup, not 0; the last ends at min_lr)
 
-    def decay_mask(params):  # no weight decay on norm weights
-        return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+    def decay_mask(params):  # no weight decay on norm weights (q_norm / k_norm included) or biases
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not any(w in jax.tree_util.keystr(path) for w in ("norm", "bias")), params)
 
     clip = optax.clip_by_global_norm(rc.clip) if rc.clip > 0 else optax.identity()  # clip=0: no clipping
     tx = optax.chain(clip,

@@ -49,15 +49,26 @@ def test_llama3_rope_accepted_in_both_key_styles(ckpt, variant):
 
 
 # ---------------------------------------------------------------------------- config content
-@pytest.mark.parametrize("change", [{"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+@pytest.mark.parametrize("change", [{"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
                                     {"model_type": "mistral"},
                                     {"architectures": ["MistralForCausalLM"]}])
-def test_non_llama_architecture(ckpt, no_weight_reads, change):
+def test_unsupported_or_inconsistent_architecture(ckpt, no_weight_reads, change):
+    """An unknown family, or a model_type whose architecture disagrees, is refused before weights load."""
     cfg = read_config(ckpt)
     cfg.update(change)
     write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"not a Llama checkpoint \(model_type='(mistral|llama)', architectures="
-                                          r"\['(Mistral|Llama)ForCausalLM'\]\).*supports LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"unsupported checkpoint \(model_type='(gemma2|mistral|llama)', architectures="
+                                          r"\['(Gemma2|Llama|Mistral)ForCausalLM'\]\).*supports LlamaForCausalLM.*"
+                                          r"MistralForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("key,value", [("num_local_experts", 8), ("num_experts", 64), ("moe_intermediate_size", 768)])
+def test_mixture_of_experts_fields_refused(ckpt, no_weight_reads, key, value):
+    cfg = read_config(ckpt)
+    cfg[key] = value
+    write_config(ckpt, cfg)
+    with pytest.raises(ConfigError, match=rf"field {key}={value} describes a mixture of experts"):
         load(ckpt)
 
 
@@ -83,7 +94,9 @@ def test_unknown_rope_type(ckpt, no_weight_reads, variant):
         cfg.pop("rope_scaling", None)
         cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, **yarn}
     write_config(ckpt, cfg)
-    with pytest.raises(ConfigError, match=r"unknown RoPE type 'yarn': supported types are \('default', 'llama3'\)"):
+    where = "rope_parameters" if variant.startswith("5.x") else "rope_scaling"
+    with pytest.raises(ConfigError, match=rf"{where}\.rope_type='yarn' is not implemented; supported RoPE types: "
+                                          r"\('default', 'llama3'\)"):
         load(ckpt)
 
 

@@ -57,6 +57,25 @@ def test_scores_match_torch_hooks(tiny, batch_agg, seq_agg):
             np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-7 * np.abs(want[k]).max(), err_msg=k)
 
 
+@pytest.mark.parametrize("family,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16}),
+                                          ("mistral", {"head_dim": 16, "sliding_window": None})])
+def test_family_scores_match_torch_hooks(tmp_path, family, extra):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral (head_dim set, hidden 48 != 4 x 16): every axis's
+    scores equal the hook re-derivation on transformers' own model of that family, sharded on 8 devices."""
+    ref = save_tiny(tmp_path, family=family, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=3, **extra)
+    samples = np.random.RandomState(0).randint(0, 128, (10, 24)).astype(np.int32)
+    model = mj.from_pretrained(tmp_path, mesh=make_mesh(2, 2, 2))
+    acts = torch_activations(ref, samples)
+    for site in ("down_proj_in", "pre_activation"):
+        got = compute_scores(model.params(), model.config, samples, batch_size=4, mesh=make_mesh(2, 2, 2),
+                             score_config=ScoreConfig(mlp_site=site))
+        want = numpy_scores(acts, model.config, "l2", "mean", site)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-7 * np.abs(want[k]).max(), err_msg=k)
+
+
 def test_sharded_scores_equal_single_device(tiny):
     path, _, samples = tiny
     single = mj.from_pretrained(path)

@@ -70,8 +70,9 @@ def dropped(keep, n):
 
 
 # ---------------------------------------------------------------------------- exact equivalences
-def test_heads_equal_zeroed_o_proj_columns():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # qwen2: q biases go with their heads
+def test_heads_equal_zeroed_o_proj_columns(family):
+    cfg = tiny_cfg(model_type=family)
     params, scores = tiny_params(cfg), rand_scores(cfg)
     new_p, new_cfg = prune(params, cfg, scores, "num_attention_heads=4")
     assert (new_cfg.num_attention_heads, new_cfg.num_key_value_heads, new_cfg.head_dim) == (4, 2, 8)
@@ -85,8 +86,9 @@ def test_heads_equal_zeroed_o_proj_columns():
     assert new_p["layers"]["k_proj"] is params["layers"]["k_proj"]  # KV untouched
 
 
-def test_kv_groups_equal_zeroed_o_proj_columns():
-    cfg = tiny_cfg(num_key_value_heads=4, num_attention_heads=8)  # 2 heads per group
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # qwen2: k/v biases go with their groups
+def test_kv_groups_equal_zeroed_o_proj_columns(family):
+    cfg = tiny_cfg(num_key_value_heads=4, num_attention_heads=8, model_type=family)  # 2 heads per group
     params, scores = tiny_params(cfg), rand_scores(cfg)
     for target, heads in [("num_key_value_heads=2", 4), ("num_key_value_heads=2,num_attention_heads=2", 2)]:
         new_p, new_cfg = prune(params, cfg, scores, target)
@@ -99,6 +101,8 @@ def test_kv_groups_equal_zeroed_o_proj_columns():
             rows = np.concatenate([np.arange(g * 8, g * 8 + 8) for g in groups])
             np.testing.assert_array_equal(new_p["layers"]["k_proj"][l], params["layers"]["k_proj"][l][rows])
             np.testing.assert_array_equal(new_p["layers"]["v_proj"][l], params["layers"]["v_proj"][l][rows])
+            if family == "qwen2":
+                np.testing.assert_array_equal(new_p["layers"]["k_bias"][l], params["layers"]["k_bias"][l][rows])
         cols = [np.concatenate([np.arange(h * 8, h * 8 + 8) for h in d]) for d in dropped(p["q_heads"], 8)]
         assert rel_err(logits(new_p, new_cfg), logits(masked(params, "o_proj", cols), cfg)) <= 1e-5
 
@@ -129,9 +133,10 @@ def test_layers_equal_skipped_layers(target, metric_drop):
     assert rel_err(logits(new_p, new_cfg), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_source_sizes_are_identity(tied):
-    cfg = tiny_cfg(tied)
+@pytest.mark.parametrize("tied,family", [(False, "llama"), (True, "llama"), (False, "qwen2"), (True, "qwen3"),
+                                         (False, "mistral")])
+def test_source_sizes_are_identity(tied, family):
+    cfg = tiny_cfg(tied, model_type=family)
     params = tiny_params(cfg)
     target = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                            "num_key_value_heads", "num_hidden_layers")}
@@ -141,9 +146,9 @@ def test_source_sizes_are_identity(tied):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_hidden_slicing_matches_numpy(tied):
-    cfg = tiny_cfg(tied)
+@pytest.mark.parametrize("tied,family", [(False, "llama"), (True, "llama"), (False, "qwen2"), (True, "qwen3")])
+def test_hidden_slicing_matches_numpy(tied, family):
+    cfg = tiny_cfg(tied, model_type=family)
     params, scores = tiny_params(cfg), rand_scores(cfg)
     target = "hidden_size=32,intermediate_size=48,num_attention_heads=4,drop_layers=2"
     new_p, new_cfg = prune(params, cfg, scores, target)
@@ -169,14 +174,23 @@ def test_hidden_slicing_matches_numpy(tied):
         for k in ("gate_proj", "up_proj"):
             np.testing.assert_array_equal(new[k][i], lay[k][l][N][:, H])
         np.testing.assert_array_equal(new["down_proj"][i], lay["down_proj"][l][H][:, N])
+        if family == "qwen2":  # biases follow the heads (q) and the groups (k, v: none pruned here)
+            np.testing.assert_array_equal(new["q_bias"][i], lay["q_bias"][l][q])
+            for k in ("k_bias", "v_bias"):
+                np.testing.assert_array_equal(new[k][i], lay[k][l])
+        if family == "qwen3":  # per-head norms over head_dim: kept whole
+            for k in ("q_norm", "k_norm"):
+                np.testing.assert_array_equal(new[k][i], lay[k][l])
+    assert set(new) == set(lay)
     # validate's count equals the arrays prune() returns (tied embeddings counted once)
     assert sum(x.size for x in jax.tree.leaves(new_p)) == new_cfg.param_count()
     assert isinstance(new_p["layers"]["q_proj"], np.ndarray)  # NumPy in, NumPy out
 
 
-def test_sharded_input_stays_sharded(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases resharded with their heads
+def test_sharded_input_stays_sharded(tmp_path, family):
     save_tiny(tmp_path / "m", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2)
+              num_attention_heads=4, num_key_value_heads=2, family=family)
     mesh = make_mesh(2, 2, 2)
     model = mj.from_pretrained(tmp_path / "m", mesh=mesh)
     cfg, params = model.config, model.params()
@@ -214,6 +228,26 @@ def test_counts_from_config_json_alone(tmp_path, hf, target, count):
     new, n = dry_run(tmp_path, target)
     assert n == count and new.head_dim == hf["head_dim"]
     assert dry_run(tmp_path / "config.json", target)[1] == count
+
+
+@pytest.mark.parametrize("config,target", [("mistral_nemo_12b_config.json", "hidden_size=4096,intermediate_size=11520"),
+                                           ("qwen3_8b_config.json", "hidden_size=3584,intermediate_size=9216"),
+                                           ("qwen3_8b_config.json", "num_hidden_layers=24")])
+def test_recipe_counts_equal_transformers_models(config, target):
+    """The new families' recipes (MN-Minitron-8B, Qwen3-8B -> 6B): teacher and pruned counts from config.json
+    alone equal transformers' parameter count of the same config (built on the meta device: no memory)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(__file__).parents[2] / "configs" / config
+    cfg, (new, n) = LlamaConfig.from_file(path), dry_run(path, target)
+
+    def hf_count(c):
+        d = {k: v for k, v in c.to_hf_dict().items() if k != "architectures"}
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(**d)).parameters())
+    assert cfg.param_count() == hf_count(cfg) and n == hf_count(new) and new.model_type == cfg.model_type
 
 
 # ---------------------------------------------------------------------------- infeasible targets

@@ -36,15 +36,18 @@ main(["teacher-logits", *sys.argv[2:]])
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def make_setup(root, family="llama"):
     from distill_helpers import make_pair
 
     from minitron_jax.data.tokenize import tokenize
-    root = tmp_path_factory.mktemp("tl")
-    teacher, student, text = make_pair(root)
+    teacher, student, text = make_pair(root, family=family)
     tokenize([str(text)], teacher, str(root / "store"), workers=1, progress=False)
     return teacher, student, root / "store"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("tl"))
 
 
 def recipe(setup, out, **kw) -> RunConfig:
@@ -100,6 +103,16 @@ def test_stored_topk_equals_a_transformers_forward_of_the_teacher(setup, tmp_pat
     teacher's logits rounded to bfloat16, the indices name logits that large (the top k, up to ties), and lse is
     the whole row's log-sum-exp: all from a transformers forward of every document piece of the row (segment
     ids: positions restart, attention stays inside the piece), fp32, rel 1e-5 before rounding."""
+    check_stored_topk(setup, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_teacher_stored_topk_equals_transformers(tmp_path, family):
+    """The same for a Qwen2 (biases) and a Qwen3 (q/k norms) teacher."""
+    check_stored_topk(make_setup(tmp_path / "pair", family), tmp_path)
+
+
+def check_stored_topk(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     teacher = setup[0]

@@ -337,6 +337,31 @@ def test_clip_zero_means_no_clipping():
     assert np.abs(updates(0.0)).min() > 0 and not np.allclose(updates(1.0), updates(0.0))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_weight_decay_skips_norms_and_biases(family):
+    """With zero gradients AdamW's update is the decay alone (-lr x wd x w): every matrix and the embedding
+    decay; the norms, Qwen3's q/k norms and Qwen2's biases do not."""
+    import jax
+    import jax.numpy as jnp
+
+    from minitron_jax.model.config import LlamaConfig
+    from minitron_jax.model.llama import init_params
+    from minitron_jax.train.steps import make_optimizer
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=4, model_type=family)
+    params = jax.tree.map(lambda x: x + 1.0, init_params(cfg, jax.random.key(0)))  # biases too: non-zero
+    tx, schedule = make_optimizer(RunConfig(warmup=0, steps=10, weight_decay=0.1, lr=1e-2, min_lr=0.0))
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    flat = {jax.tree_util.keystr(k): (np.asarray(u), np.asarray(p)) for (k, u), p in
+            zip(jax.tree_util.tree_flatten_with_path(upd)[0], jax.tree.leaves(params))}
+    skipped = {k for k in flat if "norm" in k or "bias" in k}
+    assert len(skipped) == 3 + {"llama": 0, "qwen2": 3, "qwen3": 2}[family]  # + input/post norms, final norm
+    for k, (u, p) in flat.items():
+        want = np.zeros_like(p) if k in skipped else -float(schedule(0)) * 0.1 * p
+        np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=k)
+
+
 # ---------------------------------------------------------------------------- training from a token store
 def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
     """A run trains from a store of its teacher's tokenizer; a store of another tokenizer stops it before any
@@ -358,3 +383,20 @@ def test_distill_from_a_store_and_tokenizer_agreement(tmp_path, tok_dir):
     from minitron_jax.data.token_store import tokenizer_identity
     assert tokenizer_identity(tok_dir)[:12] in str(e.value) and tokenizer_identity(teacher)[:12] in str(e.value)
     assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_family_distills_sharded(tmp_path, family):
+    """Mistral, Qwen2 (biases) and Qwen3 (q/k norms): a width-pruned student of each family distils on a
+    (2, 2, 2) mesh of 8 devices (held-out KL falls), and the run's export is that family for transformers."""
+    from transformers import AutoModelForCausalLM
+
+    fam_pair = make_pair(tmp_path / "pair", sharpen=8.0, family=family)
+    rc = load_recipe(None, args(fam_pair, tmp_path / "run", "steps=10", "lr=3e-4", "warmup=1", "eval_every=10",
+                                "save_every=10", "batch_size=8", "mesh=[2,2,2]"))
+    summary = train(rc, log=lambda m: None)
+    start, end = summary["start_eval"]["held_out_kl"], summary["held_out_kl"]
+    print(f"{family} held-out KL: step 0 {start:.4f} -> step 10 {end:.4f}")
+    assert np.isfinite([r["loss"] for r in metrics(tmp_path / "run")]).all() and end < 0.85 * start
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_hf")
+    assert (hf.config.model_type, hf.config.hidden_size) == (family, 54)
