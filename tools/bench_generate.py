@@ -3,7 +3,7 @@ steps over the KV cache) vs transformers' `generate` (torch, sdpa, its own KV ca
 
     [PYTHONPATH=.] python tools/bench_generate.py [--batch 4 --prompt 64 --new 64 --iters 3 --warmup 1 --threads N]
 
-Greedy, no stop tokens (every row makes --new tokens; transformers gets min_new_tokens=--new). Each side is
+Greedy, no stop tokens (every row makes --new tokens; transformers' generation_config loses its eos id). Each side is
 timed generating 1 token (the prefill and the first choice) and --new tokens, interleaved (jax, torch, ...);
 decode tokens/s = batch x (new - 1) / (t(new) - t(1)), from the medians; end-to-end tokens/s = batch x new /
 t(new). Threads and pinning as tools/bench_forward.py. Also reports how many generated tokens agree.
@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
         pass
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                            attn_implementation="sdpa").eval()
+    tm.generation_config.eos_token_id = None  # no stop tokens: every row makes --new tokens, as on the jax side
     tids = torch.tensor(prompts, dtype=torch.long)
     tmask = torch.ones_like(tids)
 
@@ -71,8 +72,7 @@ def main(argv=None) -> dict:
 
     def run_torch(n):
         with torch.inference_mode():
-            return tm.generate(tids, attention_mask=tmask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                               pad_token_id=0)[:, P:]
+            return tm.generate(tids, attention_mask=tmask, do_sample=False, max_new_tokens=n, pad_token_id=0)[:, P:]
 
     fns = {"jax_1": lambda: run_jax(1), "torch_1": lambda: run_torch(1),
            "jax_n": lambda: run_jax(N), "torch_n": lambda: run_torch(N)}

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
+
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.text import read_jsonl
@@ -119,6 +121,9 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
         raise DataError(f"--max-new-tokens {max_new_tokens}: generate at least one token")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: give at least 1")
+    if jax.process_count() > 1:
+        raise DataError("minitron generate runs in one process (its devices may be many: --mesh); start it on one "
+                        "host")
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a .jsonl file path")
