@@ -22,13 +22,13 @@ import jax
 
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
+from minitron_jax.data.chat import check_messages, render
 from minitron_jax.data.text import read_jsonl
 from minitron_jax.eval.generate import Generator
 from minitron_jax.eval.sampling import Sampling
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.config import LlamaConfig
 
-ROLES = ("system", "user", "assistant", "tool")
 INPUT_KEYS = ("prompt", "messages")
 
 
@@ -46,19 +46,7 @@ def prompt_ids(path, line: int, row: dict[str, Any], tok) -> list[int]:
         if not isinstance(row["prompt"], str):
             raise DataError(f"{where}: 'prompt' is a {type(row['prompt']).__name__}, not text")
         return list(tok(row["prompt"])["input_ids"])
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} must be an object with a text 'content', got {json.dumps(m)[:80]}")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
-    if not getattr(tok, "chat_template", None):
-        raise DataError(f"{where} is a chat ('messages') but the model's tokenizer has no chat template; give "
-                        "'prompt' text instead, or use a model whose tokenizer_config.json / chat_template.jinja "
-                        "has one")
-    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    text = render(tok, check_messages(row["messages"], where, tok), add_generation_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
