@@ -72,6 +72,15 @@ def summary(times: list[float], tokens: int) -> dict:
             "tok_s_max": tokens / min(times), "ms_median": 1e3 * statistics.median(times)}
 
 
+def load_model(model_dir: str | None, dtype=None):
+    """(HF directory, minitron_jax model): `model_dir`, or SmolLM2-135M-Instruct from the asset cache."""
+    import minitron_jax as mj
+    if model_dir is None:
+        from minitron_jax.core.assets import fetch_smollm2
+        model_dir = fetch_smollm2()
+    return str(model_dir), mj.from_pretrained(str(model_dir), dtype=dtype)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = setup_threads(args.threads)
@@ -79,14 +88,9 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    import minitron_jax as mj
     from minitron_jax.model.llama import forward
 
-    model_dir = args.model
-    if model_dir is None:
-        from minitron_jax.core.assets import fetch_smollm2
-        model_dir = fetch_smollm2()
-    model = mj.from_pretrained(str(model_dir))
+    model_dir, model = load_model(args.model)
     cfg, params = model.config, jax.device_put(model.params())
     tokens = args.batch * args.seq
     ids_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)

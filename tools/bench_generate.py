@@ -18,7 +18,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_forward import allocator, setup_threads, timeit  # noqa: E402  (imports no jax/torch)
+from bench_forward import allocator, load_model, setup_threads, timeit  # noqa: E402  (imports no jax/torch)
 
 
 def parse_args(argv=None):
@@ -42,14 +42,9 @@ def main(argv=None) -> dict:
     import torch
     import transformers
 
-    import minitron_jax as mj
     from minitron_jax.eval.generate import Generator
 
-    model_dir = args.model
-    if model_dir is None:
-        from minitron_jax.core.assets import fetch_smollm2
-        model_dir = fetch_smollm2()
-    model = mj.from_pretrained(str(model_dir), dtype="float32")
+    model_dir, model = load_model(args.model, dtype="float32")
     cfg, params = model.config, jax.device_put(model.params())
     B, P, N = args.batch, args.prompt, args.new
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (B, P)).tolist()

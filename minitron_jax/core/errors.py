@@ -82,3 +82,9 @@ class Preempted(TrainingError):
 
 class LogitsError(MinitronError, ValueError):
     """A teacher-logits store that is missing, incomplete, or does not belong to the run."""
+
+
+def clip_repr(v, n: int = 60) -> str:
+    """repr(v), cut to n characters with "..." (for a value quoted in an error message)."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."

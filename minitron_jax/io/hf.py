@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from minitron_jax.core.atomic import atomic_directory, check_output, copy_side_files
-from minitron_jax.core.errors import CheckpointError
+from minitron_jax.core.errors import CheckpointError, clip_repr
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama, param_specs
@@ -95,19 +95,14 @@ def _read_index(index: Path) -> dict[str, str]:
                               "directory holds a single model.safetensors") from e
     if not isinstance(d, dict) or not isinstance(d.get("weight_map"), dict):
         what = (f"a JSON {type(d).__name__}, not an object" if not isinstance(d, dict) else "no weight_map"
-                if "weight_map" not in d else f"weight_map={_clip(d['weight_map'])}")
+                if "weight_map" not in d else f"weight_map={clip_repr(d['weight_map'])}")
         raise CheckpointError(f"{index} is malformed ({what}): it needs a 'weight_map' object mapping tensor names "
                               "to shard file names; re-download it")
     bad = [(k, v) for k, v in d["weight_map"].items() if not isinstance(v, str) or not v]
     if bad:
-        raise CheckpointError(f"{index} is malformed: weight_map[{bad[0][0]!r}] = {_clip(bad[0][1])} is not a shard "
+        raise CheckpointError(f"{index} is malformed: weight_map[{bad[0][0]!r}] = {clip_repr(bad[0][1])} is not a shard "
                               "file name; re-download it")
     return d["weight_map"]
-
-
-def _clip(v: Any, n: int = 60) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[:n] + "..."
 
 
 def _inside(path: Path, fname: str, index: Path | None) -> Path:

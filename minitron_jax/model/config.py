@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from minitron_jax.core.errors import ConfigError
+from minitron_jax.core.errors import ConfigError, clip_repr
 from minitron_jax.model.family import FAMILIES, MOE_KEYS, Family, supported
 
 ROPE_TYPES = ("default", "llama3")
@@ -81,17 +81,12 @@ def _sliding(d: dict[str, Any], fam: Family, layers: int) -> dict[str, Any]:
     types = d.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
-            raise ConfigError(f"config.json field layer_types={_short(types)} must list 'full_attention' or "
+            raise ConfigError(f"config.json field layer_types={clip_repr(types)} must list 'full_attention' or "
                               f"'sliding_attention' for each of the {layers} layers")
         slides = "sliding_attention" in types and window is not None
     else:
         slides = window is not None and first < layers
     return {"sliding_window": window if slides else None, "max_window_layers": first}
-
-
-def _short(v: Any, n: int = 60) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[:n] + "..."
 
 
 @dataclasses.dataclass(frozen=True)

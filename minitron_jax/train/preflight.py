@@ -113,10 +113,7 @@ def check_model(rc: RunConfig, name: str, path) -> LlamaConfig:
     if rc.seq_len > cfg.max_position_embeddings:
         raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s max_position_embeddings="
                             f"{cfg.max_position_embeddings}; lower seq_len")
-    if cfg.sliding_window is not None and rc.seq_len > cfg.sliding_window:
-        raise TrainingError(f"seq_len={rc.seq_len} exceeds the {name}'s sliding_window={cfg.sliding_window}, "
-                            f"beyond which minitron_jax's full attention is not the model's; lower seq_len to "
-                            f"{cfg.sliding_window} or less")
+    cfg.check_seq_len(rc.seq_len, f"seq_len for the {name}")  # a sliding window shorter than seq_len
     return cfg
 
 
