@@ -129,6 +129,22 @@ def two_processes(program: list[str], argv: list[str]) -> list[subprocess.Comple
 
 QUIET = lambda m: None  # noqa: E731  a `log` that prints nothing
 
+# a chat template over tokens the test BPE already has (</s> is its eos): no new ids beyond the embedding; the
+# generation prompt ends with a newline, a token of its own, so the first assistant token starts the turn
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:\n{% endif %}")
+
+
+def with_chat_template(src: Path, dst: Path) -> Path:
+    """A copy of the model directory `src` whose tokenizer has `CHAT_TEMPLATE`."""
+    from transformers import AutoTokenizer
+
+    d = Path(shutil.copytree(src, dst))
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
 
 def recipe(pair, out, *extra):
     """The RunConfig of a short quiet run of `pair` (teacher, student, data) into `out` on mesh [1,1,8]."""

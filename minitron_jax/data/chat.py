@@ -70,3 +70,17 @@ def tokenize_chat(tok, msgs: list[dict[str, str]], where: str) -> tuple[np.ndarr
     for start, end in spans:
         mask |= (offsets[:, 0] >= start) & (offsets[:, 0] < end) & (offsets[:, 1] > offsets[:, 0])
     return ids, mask
+
+
+def prompt_ids(where: str, row: dict[str, Any], tok) -> list[int]:
+    """The token ids of a prompt line (`prompt` text, tokenized as the tokenizer does by default, BOS included
+    where it adds one; or chat `messages`, rendered with the generation prompt), as `minitron generate` feeds
+    them to the model; `where` names the line in errors."""
+    if ("prompt" in row) == ("messages" in row):
+        raise DataError(f"{where} needs exactly one of 'prompt' (text) or 'messages' (a chat), has keys {sorted(row)}")
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise DataError(f"{where}: 'prompt' is a {type(row['prompt']).__name__}, not text")
+        return list(tok(row["prompt"])["input_ids"])
+    text = render(tok, check_messages(row["messages"], where, tok), add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])

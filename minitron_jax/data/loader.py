@@ -21,6 +21,7 @@ from minitron_jax.core.errors import DataError
 from minitron_jax.data import text
 from minitron_jax.data.packing import PackedRows, pack_first_fit
 from minitron_jax.data.rows import RowSource
+from minitron_jax.data.sft import sft_corpus
 from minitron_jax.data.spec import DataSpec
 
 
@@ -111,10 +112,15 @@ def build_corpus(path: str | Path, tokenizer, seq_len: int, *, packing: str = "c
     return train, held
 
 
-def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None = None):
+def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None = None, log=None):
     """(training rows, held-out PackedRows or None, stream) for a run's recipe `rc`, as its `spec.DataSpec` splits
     them: text through `build_corpus`, a token store or a blend through `store_reader` (held-out rows: the first
-    eval_batches x micro-batch rows of the held-out documents; the validation documents are in neither)."""
+    eval_batches x micro-batch rows of the held-out documents; the validation documents are in neither). SFT
+    (mode=sft): the JSONL examples of `sft.sft_corpus`, their rows carrying a loss mask."""
+    if rc.mode == "sft":
+        train, held = sft_corpus(rc.data, tokenizer, rc.seq_len, holdout_fraction=rc.holdout_fraction,
+                                 split_seed=rc.split_seed, seed=rc.seed, vocab_size=vocab_size, log=log)
+        return train, held, False
     spec = DataSpec.of_recipe(rc)
     if spec.is_text:
         train, held = build_corpus(rc.data, tokenizer, rc.seq_len, packing=rc.packing, holdout=spec.holdout,
@@ -132,7 +138,7 @@ def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None =
 
 
 def _stack(items: list[dict]) -> dict:
-    return {k: np.stack([it[k] for it in items]) for k in ("input_ids", "segment_ids", "mask")}
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
 class Loader:
@@ -207,7 +213,7 @@ class Loader:
 def eval_batches(rows: PackedRows, batch: int, max_batches: int | None = None) -> Iterator[dict]:
     """Rows in fixed order, `batch` at a time; the last batch is padded with mask-0 rows (same shapes)."""
     n = len(rows) if max_batches is None else min(len(rows), max_batches * batch)
-    pad = {k: np.zeros(rows.seq_len, np.float32 if k == "mask" else np.int32) for k in ("input_ids", "segment_ids", "mask")}
+    pad = {k: np.zeros_like(v) for k, v in rows[0].items()} if n else {}
     for s in range(0, n, batch):
         items = [rows[i] for i in range(s, min(s + batch, n))]
         yield _stack(items + [pad] * (batch - len(items)))

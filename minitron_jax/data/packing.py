@@ -11,13 +11,14 @@ from minitron_jax.data.rows import RowSource
 
 
 class PackedRows(RowSource):
-    """[N, S] int32 token rows, optional [N, S] int32 segment ids (None: one segment, no padding). A finite
-    `RowSource` that keeps no position (a resume checks its length)."""
+    """[N, S] int32 token rows, optional [N, S] int32 segment ids (None: one segment, no padding) and optional
+    [N, S] float32 loss mask (SFT, `sft.py`: 1 on the tokens the loss is on; rows then carry "loss_mask"). A
+    finite `RowSource` that keeps no position (a resume checks its length)."""
 
     stream = False
 
-    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray | None = None):
-        self.tokens, self.segment_ids = tokens, segment_ids
+    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray | None = None, loss_mask: np.ndarray | None = None):
+        self.tokens, self.segment_ids, self.loss_mask = tokens, segment_ids, loss_mask
         self.seq_len = int(tokens.shape[1])
 
     def __len__(self) -> int:
@@ -33,7 +34,10 @@ class PackedRows(RowSource):
 
     def __getitem__(self, i: int) -> dict:
         seg = np.ones(self.seq_len, np.int32) if self.segment_ids is None else np.array(self.segment_ids[i], np.int32)
-        return {"input_ids": np.array(self.tokens[i], np.int32), "segment_ids": seg, "mask": (seg > 0).astype(np.float32)}
+        row = {"input_ids": np.array(self.tokens[i], np.int32), "segment_ids": seg, "mask": (seg > 0).astype(np.float32)}
+        if self.loss_mask is not None:
+            row["loss_mask"] = np.array(self.loss_mask[i], np.float32)
+        return row
 
 
 def first_fit_layout(lengths, seq_len: int, seed: int = 0) -> list[list[int]]:

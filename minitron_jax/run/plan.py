@@ -82,7 +82,7 @@ def estimate(teacher: LlamaConfig | None, student: LlamaConfig, rc: RunConfig, d
     mem["total"] = sum(mem.values())
     tokens = rc.batch_size * rc.seq_len
     flops = tokens * (3 * student.flops_per_token(rc.seq_len)
-                      + (online.flops_per_token(rc.seq_len) if online and rc.mode == "distill" else 0))
+                      + (online.flops_per_token(rc.seq_len) if online and rc.has_teacher else 0))
     step_s = flops / (devices * peak_flops_per_device * mfu)
     return {"mesh": sizes, "devices": devices, "teacher_params": teacher.param_count() if teacher else None,
             "stored_logits": stored,

@@ -83,6 +83,17 @@ def hidden_init(student_dir, s_cfg: LlamaConfig, t_cfg: LlamaConfig) -> tuple[np
     return layers, proj
 
 
+def batch_targets(mb: dict):
+    """(next-token targets, mask of the positions trained on) of a [b, S] micro-batch: real targets in the same
+    document (`next_token_targets`), and, when the rows carry a loss mask (SFT), only those whose target token
+    is marked (loss_mask[t + 1])."""
+    targets, tmask = next_token_targets(mb["input_ids"], mb["mask"], mb["segment_ids"])
+    if "loss_mask" in mb:
+        lm = mb["loss_mask"].astype(tmask.dtype)
+        tmask = tmask * jnp.concatenate([lm[:, 1:], jnp.zeros_like(lm[:, :1])], axis=1)
+    return targets, tmask
+
+
 # ---------------------------------------------------------------------------- objective terms
 # Each objective term is a small function of one micro-batch's forward outputs `o` and `n`, the whole
 # step's real-target count: it returns (value, logged metrics), sums over the micro-batch divided by n,
@@ -179,7 +190,7 @@ class StoredTeacher(TeacherSource):
 
 def teacher_source(rc: RunConfig, t_cfg: LlamaConfig | None) -> TeacherSource:
     """The recipe's teacher source: none (finetune), stored logits (teacher_logits=), else an online teacher."""
-    if rc.mode != "distill":
+    if not rc.has_teacher:
         return NoTeacher()
     if rc.teacher_logits is not None:
         return StoredTeacher()
@@ -225,7 +236,7 @@ def make_loss(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, kd: 
 
     def outputs(trainable, teacher, mb):
         student = trainable["model"]
-        targets, tmask = next_token_targets(mb["input_ids"], mb["mask"], mb["segment_ids"])
+        targets, tmask = batch_targets(mb)
         o = {"targets": targets, "tmask": tmask, "head_s": lm_head_weight(student, s_cfg)}
         o["h_s"], o["states_s"] = run(student, s_cfg, mb, rc.compute_dtype)
         o.update(source.teacher_outputs(teacher, mb, run))

@@ -132,7 +132,7 @@ def check_pair(rc: RunConfig) -> tuple[LlamaConfig, LlamaConfig | None, Any]:
     """Configs and tokenizers (which must not hold ids beyond the embedding), stored teacher logits and token
     stores, checked before any weights or data are touched (the devices: `check_devices`)."""
     s_cfg = check_model(rc, "student", rc.student)
-    t_cfg = check_model(rc, "teacher", rc.teacher) if rc.mode == "distill" else None
+    t_cfg = check_model(rc, "teacher", rc.teacher) if rc.has_teacher else None
     if t_cfg is not None and t_cfg.model_type != s_cfg.model_type:
         raise TrainingError(f"the teacher {rc.teacher} is a {t_cfg.family.architecture} and the student {rc.student} "
                             f"a {s_cfg.family.architecture}: minitron distils a student pruned from its teacher, of "

@@ -21,6 +21,7 @@ from minitron_jax.data.spec import with_split_seed
 
 DTYPES = ("float32", "bfloat16", "float16")  # compute_dtype / teacher_dtype
 REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES (run_config.py does not import JAX)
+MODES = ("distill", "finetune", "sft")
 ATTENTION = ("auto", "xla", "splash", "cudnn", "chunked")  # attention.IMPLEMENTATIONS
 
 # Resuming (`resume=true` with checkpoints in out/checkpoints) compares the recipe with the out/recipe.json
@@ -56,8 +57,10 @@ class RunConfig:
       nothing. Start a new run in another out instead.
     """
     # what to train
-    mode: str = "distill"  # "distill" (KD from teacher) or "finetune" (LM loss: teacher correction)
-    teacher: str | None = None  # HF directory of the teacher (distill)
+    # "distill" (KD from teacher), "finetune" (LM loss: teacher correction) or "sft" (supervised fine-tuning
+    # on JSONL chats or prompt/response pairs, the loss on the assistant / response tokens only: data/sft.py)
+    mode: str = "distill"
+    teacher: str | None = None  # HF directory of the teacher (distill; sft: optional, adds the KD term)
     # stored teacher top-k logits (`minitron teacher-logits`): the teacher is not run, only checked against them
     teacher_logits: str | None = None
     student: str | None = None  # HF directory of the student, or of the model to fine-tune
@@ -116,6 +119,12 @@ class RunConfig:
     export: bool = True  # write the final student as an HF directory in out/student_hf
     resume_allow: list[str] = dataclasses.field(default_factory=list)  # keys that may change on resume (see above)
 
+    @property
+    def has_teacher(self) -> bool:
+        """A teacher model takes part (distill; sft with teacher=): its config is checked, and it runs in the
+        step unless its logits are stored."""
+        return self.mode == "distill" or (self.mode == "sft" and self.teacher is not None)
+
     def teacher_compute_dtype(self) -> str | None:
         """The dtype the teacher runs at (its weights and its forward): teacher_dtype, else compute_dtype, else
         None (the checkpoint's own)."""
@@ -123,8 +132,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check the run can start; raises RecipeError naming the fix. Never changes a value."""
-        if self.mode not in ("distill", "finetune"):
-            raise RecipeError(f"mode={self.mode!r}: choose 'distill' or 'finetune'")
+        if self.mode not in MODES:
+            raise RecipeError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
         if self.student is None:
             raise RecipeError("student=DIR is required (the model to train)")
         if self.mode == "distill" and self.teacher is None:
@@ -154,9 +163,11 @@ class RunConfig:
         _check_range("temperature", self.temperature, 0, None, "1 = the plain distributions", low_ok=False)
         for k in ("kl_weight", "ce_weight", "hidden_weight"):
             _check_range(k, getattr(self, k), 0, None, "0 = the term is off")
-        if self.mode == "distill" and self.kl_weight == 0 and self.ce_weight == 0:
+        if self.has_teacher and self.kl_weight == 0 and self.ce_weight == 0:
             raise RecipeError("kl_weight=0 and ce_weight=0 leave no logit loss to train on: set kl_weight=1 "
                               "(distillation) or ce_weight=1")
+        if self.mode == "sft":
+            self._validate_sft()
         if self.teacher_logits is not None and (self.mode != "distill" or self.hidden_weight > 0):
             raise RecipeError(f"teacher_logits={self.teacher_logits} replaces the teacher's logits in distillation "
                               "only; the hidden-state loss (hidden_weight > 0) and fine-tuning need no stored logits: "
@@ -188,6 +199,21 @@ class RunConfig:
                               "decide the rows, their order or what a checkpoint holds); start a new run in another "
                               "out instead")
         return self
+
+
+    def _validate_sft(self) -> None:
+        if self.packing != "first_fit":
+            raise RecipeError(f"mode=sft packs whole examples first-fit with segment ids, but packing={self.packing!r}; "
+                              "set packing=first_fit (minitron sft does)")
+        if self.holdout:
+            raise RecipeError(f"holdout={self.holdout} names documents of text data; SFT examples are held out by "
+                              "holdout_fraction (a seeded fraction of the lines): drop holdout")
+        if self.validation_fraction:
+            raise RecipeError(f"validation_fraction={self.validation_fraction} splits token stores; SFT data is one "
+                              "JSONL file: set validation_fraction=0")
+        if self.hidden_weight > 0:
+            raise RecipeError(f"hidden_weight={self.hidden_weight}: the hidden-state loss is for distillation; mode=sft "
+                              "takes the logit KD term only (teacher=, kl_weight, ce_weight): set hidden_weight=0")
 
 
 def _check_range(key: str, value: float, low: float, high: float | None, what: str, low_ok: bool = True,

@@ -22,9 +22,9 @@ from jax.sharding import PartitionSpec as P
 from minitron_jax.data.token_store import read_json
 from minitron_jax.io.orbax_model import abstract_params
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.model.losses import KDConfig, dynamic_hidden_weight, next_token_targets
+from minitron_jax.model.losses import KDConfig, dynamic_hidden_weight
 from minitron_jax.model.sharding import batch_sharding, named_sharding
-from minitron_jax.train.objective import combine, make_loss, make_objective, teacher_source, uses_hidden
+from minitron_jax.train.objective import batch_targets, combine, make_loss, make_objective, teacher_source, uses_hidden
 from minitron_jax.train.run_config import RunConfig
 from minitron_jax.train.stored_logits import MANIFEST as LOGITS_MANIFEST
 
@@ -62,7 +62,7 @@ def make_train_step(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None
     def step(state, teacher, batch):
         A = batch["input_ids"].shape[0]
         separate = hidden and A > 1
-        _, tmask = jax.vmap(next_token_targets)(batch["input_ids"], batch["mask"], batch["segment_ids"])
+        _, tmask = jax.vmap(batch_targets)(batch)
         n = jnp.maximum(jnp.sum(tmask), 1.0)  # global: the same on every process
 
         def micro(acc, mb):
@@ -117,6 +117,11 @@ def tree_shardings(tree):
 BATCH_DTYPES = {"input_ids": jnp.int32, "segment_ids": jnp.int32, "mask": jnp.float32}  # loader.py's rows
 
 
+def batch_dtypes(rc: RunConfig) -> dict[str, Any]:
+    """The arrays of a batch of the run: loader.py's rows, and SFT's loss mask (sft.py)."""
+    return {**BATCH_DTYPES, "loss_mask": jnp.float32} if rc.mode == "sft" else BATCH_DTYPES
+
+
 @dataclasses.dataclass
 class Steps:
     """The run's jitted steps and their abstract arguments (ShapeDtypeStruct + NamedSharding): `train`
@@ -164,13 +169,13 @@ def build_steps(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, me
     A = rc.grad_accum
     micro_shape = (A, rc.batch_size // A, rc.seq_len)
     batch = {k: jax.ShapeDtypeStruct(micro_shape, d, sharding=batch_sharding(mesh, micro_shape))
-             for k, d in BATCH_DTYPES.items()}
+             for k, d in batch_dtypes(rc).items()}
     if stored is not None:  # the teacher's stored top-k, [A, b, S, k], rows split like the tokens
         k_shape = (*micro_shape, stored[0])
         for name, d in (("t_values", jnp.dtype(stored[1])), ("t_indices", jnp.int32)):
             batch[name] = jax.ShapeDtypeStruct(k_shape, d, sharding=batch_sharding(mesh, k_shape))
     e_sh = named_sharding(("batch", "seq"), micro_shape[1:], mesh)
-    eval_batch = {k: jax.ShapeDtypeStruct(micro_shape[1:], d, sharding=e_sh) for k, d in BATCH_DTYPES.items()}
+    eval_batch = {k: jax.ShapeDtypeStruct(micro_shape[1:], d, sharding=e_sh) for k, d in batch_dtypes(rc).items()}
     sh = tree_shardings(state)
     train_fn = jax.jit(make_train_step(rc, s_cfg, t_cfg, tx, kd, teacher_layers),
                        in_shardings=(sh, tree_shardings(teacher) if teacher is not None else None, tree_shardings(batch)),

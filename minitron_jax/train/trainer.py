@@ -48,14 +48,15 @@ from minitron_jax.train.resume import (
     write_recipe,
 )
 from minitron_jax.train.run_config import RunConfig
-from minitron_jax.train.steps import Steps, build_steps, tree_shardings
+from minitron_jax.train.steps import Steps, build_steps, make_eval_step, tree_shardings
 from minitron_jax.train.stored_logits import TeacherLogits, logits_batch
 
 
 def measure_peak_flops(n: int = 2048, reps: int = 8) -> float:
-    """FLOP/s of a large fp32 matmul on the first device, best of `reps` (the MFU denominator when
-    `peak_tflops` is not given), times the device count. A busy machine makes it an underestimate."""
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    """FLOP/s of a large fp32 matmul on this process's first device (a device of another host cannot take
+    an array from here), best of `reps` (the MFU denominator when `peak_tflops` is not given), times the device
+    count. A busy machine makes it an underestimate."""
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = float("inf")
@@ -126,14 +127,14 @@ def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log
         log(f"resume=true but {ckpt_dir} has no checkpoint: starting at step 0")
     teacher_layers, proj = hidden_init(rc.student, s_cfg, t_cfg) if uses_hidden(rc) else (None, None)
     out.mkdir(parents=True, exist_ok=True)
-    train_rows, held, stream = training_data(rc, tok, s_cfg.vocab_size, out / "data_cache")
+    train_rows, held, stream = training_data(rc, tok, s_cfg.vocab_size, out / "data_cache", log=log)
     loader = Loader(train_rows, rc.batch_size, seed=rc.seed, stream=stream)
 
     mesh = make_mesh(*rc.mesh)
     student = hf.from_pretrained(rc.student, mesh=mesh, dtype="float32")  # fp32 master weights
     stored = TeacherLogits(rc.teacher_logits) if rc.teacher_logits is not None else None  # checked in check_pair
     teacher = (hf.from_pretrained(rc.teacher, mesh=mesh, dtype=rc.teacher_compute_dtype())
-               if rc.mode == "distill" and stored is None else None)
+               if rc.has_teacher and stored is None else None)
     steps = build_steps(rc, s_cfg, t_cfg, mesh, kd_config(rc), teacher_layers)  # the functions aot.py compiles
     state = initial_state(steps, student.params(), proj, mesh)
 
@@ -161,6 +162,20 @@ def initial_state(steps: Steps, student_params, proj, mesh) -> dict[str, Any]:
                 "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
 
 
+def held_out_sums(eval_step, params, t_params, held, rc: RunConfig, mesh) -> dict[str, float]:
+    """Sums of (ce, kl, tokens) of `eval_step` (steps.eval) over the first eval_batches micro-batches of `held`,
+    each process feeding its rows."""
+    tot = {"ce": 0.0, "kl": 0.0, "tokens": 0.0}
+    p = jax.process_index()
+    for gb in eval_batches(held, rc.batch_size // rc.grad_accum, rc.eval_batches):
+        n = len(gb["input_ids"]) // jax.process_count()
+        local = {k: v[p * n:(p + 1) * n] for k, v in gb.items()}
+        with jax.set_mesh(mesh):
+            r = jax.device_get(eval_step(params, t_params, to_global(local, mesh, lead=False)))
+        tot = {k: tot[k] + float(r[k]) for k in tot}
+    return tot
+
+
 def make_evaluate(job: Job) -> Callable[[Any], dict[str, float]]:
     """evaluate(student params) -> held-out loss, perplexity (and KL with an online teacher), token means over
     eval_batches held-out batches ({} without held-out rows)."""
@@ -169,20 +184,31 @@ def make_evaluate(job: Job) -> Callable[[Any], dict[str, float]]:
     def evaluate(params) -> dict[str, float]:
         if job.held is None:
             return {}
-        tot = {"ce": 0.0, "kl": 0.0, "tokens": 0.0}
-        p = jax.process_index()
-        for gb in eval_batches(job.held, rc.batch_size // rc.grad_accum, rc.eval_batches):
-            n = len(gb["input_ids"]) // jax.process_count()
-            local = {k: v[p * n:(p + 1) * n] for k, v in gb.items()}
-            with jax.set_mesh(mesh):
-                r = jax.device_get(job.steps.eval(params, t_params, to_global(local, mesh, lead=False)))
-            tot = {k: tot[k] + float(r[k]) for k in tot}
+        tot = held_out_sums(job.steps.eval, params, t_params, job.held, rc, mesh)
         res = {"held_out_loss": tot["ce"] / tot["tokens"], "held_out_ppl": math.exp(tot["ce"] / tot["tokens"])}
         if t_params is not None:
             res["held_out_kl"] = tot["kl"] / tot["tokens"]
         return res
 
     return evaluate
+
+
+def held_out_loss(rc: RunConfig, model_dir, mesh=None, log: Callable[[str], Any] | None = None) -> float:
+    """The held-out loss (CE per trained token) of the model in `model_dir` on the recipe's held-out rows, as a
+    run of `rc` evaluates its student (the same rows, batches and loss; no teacher): to compare other models
+    with a run's student, e.g. the teacher on an SFT run's held-out responses."""
+    cfg = LlamaConfig.from_file(model_dir)
+    tok = hf.load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
+    _, held, _ = training_data(rc, tok, cfg.vocab_size, log=log)
+    if held is None:
+        raise TrainingError(f"the recipe holds nothing out (holdout_fraction={rc.holdout_fraction}): no held-out loss")
+    mesh = mesh if mesh is not None else make_mesh(*rc.mesh)
+    alone = dataclasses.replace(rc, mode="finetune" if rc.mode == "distill" else rc.mode, teacher=None,
+                                teacher_logits=None, hidden_weight=0.0)
+    step = jax.jit(make_eval_step(alone, cfg, None, kd_config(alone)))
+    params = hf.from_pretrained(model_dir, mesh=mesh, dtype="float32").params()
+    tot = held_out_sums(step, params, None, held, alone, mesh)
+    return tot["ce"] / tot["tokens"]
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -46,14 +46,18 @@ def test_output_lines_and_resume(model_dir, tmp_path, capsys):
     assert summary["rows"] == 5 and summary["skipped"] == 0 and 2 in summary["stop_ids"] and 7 in summary["stop_ids"]
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(got) == 5
-    for inp, row in zip(LINES, got):
-        assert {k: row[k] for k in inp} == inp  # the input, unchanged
-        assert set(row) == set(inp) | {"response", "prompt_tokens", "response_tokens", "finish_reason"}
-        assert isinstance(row["response"], str) and row["prompt_tokens"] > 0
-        assert row["finish_reason"] in ("stop", "length")
-        assert row["response_tokens"] == 5 or row["finish_reason"] == "stop"
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
+    for inp, row in zip(LINES, got):
+        assert {k: row[k] for k in inp} == inp  # the input, unchanged
+        assert set(row) == set(inp) | {"response", "prompt_tokens", "response_tokens", "finish_reason", "response_ids"}
+        assert isinstance(row["response"], str) and row["prompt_tokens"] > 0
+        assert len(row["response_ids"]) == row["response_tokens"]
+        # the text is the ids decoded, the stop token (the last id when finish_reason is stop) left out
+        text_ids = row["response_ids"][:-1] if row["finish_reason"] == "stop" else row["response_ids"]
+        assert row["response"] == tok.decode(text_ids, skip_special_tokens=True)
+        assert row["finish_reason"] in ("stop", "length")
+        assert row["response_tokens"] == 5 or row["finish_reason"] == "stop"
     chat = tok.apply_chat_template(LINES[1]["messages"], add_generation_prompt=True, tokenize=False)
     assert chat.endswith("<|im_start|>assistant\n")
     assert got[1]["prompt_tokens"] == len(tok(chat, add_special_tokens=False)["input_ids"])

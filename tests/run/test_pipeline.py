@@ -227,3 +227,48 @@ def test_budget_search_in_run_ranks_on_validation_documents(tmp_path):
     st = open_store(tmp_path / "run" / "data" / "store")
     of = SplitMap(st, Pipeline(cfg).splits()).of(np.arange(st.n_documents))
     assert sorted(of.tolist()) == [TRAIN, VALIDATION, HOLDOUT] and st.names(0, 3)[int(np.argmax(of))] == "tempest_gut.txt"
+
+
+def test_align_stage_sfts_the_student_on_the_teachers_responses(tmp_path, capsys):
+    """align.prompts: the teacher answers the prompts (minitron generate), the distilled student is SFT'd on the
+    answers (minitron sft), and the report compares teacher, distilled and aligned on the held-out answers, whose
+    losses equal `held_out_loss` of each model on the align recipe; the aligned student is also evaluated on the
+    held-out text. A re-run skips every stage."""
+    from distill_helpers import with_chat_template
+
+    from minitron_jax.run.pipeline import align_recipe, load_pipeline
+    from minitron_jax.train.trainer import held_out_loss
+
+    teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
+    teacher = with_chat_template(teacher, tmp_path / "chat_teacher")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Speak of {w}, {i}."}]}) + "\n"
+                               for i in range(4) for w in ("love", "time", "death", "kings")))
+    out = tmp_path / "run"
+    base = [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}", "score.samples=8",
+            "score.seq_len=64", "prune.target=hidden_size=54,intermediate_size=64", "distill.steps=2",
+            "distill.warmup=0", "distill.batch_size=4", "distill.seq_len=64", "distill.eval_every=2",
+            "distill.save_every=2", "distill.mesh=[1,1,8]", "distill.peak_tflops=1", "eval.samples=4",
+            "eval.seq_len=64", "eval.task_items=8"]
+    args = [*base, f"align.prompts={prompts}", "align.steps=6", "align.warmup=1", "align.lr=3e-3",
+            "align.max_new_tokens=8", "align.holdout_fraction=0.25"]
+    main(["run", *base])  # a finished run without align; turning align on reuses its stages up to distill
+    capsys.readouterr()
+    main(["run", *args])
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier") == 4 and "== align\n" in printed
+    assert "== evaluate: redone (align changed" in printed and "== report: redone" in printed
+    answers = [json.loads(x) for x in (out / "align" / "responses.jsonl").read_text().splitlines()]
+    assert len(answers) == 16 and all(a["response_ids"] for a in answers)
+    done = json.loads((out / "align" / "done.json").read_text())
+    rc = align_recipe(load_pipeline(None, args), data=done["data"], student=done["student"], out=str(tmp_path / "x"))
+    assert rc.mode == "sft" and rc.steps == 6 and rc.teacher is None
+    for name, path in (("teacher", teacher), ("aligned", out / "align" / "sft" / "student_hf"),
+                       ("distilled", out / "distill" / "student_hf")):
+        np.testing.assert_allclose(done["response_loss"][name], held_out_loss(rc, path), rtol=1e-6)
+    assert done["response_loss"]["aligned"] < done["response_loss"]["distilled"]
+    report = (out / "report" / "report.md").read_text()
+    assert "| aligned |" in report and "held-out response loss" in report and "| aligned |" in printed
+    assert "aligned" in json.loads((out / "evaluate" / "done.json").read_text())
+    main(["run", *args])
+    assert capsys.readouterr().out.count("done earlier") == 7

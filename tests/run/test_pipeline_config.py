@@ -19,6 +19,7 @@ from minitron_jax.run.pipeline import (
     Pipeline,
     PipelineConfig,
     PruneSettings,
+    align_recipe,
     distill_recipe,
     finetune_recipe,
     load_pipeline,
@@ -27,7 +28,7 @@ from minitron_jax.train.run_config import RunConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-PIPELINES = sorted(CONFIGS.glob("pipeline_*.yaml")) + [CONFIGS / "smollm2_cpu.yaml"]
+PIPELINES = sorted(CONFIGS.glob("pipeline_*.yaml")) + [CONFIGS / "smollm2_cpu.yaml", CONFIGS / "smollm2_cpu_align.yaml"]
 PATHS = ["teacher=-", "student=-", "data=-"]
 
 
@@ -47,6 +48,9 @@ def test_every_yaml_in_configs_validates():
     for f in PIPELINES:
         cfg = load_pipeline(f)
         distill_recipe(cfg, teacher="-", student="-", data="-")  # the distillation settings validate
+        if cfg.align.steps:  # the align recipe validates and its examples or prompts are there
+            align_recipe(cfg, student="-", data="-")
+            assert Path(cfg.align.prompts or cfg.align.data).is_file(), f
         if cfg.teacher.endswith("config.json"):  # the target fits the teacher
             validate(LlamaConfig.from_file(cfg.teacher), cfg.prune.target)
 
@@ -153,6 +157,36 @@ def test_finetune_has_its_own_lr_and_warmup():
     assert (rc.mode, rc.steps, rc.lr, rc.min_lr, rc.warmup) == ("finetune", 400, 2e-5, 2e-5 / 10, 120)
     assert rc == dataclasses.replace(cfg.distill, student="t", data="d", mode="finetune", steps=400, lr=2e-5,
                                      min_lr=2e-5 / 10, warmup=120)
+
+
+def test_align_settings_are_checked_before_work(tmp_path):
+    """The align stage's settings, recipe and prompts are refused at load or in `validate`, before any stage runs;
+    its recipe is the distillation's with SFT's mode, packing, schedule and splits."""
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+
+    for extra in ([], ["align.data=a.jsonl", "align.prompts=p.jsonl"]):
+        with pytest.raises(RecipeError, match=r"align.steps=10 needs one of align.data .* or align.prompts"):
+            load_pipeline(None, ["align.steps=10", *extra])
+    with pytest.raises(RecipeError, match=r"align.warmup=10 must be below align.steps=5"):
+        load_pipeline(None, ["align.steps=5", "align.data=a.jsonl"])
+    cfg = load_pipeline(None, ["align.steps=50", "align.data=a.jsonl", "align.lr=2e-5", "seed=4", "split_seed=2"])
+    rc = align_recipe(cfg, student="s", data="d")
+    assert rc == dataclasses.replace(cfg.distill, mode="sft", packing="first_fit", student="s", data="d", steps=50,
+                                     lr=2e-5, min_lr=2e-5 / 10, warmup=10, holdout=[], holdout_fraction=0.1, seed=4,
+                                     split_seed=2, ce_weight=0.0)
+    assert rc.teacher is None and not rc.has_teacher
+    assert align_recipe(dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, kd=True)), student="s", data="d",
+                        teacher="t").ce_weight == 1.0
+    teacher, data = fetch_smollm2(), fetch_shakespeare()
+    missing = load_pipeline(None, ["align.steps=50", f"align.prompts={tmp_path / 'none.jsonl'}"])
+    with pytest.raises(DataError, match=r"align.prompts=.*none.jsonl is not a file"):
+        Pipeline(missing).validate(teacher, data)
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2 needs exactly one of 'prompt' \(text\) or 'messages'"):
+        Pipeline(load_pipeline(None, ["align.steps=50", f"align.prompts={bad}"])).validate(teacher, data)
+    with pytest.raises(DataError, match=r"p.jsonl:2 has keys \['text'\]; an SFT line needs"):
+        Pipeline(load_pipeline(None, ["align.steps=50", f"align.data={bad}"])).validate(teacher, data)
 
 
 def test_experiment_6_passes_the_schedule_it_ran():
