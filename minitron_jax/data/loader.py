@@ -117,7 +117,7 @@ def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None =
     them: text through `build_corpus`, a token store or a blend through `store_reader` (held-out rows: the first
     eval_batches x micro-batch rows of the held-out documents; the validation documents are in neither). SFT
     (mode=sft): the JSONL examples of `sft.sft_corpus`, their rows carrying a loss mask."""
-    if rc.mode == "sft":
+    if getattr(rc, "mode", None) == "sft":  # (`rc` may be any object with the recipe's data keys)
         train, held = sft_corpus(rc.data, tokenizer, rc.seq_len, holdout_fraction=rc.holdout_fraction,
                                  split_seed=rc.split_seed, seed=rc.seed, vocab_size=vocab_size, log=log)
         return train, held, False
