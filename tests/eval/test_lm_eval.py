@@ -163,6 +163,7 @@ def test_loglikelihood_requests_equal_hf_backend(model_dir):
     rolling = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in (long, "Ay me!", long + long)]
     np.testing.assert_allclose(ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling),
                                rtol=RTOL, atol=0)
+    assert ours.scorer.widths <= {32, 64, 96}  # bucketed widths (capped at the context): a few compiles
 
 
 @pytest.mark.parametrize("case", ["unknown_task", "missing_include", "no_config", "not_a_dir", "bad_limit"])
