@@ -27,14 +27,14 @@ from minitron_jax.model.sharding import put
 
 
 def bucket_width(n: int, max_length: int) -> int:
-    """The padded width of a batch whose longest row has `n` tokens: 32, 64, 128, 256, then multiples of 256,
-    never over `max_length`."""
-    w = 32
-    while w < n and w < 256:
-        w *= 2
-    if w < n:
-        w = -(-n // 256) * 256
-    return min(w, max_length)
+    """The padded width of a batch whose longest row has `n` tokens, never over `max_length`: 32, 64, 96, 128, 192,
+    256, 384, 512, 768, 1024, 1536, 2048, ... (a multiple of a quarter of the next power of two, at least 32), so at
+    most a third of a row is padding and a run compiles for few widths."""
+    p = 32
+    while p < n:
+        p *= 2
+    step = max(32, p // 4)
+    return min(-(-n // step) * step, max_length)
 
 
 def model_row(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[list[int], int]:
