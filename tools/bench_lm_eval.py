@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
         row = {"requests": requests}
         for side in lms:
             med = statistics.median(times[side])
-            metrics = {k: v for k, v in first[side][1]["results"][task].items() if "stderr" not in k and k != "alias"}
+            metrics = {k: round(float(v), 6) for k, v in first[side][1]["results"][task].items()
+                       if "," in k and "stderr" not in k}
             row[side] = {"first_s": first[side][0], "median_s": med, "requests_per_s": requests / med,
                          "metrics": metrics}
         row["jax_over_hf"] = row["jax"]["requests_per_s"] / row["hf"]["requests_per_s"]
