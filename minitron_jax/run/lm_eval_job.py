@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,6 +55,8 @@ def check_paths(model_dir, out, include_path: Sequence[str | Path]) -> None:
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise OutputError(f"--out {out} is under {parent}, which is a file; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: {parent} is not writable by this user; choose a writable --out")
     for p in include_path:
         if not Path(p).exists():
             raise EvalError(f"--include-path {p} does not exist; give the directory (or YAML file) of your task "

@@ -24,7 +24,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import minitron_jax as mj  # noqa: E402
-from minitron_jax.core.errors import ConfigError, EvalError  # noqa: E402
+from minitron_jax.core.errors import EvalError, MinitronError  # noqa: E402
 from minitron_jax.eval.lm_eval_model import MinitronLM  # noqa: E402
 from minitron_jax.eval.sampling import Sampling  # noqa: E402
 from minitron_jax.io.hf import load_tokenizer  # noqa: E402
@@ -166,12 +166,14 @@ def test_loglikelihood_requests_equal_hf_backend(model_dir):
     assert ours.scorer.widths <= {32, 64, 96}  # bucketed widths (capped at the context): a few compiles
 
 
-@pytest.mark.parametrize("case", ["unknown_task", "missing_include", "no_config", "not_a_dir", "bad_limit"])
-def test_bad_input_is_refused_before_weights(case, model_dir, tmp_path, no_weight_reads, capsys):
+@pytest.mark.parametrize("case", ["unknown_task", "missing_include", "no_config", "not_a_dir", "bad_limit", "out_dir"])
+def test_bad_input_is_refused_before_weights(case, model_dir, tmp_path, no_weight_reads):
     import shutil
     model, tasks, include, limit = str(model_dir), "shakespeare_next_lin", str(TASKS), None
+    out = tmp_path if case == "out_dir" else tmp_path / "r.json"
     want = {"unknown_task": "closest: shakespeare_next_line", "missing_include": "--include-path",
-            "no_config": "has no config.json", "not_a_dir": "is not a directory", "bad_limit": "--limit"}[case]
+            "no_config": "has no config.json", "not_a_dir": "is not a directory", "bad_limit": "--limit",
+            "out_dir": "is a directory; give a .json file path"}[case]
     if case != "unknown_task":
         tasks = "shakespeare_next_line"
     if case == "missing_include":
@@ -183,8 +185,8 @@ def test_bad_input_is_refused_before_weights(case, model_dir, tmp_path, no_weigh
         model = str(tmp_path / "absent")
     elif case == "bad_limit":
         limit = "2.5"
-    with pytest.raises((EvalError, ConfigError, ValueError), match=want.replace("(", r"\(")):
-        lm_eval_tasks(model, tasks.split(","), tmp_path / "r.json", include_path=[include], limit=limit)
+    with pytest.raises(MinitronError, match=want.replace("(", r"\(")):
+        lm_eval_tasks(model, tasks.split(","), out, include_path=[include], limit=limit)
     assert not (tmp_path / "r.json").exists()
 
 
