@@ -93,7 +93,7 @@ class TokenScorer:
                     raise EvalError(f"the log-likelihood of request {i} is {lp[j]}; {NOT_FINITE_FIX}")
                 out[i] = (float(lp[j]), bool(misses[j] == 0))
             if progress is not None:
-                progress.update(len(idx))
+                progress.update(len(idx), tokens=sum(len(rows[i][0]) - 1 for i in idx))
 
         pending = None  # one batch in flight: the next one is built on the host while the devices work
         with mesh_context(self.mesh):
