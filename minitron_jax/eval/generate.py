@@ -12,7 +12,7 @@ The jitted steps are the `Generator`'s `prefill` and `decode`; `minitron plan --
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,9 +108,14 @@ class Generator:
             n = min(n, max(self.max_len - self.max_new, longest))
         return n
 
-    def __call__(self, params, prompts: Sequence[Sequence[int]], row_ids: Sequence[int], seed: int = 0
+    def __call__(self, params, prompts: Sequence[Sequence[int]], row_ids: Sequence[int], seed: int = 0,
+                 done_when: Callable[[np.ndarray], bool] | None = None, check_every: int = 4
                  ) -> tuple[list[Generated], int]:
-        """Responses to up to `batch_size` prompts (token ids), and the decode steps run."""
+        """Responses to up to `batch_size` prompts (token ids), and the decode steps run.
+
+        `done_when(tokens)`, called every `check_every` decode steps with the tokens so far [prompts, steps + 1],
+        may end the batch early (True): rows still running then finish with reason "length" and the tokens they
+        have (lm-eval's stop strings, `eval/lm_eval_model.py`)."""
         n = len(prompts)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} prompts, got {n}")
@@ -125,12 +130,15 @@ class Generator:
                                         put(row_keys(seed, row_ids), self.mesh))
             steps = 0
             while not bool(state["done"].all()):
+                if done_when is not None and steps % check_every == 0 and done_when(
+                        np.asarray(state["out"])[:n, :steps + 1]):
+                    break
                 cache, state = self.decode(params, cache, state)
                 steps += 1
             out, stopped = np.asarray(state["out"]), np.asarray(state["stopped"])
         results = []
         for r in range(n):
-            row = out[r].tolist()
+            row = out[r, :steps + 1].tolist()
             if stopped[r]:
                 end = next(i for i, tok in enumerate(row) if tok in self.stop_ids) + 1
                 results.append(Generated(row[:end], "stop"))

@@ -324,3 +324,19 @@ def token_logprob_sums(hidden, head, targets, mask, chunk_size: int = 256):
         return _fused_chunked(body, head, h[None], (), (t[None], m[None].astype(F32)), chunk_size)[0]
 
     return jax.vmap(row)(hidden, targets, mask)
+
+
+def token_logprob_greedy(hidden, head, targets, mask, chunk_size: int = 256):
+    """(per-row sums over `mask` of log p(target) [B], per-row counts of the masked positions whose most likely
+    token (first argmax) is not the target [B]): lm-evaluation-harness's (loglikelihood, is_greedy = count 0),
+    chunked like `token_logprob_sums` (no [B, S, V] logits)."""
+    _check(hidden, head, targets, mask, "token_logprob_greedy")
+
+    def body(z, _, tgt, m):
+        return -jnp.sum(_ce_rows(z, tgt) * m), (jnp.sum((jnp.argmax(z, axis=-1) != tgt) * m),)
+
+    def row(h, t, m):
+        obj, (misses,) = _fused_chunked(body, head, h[None], (), (t[None], m[None].astype(F32)), chunk_size)
+        return obj, misses
+
+    return jax.vmap(row)(hidden, targets, mask)

