@@ -41,7 +41,7 @@ def import_lm_eval():
     return lm_eval
 
 
-def check_paths(model_dir, out, include_path: Sequence[str | Path]) -> None:
+def check_paths(model_dir, out) -> None:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise EvalError(f"--model {model_dir} is not a directory; give an HF model directory (config.json, "
@@ -57,10 +57,6 @@ def check_paths(model_dir, out, include_path: Sequence[str | Path]) -> None:
         raise OutputError(f"--out {out} is under {parent}, which is a file; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"--out {out}: {parent} is not writable by this user; choose a writable --out")
-    for p in include_path:
-        if not Path(p).exists():
-            raise EvalError(f"--include-path {p} does not exist; give the directory (or YAML file) of your task "
-                            "configs, e.g. configs/lm_eval_tasks")
 
 
 def task_manager(names: Sequence[str], include_path: Sequence[str | Path]):
@@ -105,6 +101,24 @@ def load_tasks(tm, names: Sequence[str]) -> dict[str, Any]:
                         ) from None
 
 
+def prepare_tasks(tasks: Sequence[str], include_path: Sequence[str | Path] = (), where: str = "--"):
+    """Check that lm-eval is installed, `include_path` exists, every task name is known and every task's data
+    loads: (task manager, names with patterns expanded, loaded tasks). `where` prefixes the setting names in the
+    refusals (`--` for the command line, `eval.` for a pipeline)."""
+    names = [t.strip() for t in tasks if t.strip()]
+    if not names:
+        raise DataError(f"{where}{'tasks' if where == '--' else 'lm_eval_tasks'} is empty; name lm-eval tasks, e.g. "
+                        "hellaswag,arc_challenge")
+    for p in include_path:
+        if not Path(p).exists():
+            raise EvalError(f"{where}{'include-path' if where == '--' else 'lm_eval_include_path'} {p} does not exist; "
+                            "give the directory (or YAML file) of your task configs, e.g. configs/lm_eval_tasks (read "
+                            "from the working directory)")
+    import_lm_eval()
+    tm, names = task_manager(names, include_path)
+    return tm, names, load_tasks(tm, names)
+
+
 def parse_limit(limit: str | float | None) -> int | float | None:
     """lm-eval's --limit: a number of documents per task, or a fraction below 1."""
     if limit is None:
@@ -121,8 +135,7 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
                   bootstrap_iters: int = 100000, gen_kwargs: str | None = None, log_samples: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run lm-eval `tasks` on the model in `model_dir`; write and return lm-eval's results dict (module docstring)."""
-    names = [t.strip() for t in tasks if t.strip()]
-    if not names:
+    if not any(t.strip() for t in tasks):
         raise DataError("--tasks is empty; name lm-eval tasks, e.g. --tasks hellaswag,arc_challenge")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: give at least 1")
@@ -135,19 +148,18 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     if batch_size % rows:
         raise DataError(f"--batch-size {batch_size} does not split over the mesh's data x fsdp = {rows} devices; give "
                         f"a multiple of {rows}")
-    check_paths(model_dir, out, include_path)
+    check_paths(model_dir, out)
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
     limit_ctx = context_limit(cfg)
     if max_length is not None and not 0 < max_length <= limit_ctx:
         raise DataError(f"--max-length {max_length}: give 1 to the model's context of {limit_ctx} positions")
+    tm, names, loaded = prepare_tasks(tasks, include_path)
     lm_eval = import_lm_eval()
     from lm_eval.utils import handle_non_serializable
 
     from minitron_jax.eval.lm_eval_model import MinitronLM
 
-    tm, names = task_manager(names, include_path)
-    loaded = load_tasks(tm, names)
     tm.load = lambda _names: loaded  # simple_evaluate loads the same list again: hand it what is loaded
 
     model = from_pretrained(model_dir, mesh=mesh, dtype=dtype)

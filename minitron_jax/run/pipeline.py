@@ -48,6 +48,7 @@ from minitron_jax.prune.importance import score_model
 from minitron_jax.prune.targets import PruneTarget, parse_count, required_scores, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.generate_job import context_limit, generate_file, read_prompts
+from minitron_jax.run.lm_eval_job import lm_eval_tasks, parse_limit, prepare_tasks
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.search import METRICS
@@ -156,6 +157,27 @@ class EvalSettings:
     samples: int = 16  # held-out rows for the LM loss
     seq_len: int = 256
     task_items: int = 100  # next-line multiple-choice items built from the held-out text
+    # lm-evaluation-harness tasks every model of the run is also scored on, as `minitron lm-eval` scores them (the
+    # `lmeval` extra): names from lm-eval's catalogue or from YAML under lm_eval_include_path (local tasks read their
+    # data from the working directory: configs/lm_eval_tasks from the repository root); empty = none
+    lm_eval_tasks: list[str] = dataclasses.field(default_factory=list)
+    lm_eval_include_path: str | None = None
+    lm_eval_num_fewshot: int | None = None  # None: each task's own
+    lm_eval_limit: float | None = None  # documents per task (or a fraction below 1); None: all
+
+    def __post_init__(self):
+        if self.lm_eval_num_fewshot is not None and self.lm_eval_num_fewshot < 0:
+            raise RecipeError(f"eval.lm_eval_num_fewshot={self.lm_eval_num_fewshot} must be 0 or more (or null: each "
+                              "task's own)")
+        if self.lm_eval_limit is not None:
+            try:
+                parse_limit(self.lm_eval_limit)
+            except DataError as e:
+                raise RecipeError(f"eval.lm_eval_limit: {e}".replace("--limit ", "")) from None
+        if not self.lm_eval_tasks and (self.lm_eval_include_path or self.lm_eval_limit is not None
+                                       or self.lm_eval_num_fewshot is not None):
+            raise RecipeError("eval.lm_eval_include_path / lm_eval_limit / lm_eval_num_fewshot are set but "
+                              "eval.lm_eval_tasks is empty: name the tasks, e.g. eval.lm_eval_tasks=[hellaswag]")
 
 
 @dataclasses.dataclass
@@ -362,6 +384,8 @@ class Pipeline:
             out["finetune"] = {"steps": 0}
         if not c.align.steps:  # no align stage: absent, so the markers of runs without one still match
             out.pop("align", None)
+        if "eval" in out and not c.eval.lm_eval_tasks:  # likewise without lm-eval tasks
+            out["eval"] = {k: v for k, v in out["eval"].items() if not k.startswith("lm_eval_")}
         if "distill" in out:  # which changes a resumed distillation accepts is not a setting of its output, and
             out["distill"].pop("resume_allow", None)  # the top-level split_seed replaces its split_seed
             out["distill"].pop("split_seed", None)
@@ -448,6 +472,9 @@ class Pipeline:
             finetune_recipe(self.cfg, student=str(teacher), data="-")
         if self.cfg.align.steps:
             self.check_align(teacher, cfg)
+        if self.cfg.eval.lm_eval_tasks:  # lm-eval installed, the names known, each task's data readable
+            e = self.cfg.eval
+            prepare_tasks(e.lm_eval_tasks, [e.lm_eval_include_path] if e.lm_eval_include_path else [], "eval.")
 
     def check_align(self, teacher: Path, cfg: LlamaConfig) -> None:
         """The align stage's recipe and examples (or prompts), checked before any stage runs."""
@@ -679,7 +706,25 @@ class Pipeline:
         if "align" in run.outputs:
             models["aligned"] = Path(run.outputs["align"]["student"])
             tokens["aligned"] = distilled["tokens"]  # the distillation's; SFT tokens are in the align table
-        return self.evaluate(models, run.tok, run.store, tokens, run.mesh, vocab_size=run.vocab_size)
+        out = self.evaluate(models, run.tok, run.store, tokens, run.mesh, vocab_size=run.vocab_size)
+        if self.cfg.eval.lm_eval_tasks:
+            for name, path in models.items():
+                out[name]["lm_eval"] = self.lm_eval(name, path, run.mesh)
+        return out
+
+    def lm_eval(self, name: str, path: Path, mesh=None) -> dict[str, dict[str, float]]:
+        """`minitron lm-eval` of one model on `eval.lm_eval_tasks` (results in out/evaluate/lm_eval/NAME.json):
+        {task: {metric: value}}, stderr left out. The batch is the smallest multiple of the mesh's rows >= 8."""
+        e = self.cfg.eval
+        rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.log(f"lm-eval: {name} on {', '.join(e.lm_eval_tasks)}")
+        res = lm_eval_tasks(path, e.lm_eval_tasks, self.out / "evaluate" / "lm_eval" / f"{name}.json",
+                            include_path=[e.lm_eval_include_path] if e.lm_eval_include_path else [],
+                            num_fewshot=e.lm_eval_num_fewshot, limit=e.lm_eval_limit, batch_size=rows * -(-8 // rows),
+                            mesh=mesh, attention=self.cfg.distill.attention, seed=self.cfg.seed, log=self.log)
+        return {task: {k.removesuffix(",none"): float(v) for k, v in metrics.items()
+                       if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+                for task, metrics in res["results"].items()}
 
     def report_stage(self, run: RunState) -> dict:
         return self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"],
@@ -736,6 +781,8 @@ class Pipeline:
                   search.read_text(), "![search](../prune/search/search.png)"] if search.is_file() else [])
         if align is not None:
             extra += ["", self.align_table(align)]
+        if self.cfg.eval.lm_eval_tasks:
+            extra += ["", self.lm_eval_table(results)]
         sample = self.generate(distilled["student"])
         md = "\n".join([f"# Minitron run: {self.out}", "", f"Pruning target: `{pruned['target']}`", "",
                         *table, "", "Gap closed: (pruned - model) / (pruned - teacher) held-out loss.", *extra, "",
@@ -744,6 +791,7 @@ class Pipeline:
                         "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
         (self.out / "report" / "report.md").write_text(md)
         self.log("\n".join(table) + (f"\n\n{self.align_table(align)}" if align is not None else "")
+                 + (f"\n\n{self.lm_eval_table(results)}" if self.cfg.eval.lm_eval_tasks else "")
                  + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
                  f"report: {self.out / 'report' / 'report.md'}")
         return {"report": str(self.out / "report" / "report.md"), "sample": sample}
@@ -756,6 +804,22 @@ class Pipeline:
                 f"held-out examples' response tokens ({a.holdout_fraction:.0%} held out):", "",
                 "| model | held-out response loss | perplexity |", "|---|---|---|"]
         rows += [f"| {name} | {v:.3f} | {math.exp(v):.2f} |" for name, v in losses.items()]
+        return "\n".join(rows)
+
+    def lm_eval_table(self, results: dict) -> str:
+        """lm-eval's scores, one row per task and metric, one column per model (out/evaluate/lm_eval/*.json)."""
+        e = self.cfg.eval
+        models = [n for n, r in results.items() if isinstance(r, dict) and "lm_eval" in r]
+        shots = "each task's own number of" if e.lm_eval_num_fewshot is None else f"{e.lm_eval_num_fewshot}"
+        limit = "" if e.lm_eval_limit is None else f", at most {e.lm_eval_limit:g} documents per task"
+        rows = [f"lm-evaluation-harness ({shots} few-shot examples{limit}; `minitron lm-eval`, results in "
+                f"`evaluate/lm_eval/`):", "", f"| task | metric | {' | '.join(models)} |",
+                f"|---|---|{'---|' * len(models)}"]
+        for task, metrics in results[models[0]]["lm_eval"].items():
+            for metric in metrics:
+                vals = [results[m]["lm_eval"].get(task, {}).get(metric) for m in models]
+                rows.append(f"| {task} | {metric} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals)
+                            + " |")
         return "\n".join(rows)
 
     def generate(self, student: str, prompt: str = "To be, or not to be,", tokens: int = 30) -> str:

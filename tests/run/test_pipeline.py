@@ -4,6 +4,7 @@ resumes (skips finished stages)."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -229,15 +230,21 @@ def test_budget_search_in_run_ranks_on_validation_documents(tmp_path):
     assert sorted(of.tolist()) == [TRAIN, VALIDATION, HOLDOUT] and st.names(0, 3)[int(np.argmax(of))] == "tempest_gut.txt"
 
 
-def test_align_stage_sfts_the_student_on_the_teachers_responses(tmp_path, capsys):
+def test_align_stage_sfts_the_student_on_the_teachers_responses(tmp_path, capsys, monkeypatch):
     """align.prompts: the teacher answers the prompts (minitron generate), the distilled student is SFT'd on the
     answers (minitron sft), and the report compares teacher, distilled and aligned on the held-out answers, whose
     losses equal `held_out_loss` of each model on the align recipe; the aligned student is also evaluated on the
-    held-out text. A re-run skips every stage."""
+    held-out text, and every model on a local lm-eval task (eval.lm_eval_tasks), whose score for the aligned
+    student equals lm-eval's `hf` backend (transformers) on the exported model. A re-run skips every stage."""
+    import lm_eval
     from distill_helpers import with_chat_template
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from minitron_jax.run.pipeline import align_recipe, load_pipeline
     from minitron_jax.train.trainer import held_out_loss
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # the local task YAMLs name their JSONL from the repository root
 
     teacher, _, data = make_pair(tmp_path / "pair", sharpen=4.0)
     teacher = with_chat_template(teacher, tmp_path / "chat_teacher")
@@ -251,13 +258,14 @@ def test_align_stage_sfts_the_student_on_the_teachers_responses(tmp_path, capsys
             "distill.save_every=2", "distill.mesh=[1,1,8]", "distill.peak_tflops=1", "eval.samples=4",
             "eval.seq_len=64", "eval.task_items=8"]
     args = [*base, f"align.prompts={prompts}", "align.steps=6", "align.warmup=1", "align.lr=3e-3",
-            "align.max_new_tokens=8", "align.holdout_fraction=0.25"]
+            "align.max_new_tokens=8", "align.holdout_fraction=0.25", "eval.lm_eval_tasks=[shakespeare_passages]",
+            "eval.lm_eval_include_path=configs/lm_eval_tasks", "eval.lm_eval_limit=2"]
     main(["run", *base])  # a finished run without align; turning align on reuses its stages up to distill
     capsys.readouterr()
     main(["run", *args])
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 4 and "== align\n" in printed
-    assert "== evaluate: redone (align changed" in printed and "== report: redone" in printed
+    assert "== evaluate: redone (align, eval changed" in printed and "== report: redone" in printed
     answers = [json.loads(x) for x in (out / "align" / "responses.jsonl").read_text().splitlines()]
     assert len(answers) == 16 and all(a["response_ids"] for a in answers)
     done = json.loads((out / "align" / "done.json").read_text())
@@ -269,6 +277,19 @@ def test_align_stage_sfts_the_student_on_the_teachers_responses(tmp_path, capsys
     assert done["response_loss"]["aligned"] < done["response_loss"]["distilled"]
     report = (out / "report" / "report.md").read_text()
     assert "| aligned |" in report and "held-out response loss" in report and "| aligned |" in printed
-    assert "aligned" in json.loads((out / "evaluate" / "done.json").read_text())
+    results = json.loads((out / "evaluate" / "done.json").read_text())
+    assert all(set(results[m]["lm_eval"]) == {"shakespeare_passages"} for m in ("teacher", "pruned", "distilled", "aligned"))
+    hf_lm = HFLM(pretrained=str(out / "align" / "sft" / "student_hf"), device="cpu", dtype="float32", batch_size=8)
+    ref = lm_eval.simple_evaluate(model=hf_lm, tasks=["shakespeare_passages"], limit=2, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path="configs/lm_eval_tasks", include_defaults=False))
+    ref = ref["results"]["shakespeare_passages"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        np.testing.assert_allclose(results["aligned"]["lm_eval"]["shakespeare_passages"][metric], ref[f"{metric},none"],
+                                   rtol=1e-5)
+    assert results["teacher"]["lm_eval"] != results["aligned"]["lm_eval"]
+    saved = json.loads((out / "evaluate" / "lm_eval" / "aligned.json").read_text())  # lm-eval's own layout
+    np.testing.assert_allclose(saved["results"]["shakespeare_passages"]["word_perplexity,none"],
+                               ref["word_perplexity,none"], rtol=1e-5)
+    assert "| shakespeare_passages | word_perplexity |" in report and "lm-evaluation-harness" in printed
     main(["run", *args])
     assert capsys.readouterr().out.count("done earlier") == 7

@@ -189,6 +189,39 @@ def test_align_settings_are_checked_before_work(tmp_path):
         Pipeline(load_pipeline(None, ["align.steps=50", f"align.data={bad}"])).validate(teacher, data)
 
 
+def test_lm_eval_settings_are_checked_before_work(tmp_path, monkeypatch):
+    """eval.lm_eval_*: bad values are refused at load; an unknown task (with the closest names), a missing include
+    path and a task whose data is missing are refused in `validate`, before any stage runs; without tasks, the
+    evaluate stage's settings are those of runs made before lm-eval was wired in."""
+    from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
+    from minitron_jax.core.errors import EvalError
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(RecipeError, match=r"eval.lm_eval_num_fewshot=-1 must be 0 or more"):
+        load_pipeline(None, ["eval.lm_eval_tasks=[x]", "eval.lm_eval_num_fewshot=-1"])
+    with pytest.raises(RecipeError, match=r"eval.lm_eval_limit: 2.5: give a whole number"):
+        load_pipeline(None, ["eval.lm_eval_tasks=[x]", "eval.lm_eval_limit=2.5"])
+    with pytest.raises(RecipeError, match=r"eval.lm_eval_tasks is empty: name the tasks"):
+        load_pipeline(None, ["eval.lm_eval_limit=4"])
+    teacher, data = fetch_smollm2(), fetch_shakespeare()
+    local = ["eval.lm_eval_include_path=configs/lm_eval_tasks"]
+    with pytest.raises(EvalError, match=r"'shakespeare_next_lines' \(closest: shakespeare_next_line"):
+        Pipeline(load_pipeline(None, [*local, "eval.lm_eval_tasks=[shakespeare_next_lines]"])).validate(teacher, data)
+    with pytest.raises(EvalError, match=r"eval.lm_eval_include_path nowhere does not exist"):
+        Pipeline(load_pipeline(None, ["eval.lm_eval_include_path=nowhere", "eval.lm_eval_tasks=[x]"])).validate(
+            teacher, data)
+    yaml = (ROOT / "configs" / "lm_eval_tasks" / "shakespeare_passages.yaml").read_text()
+    (tmp_path / "gone.yaml").write_text(yaml.replace("shakespeare_passages", "gone").replace(
+        "configs/lm_eval_tasks/data/passages_test.jsonl", str(tmp_path / "missing.jsonl")))
+    with pytest.raises(EvalError, match=r"cannot load lm-eval task\(s\) gone"):
+        Pipeline(load_pipeline(None, [f"eval.lm_eval_include_path={tmp_path}", "eval.lm_eval_tasks=[gone]"])).validate(
+            teacher, data)
+    plain = Pipeline(load_pipeline(None, [])).settings("evaluate")["eval"]
+    assert plain == {"samples": 16, "seq_len": 256, "task_items": 100}
+    with_tasks = Pipeline(load_pipeline(None, [*local, "eval.lm_eval_tasks=[shakespeare_passages]"]))
+    assert with_tasks.settings("evaluate")["eval"]["lm_eval_tasks"] == ["shakespeare_passages"]
+
+
 def test_experiment_6_passes_the_schedule_it_ran():
     """tools/experiments.py gives teacher correction the values experiment 6 ran before the finetune section
     existed (then: the distillation section's schedule with steps=60): 60 steps, LR 1e-4 -> 1e-5, 15 warm-up."""
