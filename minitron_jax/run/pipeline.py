@@ -818,8 +818,8 @@ class Pipeline:
         for task, metrics in results[models[0]]["lm_eval"].items():
             for metric in metrics:
                 vals = [results[m]["lm_eval"].get(task, {}).get(metric) for m in models]
-                rows.append(f"| {task} | {metric} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals)
-                            + " |")
+                cells = ["-" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:,.1f}" for v in vals]
+                rows.append(f"| {task} | {metric} | {' | '.join(cells)} |")
         return "\n".join(rows)
 
     def generate(self, student: str, prompt: str = "To be, or not to be,", tokens: int = 30) -> str:
