@@ -166,16 +166,25 @@ def _version() -> str:
         return "unknown"
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """One small file, whole or not at all: written under a name unique to this writer, then renamed."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path`, unique to this writer (process id and a random token: two processes
+    or hosts writing the same file on a shared disk never write into one temporary); on normal exit it replaces
+    `path`, on error it is removed and `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """One small file, whole or not at all: written under a name unique to this writer, then renamed."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def copy_side_files(source: str | Path | None, dest: Path) -> None:

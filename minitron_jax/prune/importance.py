@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax.core.atomic import atomic_file
 from minitron_jax.core.errors import ScoresError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.spec import DataSpec
@@ -227,10 +228,9 @@ def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[
     check_finite_scores(scores, path)
     if cfg is not None:
         metadata = {**metadata, **model_fingerprint(cfg, params)}
-    tmp = path.with_name(path.name + ".tmp")
     entries = [(k, v.shape, np.dtype(np.float32), (lambda v=v: np.asarray(v, np.float32))) for k, v in scores.items()]
-    write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
     return path
 
 
@@ -291,10 +291,9 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
     a.set(title="hidden channels (sorted)", xlabel="rank", ylabel="score", yscale="log")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(path) as tmp:  # the temporary name keeps the .png suffix that savefig reads
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)
     return Path(path)
 
 

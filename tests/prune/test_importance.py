@@ -5,6 +5,7 @@ belong to another model (fingerprints of config and weights)."""
 
 import itertools
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,40 @@ def test_save_scores_refuses_non_finite_scores(tmp_path):
                                           r"are NaN or inf; .*weights for NaN/inf.*float32.*tokenizer saved"):
         save_scores(tmp_path / "scores.safetensors", scores, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scores_file_writers_never_share_a_temporary(tmp_path, monkeypatch):
+    """Two writers of one scores.safetensors (two hosts on a shared disk) each write their own temporary; a write
+    that fails leaves the previous file as it was and no temporary behind."""
+    import minitron_jax.prune.importance as importance
+
+    path = tmp_path / "scores.safetensors"
+    first = {"mlp": np.ones((2, 3), np.float32), "hidden": np.arange(5, dtype=np.float32)}
+    second = {"mlp": np.zeros((2, 3), np.float32), "hidden": np.ones(5, np.float32)}
+    temps, real = [], importance.write_file
+
+    def interleaved(tmp, entries, meta):  # the second writer runs while the first is writing
+        temps.append(tmp)
+        if len(temps) == 1:
+            save_scores(path, second, {"writer": "2"})
+        real(tmp, entries, meta)
+
+    monkeypatch.setattr(importance, "write_file", interleaved)
+    save_scores(path, first, {"writer": "1"})
+    assert len(set(temps)) == 2 and all(t.parent == tmp_path and t.name.startswith(".scores.safetensors.tmp-")
+                                        for t in temps)
+    got, meta = load_scores(path)  # the first writer finished last: its file, whole
+    np.testing.assert_array_equal(got["hidden"], first["hidden"])
+    assert meta["writer"] == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.safetensors"]
+
+    def failing(tmp, entries, meta):
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importance, "write_file", failing)
+    with pytest.raises(OSError, match="No space left"):
+        save_scores(path, second, {"writer": "3"})
+    assert load_scores(path)[1]["writer"] == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.safetensors"]
 
 
 def test_score_model_with_nan_weights_writes_nothing(tiny_pair, tmp_path):
