@@ -24,7 +24,7 @@ from minitron_jax.core.errors import CheckpointError, clip_repr
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama, param_specs
-from minitron_jax.model.sharding import named_sharding
+from minitron_jax.model.sharding import named_sharding, to_host
 
 LAYER_HF = {"input_layernorm": "input_layernorm.weight", "q_proj": "self_attn.q_proj.weight",
             "k_proj": "self_attn.k_proj.weight", "v_proj": "self_attn.v_proj.weight",
@@ -228,13 +228,6 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
 
 
 # ---------------------------------------------------------------------------- writing
-def _host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -305,7 +298,7 @@ def save_params(params: dict[str, Any], cfg: LlamaConfig, path: str | Path, *, s
 
 def _fetch(arr: jax.Array, layer: int | None, out_dtype):
     def fetch():
-        x = _host(arr if layer is None else arr[layer])
+        x = to_host(arr if layer is None else arr[layer])
         return x if out_dtype is None else x.astype(out_dtype)
     return fetch
 

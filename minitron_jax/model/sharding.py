@@ -110,6 +110,18 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- batch placement
+def to_host(x) -> np.ndarray:
+    """The whole value of `x` on this host: a global array whose shards other processes hold is gathered from
+    every process (`process_allgather`; every process must call this, as for any collective), anything else is
+    fetched. Never a read of a shard this process does not own."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # replicated: this process holds a whole copy
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+
+
 def put(x, mesh):
     """Host batch -> device, split over the mesh's batch axes when there is a mesh."""
     if mesh is None:

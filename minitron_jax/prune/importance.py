@@ -34,7 +34,7 @@ from minitron_jax.eval.evaluate import batches, gated_losses, mesh_context, mult
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward
-from minitron_jax.model.sharding import put
+from minitron_jax.model.sharding import put, to_host
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
@@ -137,7 +137,7 @@ def batch_aggregate(n, mean, m2, how: str):
 
 def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[str, np.ndarray]:
     """Accumulated statistics -> per-axis scores (spec section 2 table)."""
-    st = jax.tree.map(lambda x: np.asarray(x, np.float64), state)
+    st = jax.tree.map(lambda x: to_host(x).astype(np.float64), state)  # sharded statistics: gathered
     agg = {k: batch_aggregate(st["n"], st["mean"][k], st["m2"][k], sc.batch_agg) for k in st["mean"]}
     L, d = cfg.num_hidden_layers, cfg.head_dim
     heads = np.sqrt((agg["o_proj_in"].reshape(L, cfg.num_attention_heads, d) ** 2).sum(-1))
@@ -200,7 +200,7 @@ def model_fingerprint(cfg: LlamaConfig, params=None) -> dict[str, str]:
         for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda e: jax.tree_util.keystr(e[0])):
             name = jax.tree_util.keystr(path)
             corner = tuple(slice(None) if name.startswith("['layers']") and a == 0 else slice(0, 8) for a in range(x.ndim))
-            v = np.asarray(jax.device_get(x[corner]), np.float32).astype(ml_dtypes.bfloat16)
+            v = to_host(x[corner]).astype(np.float32).astype(ml_dtypes.bfloat16)  # whole on every host
             h.update(f"{name}{tuple(x.shape)}".encode())
             h.update(v.view(np.uint16).tobytes())
         out["model_weights_sha256"] = h.hexdigest()

@@ -54,7 +54,7 @@ def no_export_fetch(monkeypatch):
     """Any attempt to pull a parameter to the host for export fails the test."""
     def boom(*args, **kwargs):
         raise AssertionError("parameters were fetched for export before the problem was reported")
-    monkeypatch.setattr(hf_mod, "_host", boom)
+    monkeypatch.setattr(hf_mod, "to_host", boom)
 
 
 def rewrite_weights(d: Path, drop=(), add=None) -> None:

@@ -4,6 +4,8 @@ Scores are refused when a tokenizer is larger than the model, when they are not 
 belong to another model (fingerprints of config and weights)."""
 
 import itertools
+import json
+import os
 import re
 from pathlib import Path
 
@@ -86,6 +88,38 @@ def test_sharded_scores_equal_single_device(tiny):
     got = compute_scores(model.params(), model.config, samples[:8], batch_size=4, mesh=mesh)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+
+
+def test_two_processes_score_and_fingerprint_as_one(tiny, tmp_path):
+    """Two processes x 2 devices joined on 127.0.0.1, the weights split over all 4 devices (fsdp), so each
+    process owns half of every weight: the weight fingerprint and the importance scores are those of one process
+    (fp32, rtol 1e-5); `sharding.to_host` (which the fingerprint, the scores' statistics and HF export read
+    through) returns the whole of an array whose rows the other process holds, where a plain read fails. (The
+    model directory is an input both processes read.)"""
+    import socket
+    import subprocess
+    import sys
+
+    path = tiny[0]
+    single = mj.from_pretrained(path)
+    rows = np.random.default_rng(0).integers(0, single.config.vocab_size, (8, 32)).astype(np.int32)
+    want = compute_scores(single.params(), single.config, rows, batch_size=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    script, out = Path(__file__).parents[1] / "multihost_reads.py", tmp_path / "result.json"
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(path), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    got = json.loads(out.read_text())
+    assert (got["devices"], got["local"]) == (4, 2)
+    assert got["plain_read"] != "ok" and got["to_host"] == np.arange(24.0).reshape(8, 3).tolist()
+    assert got["fingerprint"] == model_fingerprint(single.config, single.params())
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got["scores"][k], np.float32), want[k], rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("attention", ["chunked", "splash"])
