@@ -26,7 +26,7 @@ from minitron_jax.data.text import check_token_ids, read_jsonl
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import lm_loss_from_hidden, next_token_targets, token_logprob_sums
-from minitron_jax.model.sharding import put
+from minitron_jax.model.sharding import batch_rows, check_batch_rows, put
 
 CHUNK = 256  # sequence positions per chunk of the next-token loss
 NOT_FINITE_FIX = ("check the model's weights for NaN/inf, evaluate in float32 (compute_dtype), and use the tokenizer "
@@ -70,6 +70,7 @@ def gated_losses(params, cfg: LlamaConfig, samples: np.ndarray, gate_sets: np.nd
                  mesh=None, compute_dtype=None, progress=None, attention: str = "xla") -> np.ndarray:
     """Mean LM loss under each row of `gate_sets` [K, L]; one compile for all rows and batches, whose rows
     are split over `mesh`'s batch axes when given."""
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     check_token_ids(samples, cfg.vocab_size, "the evaluation rows")
     fn = jax.jit(make_loss_fn(cfg, compute_dtype, attention=attention))
     with mesh_context(mesh):
@@ -100,6 +101,7 @@ def row_losses(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int
     """(sum of next-token NLL [N] float64, target count [N]) of each packed row of `samples` [N, S]: the terms of
     `lm_loss` (= nll.sum() / count.sum()) kept apart per row, for paired comparisons of models on the same rows
     (`eval/bootstrap.py`). Batches are split over `mesh` like `multiple_choice`'s."""
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     check_token_ids(samples, cfg.vocab_size, "the evaluation rows")
     fn = jax.jit(make_choice_fn(cfg, compute_dtype, attention=attention))
     gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32)
@@ -183,6 +185,7 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
                     batch_size: int = 16, max_len: int = 256, compute_dtype=None, progress=None, mesh=None,
                     attention: str = "xla") -> list[dict[str, float]]:
     """acc and acc_norm for each row of `gate_sets` (default: the full model); batches split over `mesh`."""
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     if not items:
         raise DataError("no multiple-choice items to evaluate")
     rows, spans = _encode_pairs(items, tokenizer, max_len)
@@ -232,8 +235,11 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
 def evaluate_model(params, cfg: LlamaConfig, tokenizer, rows: np.ndarray, items: Sequence[dict], *,
                    batch_size: int = 8, mesh=None, compute_dtype=None, attention: str = "xla") -> dict[str, float]:
     """Held-out loss / perplexity on packed `rows` plus accuracy on multiple-choice `items` (what
-    `minitron eval` and the evaluate stage of `minitron run` report); batches split over `mesh`."""
+    `minitron eval` and the evaluate stage of `minitron run` report); batches split over `mesh`, whose data x
+    fsdp devices must divide `batch_size` (else refused: `sharding.check_batch_rows`); a last batch of fewer
+    rows is padded to `batch_size` with masked rows."""
     import math
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     kw = dict(batch_size=batch_size, mesh=mesh, compute_dtype=compute_dtype, attention=attention)
     loss = lm_loss(params, cfg, rows, **kw)
     mc = multiple_choice(params, cfg, tokenizer, items, **kw)[0]

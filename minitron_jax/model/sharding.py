@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minitron_jax.core.errors import DataError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
@@ -120,6 +122,31 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:  # replicated: this process holds a whole copy
         return np.asarray(x.addressable_data(0))
     return np.asarray(jax.device_get(x))
+
+
+def batch_rows(mesh) -> int:
+    """The devices a batch's rows split over: data x fsdp (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def fitting_batch(mesh, at_least: int = 8) -> int:
+    """The smallest batch of at least `at_least` rows that splits over the mesh's data x fsdp devices."""
+    rows = batch_rows(mesh)
+    return rows * -(-at_least // rows)
+
+
+def check_batch_rows(what: str, batch_size: int, rows: int, error: type[Exception] = DataError) -> None:
+    """Refuse a batch of `batch_size` rows that does not split evenly over `rows` = the mesh's data x fsdp
+    devices (`batch_rows`): `put` (`spec_for`) would replicate its rows over some or all of those devices
+    rather than split them (8 rows on fsdp=64: every device computes every row), so each device would hold
+    that many times the activations `minitron plan --compile` reports. `what` names the setting, e.g. "--batch-size 8" or "score.batch_size=8"."""
+    if batch_size < 1:
+        raise error(f"{what}: give at least 1 row (a multiple of the mesh's data x fsdp = {rows} devices)")
+    if batch_size % rows:
+        lo, hi = batch_size // rows * rows, -(-batch_size // rows) * rows
+        sizes = " or ".join(str(b) for b in (lo, hi) if b > 0)
+        raise error(f"{what} does not split over the mesh's data x fsdp = {rows} devices (its rows would be "
+                    f"replicated, not split); give a multiple of {rows}, e.g. {sizes}")
 
 
 def put(x, mesh):

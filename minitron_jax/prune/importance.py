@@ -34,7 +34,7 @@ from minitron_jax.eval.evaluate import batches, gated_losses, mesh_context, mult
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward
-from minitron_jax.model.sharding import put, to_host
+from minitron_jax.model.sharding import batch_rows, check_batch_rows, put, to_host
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
@@ -151,7 +151,9 @@ def finalize(state: dict[str, Any], cfg: LlamaConfig, sc: ScoreConfig) -> dict[s
 def compute_scores(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int = 8,
                    score_config: ScoreConfig = ScoreConfig(), mesh=None, compute_dtype=None,
                    stream=None, metrics_path=None, attention: str = "xla") -> dict[str, np.ndarray]:
-    """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given."""
+    """Scores for every axis from `samples` [N, S] (packed token rows), sharded over `mesh` if given (whose data x
+    fsdp devices must divide `batch_size`: `sharding.check_batch_rows`)."""
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     check_token_ids(samples, cfg.vocab_size, "the calibration rows")
     step = jax.jit(make_step(cfg, score_config, compute_dtype, attention), donate_argnums=1)
     n_batches = -(-len(samples) // batch_size)
@@ -350,8 +352,10 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     `task_items` (multiple-choice) when given. `exclude`: document names (as `holdout`) never used for
     calibration; for a token store, `splits` (`store_reader.Splits`) may name the held-out and validation
     documents instead, and calibration reads only training documents. Forward passes are sharded over `mesh`
-    with the `attention` implementation."""
+    with the `attention` implementation; a `batch_size` that the mesh's data x fsdp devices do not divide is
+    refused before any data is read."""
 
+    check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
     out_dir = Path(out_dir)
     params, cfg = model.params(), model.config
     exclude = parse_holdout(exclude)

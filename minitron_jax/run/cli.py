@@ -23,7 +23,7 @@ from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer, save_pretrained
 from minitron_jax.io.orbax_model import load_model, save_model
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.model.sharding import make_mesh
+from minitron_jax.model.sharding import batch_rows, check_batch_rows, make_mesh
 from minitron_jax.prune.importance import ScoreConfig, score_model
 from minitron_jax.prune.targets import PruneTarget, candidate_targets, parse_count, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
@@ -122,6 +122,7 @@ def cmd_score(args) -> None:
     cfg = LlamaConfig.from_file(args.model)
     tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     mesh = _mesh(args.mesh)
+    check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))  # split, not replicated
     model = hf.from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
     task = None
     if args.task:
@@ -176,9 +177,12 @@ def cmd_prune(args) -> None:
     if args.target:
         validate(cfg, args.target)  # fail before loading anything
     _check_scores_path(args.scores)
+    mesh = _mesh(args.mesh)
+    if args.params:  # the budget's candidates are ranked by forward passes of --batch-size rows
+        check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))
     prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
                 calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                exclude=args.holdout or (), text_field=args.text_field, mesh=_mesh(args.mesh),
+                exclude=args.holdout or (), text_field=args.text_field, mesh=mesh,
                 attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores,
                 splits=_splits(args))
 
@@ -284,11 +288,12 @@ def cmd_eval(args) -> None:
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
         _check_writable_dir(Path(args.json).absolute().parent, "--json")
+    mesh = _mesh(args.mesh)
+    check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))  # split, not replicated
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
                            task_items=args.task_items, holdout=args.holdout or (),
                            holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
                            vocab_size=cfg.vocab_size, split_seed=split_seed)  # data errors before the weights load
-    mesh = _mesh(args.mesh)
     model = hf.from_pretrained(model_dir, mesh=mesh, dtype="float32")
     result = {"model": str(model_dir), "split_seed": split_seed, "task": args.task or "next-line",
               **evaluate_model(model.params(), model.config, tok, rows, items, batch_size=args.batch_size, mesh=mesh,
@@ -369,7 +374,8 @@ def _score_parser(sub) -> None:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--samples", type=int, default=1024, help="calibration rows (paper: 1024)")
     s.add_argument("--seq-len", type=int, default=4096, help="tokens per row (ModelOpt default 4096)")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="rows per batch, split over the mesh's data x fsdp devices: a multiple of them")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-agg", default="l2", choices=["l2", "mean", "var"])
     s.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "var"])
@@ -405,7 +411,8 @@ def _prune_parser(sub) -> None:
                    "loss (with --validation-fraction: the store's validation documents)")
     q.add_argument("--calib-samples", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=256)
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--batch-size", type=int, default=8, help="rows per batch of --params' ranking forwards, split "
+                   "over the mesh's data x fsdp devices: a multiple of them")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--mesh", default=None)
     q.add_argument("--holdout", default=None, help="document names (comma list) never used to rank candidates")
@@ -467,7 +474,8 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--task-items", type=int, default=100)
     ev.add_argument("--samples", type=int, default=16)
     ev.add_argument("--seq-len", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="rows per batch, split over the mesh's data x fsdp devices: a multiple of them")
     ev.add_argument("--seed", type=int, default=0, help="the order the held-out documents are packed in")
     ev.add_argument("--split-seed", type=int, default=None,
                     help="draws --holdout-fraction's documents; default: the split_seed of the run that trained "

@@ -30,6 +30,7 @@ from minitron_jax.eval.generate import Generator
 from minitron_jax.eval.sampling import Sampling
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import batch_rows, check_batch_rows
 
 INPUT_KEYS = ("prompt", "messages")
 
@@ -98,6 +99,7 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
         raise DataError(f"--max-new-tokens {max_new_tokens}: generate at least one token")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: give at least 1")
+    check_batch_rows(f"--batch-size {batch_size}", batch_size, batch_rows(mesh))  # split over the mesh, not replicated
     if jax.process_count() > 1:
         raise DataError("minitron generate runs in one process (its devices may be many: --mesh); start it on one "
                         "host")

@@ -23,6 +23,7 @@ from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, EvalError, OutputError
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.config import LlamaConfig
+from minitron_jax.model.sharding import batch_rows, check_batch_rows
 from minitron_jax.run.generate_job import context_limit, stop_ids
 
 INSTALL = "pip install -e '.[lmeval]'"
@@ -144,10 +145,7 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     limit = parse_limit(limit)
     if jax.process_count() > 1:
         raise DataError("minitron lm-eval runs in one process (its devices may be many: --mesh); start it on one host")
-    rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % rows:
-        raise DataError(f"--batch-size {batch_size} does not split over the mesh's data x fsdp = {rows} devices; give "
-                        f"a multiple of {rows}")
+    check_batch_rows(f"--batch-size {batch_size}", batch_size, batch_rows(mesh))
     check_paths(model_dir, out)
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)

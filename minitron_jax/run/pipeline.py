@@ -43,7 +43,7 @@ from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
 from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.model.sharding import make_mesh
+from minitron_jax.model.sharding import check_batch_rows, fitting_batch, make_mesh
 from minitron_jax.prune.importance import score_model
 from minitron_jax.prune.targets import PruneTarget, parse_count, required_scores, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
@@ -457,7 +457,11 @@ class Pipeline:
             raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
                               "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
                               "e.g. with launch/tpu_vm.sh")
-        check_devices(rc, batch=None)  # the mesh against the devices (each stage checks its batch)
+        d, f, _ = check_devices(rc, batch=None)  # the mesh against the devices
+        # score and prune (calibration ranking, the search's re-ranking) forward score.batch_size rows at a time:
+        # split over data x fsdp, never replicated; the evaluate stage picks a batch that splits (`fitting_batch`)
+        check_batch_rows(f"score.batch_size={self.cfg.score.batch_size}", self.cfg.score.batch_size, d * f,
+                         RecipeError)
         if not self.cfg.holdout and rc.holdout_fraction == 0:
             raise RecipeError("the evaluate stage needs held-out documents: name them (holdout: [name, ...]) or hold "
                               "out a seeded fraction (distill.holdout_fraction=0.001)")
@@ -687,7 +691,8 @@ class Pipeline:
         if a.prompts is not None:  # sequence-level distillation: the teacher's own responses are the examples
             data = str(self.out / "align" / "responses.jsonl")
             info["generate"] = generate_file(teacher, a.prompts, data, max_new_tokens=a.max_new_tokens, mesh=run.mesh,
-                                             attention=self.cfg.distill.attention, log=self.log)
+                                             batch_size=fitting_batch(run.mesh), attention=self.cfg.distill.attention,
+                                             log=self.log)
         before = run.outputs["distill"]["student"]
         rc = align_recipe(self.cfg, data=str(data), student=str(before), out=str(self.out / "align" / "sft"),
                           teacher=str(teacher) if a.kd else None, resume=True)
@@ -716,11 +721,10 @@ class Pipeline:
         """`minitron lm-eval` of one model on `eval.lm_eval_tasks` (results in out/evaluate/lm_eval/NAME.json):
         {task: {metric: value}}, stderr left out. The batch is the smallest multiple of the mesh's rows >= 8."""
         e = self.cfg.eval
-        rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.log(f"lm-eval: {name} on {', '.join(e.lm_eval_tasks)}")
         res = lm_eval_tasks(path, e.lm_eval_tasks, self.out / "evaluate" / "lm_eval" / f"{name}.json",
                             include_path=[e.lm_eval_include_path] if e.lm_eval_include_path else [],
-                            num_fewshot=e.lm_eval_num_fewshot, limit=e.lm_eval_limit, batch_size=rows * -(-8 // rows),
+                            num_fewshot=e.lm_eval_num_fewshot, limit=e.lm_eval_limit, batch_size=fitting_batch(mesh),
                             mesh=mesh, attention=self.cfg.distill.attention, seed=self.cfg.seed, log=self.log)
         return {task: {k.removesuffix(",none"): float(v) for k, v in metrics.items()
                        if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
@@ -731,7 +735,8 @@ class Pipeline:
                            run.outputs.get("align"))
 
     def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
-        """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them."""
+        """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them;
+        in batches of the smallest multiple of the mesh's data x fsdp devices >= 8 (split, never replicated)."""
 
         c = self.cfg
         rows, items = eval_set(data, tok, seq_len=c.eval.seq_len, samples=c.eval.samples, task_items=c.eval.task_items,
@@ -739,7 +744,7 @@ class Pipeline:
         out = {}
         for name, path in models.items():
             m = hf.from_pretrained(path, dtype="float32", mesh=mesh)
-            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=8, mesh=mesh,
+            r = evaluate_model(m.params(), m.config, tok, rows, items, batch_size=fitting_batch(mesh), mesh=mesh,
                                attention=c.distill.attention)
             out[name] = {"params": r["params"], "held_out_loss": r["loss"], "held_out_ppl": r["perplexity"],
                          "next_line_acc": r["acc"], "next_line_acc_norm": r["acc_norm"],

@@ -24,6 +24,7 @@ from minitron_jax.io.hf import load_tokenizer, save_params
 from minitron_jax.io.orbax_model import save_model
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama
+from minitron_jax.model.sharding import batch_rows, check_batch_rows
 from minitron_jax.prune.importance import calibration_samples, check_scores_match, load_scores
 from minitron_jax.prune.pruning import prune, rank_shapes
 from minitron_jax.prune.record import prune_record, save_prune_record
@@ -55,6 +56,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         budget = parse_count(budget)
         if data is None:
             raise PruneError("a parameter budget needs calibration data to rank the candidates by loss (--data)")
+        check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))  # the ranking's forwards
     scores, meta = load_scores(scores_path)
     match = dict(force=force_scores, model=str(model_dir), force_hint="--force-scores")
     check_scores_match(meta, cfg, **match)  # the config, before any weights load

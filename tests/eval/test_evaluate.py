@@ -373,19 +373,50 @@ def test_next_line_choices_are_distinct_even_with_repeated_lines():
         assert len(set(item["choices"])) == 4
 
 
-def test_evaluate_model_on_mesh_equals_torch(tiny, torch_lps):
+@pytest.mark.parametrize("shape,batch", [((2, 2, 2), 4), ((1, 8, 1), 8), ((8, 1, 1), 8)])
+def test_evaluate_model_on_mesh_equals_torch(tiny, torch_lps, shape, batch):
     """`evaluate_model(mesh=...)` (what `minitron eval --mesh` and the evaluate stage run): the LM loss and the
-    multiple-choice picks on a (2, 2, 2) mesh equal transformers' (fp32, 1e-5), with chunked attention too."""
-    path, ref, _, _ = tiny
-    mesh = make_mesh(2, 2, 2)
+    multiple-choice picks on a mesh whose data x fsdp devices split the batch equal transformers' and one
+    device's (fp32, 1e-5), with chunked attention too; 6 rows and 37 choices in batches of 8 leave the only (or
+    last) batch short: padded with masked rows to the full batch, which splits like the others."""
+    path, ref, params, cfg = tiny
+    mesh = make_mesh(*shape)
     model = mj.from_pretrained(path, mesh=mesh)
     full, _ = torch_lps
     items = [dict(it, answer=int(np.argmax(lp))) for it, lp in zip(ITEMS, full)]  # torch's picks: acc must be 1
     x = samples(n=6, seed=5)
+    one = evaluate_model(params, cfg, CharTokenizer(), x, items, batch_size=batch)
     for attention in ("xla", "chunked"):
-        r = evaluate_model(model.params(), model.config, CharTokenizer(), x, items, batch_size=4, mesh=mesh,
+        r = evaluate_model(model.params(), model.config, CharTokenizer(), x, items, batch_size=batch, mesh=mesh,
                            attention=attention)
         assert r["loss"] == pytest.approx(torch_loss(ref, x), rel=REL) and r["acc"] == 1.0
+        assert r["loss"] == pytest.approx(one["loss"], rel=REL) and (r["acc"], r["acc_norm"]) == (one["acc"],
+                                                                                              one["acc_norm"])
+    lp = multiple_choice(model.params(), model.config, CharTokenizer(), items, batch_size=batch, mesh=mesh)
+    assert lp == multiple_choice(params, cfg, CharTokenizer(), items, batch_size=batch)
+    np.testing.assert_allclose(row_losses(model.params(), model.config, x, batch_size=batch, mesh=mesh)[0],
+                               row_losses(params, cfg, x, batch_size=batch)[0], rtol=REL)
+
+
+@pytest.mark.parametrize("shape,batch,sizes", [((1, 8, 1), 12, "8 or 16"), ((8, 1, 1), 4, "8"),
+                                               ((2, 2, 2), 6, "4 or 8")])
+def test_evaluation_refuses_a_batch_that_does_not_split(tiny, shape, batch, sizes):
+    """A batch that the mesh's data x fsdp devices do not divide would be replicated (every device computing
+    every row, the activation memory of the whole batch on each): every evaluation refuses it before any
+    forward (`minitron eval` before the weights load: run/test_cli.py)."""
+    _, _, params, cfg = tiny
+    mesh, rows = make_mesh(*shape), shape[0] * shape[1]
+    msg = (rf"^batch_size={batch} does not split over the mesh's data x fsdp = {rows} devices \(its rows would be "
+           rf"replicated, not split\); give a multiple of {rows}, e.g. {sizes}$")
+    x = samples(n=6, seed=5)
+    calls = [lambda: evaluate_model(params, cfg, CharTokenizer(), x, ITEMS, batch_size=batch, mesh=mesh),
+             lambda: lm_loss(params, cfg, x, batch_size=batch, mesh=mesh),
+             lambda: row_losses(params, cfg, x, batch_size=batch, mesh=mesh),
+             lambda: gated_losses(params, cfg, x, np.ones((2, cfg.num_hidden_layers)), batch_size=batch, mesh=mesh),
+             lambda: multiple_choice(params, cfg, CharTokenizer(), ITEMS, batch_size=batch, mesh=mesh)]
+    for call in calls:
+        with pytest.raises(DataError, match=msg):
+            call()
 
 
 def test_eval_set_holds_out_what_training_holds_out(tmp_path):

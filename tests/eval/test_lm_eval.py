@@ -28,6 +28,7 @@ from minitron_jax.core.errors import EvalError, MinitronError  # noqa: E402
 from minitron_jax.eval.lm_eval_model import MinitronLM  # noqa: E402
 from minitron_jax.eval.sampling import Sampling  # noqa: E402
 from minitron_jax.io.hf import load_tokenizer  # noqa: E402
+from minitron_jax.model.sharding import make_mesh  # noqa: E402
 from minitron_jax.run.cli import main  # noqa: E402
 from minitron_jax.run.lm_eval_job import lm_eval_tasks  # noqa: E402
 
@@ -166,14 +167,17 @@ def test_loglikelihood_requests_equal_hf_backend(model_dir):
     assert ours.scorer.widths <= {32, 64, 96}  # bucketed widths (capped at the context): a few compiles
 
 
-@pytest.mark.parametrize("case", ["unknown_task", "missing_include", "no_config", "not_a_dir", "bad_limit", "out_dir"])
+@pytest.mark.parametrize("case", ["unknown_task", "missing_include", "no_config", "not_a_dir", "bad_limit", "out_dir",
+                                  "bad_batch"])
 def test_bad_input_is_refused_before_weights(case, model_dir, tmp_path, no_weight_reads):
     import shutil
     model, tasks, include, limit = str(model_dir), "shakespeare_next_lin", str(TASKS), None
     out = tmp_path if case == "out_dir" else tmp_path / "r.json"
     want = {"unknown_task": "closest: shakespeare_next_line", "missing_include": "--include-path",
             "no_config": "has no config.json", "not_a_dir": "is not a directory", "bad_limit": "--limit",
-            "out_dir": "is a directory; give a .json file path"}[case]
+            "out_dir": "is a directory; give a .json file path",
+            "bad_batch": "--batch-size 12 does not split over the mesh's data x fsdp = 8 devices (its rows would be "
+                         "replicated, not split); give a multiple of 8, e.g. 8 or 16"}[case]
     if case != "unknown_task":
         tasks = "shakespeare_next_line"
     if case == "missing_include":
@@ -185,8 +189,9 @@ def test_bad_input_is_refused_before_weights(case, model_dir, tmp_path, no_weigh
         model = str(tmp_path / "absent")
     elif case == "bad_limit":
         limit = "2.5"
-    with pytest.raises(MinitronError, match=want.replace("(", r"\(")):
-        lm_eval_tasks(model, tasks.split(","), out, include_path=[include], limit=limit)
+    kw = dict(batch_size=12, mesh=make_mesh(1, 8, 1)) if case == "bad_batch" else {}
+    with pytest.raises(MinitronError, match=want.replace("(", r"\(").replace(")", r"\)")):
+        lm_eval_tasks(model, tasks.split(","), out, include_path=[include], limit=limit, **kw)
     assert not (tmp_path / "r.json").exists()
 
 

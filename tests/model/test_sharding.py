@@ -94,6 +94,30 @@ def test_batch_placement_lives_in_sharding():
     np.testing.assert_array_equal(np.asarray(g["mask"]), x)
 
 
+def test_batches_that_do_not_split_over_data_x_fsdp_are_refused():
+    """`put` replicates rows that the data x fsdp devices do not divide (P("data") or P(None) above): every device
+    would compute every row. Score, eval, prune's ranking and lm-eval refuse such batches instead
+    (`check_batch_rows`, naming sizes that split); the pipeline's evaluate stage picks one (`fitting_batch`)."""
+    from minitron_jax.core.errors import DataError, RecipeError
+    from minitron_jax.model.sharding import batch_rows, check_batch_rows, fitting_batch
+
+    assert [batch_rows(m) for m in (None, make_mesh(2, 2, 2), make_mesh(1, 8, 1), make_mesh(8, 1, 1),
+                                    make_mesh(1, 1, 8))] == [1, 4, 8, 8, 1]
+    for rows, ok in ((1, 1), (1, 7), (4, 4), (4, 12), (8, 8), (8, 64)):
+        check_batch_rows("batch_size", ok, rows)
+    with pytest.raises(DataError, match=r"^--batch-size 12 does not split over the mesh's data x fsdp = 8 devices "
+                                        r"\(its rows would be replicated, not split\); give a multiple of 8, "
+                                        r"e.g. 8 or 16$"):
+        check_batch_rows("--batch-size 12", 12, 8)
+    with pytest.raises(RecipeError, match=r"^score.batch_size=8 does not split over the mesh's data x fsdp = "
+                                          r"64 devices .*give a multiple of 64, e.g. 64$"):
+        check_batch_rows("score.batch_size=8", 8, 64, RecipeError)
+    with pytest.raises(DataError, match=r"^--batch-size 0: give at least 1 row"):
+        check_batch_rows("--batch-size 0", 0, 1)
+    assert [fitting_batch(m) for m in (None, make_mesh(2, 2, 2), make_mesh(1, 8, 1))] == [8, 8, 8]
+    assert fitting_batch(make_mesh(1, 8, 1), at_least=12) == 16 and fitting_batch(make_mesh(2, 2, 2), 5) == 8
+
+
 @pytest.mark.parametrize("module,name", [("model.sharding", "describe"), ("model.sharding", "local_shard_bytes"),
                                          ("prune.importance", "SCORE_KEYS")])
 def test_dead_code_is_gone(module, name):

@@ -79,15 +79,42 @@ def test_family_scores_match_torch_hooks(tmp_path, family, extra):
             np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-7 * np.abs(want[k]).max(), err_msg=k)
 
 
-def test_sharded_scores_equal_single_device(tiny):
+@pytest.mark.parametrize("shape,batch,n", [((2, 2, 2), 4, 8), ((1, 8, 1), 8, 10), ((8, 1, 1), 8, 6)])
+def test_sharded_scores_equal_single_device(tiny, shape, batch, n):
+    """Scores (and the per-layer losses) on a mesh whose data x fsdp devices split the batch equal one device's,
+    fp32, also when the last batch (or the only one) holds fewer rows than the batch: it is padded with masked
+    rows to the full batch, which splits like the others."""
     path, _, samples = tiny
     single = mj.from_pretrained(path)
-    want = compute_scores(single.params(), single.config, samples[:8], batch_size=4)
-    mesh = make_mesh(2, 2, 2)
+    want = compute_scores(single.params(), single.config, samples[:n], batch_size=batch)
+    mesh = make_mesh(*shape)
     model = mj.from_pretrained(path, mesh=mesh)
-    got = compute_scores(model.params(), model.config, samples[:8], batch_size=4, mesh=mesh)
+    got = compute_scores(model.params(), model.config, samples[:n], batch_size=batch, mesh=mesh)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    got = layer_skip_losses(model.params(), model.config, samples[:n], batch_size=batch, mesh=mesh)
+    want = layer_skip_losses(single.params(), single.config, samples[:n], batch_size=batch)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,batch,sizes", [((1, 8, 1), 12, "8 or 16"), ((8, 1, 1), 4, "8"),
+                                               ((2, 2, 2), 6, "4 or 8")])
+def test_scores_refuse_a_batch_that_does_not_split(tiny_pair, tmp_path, shape, batch, sizes):
+    """A batch that the mesh's data x fsdp devices do not divide would be replicated (every device computing
+    every row); `score_model` refuses it before reading any data or writing anything, `compute_scores` and the
+    depth losses before any forward."""
+    mesh, rows = make_mesh(*shape), shape[0] * shape[1]
+    msg = (rf"^batch_size={batch} does not split over the mesh's data x fsdp = {rows} devices \(its rows would be "
+           rf"replicated, not split\); give a multiple of {rows}, e.g. {sizes}$")
+    model = mj.from_pretrained(tiny_pair[0], mesh=mesh)
+    with pytest.raises(DataError, match=msg):  # the data does not exist: the batch is refused first
+        score_model(model, CodePointTokenizer(), tmp_path / "no_data", tmp_path / "s", samples=16, seq_len=16,
+                    batch_size=batch, mesh=mesh)
+    assert not (tmp_path / "s").exists()
+    x = np.zeros((4, 16), np.int32)
+    for fn in (compute_scores, layer_skip_losses):
+        with pytest.raises(DataError, match=msg):
+            fn(model.params(), model.config, x, batch_size=batch, mesh=mesh)
 
 
 def test_two_processes_score_and_fingerprint_as_one(tiny, tmp_path):

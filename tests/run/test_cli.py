@@ -138,6 +138,29 @@ def test_model_without_tokenizer_or_with_a_larger_one_is_refused_before_loading(
     assert not (tmp_path / "s" / "scores.safetensors").exists()
 
 
+@pytest.mark.parametrize("mesh,batch,rows,sizes", [("1,8,1", 12, 8, "8 or 16"), ("8,1,1", 4, 8, "8"),
+                                                   ("2,2,2", 6, 4, "4 or 8")])
+def test_score_eval_and_prune_refuse_a_batch_that_does_not_split_before_loading(pair, tmp_path, no_model_loads,
+                                                                                no_weight_reads, mesh, batch, rows,
+                                                                                sizes):
+    """--batch-size rows that the mesh's data x fsdp devices do not divide would be replicated, not split (every
+    device computing every row: the activation memory `plan --compile` reports, times the devices). score, eval
+    and prune --params (which ranks by forward passes) refuse them, naming sizes that split, before the data is
+    read or a model loads."""
+    teacher, _, _ = pair
+    msg = (rf"--batch-size {batch} does not split over the mesh's data x fsdp = {rows} devices \(its rows would be "
+           rf"replicated, not split\); give a multiple of {rows}, e.g. {sizes}$")
+    nowhere = str(tmp_path / "no_data")
+    (tmp_path / "scores.safetensors").write_bytes(b"")
+    for argv in (["score", "--out", str(tmp_path / "s")], ["eval"],
+                 ["prune", "--params", "100K", "--scores", str(tmp_path / "scores.safetensors"), "--out",
+                  str(tmp_path / "p")]):
+        with pytest.raises(SystemExit, match=rf"^minitron {argv[0]}: {msg}"):
+            main([argv[0], "--model", str(teacher), "--data", nowhere, *argv[1:], "--batch-size", str(batch),
+                  "--mesh", mesh])
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
+
+
 def test_eval_of_a_run_uses_the_split_seed_it_trained_with(pair, tmp_path):
     """`minitron eval --model OUT` (or OUT/student_hf) draws --holdout-fraction's documents with the split_seed
     of OUT/recipe.json: the same scores as the exported student given that --split-seed; another --split-seed

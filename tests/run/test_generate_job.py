@@ -115,3 +115,8 @@ def test_chat_without_a_template_and_foreign_output_are_refused(model_dir, tmp_p
         run(model_dir, prompts, other)
     with pytest.raises(SystemExit, match="--top-p 0.0: give a probability"):
         run(model_dir, prompts, tmp_path / "out.jsonl", "--top-p", "0")
+    # rows that do not split over the mesh's data x fsdp devices would be replicated on each
+    with pytest.raises(SystemExit, match=r"^minitron generate: --batch-size 2 does not split over the mesh's data x "
+                                         r"fsdp = 8 devices .*give a multiple of 8, e.g. 8$"):
+        run(model_dir, prompts, tmp_path / "out.jsonl", "--mesh", "1,8,1")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -254,6 +254,24 @@ def test_a_task_for_a_target_without_windows_is_refused(tmp_path, target):
         Pipeline(window).validate(Path(window.teacher), tmp_path / "no_data")
 
 
+# ---------------------------------------------------------------------------- batches over the mesh
+def test_a_score_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
+    """score.batch_size (the score stage's and the prune stage's forwards) must split over the run's mesh's
+    data x fsdp devices, else its rows would be replicated: refused in `validate`, before any stage runs and
+    before the data is looked at; the evaluate stage's batch is chosen to split (`sharding.fitting_batch`)."""
+    base = CONFIGS / "pipeline_llama31_8b_width_gpu.yaml"  # mesh [1, -1, 1]: fsdp over the 8 test devices
+    for batch, extra, rows, sizes in ((12, [], 8, "8 or 16"), (6, ["distill.mesh=[2,2,2]"], 4, "4 or 8")):
+        cfg = load_pipeline(base, [f"score.batch_size={batch}", *extra])
+        with pytest.raises(RecipeError, match=rf"^score.batch_size={batch} does not split over the mesh's data x "
+                                              rf"fsdp = {rows} devices .*give a multiple of {rows}, e.g. {sizes}$"):
+            Pipeline(cfg).validate(Path(cfg.teacher), tmp_path / "no_data")
+    for extra in (["score.batch_size=16"], ["score.batch_size=12", "distill.mesh=[2,2,2]"],
+                  ["score.batch_size=3", "distill.mesh=[1,1,8]"]):
+        cfg = load_pipeline(base, extra)
+        with pytest.raises(DataError, match="data path .*no_data does not exist"):  # the batch passed
+            Pipeline(cfg).validate(Path(cfg.teacher), tmp_path / "no_data")
+
+
 # ---------------------------------------------------------------------------- the 8B depth pipelines
 @pytest.mark.parametrize("hw", ["gpu", "tpu"])
 def test_depth_pipeline_selects_the_papers_block(hw):
