@@ -77,7 +77,7 @@ def test_pipeline_depth_targets_score_what_they_need(tmp_path):
     for metric, drop_sets in (("loss", [[l] for l in range(4)]), ("window", [[0, 1], [1, 2], [2, 3]])):
         out = tmp_path / metric
         cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
-                                   "score.samples=8", "score.seq_len=64", "score.batch_size=4", "score.layer_samples=4",
+                                   "score.samples=8", "score.seq_len=64", "score.batch_size=8", "score.layer_samples=4",
                                    f"prune.target=num_hidden_layers=2,depth_metric={metric}"])
         info = Pipeline(cfg, log=lambda m: None).run(until="prune")
         assert not (out / "distill").exists() and info["params"] < t.config.param_count()
@@ -120,7 +120,7 @@ def test_pipeline_scores_windows_by_a_task(tmp_path):
     task.write_text("".join(json.dumps(i) + "\n" for i in items))
     out = tmp_path / "run"
     cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
-                               "score.samples=8", "score.seq_len=64", "score.batch_size=4", f"score.task={task}",
+                               "score.samples=8", "score.seq_len=64", "score.batch_size=8", f"score.task={task}",
                                "prune.target=num_hidden_layers=2,depth_metric=window"])
     Pipeline(cfg, log=lambda m: None).run(until="score")
     scores, meta = load_scores(out / "score" / "scores.safetensors")
@@ -220,7 +220,7 @@ def test_budget_search_in_run_ranks_on_validation_documents(tmp_path):
     teacher, _, data = make_pair(tmp_path / "pair")
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
     cfg = load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
-                               "score.samples=8", "score.seq_len=64", "score.batch_size=4", "prune.target=null",
+                               "score.samples=8", "score.seq_len=64", "score.batch_size=8", "prune.target=null",
                                f"prune.params={budget}", "prune.calib_samples=4"])
     logs = []
     info = Pipeline(cfg, log=logs.append).run(until="prune")

@@ -18,7 +18,7 @@ def small_search(tmp_path, *search):
     budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
     out = tmp_path / "run"
     return load_pipeline(None, [f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={out}",
-                                "score.samples=8", "score.seq_len=32", "score.batch_size=4", "prune.target=null",
+                                "score.samples=8", "score.seq_len=32", "score.batch_size=8", "prune.target=null",
                                 f"prune.params={budget}", "prune.calib_samples=4", "search.candidates=3", *search,
                                 "distill.batch_size=8", "distill.seq_len=32", "distill.steps=6", "distill.warmup=0",
                                 "distill.peak_tflops=1", "distill.lr=1e-3"]), out
