@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from minitron_jax.core import multihost
 from minitron_jax.core.errors import LockError
 
 LOCK_NAME = ".minitron.lock"
@@ -106,29 +107,20 @@ def _release(directory: Path, fd: int | None, created: bool) -> None:
             directory.rmdir()
 
 
-def _agree_with_process_0(ok: bool) -> bool:
-    import jax
-    if jax.process_count() == 1:
-        return ok
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
 @contextlib.contextmanager
 def output_lock(directory: str | Path, what: str = "run") -> Iterator[Path]:
     """Hold `directory` (created if needed) for the body of the `with`; `what` names the run in messages
     ("minitron distill"). Raises LockError, naming the holder, when another live run holds it."""
     import jax
     directory = Path(directory)
-    fd, created, error = None, False, None
-    if jax.process_index() == 0:
-        try:
-            fd, created = _acquire(directory, what)
-        except LockError as e:
-            error = e
-    if not _agree_with_process_0(error is None):
-        raise error or LockError(f"{directory}: process 0 could not take the output lock; see its message")
+    held: dict = {"fd": None, "created": False}
+
+    def take() -> bool:
+        held["fd"], held["created"] = _acquire(directory, what)
+        return True
+
+    multihost.decided(take, "output-lock")  # process 0 takes it; its LockError is raised on every process
+    fd, created = held["fd"], held["created"]
     try:
         yield directory
     finally:

@@ -7,8 +7,10 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
+from minitron_jax.core import multihost
 from minitron_jax.core.allocator import ensure
 from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import check_output, write_text
@@ -575,16 +577,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     if argv is None:  # the `minitron` command itself: run under mimalloc (allocator.py)
         ensure()
-    args = build_parser().parse_args(argv)
+    run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """`args.fn(args)` as one process of the job: joined to it (a multi-process one), its errors reported in one
+    line, and in a multi-process job any failure stops every process (`multihost.fail`), never a hang."""
     try:
+        if args.cmd not in ("fetch", "plan"):  # every command that touches devices joins a multi-process job
+            multihost.join()
         args.fn(args)
     except Preempted as e:  # checkpointed, not finished: 128 + SIGTERM, so that a scheduler requeues the job
         print(f"minitron {args.cmd}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(143)
     except (MinitronError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"minitron {args.cmd}: {e}")
+        _stop(f"minitron {args.cmd}: {e}")
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:  # an input or output path is wrong
-        raise SystemExit(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")
+        _stop(f"minitron {args.cmd}: {e.strerror}: {e.filename}; check the path and its permissions")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            multihost.fail(str(e.code))  # a multi-process job: every process stops (no return)
+        raise
+    except BaseException:  # a bug, or an error on this process only: the others must not wait for it
+        if multihost.joined():
+            traceback.print_exc()
+            multihost.fail(f"minitron {args.cmd}: {traceback.format_exc().strip().splitlines()[-1]}")
+        raise
+
+
+def _stop(message: str) -> None:
+    """Exit non-zero with `message`; in a multi-process job every other process stops with it too."""
+    multihost.fail(message)
+    raise SystemExit(message)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax.core import multihost
 from minitron_jax.core.errors import LogitsError, RecipeError
 from minitron_jax.core.lock import LOCK_NAME, output_lock
 from minitron_jax.core.progress import Progress
@@ -129,40 +130,46 @@ def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
         return _write(rc, lc, loader, header, n, b, out, t_cfg, log)
 
 
-def _unfinished_start(out, header: dict, n: int, log) -> int:
-    """The row to start at: 0 for a new store, the committed rows of an unfinished one with the same header."""
-    import jax
+def _decide_start(out, header: dict, n: int) -> dict:
+    """Process 0's decision, for every process (`multihost.decided`): {"done": manifest} for a store complete
+    with these settings, else {"start": row, "note": message} after making `out` ready to write from that row
+    (an unfinished store with the same header resumes at its committed rows; one for other settings is
+    cleared; a new store gets its state.json at 0 rows). A store for other settings, or an `out` that holds
+    something else, is a LogitsError."""
+    done = read_json(out, MANIFEST)
+    if done is not None:
+        if {k: done.get(k) for k in header} == header:
+            return {"done": done}
+        raise LogitsError(f"{out} already holds teacher logits for other settings: {_differences(done, header)} "
+                          "differ; choose another out or delete it")
     state = read_json(out, STATE)
     if state is not None and state.get("header") == header:
-        log(f"resuming {out} at row {state['rows_done']} of {n}")
-        return int(state["rows_done"])
+        return {"start": int(state["rows_done"]), "note": f"resuming {out} at row {state['rows_done']} of {n}"}
     if state is None and [k for k in list_keys(out) if k != LOCK_NAME]:
         raise LogitsError(f"{out} exists and is not an unfinished teacher-logits store; choose another out")
+    note = None
     if state is not None:
-        log(f"{out} holds an unfinished store for other settings: starting it again")
-        _sync("teacher-logits-restart")
-        if jax.process_index() == 0:
-            import tensorstore as ts
-            kv = _kv(out)
-            for name in ("tokens", "values", "indices", "lse"):  # "name/" .. "name0": every key under name/
-                kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
-            delete_key(out, STATE)
-    return 0
+        note = f"{out} holds an unfinished store for other settings: starting it again"
+        import tensorstore as ts
+        kv = _kv(out)
+        for name in ("tokens", "values", "indices", "lse"):  # "name/" .. "name0": every key under name/
+            kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
+        delete_key(out, STATE)
+    # a resume point before any array exists: a run killed from here on reruns to completion
+    write_json(out, STATE, {"header": header, "rows_done": 0})
+    return {"start": 0, "note": note}
 
 
 def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cfg, log) -> dict[str, Any]:
     import jax
 
-    done = read_json(out, MANIFEST)
-    if done is not None:
-        if {k: done.get(k) for k in header} == header:
-            log(f"{out} is already complete ({n} rows): nothing to do")
-            return done
-        raise LogitsError(f"{out} already holds teacher logits for other settings: {_differences(done, header)} "
-                          "differ; choose another out or delete it")
-    start = _unfinished_start(out, header, n, log)
-    if start == 0 and jax.process_index() == 0:  # a resume point before any array exists: a run killed
-        write_json(out, STATE, {"header": header, "rows_done": 0})  # from here on reruns to completion
+    decision = multihost.decided(lambda: _decide_start(out, header, n), "teacher-logits-start")
+    if "done" in decision:
+        log(f"{out} is already complete ({n} rows): nothing to do")
+        return decision["done"]
+    start = decision["start"]
+    if decision["note"]:
+        log(decision["note"])
     _sync("teacher-logits-start")
     arrays = _arrays(out, n, rc.seq_len, lc.k, lc.values_dtype, lc.lse, b)
     mesh = make_mesh(*rc.mesh)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
 
+from minitron_jax.core import multihost
 from minitron_jax.core.errors import AOTError, RecipeError, TrainingError
 from minitron_jax.data.spec import DataSpec
 from minitron_jax.data.store_reader import open_stores
@@ -48,20 +48,8 @@ def check_batch(rc: RunConfig, dp: int, devices: int) -> None:
 
 def maybe_initialize_distributed(rc: RunConfig) -> None:
     """Join a multi-process job: from the recipe, else MINITRON_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
-    else `coordinator_address=auto` (TPU pods, SLURM: JAX detects the cluster)."""
-    addr = rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR")
-    if not addr or jax.distributed.is_initialized():
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; ignored by GPU/TPU
-    if addr == "auto":
-        jax.distributed.initialize()
-        return
-    n = rc.num_processes or int(os.environ.get("MINITRON_NUM_PROCESSES", "0"))
-    pid = rc.process_id if rc.process_id is not None else int(os.environ.get("MINITRON_PROCESS_ID", "-1"))
-    if n < 1 or pid < 0:
-        raise TrainingError("a coordinator address needs num_processes and process_id "
-                            "(or MINITRON_NUM_PROCESSES / MINITRON_PROCESS_ID)")
-    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+    else `coordinator_address=auto` (TPU pods, SLURM: JAX detects the cluster); see core.multihost."""
+    multihost.join(rc.coordinator_address, rc.num_processes, rc.process_id)
 
 
 def check_mesh(rc: RunConfig) -> tuple[int, int, int]:

@@ -1,0 +1,78 @@
+"""core.multihost on 2 local processes joined on 127.0.0.1 (1 fake CPU device each): process 0's decisions and
+errors reach the other process, inputs and storage the processes do not share are refused on both, and a failure
+on one process stops both within a minute with its message (never a hang at a collective)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "multihost_job.py"
+
+
+def job(scenario: str, d: Path, timeout: int = 120) -> tuple[list[int], list[str], float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(Path(__file__).parents[2]), "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
+           "MINITRON_NUM_PROCESSES": "2"}
+    t = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), scenario, str(d)], env={**env, "MINITRON_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], logs, time.monotonic() - t
+
+
+def test_process_0_decides_and_its_errors_reach_every_process(tmp_path):
+    """A listing process 1 cannot see (its files are only where process 0 looks) is process 0's on both; a
+    LockError raised by process 0's decision is raised as a LockError with its message on process 1."""
+    (tmp_path / "a").write_text("x")
+    codes, logs, _ = job("decide", tmp_path)
+    assert codes == [0, 0], "\n".join(logs)
+    d0, d1 = (json.loads((tmp_path / f"decided{i}.json").read_text()) for i in range(2))
+    assert d0 == d1 and d0["pid"] == 0 and d0["listing"] == ["a"]
+    for i in range(2):
+        assert (tmp_path / f"error{i}.txt").read_text() == "LockError: held by run 7 on host-a"
+        assert json.loads((tmp_path / f"agree{i}.json").read_text()) == ["v0", "v1"]
+
+
+def test_shared_output_passes_and_private_disks_stop_both(tmp_path):
+    codes, logs, _ = job("shared", tmp_path)
+    assert codes == [0, 0], "\n".join(logs)
+    assert not [p for p in (tmp_path / "out").iterdir()], "the token is removed"
+    codes, logs, took = job("private", tmp_path)
+    assert codes == [1, 1] and took < 60, (codes, took)
+    for log in logs:
+        assert "is not storage every host shares: process(es) 1 cannot read a file process 0 wrote" in log, log
+        assert "gs://" in log
+
+
+def test_inputs_that_differ_between_processes_are_refused_on_both(tmp_path):
+    codes, logs, took = job("inputs", tmp_path)
+    assert codes == [1, 1] and took < 60, (codes, took)
+    for log in logs:
+        assert "do not see the same model: tokenizer (process 1) differ" in log, log
+
+
+@pytest.mark.parametrize("scenario, who, message", [
+    ("error-on-1", 1, "No space left on device"),
+    ("bug-on-0", 0, "KeyError: 'injected bug on process 0'"),
+    ("exit-on-1", 1, "injected refusal"),
+])
+def test_a_failure_on_one_process_stops_both_within_a_minute(tmp_path, scenario, who, message):
+    """The other process waits in a device collective; both exit non-zero within 60 s (JAX alone would keep it
+    there until the shutdown barrier's 5 minutes), and its log names the failing process and its message."""
+    codes, logs, took = job(scenario, tmp_path)
+    assert 0 not in codes and None not in codes and took < 60, (codes, took, logs)
+    other = logs[1 - who]
+    assert f"another process of the job failed: process {who}: " in other and message in other, other
