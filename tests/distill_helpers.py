@@ -105,21 +105,24 @@ def metrics(out: Path) -> list[dict]:
 ENV = {"JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
 
 
-def two_processes(program: list[str], argv: list[str]) -> list[subprocess.CompletedProcess]:
-    """`python PROGRAM ARGV` as 2 processes of 4 fake CPU devices joined on 127.0.0.1 (as launch/local.sh)."""
+def two_processes(program: list[str], argv: list[str], devices: int = 4, prefix: tuple[str, ...] = (),
+                  env: dict | None = None, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """`python PROGRAM ARGV` as 2 processes of `devices` fake CPU devices joined on 127.0.0.1 (as launch/local.sh);
+    `prefix`: a command each process runs under (e.g. a private mount namespace)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, *program, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, **ENV, "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
-                                              "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(i),
-                                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    procs = [subprocess.Popen([*prefix, sys.executable, *program, *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **ENV, "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
+                                   "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(i),
+                                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})})
              for i in range(2)]
     done = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=600)  # a process left waiting at a collective hangs here
+            out, err = p.communicate(timeout=timeout)  # a process left waiting at a collective hangs here
             done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     finally:
         for p in procs:

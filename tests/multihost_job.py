@@ -46,6 +46,23 @@ def scenario(name: str, d: Path) -> None:
     if name == "inputs":
         multihost.same_everywhere({"config": "c0", "tokenizer": f"t{pid}"}, "model")
         return
+    if name == "atomic":  # both write into one temporary; neither leaves before the output is in place
+        from minitron_jax.core.atomic import atomic_directory
+        with atomic_directory(d / "out") as tmp:
+            if pid == 0:
+                (tmp / "weights.bin").write_bytes(b"w" * 1000)
+        (d / f"atomic{pid}.json").write_text(json.dumps({"tmp": tmp.name, "installed": (d / "out" / "weights.bin").is_file()}))
+        return
+    if name == "mkdir-fails-on-0":  # process 0 cannot create the temporary (a read-only parent, disk full)
+        from minitron_jax.core import atomic
+        from minitron_jax.core.atomic import atomic_directory
+        if pid == 0:
+            def refuse(self, *a, **k):
+                raise PermissionError(13, "Permission denied", str(self))
+            atomic.Path.mkdir = refuse
+        with atomic_directory(d / "out"):
+            wait_in_collective()
+        return
     # failures injected into one process while the other waits in a collective
     if name == "error-on-1":
         if pid == 1:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
-import numpy as np
 
+from minitron_jax.core import multihost
 from minitron_jax.core.errors import OutputError
 
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -97,16 +97,6 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
     return path
 
 
-def _token() -> str:
-    """Unique per writer (pid + random), identical on every process of a multi-host job (process 0's)."""
-    pid, rand = os.getpid() % 2**31, secrets.randbits(31)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        pid, rand = (int(v) for v in np.asarray(
-            multihost_utils.broadcast_one_to_all(np.array([pid, rand], dtype=np.int32))))
-    return f"{pid}-{rand:08x}"
-
-
 def _install(tmp: Path, path: Path, token: str, overwrite: bool) -> None:
     """Move the complete `tmp` to `path`; a previous output is set aside first, deleted last, restored on failure."""
     _check_existing(path, overwrite)  # again: something may have appeared while we were writing
@@ -138,21 +128,26 @@ def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable
     is removed and `path` is untouched. `check_output(path, inputs=, overwrite=)` runs first.
 
     The token is the same on every process (multi-host writers such as orbax share the directory);
-    process 0 does the file-system operations. Other writers' temporaries are left alone.
+    process 0 does the file-system operations and decides (`multihost.decided`): its refusal, a failed
+    `mkdir` or a failed install is raised on every process, and no process leaves the `with` before the
+    output is in place (the next stage, on every host, reads it).
     """
-    path = check_output(path, inputs=tuple(inputs), overwrite=overwrite)
-    token = _token()
+    path = Path(multihost.decided(lambda: str(check_output(path, inputs=tuple(inputs), overwrite=overwrite)),
+                                  "output-check"))
+    token = multihost.decided(lambda: f"{os.getpid() % 2**31}-{secrets.randbits(31):08x}", "output-token")
     tmp = path.parent / f".{path.name}.tmp-{token}"
     lead = jax.process_index() == 0
-    if lead:
-        tmp.mkdir(parents=True)
+    multihost.decided(lambda: tmp.mkdir(parents=True), "output-mkdir")
     try:
         yield tmp
-        if lead:
+
+        def install() -> None:
             (tmp / MARKER).write_text(json.dumps(
                 {"written_by": WRITER, "version": _version(), "kind": kind, "host": socket.gethostname(),
                  "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
             _install(tmp, path, token, overwrite)
+
+        multihost.decided(install, "output-install")
     finally:
         if lead and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

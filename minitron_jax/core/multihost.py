@@ -232,3 +232,13 @@ def check_shared(out: str | Path, what: str = "out") -> None:
         raise StorageError(f"{what}={out} is not storage every host shares: process(es) {', '.join(blind)} cannot "
                            f"read a file process 0 wrote there; put {what} on a mount every host sees (NFS, "
                            "Filestore, gcsfuse) or in a bucket (gs://)")
+
+
+def file_hashes(directory: str | Path, names: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of each of `names` in `directory` ("missing" where absent): what `same_everywhere` compares."""
+    import hashlib
+    out = {}
+    for name in names:
+        path = Path(directory) / name
+        out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return out

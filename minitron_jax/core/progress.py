@@ -16,7 +16,10 @@ class Progress:
                  every_s: float = 5.0, stream=None):
         self.total, self.desc, self.every_s = total, desc, every_s
         self.stream = stream or sys.stderr
-        self.metrics = open(metrics_path, "a") if metrics_path else None
+        # in a multi-process job one file, written by process 0 (without importing jax: tokenize's workers)
+        jax = sys.modules.get("jax")
+        lead = jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
+        self.metrics = open(metrics_path, "a") if metrics_path and lead else None
         self.start = self.last_print = self.last_update = time.perf_counter()
         self.step = self.tokens = 0
 

@@ -26,7 +26,7 @@ from minitron_jax.data.text import check_token_ids, read_jsonl
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import lm_loss_from_hidden, next_token_targets, token_logprob_sums
-from minitron_jax.model.sharding import batch_rows, check_batch_rows, put
+from minitron_jax.model.sharding import batch_rows, check_batch_rows, put, to_host
 
 CHUNK = 256  # sequence positions per chunk of the next-token loss
 NOT_FINITE_FIX = ("check the model's weights for NaN/inf, evaluate in float32 (compute_dtype), and use the tokenizer "
@@ -109,7 +109,7 @@ def row_losses(params, cfg: LlamaConfig, samples: np.ndarray, *, batch_size: int
     with mesh_context(mesh):
         for ids, mask in batches(samples, batch_size):  # every position whose next token is real is scored
             lp = fn(params, put(ids, mesh), put(mask, mesh), put(mask, mesh), gates)
-            nll.append(-np.asarray(jax.device_get(lp), np.float64))
+            nll.append(-to_host(lp).astype(np.float64))  # rows other processes hold: gathered
     nll = np.concatenate(nll)[:len(samples)]
     if not np.isfinite(nll).all():
         k = int(np.flatnonzero(~np.isfinite(nll))[0])
@@ -212,7 +212,7 @@ def multiple_choice(params, cfg: LlamaConfig, tokenizer, items: Sequence[dict], 
             pad = batch_size - len(ids[sl])
             b = [put(np.pad(x[sl], ((0, pad), (0, 0))), mesh) for x in (ids, mask, tmask)]
             with mesh_context(mesh):
-                lp.append(np.asarray(fn(params, *b, jnp.asarray(gates)))[: batch_size - pad])
+                lp.append(to_host(fn(params, *b, jnp.asarray(gates)))[: batch_size - pad])
         lp = np.concatenate(lp)
         if not np.isfinite(lp).all():
             k = int(np.flatnonzero(~np.isfinite(lp))[0])

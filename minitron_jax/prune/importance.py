@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import atomic_file
 from minitron_jax.core.errors import ScoresError
 from minitron_jax.core.progress import Progress
@@ -231,8 +232,12 @@ def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[
     if cfg is not None:
         metadata = {**metadata, **model_fingerprint(cfg, params)}
     entries = [(k, v.shape, np.dtype(np.float32), (lambda v=v: np.asarray(v, np.float32))) for k, v in scores.items()]
-    with atomic_file(path) as tmp:
-        write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
+
+    def write() -> None:  # process 0 (the scores are whole on every host); its failure stops every process
+        with atomic_file(path) as tmp:
+            write_file(tmp, entries, {"format": "minitron-scores", **{k: str(v) for k, v in metadata.items()}})
+
+    multihost.decided(write, "scores")
     return path
 
 
@@ -374,6 +379,7 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     if splits is not None and (splits.holdout_fraction or splits.validation_fraction):  # names are in "exclude"
         meta["splits"] = json.dumps(dataclasses.asdict(splits))
     path = save_scores(out_dir / "scores.safetensors", scores, meta, cfg=cfg, params=params)
-    plot_scores(scores, out_dir / "scores.png", title=f"{Path(model.source or 'model').name}: "
-                f"{samples} x {seq_len} tokens, ({score_config.batch_agg}, {score_config.seq_agg})")
+    title = (f"{Path(model.source or 'model').name}: {samples} x {seq_len} tokens, ({score_config.batch_agg}, "
+             f"{score_config.seq_agg})")
+    multihost.decided(lambda: str(plot_scores(scores, out_dir / "scores.png", title=title)), "scores-plot")
     return path

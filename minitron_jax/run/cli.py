@@ -25,7 +25,7 @@ from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer, save_pretrained
 from minitron_jax.io.orbax_model import load_model, save_model
 from minitron_jax.model.config import LlamaConfig
-from minitron_jax.model.sharding import batch_rows, check_batch_rows, make_mesh
+from minitron_jax.model.sharding import batch_rows, check_batch_rows, fitting_batch, make_mesh
 from minitron_jax.prune.importance import ScoreConfig, score_model
 from minitron_jax.prune.targets import PruneTarget, candidate_targets, parse_count, validate
 from minitron_jax.prune.targets import dry_run as prune_dry_run
@@ -42,8 +42,9 @@ from minitron_jax.train.stored_logits import LogitsConfig
 
 
 def _mesh(spec: str | None):
+    """--mesh DATA,FSDP,TENSOR over the job's devices; by default every device (of every host) on fsdp."""
     if not spec:
-        return None
+        return make_mesh(1, -1, 1)
     try:
         data, fsdp, tensor = (int(x) for x in spec.split(","))
     except ValueError:
@@ -124,7 +125,7 @@ def cmd_score(args) -> None:
     cfg = LlamaConfig.from_file(args.model)
     tok = load_tokenizer(args.model, vocab_size=cfg.vocab_size)  # before any weights load
     mesh = _mesh(args.mesh)
-    check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))  # split, not replicated
+    _batch(args, mesh)
     model = hf.from_pretrained(args.model, mesh=mesh, compute_dtype=args.compute_dtype)
     task = None
     if args.task:
@@ -142,6 +143,15 @@ def _splits(args):
         return None
     return DataSpec(args.data, holdout=args.holdout, holdout_fraction=args.holdout_fraction,
                     validation_fraction=args.validation_fraction, split_seed=args.split_seed).splits
+
+
+def _batch(args, mesh) -> int:
+    """--batch-size, else the smallest multiple of the mesh's data x fsdp devices >= 8; refused unless it splits
+    over them (rows replicated would cost data x fsdp times the activation memory `plan --compile` reports)."""
+    if args.batch_size is None:
+        args.batch_size = fitting_batch(mesh)
+    check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))
+    return args.batch_size
 
 
 def _check_scores_path(path: str) -> None:
@@ -181,9 +191,9 @@ def cmd_prune(args) -> None:
     _check_scores_path(args.scores)
     mesh = _mesh(args.mesh)
     if args.params:  # the budget's candidates are ranked by forward passes of --batch-size rows
-        check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))
+        _batch(args, mesh)
     prune_saved(args.model, args.scores, args.out, target=args.target, budget=args.params, data=args.data,
-                calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size or fitting_batch(mesh), seed=args.seed,
                 exclude=args.holdout or (), text_field=args.text_field, mesh=mesh,
                 attention=args.attention, fmt=args.format, overwrite=args.overwrite, force_scores=args.force_scores,
                 splits=_splits(args))
@@ -291,7 +301,7 @@ def cmd_eval(args) -> None:
     if args.json:
         _check_writable_dir(Path(args.json).absolute().parent, "--json")
     mesh = _mesh(args.mesh)
-    check_batch_rows(f"--batch-size {args.batch_size}", args.batch_size, batch_rows(mesh))  # split, not replicated
+    _batch(args, mesh)
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
                            task_items=args.task_items, holdout=args.holdout or (),
                            holdout_fraction=args.holdout_fraction, seed=args.seed, text_field=args.text_field,
@@ -302,8 +312,8 @@ def cmd_eval(args) -> None:
                                attention=args.attention)}
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    if args.json:  # process 0 writes it
+        multihost.decided(lambda: str(write_text(args.json, text)), "eval-json")
 
 
 def cmd_generate(args) -> None:
@@ -315,15 +325,17 @@ def cmd_generate(args) -> None:
     if Path(args.out).is_dir():  # before the mesh and the weights
         raise SystemExit(f"--out {args.out} is a directory; give a .jsonl file path")
     _check_writable_dir(Path(args.out).absolute().parent, "--out")
+    mesh = _mesh(args.mesh)
     summary = generate_file(args.model, args.prompts, args.out, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, mesh=_mesh(args.mesh), seed=args.seed, extra_stop_ids=stops,
+                            batch_size=_batch(args, mesh), mesh=mesh, seed=args.seed, extra_stop_ids=stops,
                             dtype=args.dtype, attention=args.attention, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary))
 
 
 def cmd_lm_eval(args) -> None:
+    mesh = _mesh(args.mesh)
     lm_eval_tasks(args.model, args.tasks.split(","), args.out, include_path=args.include_path or (),
-                  num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, mesh=_mesh(args.mesh),
+                  num_fewshot=args.num_fewshot, limit=args.limit, batch_size=_batch(args, mesh), mesh=mesh,
                   dtype=args.dtype, attention=args.attention, max_length=args.max_length, seed=args.seed,
                   bootstrap_iters=args.bootstrap_iters, gen_kwargs=args.gen_kwargs, log_samples=args.log_samples)
 
@@ -376,7 +388,7 @@ def _score_parser(sub) -> None:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--samples", type=int, default=1024, help="calibration rows (paper: 1024)")
     s.add_argument("--seq-len", type=int, default=4096, help="tokens per row (ModelOpt default 4096)")
-    s.add_argument("--batch-size", type=int, default=8,
+    s.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch, split over the mesh's data x fsdp devices: a multiple of them")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-agg", default="l2", choices=["l2", "mean", "var"])
@@ -413,7 +425,7 @@ def _prune_parser(sub) -> None:
                    "loss (with --validation-fraction: the store's validation documents)")
     q.add_argument("--calib-samples", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=256)
-    q.add_argument("--batch-size", type=int, default=8, help="rows per batch of --params' ranking forwards, split "
+    q.add_argument("--batch-size", type=int, default=None, help="rows per batch of --params' ranking forwards, split "
                    "over the mesh's data x fsdp devices: a multiple of them")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--mesh", default=None)
@@ -476,7 +488,7 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--task-items", type=int, default=100)
     ev.add_argument("--samples", type=int, default=16)
     ev.add_argument("--seq-len", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=8,
+    ev.add_argument("--batch-size", type=int, default=None,
                     help="rows per batch, split over the mesh's data x fsdp devices: a multiple of them")
     ev.add_argument("--seed", type=int, default=0, help="the order the held-out documents are packed in")
     ev.add_argument("--split-seed", type=int, default=None,
@@ -520,7 +532,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="sample within probability mass p (1: off)")
     g.add_argument("--stop-ids", default=None, help="token ids that also end a response (comma list), beside the "
                    "eos ids of the model and tokenizer")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each line draws from its own key)")
     g.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes, one may be -1; rows over data x fsdp")
     g.add_argument("--dtype", default=None, help="parameter dtype (default: the stored one)")
@@ -540,7 +552,7 @@ def _lm_eval_parser(sub) -> None:
                     help="a directory (or YAML) of more task configs; may be repeated")
     le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     le.add_argument("--limit", default=None, help="documents per task (or a fraction below 1); for quick checks")
-    le.add_argument("--batch-size", type=int, default=8, help="rows per batch, split over the mesh's data x fsdp")
+    le.add_argument("--batch-size", type=int, default=None, help="rows per batch, split over the mesh's data x fsdp")
     le.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR sizes, one may be -1")
     le.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
     le.add_argument("--attention", default="xla", choices=["auto", "xla", "chunked", "splash", "cudnn"])

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from minitron_jax.core import multihost
 from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
@@ -359,12 +360,16 @@ class Pipeline:
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
 
     def done(self, stage: str) -> dict | None:
+        """The stage's marker (None: not done), as process 0 reads it: every host takes the same branch."""
         marker = self.out / stage / "done.json"
-        return json.loads(marker.read_text()) if marker.exists() else None
+        return multihost.decided(lambda: json.loads(marker.read_text()) if marker.exists() else None, f"done-{stage}")
 
     def mark(self, stage: str, info: dict) -> dict:
-        (self.out / stage).mkdir(parents=True, exist_ok=True)
-        write_text(self.out / stage / "done.json", json.dumps(info, indent=2, default=str))
+        """Write the stage's marker (process 0; every host goes on once it is written)."""
+        def write() -> None:
+            (self.out / stage).mkdir(parents=True, exist_ok=True)
+            write_text(self.out / stage / "done.json", json.dumps(info, indent=2, default=str))
+        multihost.decided(write, f"mark-{stage}")
         return info
 
     def settings(self, name: str) -> dict:
@@ -453,11 +458,15 @@ class Pipeline:
                                   f"prune.target=num_hidden_layers=N,depth_metric=window")
             load_task(self.cfg.score.task)
         rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data="-")
-        if rc.coordinator_address or os.environ.get("MINITRON_COORDINATOR"):
-            raise RecipeError("minitron run runs in one process (its stages write shared files); on a multi-host "
-                              "slice run the stages' subcommands (minitron score, prune, distill, eval) on every host, "
-                              "e.g. with launch/tpu_vm.sh")
-        d, f, _ = check_devices(rc, batch=None)  # the mesh against the devices
+        d, f, _ = check_devices(rc, batch=None)  # joins the job (a multi-process one); the mesh against the devices
+        if multihost.joined():  # generate and lm-eval run in one process
+            single = [k for k, on in (("align.prompts", self.cfg.align.steps and self.cfg.align.prompts is not None),
+                                      ("eval.lm_eval_tasks", bool(self.cfg.eval.lm_eval_tasks)),
+                                      ("search", self.searching())) if on]
+            if single:
+                raise RecipeError(f"{', '.join(single)}: not yet on a multi-process job (the teacher's responses, "
+                                  "lm-eval and the architecture search run in one process); leave them out of a "
+                                  "multi-host `minitron run` and run them on one host afterwards")
         # score and prune (calibration ranking, the search's re-ranking) forward score.batch_size rows at a time:
         # split over data x fsdp, never replicated; the evaluate stage picks a batch that splits (`fitting_batch`)
         check_batch_rows(f"score.batch_size={self.cfg.score.batch_size}", self.cfg.score.batch_size, d * f,
@@ -561,8 +570,8 @@ class Pipeline:
         if not self.spec(data).is_text:
             return {"store": data}
         store = self.out / "data" / "store"
-        m = tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
-                     field=self.cfg.distill.text_field, overwrite=True)
+        m = multihost.decided(lambda: tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
+                                               field=self.cfg.distill.text_field, overwrite=True), "tokenize")
         self.log(f"data: {m['documents']:,} documents, {m['tokens']:,} tokens -> {store}")
         return {"store": str(store), "documents": m["documents"], "tokens": m["tokens"]}
 
@@ -578,8 +587,10 @@ class Pipeline:
             return self._run(until)
 
     def _run(self, until: str | None) -> dict:
+        multihost.check_shared(self.out)  # every host reads what the stages before wrote
         teacher_dir, data = self.inputs()
         self.validate(teacher_dir, data)
+        multihost.same_everywhere(multihost.file_hashes(teacher_dir, ("config.json", "tokenizer.json")), f"teacher {teacher_dir}")
         mesh = self.mesh()
         self.out.mkdir(parents=True, exist_ok=True)
         tok_vocab = LlamaConfig.from_file(teacher_dir).vocab_size
@@ -731,8 +742,8 @@ class Pipeline:
                 for task, metrics in res["results"].items()}
 
     def report_stage(self, run: RunState) -> dict:
-        return self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"],
-                           run.outputs.get("align"))
+        return multihost.decided(lambda: self.report(run.outputs["evaluate"], run.outputs["prune"], run.outputs["distill"],
+                           run.outputs.get("align")), "report")
 
     def evaluate(self, models: dict[str, Path], tok, data, tokens: dict, mesh=None, vocab_size=None) -> dict:
         """Every model on the same held-out rows and items (`evaluate.eval_set`), as `minitron eval` scores them;

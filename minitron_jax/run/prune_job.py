@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
@@ -102,7 +103,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         pruned = Llama(new, params=params)
         pruned.source = str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
-    save_prune_record(out, prune_record(cfg, scores, target, source=model_dir))
+    record = prune_record(cfg, scores, target, source=model_dir)
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
             "rank_change", "validation_curve", "vs_winner")
     search = [{k: r[k] for k in keys if k in r} for r in table] if table else None
@@ -110,8 +111,10 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
               "score_metadata": {k: v for k, v in meta.items() if k != "config"},
               "params_before": cfg.param_count(), "params_after": new.param_count(), "target": target,
               "config": new.to_hf_dict(), "search": search}
-    import jax
-    if jax.process_index() == 0:
+
+    def write() -> None:  # process 0; every host goes on once the student directory is complete
+        save_prune_record(out, record)
         write_text(out / "prune_report.json", json.dumps(report, indent=2, default=str))
+    multihost.decided(write, "prune-report")
     log(f"pruned {cfg.param_count():,} -> {new.param_count():,} parameters: {out}")
     return {"target": target, "params": new.param_count(), "student": str(out), "search": search}

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import TrainingError
 from minitron_jax.core.lock import output_lock
@@ -108,8 +109,12 @@ def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log
           stack: contextlib.ExitStack) -> Job:
     """Everything before step 1, once `out` is held; `stack` closes the checkpoint manager."""
     out = Path(rc.out)
+    multihost.check_shared(out)  # a multi-host job: every host must see the checkpoints process 0's writes
     ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not rc.resume:
+    # decided once: hosts that each read their own listing would not agree on restoring or starting at step 0
+    listing = multihost.decided(lambda: {"dir": ckpt_dir.is_dir(), "entries": ckpt_dir.is_dir() and any(ckpt_dir.iterdir())},
+                                "checkpoint-listing")
+    if listing["entries"] and not rc.resume:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints: pass resume=true to continue, or choose another "
                             "out")
     if rc.export:  # the end of the run must be able to write it
@@ -118,8 +123,8 @@ def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log
     def manager() -> ocp.CheckpointManager:  # creates ckpt_dir: a fresh run does so once its inputs have loaded
         return stack.enter_context(contextlib.closing(checkpoint_manager(ckpt_dir, rc)))
 
-    mngr = manager() if ckpt_dir.is_dir() else None
-    resuming = rc.resume and mngr is not None and bool(mngr.all_steps())
+    mngr = manager() if listing["dir"] else None
+    resuming = rc.resume and mngr is not None and bool(multihost.decided(lambda: list(mngr.all_steps()), "checkpoint-steps"))
     if resuming:  # before any weights or data load
         check_resume_recipe(rc, out, log)
         check_checkpoint_shapes(mngr, rc, s_cfg, t_cfg)

@@ -229,16 +229,3 @@ def test_later_writer_without_overwrite_does_not_replace_an_output_that_appeared
     assert leftovers(tmp_path, "out") == []
 
 
-def test_multi_process_writers_share_process_zeros_token(tmp_path, monkeypatch):
-    from jax.experimental import multihost_utils
-
-    sent = []
-
-    def broadcast(x):
-        sent.append(np.asarray(x))
-        return np.array([4242, 0xABC], np.int32)  # what process 0 sent
-    monkeypatch.setattr(atomic.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
-    with atomic_directory(tmp_path / "out") as tmp:
-        assert tmp.name == ".out.tmp-4242-00000abc"
-    assert sent[0][0] == os.getpid() % 2**31 and is_minitron_output(tmp_path / "out")

@@ -64,15 +64,27 @@ def test_inputs_that_differ_between_processes_are_refused_on_both(tmp_path):
         assert "do not see the same model: tokenizer (process 1) differ" in log, log
 
 
+def test_an_output_written_by_process_0_is_in_place_before_any_process_goes_on(tmp_path):
+    """atomic_directory on 2 processes: one temporary name (process 0's token) on both, and when the `with` ends
+    the output is installed on every process (the next stage, on every host, reads it)."""
+    codes, logs, _ = job("atomic", tmp_path)
+    assert codes == [0, 0], "\n".join(logs)
+    a, b = (json.loads((tmp_path / f"atomic{i}.json").read_text()) for i in range(2))
+    assert a["tmp"] == b["tmp"] and a["tmp"].startswith(".out.tmp-") and a["installed"] and b["installed"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
 @pytest.mark.parametrize("scenario, who, message", [
+    ("mkdir-fails-on-0", 0, "Permission denied"),
     ("error-on-1", 1, "No space left on device"),
     ("bug-on-0", 0, "KeyError: 'injected bug on process 0'"),
     ("exit-on-1", 1, "injected refusal"),
 ])
 def test_a_failure_on_one_process_stops_both_within_a_minute(tmp_path, scenario, who, message):
-    """The other process waits in a device collective; both exit non-zero within 60 s (JAX alone would keep it
-    there until the shutdown barrier's 5 minutes), and its log names the failing process and its message."""
+    """The other process waits in a device collective (or for process 0's decision); both exit non-zero within
+    60 s (JAX alone would keep it there until the shutdown barrier's 5 minutes), and its log names the failing
+    process and its message (a failure inside process 0's decision is raised on both as process 0's)."""
     codes, logs, took = job(scenario, tmp_path)
     assert 0 not in codes and None not in codes and took < 60, (codes, took, logs)
     other = logs[1 - who]
-    assert f"another process of the job failed: process {who}: " in other and message in other, other
+    assert f"process {who}: " in other and message in other, other

@@ -130,15 +130,6 @@ def test_pipeline_scores_windows_by_a_task(tmp_path):
     assert meta["window_metric"] == "task"
 
 
-def test_multi_process_run_is_refused_before_work(tmp_path, monkeypatch):
-    teacher, _, data = make_pair(tmp_path / "pair")
-    monkeypatch.setenv("MINITRON_COORDINATOR", "127.0.0.1:1234")
-    with pytest.raises(SystemExit, match="minitron run runs in one process.*minitron score, prune, distill, eval"):
-        main(["run", f"teacher={teacher}", f"data={data}", "holdout=[tempest]", f"out={tmp_path / 'run'}",
-              "prune.target=hidden_size=54"])
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     """Two `minitron run`s into one out would mix stage outputs: the live holder of out is named and the
     second run stops before any work (the lock is the kernel's flock: a dead holder never blocks)."""
