@@ -68,3 +68,33 @@ def test_hosts_without_shared_storage_stop_together(pair, tmp_path):
         assert "is not storage every host shares: process(es) 1 cannot read a file process 0 wrote" in d.stderr
         assert "gs://" in d.stderr
     assert not list(disk.iterdir())  # nothing on the real disk: each process wrote into its own tmpfs
+
+
+def test_score_prune_and_eval_as_two_processes(pair, tmp_path):
+    """Each subcommand on its own as 2 processes x 2 devices (default mesh: every device of both on fsdp) gives
+    what it gives as 1 process x 4 devices: scores to 1e-5, identical pruned weights, losses to 1e-4."""
+    teacher, _, data = pair
+    for name, devices in (("one", 4), ("two", 2)):
+        d = tmp_path / name
+
+        def cli(*argv):
+            if name == "one":
+                return [run_cli(list(argv), devices=devices)]
+            done = two_processes(["-m", "minitron_jax.run.cli"], list(argv), devices=devices)
+            assert [x.returncode for x in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+            return done
+        cli("score", "--model", str(teacher), "--data", str(data), "--out", str(d / "score"), "--samples", "8",
+            "--seq-len", "64", "--batch-size", "4", "--holdout", "tempest")
+        cli("prune", "--model", str(teacher), "--scores", str(d / "score" / "scores.safetensors"), "--out",
+            str(d / "pruned"), "--target", "hidden_size=54,intermediate_size=64")
+        cli("eval", "--model", str(d / "pruned"), "--data", str(data), "--holdout", "tempest", "--samples", "8",
+            "--seq-len", "64", "--task-items", "8", "--json", str(d / "eval.json"))
+    (a, _), (b, _) = (load_scores(tmp_path / d / "score" / "scores.safetensors") for d in ("one", "two"))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=0, err_msg=k)
+    wa, wb = (open_checkpoint(tmp_path / d / "pruned") for d in ("one", "two"))
+    assert sorted(wa) == sorted(wb)
+    for n in wa:
+        np.testing.assert_array_equal(wb[n].tensor(n), wa[n].tensor(n), err_msg=n)
+    ea, eb = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert abs(ea["loss"] - eb["loss"]) <= 1e-4 and ea["acc"] == eb["acc"]
