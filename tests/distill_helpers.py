@@ -105,8 +105,9 @@ def metrics(out: Path) -> list[dict]:
 ENV = {"JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
 
 
-def two_processes(program: list[str], argv: list[str]) -> list[subprocess.CompletedProcess]:
-    """`python PROGRAM ARGV` as 2 processes of 4 fake CPU devices joined on 127.0.0.1 (as launch/local.sh)."""
+def two_processes(program: list[str], argv: list[str], devices: int = 4) -> list[subprocess.CompletedProcess]:
+    """`python PROGRAM ARGV` as 2 processes of `devices` fake CPU devices each, joined on 127.0.0.1 (as
+    launch/local.sh)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,7 +115,7 @@ def two_processes(program: list[str], argv: list[str]) -> list[subprocess.Comple
     procs = [subprocess.Popen([sys.executable, *program, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, **ENV, "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
                                               "MINITRON_NUM_PROCESSES": "2", "MINITRON_PROCESS_ID": str(i),
-                                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                                              "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
              for i in range(2)]
     done = []
     try:
