@@ -8,6 +8,13 @@ store is row j % B of global batch j // B (B = batch_size, seeded by `seed`, spl
 the teacher: no teacher parameters or activations on the devices, and every student trained on the same
 rows (search candidates, experiment arms, repeated runs) reuses one teacher pass.
 
+Each of P processes computes and writes its loader rows p*b .. p*b + b of every global batch (b = B / P) at
+those store rows, whatever the mesh's device order: the teacher's outputs are placed as the batch is (rows
+over data x fsdp), and a process's rows are read back from the row blocks it holds in increasing global
+index, the order `make_array_from_process_local_data` gave them (on a TPU slice a process's blocks can
+interleave with another's). A distillation run reads the same rows of the store (`stored_logits.logits_batch`)
+and places them as its tokens, so the store does not depend on the device order of either run.
+
 Layout under LOGITS (zarr3 arrays, one chunk = the rows one process computes in one step):
 
 * `tokens/`   uint32 [N, S]: each row's token ids (to line the logits up with their tokens; a run checks them).
@@ -50,15 +57,17 @@ from minitron_jax.data.token_store import _kv, delete_key, list_keys, read_json,
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import _logits, _split
-from minitron_jax.model.sharding import make_mesh, to_global
+from minitron_jax.model.sharding import make_mesh, named_sharding, to_global
 from minitron_jax.train.preflight import check_data, check_devices, check_model
 from minitron_jax.train.stored_logits import FORMAT, MANIFEST, STATE, VERSION, LogitsConfig, _arrays, identity
 
 
 # ---------------------------------------------------------------------------- the teacher pass
-def make_topk_fn(t_cfg, k: int, chunk_size: int, attention: str, compute_dtype=None):
+def make_topk_fn(t_cfg, k: int, chunk_size: int, attention: str, compute_dtype=None, mesh=None, rows: int = 0):
     """jitted (params, batch [b, S]) -> (values fp32 [b, S, k], indices int32 [b, S, k], lse fp32 [b, S]),
-    one sequence chunk of logits at a time (never [b, S, V])."""
+    one sequence chunk of logits at a time (never [b, S, V]). With a `mesh`, the outputs of a batch of `rows`
+    rows are placed as the batch is (`to_global`: rows over data x fsdp), so that each process holds exactly
+    the rows it gave, whatever sharding XLA would choose."""
     import jax
     import jax.numpy as jnp
 
@@ -79,18 +88,34 @@ def make_topk_fn(t_cfg, k: int, chunk_size: int, attention: str, compute_dtype=N
         back = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * c, *x.shape[3:])[:, :s]  # noqa: E731
         return back(v), back(i), back(lse)
 
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=(_rows_sharding(mesh, rows, 3), _rows_sharding(mesh, rows, 3),
+                                      _rows_sharding(mesh, rows, 2)))
 
 
-def _local_pieces(x) -> list[tuple[int, np.ndarray]]:
-    """(first global row, rows) of each distinct row block of `x` this process holds."""
-    seen = {}
+def _rows_sharding(mesh, rows: int, ndim: int):
+    """A [rows, ...] array of `ndim` axes placed as `to_global` places a [rows, S] batch: its rows over the
+    batch axes (data x fsdp), the other axes whole."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    spec = named_sharding(("batch",), (rows,), mesh).spec
+    return NamedSharding(mesh, P(*spec, *[None] * (ndim - len(spec))))
+
+
+def _local_rows(x) -> np.ndarray:
+    """This process's rows of the global [B, ...] array `x` in the order of its process-local data: the row
+    blocks it holds in increasing global index, as `jax.make_array_from_process_local_data` lays a process's
+    rows out over them (its blocks need not be one contiguous block of `x`: a TPU mesh may interleave the
+    processes' devices). `x` must be placed as the batch it was computed from (`make_topk_fn`'s mesh)."""
+    blocks = {}
     for s in x.addressable_shards:
         r = s.index[0]
-        start = r.start or 0
-        if start not in seen:
-            seen[start] = np.asarray(s.data)
-    return sorted(seen.items())
+        blocks.setdefault((r.start or 0, x.shape[0] if r.stop is None else r.stop), s)  # replicas: one copy
+    spans = sorted(blocks)
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):  # rows over data x fsdp never overlap
+        raise LogitsError(f"the teacher's outputs hold overlapping row blocks {spans} on this process")
+    return np.concatenate([np.asarray(blocks[r].data) for r in spans])
 
 
 def write_teacher_logits(rc, lc: LogitsConfig, log=print) -> dict[str, Any]:
@@ -175,8 +200,8 @@ def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cf
     mesh = make_mesh(*rc.mesh)
     dtype = rc.teacher_compute_dtype()  # as the online teacher: the logits a top-k run would see
     params = from_pretrained(rc.teacher, mesh=mesh, dtype=dtype).params()
-    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, dtype)
     B = rc.batch_size
+    fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, dtype, mesh=mesh, rows=B)
     steps = -(-n // B)
     local_dir = "://" not in str(out)
     prog = Progress(steps, "teacher-logits", metrics_path=(Path(str(out)) / "metrics.jsonl")
@@ -189,20 +214,20 @@ def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cf
         local = loader.batch_at(step)
         with jax.set_mesh(mesh):
             v, i, lse = fn(params, to_global(local, mesh, lead=False))
-        pieces = list(zip(_local_pieces(v), _local_pieces(i), _local_pieces(lse)))
-        base = min(r0 for (r0, _), _, _ in pieces)  # this process's first global row of the batch
-        for (r0, vv), (_, ii), (_, ll) in pieces:
-            g0 = step * B + r0
-            m = min(len(vv), n - g0)
-            if m <= 0:
-                continue
-            lo = r0 - base
+        # this process's rows, in the order it gave them: rows p*b .. p*b + b of the loader's global batch
+        vv, ii, ll = _local_rows(v), _local_rows(i), _local_rows(lse)
+        if len(vv) != b:
+            raise LogitsError(f"process {jax.process_index()} holds {len(vv)} rows of the teacher's outputs, not "
+                              f"its {b} rows of the batch: the mesh {dict(mesh.shape)} shares rows between processes")
+        g0 = step * B + jax.process_index() * b  # store row of local row 0: the loader's order, not the devices'
+        m = min(b, n - g0)
+        if m > 0:
             sl = slice(g0, g0 + m)
-            pending += [arrays["tokens"][sl].write(local["input_ids"][lo:lo + m].astype(np.uint32)),
+            pending += [arrays["tokens"][sl].write(local["input_ids"][:m].astype(np.uint32)),
                         arrays["values"][sl].write(vv[:m].astype(vdt)), arrays["indices"][sl].write(ii[:m])]
             if lc.lse:
                 pending.append(arrays["lse"][sl].write(ll[:m]))
-            mask = local["mask"][lo:lo + m]
+            mask = local["mask"][:m]
             mass_sum += float(np.sum(np.exp(vv[:m] - ll[:m, :, None]).sum(-1) * mask))
             tok_sum += float(mask.sum())
         prog.update(steps=1, tokens=B * rc.seq_len)

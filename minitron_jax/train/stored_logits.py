@@ -220,7 +220,10 @@ class TeacherLogits:
 def logits_batch(store: TeacherLogits, step: int, global_batch: int, local: dict, process_index: int,
                  process_count: int) -> dict[str, np.ndarray]:
     """This process's stored rows of global batch `step` ({"t_values", "t_indices"}), checked against the rows
-    the loader gave (`local`, [b, S]): other tokens mean the store belongs to other rows."""
+    the loader gave (`local`, [b, S]): other tokens mean the store belongs to other rows. They are the
+    loader's rows p*b .. p*b + b of the batch, in its order (as `teacher_pass` writes them, whatever the devices'
+    order); the trainer places them with the same `to_global` as the tokens, so they stay lined up with their
+    tokens on any mesh."""
     b = global_batch // process_count
     start = step * global_batch + process_index * b
     got = store.read(start, start + b)

@@ -1,6 +1,7 @@
 """Offline teacher top-k logits (`minitron teacher-logits`, `distill teacher_logits=`): the stored values equal
 an independent transformers forward of the teacher on the loader's rows, a run from them equals the online
-top-k run, an interrupted write resumes to identical arrays, two processes write one store, and a store that
+top-k run, an interrupted write resumes to identical arrays, two processes write one store (also when the mesh
+interleaves their devices, and a distillation on such a mesh reads it as one process does), and a store that
 belongs to other rows or another teacher is refused before step 0."""
 
 import json
@@ -318,6 +319,61 @@ def test_two_processes_write_one_store(setup, tmp_path):
     np.testing.assert_array_equal(a["values"].astype(np.float32), b["values"].astype(np.float32))
     np.testing.assert_array_equal(a["indices"], b["indices"])
 
+
+INTERLEAVED = str(__import__("pathlib").Path(__file__).parents[1] / "interleaved_devices.py")
+
+
+def interleaved_job(record, argv) -> list[dict]:
+    """`minitron ARGV` as 2 processes x 2 devices whose meshes interleave them (p0d0, p1d0, p0d1, p1d1:
+    tests/interleaved_devices.py); each process's record (mesh order, the row blocks it holds)."""
+    from distill_helpers import two_processes
+    done = two_processes([INTERLEAVED, str(record)], argv, devices=2)
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    return [json.loads((record / f"p{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def interleaved(setup, tmp_path_factory):
+    """The 36 rows of `whole` (commit_every=2, the last batch half used) written by 2 processes whose devices
+    interleave: (the store, each process's record)."""
+    root = tmp_path_factory.mktemp("interleaved")
+    recs = interleaved_job(root / "record", ["teacher-logits", *cli_args(setup, root / "tl", "samples=36",
+                                                                         "commit_every=2")])
+    return root / "tl", recs
+
+
+def test_two_processes_with_interleaved_devices_write_the_one_process_store(whole, interleaved):
+    """The mesh orders the devices p0d0, p1d0, p0d1, p1d1, so each process holds two separate row blocks of
+    every global batch (rows 0-1 and 4-5 of 8 on process 0); each process still writes its loader rows
+    (p*b .. p*b + b of the batch) at their store rows: the store equals the 1-process one byte for byte
+    (tokens, values, indices, lse), the rows past samples=36 of the last batch included."""
+    store, recs = interleaved
+    assert [r["mesh"] for r in recs] == [[0, 1, 0, 1]] * 2
+    assert [r["rows_lead0"] for r in recs] == [[[0, 2], [4, 6]], [[2, 4], [6, 8]]]
+    assert_same_store(whole, store)
+
+
+def test_distilling_on_interleaved_devices_reads_the_rows_of_one_process(setup, interleaved, tmp_path):
+    """A distillation from that store (grad_accum=2) on the 2 interleaved processes gives the per-step losses of
+    1 process reading it (rel 1e-5): each process reads its loader rows of the store, and they go through the
+    same placement as its tokens, whichever devices hold them."""
+    from distill_helpers import metrics, run_cli
+    teacher, student, data = setup
+    store = interleaved[0]
+
+    def argv(out):
+        return ["distill", f"teacher={teacher}", f"student={student}", f"data={data}", f"out={out}",
+                f"teacher_logits={store}", f"seq_len={S}", f"batch_size={B}", "grad_accum=2", "steps=4", "warmup=1",
+                "holdout=[tempest]", "eval_every=100", "save_every=100", "peak_tflops=1", "export=false"]
+    run_cli(argv(tmp_path / "one"), devices=4)
+    recs = interleaved_job(tmp_path / "record", argv(tmp_path / "two"))
+    assert [r["mesh"] for r in recs] == [[0, 1, 0, 1]] * 2
+    assert [r["rows_lead1"] for r in recs] == [[[0, 1], [2, 3]], [[1, 2], [3, 4]]]  # micro-batches of 4 rows
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("loss", "kl"):
+            assert abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (k, x[k], y[k])
 
 def test_a_store_for_other_rows_or_another_teacher_is_refused_before_step_0(setup, tmp_path):
     from minitron_jax.core.errors import TrainingError
