@@ -19,8 +19,10 @@ bytes of a store depend only on its contents, not on how its writes were split.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,18 @@ def delete_all(store) -> None:
 def delete_key(store, key: str) -> None:
     import tensorstore as ts
     _kv(store).delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+
+
+def delete_prefix(store, prefix: str) -> None:
+    """Every key that starts with `prefix` (e.g. `parts/`)."""
+    import tensorstore as ts
+    _kv(store).delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
+    s = str(store)
+    local = s[len("file://"):] if s.startswith("file://") else None if "://" in s else s
+    if local is not None and (d := Path(local) / prefix).is_dir():  # the file kvstore leaves the directories
+        for sub, _, _ in sorted(os.walk(d), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):  # only empty ones go
+                os.rmdir(sub)
 
 
 def array_spec(store, name: str, dtype: str, shard: int, chunk: int, shape: int | None = None) -> dict:

@@ -17,7 +17,7 @@ from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import AOTError, MinitronError, Preempted
 from minitron_jax.core.yaml_config import build, load_values, split_config
 from minitron_jax.data.spec import DataSpec
-from minitron_jax.data.tokenize import tokenize
+from minitron_jax.data.tokenize import Job, tokenize
 from minitron_jax.eval.evaluate import eval_set, eval_split_seed, evaluate_model, load_task, run_model
 from minitron_jax.eval.parity import compare_with_transformers
 from minitron_jax.eval.sampling import Sampling
@@ -74,8 +74,13 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
+    job = None
+    if multihost.joined():  # every host runs this command: each tokenizes its stripes, the store is one
+        import jax
+        multihost.check_shared(args.out, "--out")
+        job = Job(jax.process_index(), jax.process_count(), multihost.decided, multihost.agree)
     m = tokenize(args.sources, args.tokenizer, args.out, workers=args.workers, field=args.field,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, job=job)
     print(json.dumps({k: m[k] for k in ("tokens", "documents", "skipped_documents")}))
 
 
@@ -352,7 +357,7 @@ def _tokenize_parser(sub) -> None:
                     "datasets.load_dataset source, streamed: hf:json?data_files=GLOB (docs/DATA.md)")
     tk.add_argument("--tokenizer", required=True, help="HF directory holding tokenizer.json (the teacher's)")
     tk.add_argument("--out", required=True, help="store: a local path or a TensorStore kvstore URL (gs://bucket/path)")
-    tk.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")
+    tk.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each; per host in a multi-host job)")
     tk.add_argument("--field", default="text", help="the field / column that holds the text")
     tk.add_argument("--overwrite", action="store_true",
                     help="replace a complete store (or an unfinished one of other arguments)")

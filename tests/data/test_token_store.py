@@ -301,3 +301,169 @@ def test_minitron_tokenize_command(corpus, store1, tmp_path, capsys):
     (tmp_path / "empty" / "a.txt").write_text(" \n")
     with pytest.raises(SystemExit, match="minitron tokenize: no non-empty documents"):
         main(["tokenize", str(tmp_path / "empty"), "--tokenizer", str(tok), "--out", str(tmp_path / "e")])
+
+
+# ---------------------------------------------------------------------------- several processes
+STRIPE = 8  # source documents per stripe: 171 source documents -> 22 stripes, 11 per process of 2
+
+TWO_PROCESS_PROGRAM = (  # `minitron tokenize` as one process of the job, with the SMALL layout
+    "import functools, os, sys\nfrom minitron_jax.run import cli\n"
+    "kw = dict(stripe_docs=int(sys.argv[1]), **eval(sys.argv[2]))\n"
+    "if os.environ['MINITRON_PROCESS_ID'] == sys.argv[3]:\n    kw['_stop_after_commits'] = 3\n"
+    "cli.tokenize = functools.partial(cli.tokenize, **kw)\n"
+    "cli.main(['tokenize', *sys.argv[4:]])\n")
+
+
+def two_processes(argv: list[str], stop_on: int = -1) -> list[tuple[int, str, str]]:
+    """`minitron tokenize ARGV` as 2 processes (1 CPU device each) joined on 127.0.0.1; `stop_on`: the process
+    stopped (a KeyboardInterrupt, after 3 commits of its part). (returncode, stdout, stderr) of each."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(Path(__file__).parents[2]), "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
+           "MINITRON_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_PROGRAM, str(STRIPE), repr(SMALL), str(stop_on),
+                               *argv], env={**env, "MINITRON_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        done = [p.communicate(timeout=300) for p in procs]  # a process left waiting hangs here
+        return [(p.returncode, *d) for p, d in zip(procs, done)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def owned_documents(src: Path, processes: int) -> list[int]:
+    """The non-blank documents each process owns: stripe s of STRIPE source documents is process s % P's."""
+    from minitron_jax.data.text import iter_documents
+    mine = [0] * processes
+    for n, (_, chunks) in enumerate(iter_documents(src)):
+        if "".join(c for c in chunks if isinstance(c, str)).strip():
+            mine[n // STRIPE % processes] += 1
+    return mine
+
+
+def test_two_processes_split_the_documents_and_write_the_same_bytes(corpus, store1, tmp_path):
+    """`minitron tokenize` on 2 processes of one job: each tokenizes only its stripes (its log), the places where
+    the processes' stripes meet in the store fall inside zarr chunks, and the store is byte-identical to
+    1 process's, every file."""
+    import re
+
+    from minitron_jax.data.text import iter_documents
+    src, tok, _ = corpus
+    want = owned_documents(src, 2)
+    st = S.open_store(store1)
+    assert sum(want) == st.n_documents and min(want) > 20
+    # the token offset of each stripe's first document (where one process's documents meet the other's)
+    names, sources = st.names(0, st.n_documents), [n for n, _ in iter_documents(src)]
+    meets = [int(st.document_offsets(names.index(n), names.index(n))[0])
+             for n in sources[STRIPE::STRIPE] if n in names]
+    assert len(meets) >= 15 and sum(m % SMALL["chunk"] != 0 for m in meets) >= 10, meets
+    runs = two_processes([str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")])
+    assert [r[0] for r in runs] == [0, 0], "\n".join(r[2] for r in runs)
+    for i, (_, stdout, stderr) in enumerate(runs):
+        m = re.search(rf"tokenize: process {i} of 2 tokenized (\d+) documents \((\d+) tokens", stderr)
+        assert m and int(m[1]) == want[i], (want, stderr)
+        printed = json.loads(stdout.strip().splitlines()[-1])
+        assert (printed["documents"], printed["tokens"]) == (st.n_documents, len(st))
+    assert files(tmp_path / "s") == files(store1)
+
+
+def test_two_processes_stopped_resume_their_parts(corpus, store1, tmp_path):
+    """Process 1 interrupted half-way: both processes stop (none is left waiting, nor its tokenizer workers);
+    1 process cannot resume the parts of 2; the same 2-process command resumes and gives 1 process's bytes."""
+    src, tok, _ = corpus
+    argv = [str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")]
+    runs = two_processes(argv, stop_on=1)
+    assert 0 not in [r[0] for r in runs], runs
+    assert "stopped after 3 commits" in runs[1][2] and "another process of the job failed" in runs[0][2]
+    assert json.loads((tmp_path / "s" / "parts" / "00001" / S.STATE).read_text())["documents"] > 0
+    assert not (tmp_path / "s" / S.MANIFEST).exists()
+    with pytest.raises(S.StoreError, match="written by 2 processes.*run it again with 2 processes"):
+        tokenize(src, tok, str(tmp_path / "s"), **SMALL)
+    runs = two_processes(argv)
+    assert [r[0] for r in runs] == [0, 0], "\n".join(r[2] for r in runs)
+    assert files(tmp_path / "s") == files(store1)
+
+
+def thread_jobs(processes: int):
+    """`processes` Jobs whose decided / agree go between threads of this process (as core.multihost's between
+    hosts: process 0 decides, errors reach every process; a failed thread stops the others' waits)."""
+    import threading
+
+    from minitron_jax.data.tokenize import Job
+    cond, values, failed, calls = threading.Condition(), {}, [], [0] * processes
+
+    def wait(ready):
+        cond.wait_for(lambda: ready() or failed)
+        if not ready():
+            raise RuntimeError("another process failed")
+
+    def job(i):
+        def decided(fn, what):
+            key = (calls[i], what)
+            calls[i] += 1
+            if i == 0:
+                try:
+                    got = ("value", fn())
+                except S.StoreError as e:
+                    got = ("error", e)
+                with cond:
+                    values[key] = got
+                    cond.notify_all()
+            with cond:
+                wait(lambda: key in values)
+            if values[key][0] == "error":
+                raise values[key][1]
+            return json.loads(json.dumps(values[key][1]))
+
+        def agree(value, what):
+            n = calls[i]
+            calls[i] += 1
+            with cond:
+                values[n, what, i] = value
+                cond.notify_all()
+                wait(lambda: all((n, what, j) in values for j in range(processes)))
+                return [values[n, what, j] for j in range(processes)]
+        return Job(i, processes, decided, agree)
+
+    def run(fn):
+        out = [None] * processes
+
+        def go(i):
+            try:
+                out[i] = fn(job(i))
+            except BaseException as e:  # noqa: BLE001  (a KeyboardInterrupt of the test hook too)
+                out[i] = e
+                with cond:
+                    failed.append(i)
+                    cond.notify_all()
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(processes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+    return run
+
+
+@pytest.mark.parametrize("processes, stripe", [(3, 5), (4, 1)])
+def test_several_processes_resume_their_parts(corpus, store1, tmp_path, processes, stripe):
+    """The multi-process path in threads (fast): any process count and stripe size gives 1 process's bytes,
+    one process with no documents included; stopped after 3 commits of every part, the same job resumes them
+    and gives the same bytes; a complete store is refused without --overwrite on every process."""
+    src, tok, _ = corpus
+    out = str(tmp_path / "s")
+    got = thread_jobs(processes)(lambda job: tokenize(src, tok, out, job=job, stripe_docs=stripe,
+                                                      _stop_after_commits=3, **SMALL))
+    assert all(isinstance(g, BaseException) for g in got), got
+    assert any(isinstance(g, KeyboardInterrupt) for g in got)
+    got = thread_jobs(processes)(lambda job: tokenize(src, tok, out, job=job, stripe_docs=stripe, **SMALL))
+    assert all(g == got[0] and isinstance(g, dict) for g in got), got
+    assert files(tmp_path / "s") == files(store1)
+    got = thread_jobs(processes)(lambda job: tokenize(src, tok, out, job=job, stripe_docs=stripe, **SMALL))
+    assert all(isinstance(g, S.StoreError) and "complete token store" in str(g) for g in got), got
+    lone = thread_jobs(2)(lambda job: tokenize(src / "b.txt", tok, str(tmp_path / "one"), job=job, **SMALL))
+    assert all(isinstance(g, dict) and g["documents"] == 1 for g in lone), lone  # process 1 has no document
