@@ -17,7 +17,7 @@ from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import AOTError, MinitronError, Preempted
 from minitron_jax.core.yaml_config import build, load_values, split_config
 from minitron_jax.data.spec import DataSpec
-from minitron_jax.data.tokenize import Job, tokenize
+from minitron_jax.data.tokenize import tokenize
 from minitron_jax.eval.evaluate import eval_set, eval_split_seed, evaluate_model, load_task, run_model
 from minitron_jax.eval.parity import compare_with_transformers
 from minitron_jax.eval.sampling import Sampling
@@ -32,7 +32,7 @@ from minitron_jax.prune.targets import dry_run as prune_dry_run
 from minitron_jax.run.aot import TOPOLOGIES, advice, compile_steps, format_compiled, topology_devices
 from minitron_jax.run.generate_job import generate_file
 from minitron_jax.run.lm_eval_job import lm_eval_tasks
-from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline
+from minitron_jax.run.pipeline import STAGES, Pipeline, dry_run, gap_closed, load_pipeline, tokenize_job
 from minitron_jax.run.plan import estimate, format_plan
 from minitron_jax.run.prune_job import prune_saved
 from minitron_jax.run.teacher_pass import write_teacher_logits
@@ -74,11 +74,8 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    job = None
-    if multihost.joined():  # every host runs this command: each tokenizes its stripes, the store is one
-        import jax
-        multihost.check_shared(args.out, "--out")
-        job = Job(jax.process_index(), jax.process_count(), multihost.decided, multihost.agree)
+    multihost.check_shared(args.out, "--out")  # several hosts: each tokenizes its stripes into the one store
+    job = tokenize_job()
     m = tokenize(args.sources, args.tokenizer, args.out, workers=args.workers, field=args.field,
                  overwrite=args.overwrite, job=job)
     print(json.dumps({k: m[k] for k in ("tokens", "documents", "skipped_documents")}))

@@ -39,7 +39,7 @@ from minitron_jax.data.sft import read_examples
 from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.store_reader import HOLDOUT, TRAIN, VALIDATION, SplitMap, open_stores
 from minitron_jax.data.text import read_documents, split_documents
-from minitron_jax.data.tokenize import tokenize
+from minitron_jax.data.tokenize import Job, tokenize
 from minitron_jax.eval.evaluate import eval_set, evaluate_model, load_task
 from minitron_jax.io import hf
 from minitron_jax.io.hf import load_tokenizer
@@ -355,6 +355,15 @@ class RunState:
         return Path(self.outputs["finetune"]["teacher"]) if "finetune" in self.outputs else self.teacher
 
 
+def tokenize_job() -> Job | None:
+    """This process's share of a multi-process `tokenize` (each host tokenizes its stripes of the documents), None
+    in a single-process run."""
+    if not multihost.joined():
+        return None
+    import jax
+    return Job(jax.process_index(), jax.process_count(), multihost.decided, multihost.agree)
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
@@ -570,8 +579,8 @@ class Pipeline:
         if not self.spec(data).is_text:
             return {"store": data}
         store = self.out / "data" / "store"
-        m = multihost.decided(lambda: tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
-                                               field=self.cfg.distill.text_field, overwrite=True), "tokenize")
+        m = tokenize([str(data)], teacher, str(store), workers=max(1, min(8, os.cpu_count() or 1)),
+                     field=self.cfg.distill.text_field, overwrite=True, job=tokenize_job())
         self.log(f"data: {m['documents']:,} documents, {m['tokens']:,} tokens -> {store}")
         return {"store": str(store), "documents": m["documents"], "tokens": m["tokens"]}
 
