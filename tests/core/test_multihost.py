@@ -3,10 +3,6 @@ errors reach the other process, inputs and storage the processes do not share ar
 on one process stops both within a minute with its message (never a hang at a collective)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,21 +12,11 @@ SCRIPT = Path(__file__).parents[1] / "multihost_job.py"
 
 
 def job(scenario: str, d: Path, timeout: int = 120) -> tuple[list[int], list[str], float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": str(Path(__file__).parents[2]), "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
-           "MINITRON_NUM_PROCESSES": "2"}
+    """SCRIPT SCENARIO D as 2 processes (1 CPU device each) joined on 127.0.0.1: return codes, logs, seconds."""
+    from distill_helpers import two_processes
     t = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), scenario, str(d)], env={**env, "MINITRON_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [p.returncode for p in procs], logs, time.monotonic() - t
+    done = two_processes([str(SCRIPT), scenario], [str(d)], devices=1, timeout=timeout)
+    return [p.returncode for p in done], [p.stdout + p.stderr for p in done], time.monotonic() - t
 
 
 def test_process_0_decides_and_its_errors_reach_every_process(tmp_path):

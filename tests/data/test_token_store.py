@@ -314,25 +314,12 @@ TWO_PROCESS_PROGRAM = (  # `minitron tokenize` as one process of the job, with t
     "cli.main(['tokenize', *sys.argv[4:]])\n")
 
 
-def two_processes(argv: list[str], stop_on: int = -1) -> list[tuple[int, str, str]]:
+def tokenize_two_processes(argv: list[str], stop_on: int = -1) -> list[tuple[int, str, str]]:
     """`minitron tokenize ARGV` as 2 processes (1 CPU device each) joined on 127.0.0.1; `stop_on`: the process
     stopped (a KeyboardInterrupt, after 3 commits of its part). (returncode, stdout, stderr) of each."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": str(Path(__file__).parents[2]), "MINITRON_COORDINATOR": f"127.0.0.1:{port}",
-           "MINITRON_NUM_PROCESSES": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_PROGRAM, str(STRIPE), repr(SMALL), str(stop_on),
-                               *argv], env={**env, "MINITRON_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        done = [p.communicate(timeout=300) for p in procs]  # a process left waiting hangs here
-        return [(p.returncode, *d) for p, d in zip(procs, done)]
-    finally:
-        for p in procs:
-            p.kill()
+    from distill_helpers import two_processes as start
+    done = start(["-c", TWO_PROCESS_PROGRAM, str(STRIPE), repr(SMALL), str(stop_on)], argv, devices=1, timeout=300)
+    return [(d.returncode, d.stdout, d.stderr) for d in done]
 
 
 def owned_documents(src: Path, processes: int) -> list[int]:
@@ -361,7 +348,7 @@ def test_two_processes_split_the_documents_and_write_the_same_bytes(corpus, stor
     meets = [int(st.document_offsets(names.index(n), names.index(n))[0])
              for n in sources[STRIPE::STRIPE] if n in names]
     assert len(meets) >= 15 and sum(m % SMALL["chunk"] != 0 for m in meets) >= 10, meets
-    runs = two_processes([str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")])
+    runs = tokenize_two_processes([str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")])
     assert [r[0] for r in runs] == [0, 0], "\n".join(r[2] for r in runs)
     for i, (_, stdout, stderr) in enumerate(runs):
         m = re.search(rf"tokenize: process {i} of 2 tokenized (\d+) documents \((\d+) tokens", stderr)
@@ -376,14 +363,14 @@ def test_two_processes_stopped_resume_their_parts(corpus, store1, tmp_path):
     1 process cannot resume the parts of 2; the same 2-process command resumes and gives 1 process's bytes."""
     src, tok, _ = corpus
     argv = [str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "s")]
-    runs = two_processes(argv, stop_on=1)
+    runs = tokenize_two_processes(argv, stop_on=1)
     assert 0 not in [r[0] for r in runs], runs
     assert "stopped after 3 commits" in runs[1][2] and "another process of the job failed" in runs[0][2]
     assert json.loads((tmp_path / "s" / "parts" / "00001" / S.STATE).read_text())["documents"] > 0
     assert not (tmp_path / "s" / S.MANIFEST).exists()
     with pytest.raises(S.StoreError, match="written by 2 processes.*run it again with 2 processes"):
         tokenize(src, tok, str(tmp_path / "s"), **SMALL)
-    runs = two_processes(argv)
+    runs = tokenize_two_processes(argv)
     assert [r[0] for r in runs] == [0, 0], "\n".join(r[2] for r in runs)
     assert files(tmp_path / "s") == files(store1)
 
