@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -306,6 +307,22 @@ def test_a_write_killed_before_its_first_commit_resumes(setup, whole, tmp_path):
     assert f"resuming {part} at row 0 of 36" in r.stdout + r.stderr
     assert_same_store(whole, part)
     assert not (part / "state.json").exists()
+
+
+def test_a_tensorstore_write_error_on_one_process_stops_both(setup, tmp_path):
+    """Process 1's writes fail as a TensorStore write error does (at `.result()`): both processes stop within
+    90 s (start-up included), process 0 naming process 1's error; the store is never marked complete."""
+    import time
+
+    from distill_helpers import two_processes
+    t = time.monotonic()
+    done = two_processes([str(Path(__file__).parents[1] / "inject_failure.py"), "1", "tensorstore", "teacher-logits"],
+                         cli_args(setup, tmp_path / "tl", "samples=24"), devices=2, timeout=300)
+    took = time.monotonic() - t
+    assert all(d.returncode not in (0, None) for d in done) and took < 90, ([d.returncode for d in done], took)
+    assert "process 1: " in done[0].stderr and "tensorstore: error writing local file" in done[0].stderr, \
+        done[0].stderr[-3000:]
+    assert not (tmp_path / "tl" / "manifest.json").exists()
 
 
 def test_two_processes_write_one_store(setup, tmp_path):
