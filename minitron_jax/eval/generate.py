@@ -22,7 +22,7 @@ from minitron_jax.eval.sampling import Sampling, next_token
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.kv_cache import KVCache, abstract_cache, init_cache
 from minitron_jax.model.llama import forward, linear, lm_head_weight
-from minitron_jax.model.sharding import named_sharding, put
+from minitron_jax.model.sharding import named_sharding, put, to_host
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this (one compile per bucket)
 
@@ -131,11 +131,11 @@ class Generator:
             steps = 0
             while not bool(state["done"].all()):
                 if done_when is not None and steps % check_every == 0 and done_when(
-                        np.asarray(state["out"])[:n, :steps + 1]):
+                        to_host(state["out"])[:n, :steps + 1]):
                     break
                 cache, state = self.decode(params, cache, state)
                 steps += 1
-            out, stopped = np.asarray(state["out"]), np.asarray(state["stopped"])
+            out, stopped = to_host(state["out"]), to_host(state["stopped"])  # rows other processes hold: gathered
         results = []
         for r in range(n):
             row = out[r, :steps + 1].tolist()

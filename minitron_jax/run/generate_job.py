@@ -15,6 +15,7 @@ holds (each must answer the same input line) and drops a partial last line left 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from minitron_jax.core import multihost
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.chat import prompt_ids
@@ -100,9 +102,6 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: give at least 1")
     check_batch_rows(f"--batch-size {batch_size}", batch_size, batch_rows(mesh))  # split over the mesh, not replicated
-    if jax.process_count() > 1:
-        raise DataError("minitron generate runs in one process (its devices may be many: --mesh); start it on one "
-                        "host")
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a .jsonl file path")
@@ -111,18 +110,20 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
     limit = context_limit(cfg)
     rows = read_prompts(prompts_path, tok, limit=limit, max_new_tokens=max_new_tokens)
     stops = stop_ids(model_dir, cfg, tok, extra_stop_ids)
-    skip = finished_lines(out, rows, prompts_path)
+    skip = multihost.decided(lambda: finished_lines(out, rows, prompts_path), "generate-resume")  # process 0's file
     summary = {"out": str(out), "rows": len(rows), "skipped": skip, "generated_tokens": 0, "stop_ids": list(stops)}
     if skip == len(rows):
         log(f"[generate] {out} already answers all {len(rows)} prompts")
         return summary
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0  # every process runs every batch (SPMD); process 0 writes the file
+    if lead:
+        out.parent.mkdir(parents=True, exist_ok=True)
     model = from_pretrained(model_dir, mesh=mesh, dtype=dtype)
     params = model.params()
     gen = Generator(cfg, sampling, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=batch_size, mesh=mesh,
                     attention=attention, max_len=limit)
     progress = Progress(len(rows) - skip, "generate")
-    with open(out, "a", encoding="utf-8") as f:
+    with open(out, "a", encoding="utf-8") if lead else contextlib.nullcontext() as f:
         for start in range(skip, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             results, _ = gen(params, [ids for _, ids in batch], range(start, start + len(batch)), seed=seed)
@@ -133,11 +134,13 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
                                          "prompt_tokens": len(ids), "response_tokens": len(res.tokens),
                                          "finish_reason": res.finish_reason,
                                          "response_ids": [int(t) for t in res.tokens]}, ensure_ascii=False) + "\n")
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            if lead:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
             tokens = sum(len(r.tokens) for r in results)
             summary["generated_tokens"] += tokens
             progress.update(len(batch), tokens=tokens)
     progress.close()
+    multihost.decided(lambda: None, "generate-written")  # every host goes on once process 0's file is complete
     return summary

@@ -120,3 +120,17 @@ def test_chat_without_a_template_and_foreign_output_are_refused(model_dir, tmp_p
                                          r"fsdp = 8 devices .*give a multiple of 8, e.g. 8$"):
         run(model_dir, prompts, tmp_path / "out.jsonl", "--mesh", "1,8,1")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_two_processes_generate_what_one_does(model_dir, tmp_path):
+    """`minitron generate` as 2 processes x 2 devices (rows split over all 4, sampled) writes, through process 0,
+    the lines 1 process x 4 devices writes."""
+    from distill_helpers import run_cli, two_processes
+    prompts = write_lines(tmp_path / "p.jsonl", LINES)
+    argv = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "5",
+            "--batch-size", "4", "--temperature", "0.8", "--seed", "3"]
+    run_cli([*argv, "--out", str(tmp_path / "one.jsonl")], devices=4)
+    done = two_processes(["-m", "minitron_jax.run.cli"], [*argv, "--out", str(tmp_path / "two.jsonl")], devices=2)
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    one, two = ((tmp_path / f"{n}.jsonl").read_text() for n in ("one", "two"))
+    assert one == two and len(one.splitlines()) == len(LINES)
