@@ -82,6 +82,10 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
     rc.validate()
     check_devices(rc)  # joins a multi-process job; the mesh against the devices, the batch against the mesh
     s_cfg, t_cfg, tok = check_pair(rc)
+    models = {"student": rc.student, "teacher": rc.teacher if rc.has_teacher else None}
+    multihost.same_everywhere({f"{who} {name}": h for who, path in models.items() if path is not None
+                               for name, h in multihost.file_hashes(path, ("config.json", "tokenizer.json")).items()},
+                              "models")  # before any weights load: every host the same files
     with output_lock(rc.out, f"minitron {rc.mode}"), contextlib.ExitStack() as stack:
         return loop(setup(rc, s_cfg, t_cfg, tok, log, stack), hooks)
 
