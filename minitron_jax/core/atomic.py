@@ -132,12 +132,16 @@ def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable
     `mkdir` or a failed install is raised on every process, and no process leaves the `with` before the
     output is in place (the next stage, on every host, reads it).
     """
-    path = Path(multihost.decided(lambda: str(check_output(path, inputs=tuple(inputs), overwrite=overwrite)),
-                                  "output-check"))
-    token = multihost.decided(lambda: f"{os.getpid() % 2**31}-{secrets.randbits(31):08x}", "output-token")
+    def prepare() -> list[str]:  # the checks, a token unique to this writer, its temporary
+        out = check_output(path, inputs=tuple(inputs), overwrite=overwrite)
+        token = f"{os.getpid() % 2**31}-{secrets.randbits(31):08x}"
+        (out.parent / f".{out.name}.tmp-{token}").mkdir(parents=True)
+        return [str(out), token]
+
+    out, token = multihost.decided(prepare, "output-prepare")
+    path = Path(out)
     tmp = path.parent / f".{path.name}.tmp-{token}"
     lead = jax.process_index() == 0
-    multihost.decided(lambda: tmp.mkdir(parents=True), "output-mkdir")
     try:
         yield tmp
 

@@ -88,3 +88,7 @@ def clip_repr(v, n: int = 60) -> str:
     """repr(v), cut to n characters with "..." (for a value quoted in an error message)."""
     r = repr(v)
     return r if len(r) <= n else r[:n] + "..."
+
+
+class StorageError(MinitronError, OSError):
+    """An output that the hosts of a multi-process job do not share."""

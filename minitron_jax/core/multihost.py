@@ -36,13 +36,9 @@ FAILED = "minitron/failed"  # the key a failing process writes its message to
 HEARTBEAT_S = 60  # a process that stops answering (killed, hung host) stops the job within this
 WAIT_MS = 24 * 3600 * 1000  # how long a process waits for process 0's decision (a failure ends it sooner)
 _calls = itertools.count()  # every process makes the same calls in the same order: the keys line up
+SEEN_S = 10  # how long a failing process 0 waits for the others to read its message
 _watching = False
 _failing = False
-SEEN_S = 10  # how long a failing process 0 waits for the others to read its message
-
-
-class StorageError(MinitronError, OSError):
-    """An output that the hosts of a multi-process job do not share."""
 
 
 def _client():
@@ -76,7 +72,6 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
     addr = coordinator or os.environ.get("MINITRON_COORDINATOR") or ("auto" if _detected() else None)
     if not addr or jax.distributed.is_initialized():
         return
-    from minitron_jax.core.errors import RecipeError
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; ignored by GPU/TPU
     if addr == "auto":
         jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_S)
@@ -84,7 +79,7 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
         n = num_processes or int(os.environ.get("MINITRON_NUM_PROCESSES", "0"))
         pid = process_id if process_id is not None else int(os.environ.get("MINITRON_PROCESS_ID", "-1"))
         if n < 1 or not 0 <= pid < n:
-            raise RecipeError(f"coordinator {addr}: give the job's process count and this process's id in [0, n) "
+            raise errors.RecipeError(f"coordinator {addr}: give the job's process count and this process's id in [0, n) "
                               "(num_processes= / process_id=, or MINITRON_NUM_PROCESSES / MINITRON_PROCESS_ID)")
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid,
                                    heartbeat_timeout_seconds=HEARTBEAT_S)
@@ -155,8 +150,6 @@ def _error(name: str, message: str) -> Exception:
     cls = getattr(errors, name, None)
     if isinstance(cls, type) and issubclass(cls, MinitronError):
         return cls(message)
-    if name == "StorageError":
-        return StorageError(message)
     return MinitronError(f"process 0: {name}: {message}")
 
 
@@ -229,7 +222,7 @@ def check_shared(out: str | Path, what: str = "out") -> None:
         path.unlink(missing_ok=True)
     blind = [str(i) for i, a in enumerate(answers) if a != "ok"]
     if blind:
-        raise StorageError(f"{what}={out} is not storage every host shares: process(es) {', '.join(blind)} cannot "
+        raise errors.StorageError(f"{what}={out} is not storage every host shares: process(es) {', '.join(blind)} cannot "
                            f"read a file process 0 wrote there; put {what} on a mount every host sees (NFS, "
                            "Filestore, gcsfuse) or in a bucket (gs://)")
 
