@@ -27,7 +27,9 @@ def wait_in_collective():
 def scenario(name: str, d: Path) -> None:
     pid = jax.process_index()
     if name == "decide":
-        value = multihost.decided(lambda: {"listing": sorted(p.name for p in d.iterdir()), "pid": pid}, "listing")
+        # a decision whose fn makes a decision of its own (process 0 alone): the keys after it still line up
+        value = multihost.decided(lambda: multihost.decided(lambda: {"listing": sorted(p.name for p in d.iterdir()),
+                                                                     "pid": pid}, "inner"), "listing")
         (d / f"decided{pid}.json").write_text(json.dumps(value))
         try:
             multihost.decided(lambda: (_ for _ in ()).throw(LockError("held by run 7 on host-a")), "lock")

@@ -35,6 +35,7 @@ from minitron_jax.core.errors import MinitronError
 FAILED = "minitron/failed"  # the key a failing process writes its message to
 HEARTBEAT_S = 60  # a process that stops answering (killed, hung host) stops the job within this
 WAIT_MS = 24 * 3600 * 1000  # how long a process waits for process 0's decision (a failure ends it sooner)
+_deciding = False  # process 0 is running a decision's fn (`decided`)
 _calls = itertools.count()  # every process makes the same calls in the same order: the keys line up
 SEEN_S = 10  # how long a failing process 0 waits for the others to read its message
 _watching = False
@@ -156,17 +157,23 @@ def _error(name: str, message: str) -> Exception:
 def decided(fn: Callable[[], Any], what: str) -> Any:
     """`fn()` run by process 0 alone; its result (JSON) reaches every process. A MinitronError or OSError on
     process 0 is raised there and, as the same class with the same message, on every other process; anything
-    else fails process 0 (and so the job, through `fail`). `what` names the decision in the key."""
-    if not joined():
+    else fails process 0 (and so the job, through `fail`). `what` names the decision in the key. Called inside
+    another decision's `fn` (process 0 alone runs that), `fn` just runs: the other processes never make that call,
+    and a key of its own would put process 0's keys out of step with theirs."""
+    global _deciding
+    if not joined() or _deciding:
         return fn()
     import jax
     key = f"minitron/decided/{next(_calls)}/{what}"
     if jax.process_index() == 0:
+        _deciding = True
         try:
             value = fn()
         except (MinitronError, OSError) as e:
             _client().key_value_set(key, json.dumps({"error": type(e).__name__, "message": str(e)}))
             raise
+        finally:
+            _deciding = False
         _client().key_value_set(key, json.dumps({"value": value}))
         return value
     got = json.loads(_client().blocking_key_value_get(key, WAIT_MS))

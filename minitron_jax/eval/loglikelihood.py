@@ -23,7 +23,7 @@ from minitron_jax.eval.evaluate import CHUNK, NOT_FINITE_FIX, mesh_context
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import token_logprob_greedy
-from minitron_jax.model.sharding import put
+from minitron_jax.model.sharding import put, to_host
 
 
 def bucket_width(n: int, max_length: int) -> int:
@@ -87,7 +87,7 @@ class TokenScorer:
         out: list[tuple[float, bool] | None] = [None] * len(rows)
 
         def collect(idx, result):
-            lp, misses = (np.asarray(x) for x in result)
+            lp, misses = (to_host(x) for x in result)  # rows other processes hold: gathered
             for j, i in enumerate(idx):
                 if not np.isfinite(lp[j]):
                     raise EvalError(f"the log-likelihood of request {i} is {lp[j]}; {NOT_FINITE_FIX}")

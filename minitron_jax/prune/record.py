@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.model.config import LlamaConfig
@@ -36,10 +36,10 @@ def prune_record(cfg: LlamaConfig, scores: dict, target, *, source=None) -> dict
 
 
 def save_prune_record(directory, record: dict[str, Any]) -> Path:
-    """Write `record` (from `prune_record`) as `directory/minitron_prune.json` (process 0 only)."""
+    """Write `record` (from `prune_record`) as `directory/minitron_prune.json`: process 0 writes it, and every process
+    of a multi-host job goes on once it is there (`multihost.decided`)."""
     path = Path(directory) / PRUNE_RECORD
-    if jax.process_index() == 0:
-        write_text(path, json.dumps(record) + "\n")
+    multihost.decided(lambda: str(write_text(path, json.dumps(record) + "\n")), "prune-record")
     return path
 
 

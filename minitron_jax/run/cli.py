@@ -82,6 +82,8 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    # several hosts: each writes its own shards of the orbax checkpoint, so they must share its folder
+    multihost.check_shared(Path(args.out).absolute().parent, "--out's folder")
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
     model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, EvalError, OutputError
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
@@ -143,8 +144,6 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     if num_fewshot is not None and num_fewshot < 0:
         raise DataError(f"--num-fewshot {num_fewshot}: give 0 or more")
     limit = parse_limit(limit)
-    if jax.process_count() > 1:
-        raise DataError("minitron lm-eval runs in one process (its devices may be many: --mesh); start it on one host")
     check_batch_rows(f"--batch-size {batch_size}", batch_size, batch_rows(mesh))
     check_paths(model_dir, out)
     cfg = LlamaConfig.from_file(model_dir)
@@ -173,7 +172,11 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
                                        "max_length": lm.max_length, "seed": seed}
     if log_samples:
         results["samples"] = samples
-    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+
+    def write() -> str:  # process 0 writes; every process of a multi-host job goes on once the file is there
+        Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+        return str(write_text(out, text))
+    multihost.decided(write, "lm-eval-results")
     log(lm_eval.utils.make_table(results))
     return results

@@ -468,14 +468,6 @@ class Pipeline:
             load_task(self.cfg.score.task)
         rc = distill_recipe(self.cfg, teacher=str(teacher), student=str(teacher), data="-")
         d, f, _ = check_devices(rc, batch=None)  # joins the job (a multi-process one); the mesh against the devices
-        if multihost.joined():  # generate and lm-eval run in one process
-            single = [k for k, on in (("align.prompts", self.cfg.align.steps and self.cfg.align.prompts is not None),
-                                      ("eval.lm_eval_tasks", bool(self.cfg.eval.lm_eval_tasks)),
-                                      ("search", self.searching())) if on]
-            if single:
-                raise RecipeError(f"{', '.join(single)}: not yet on a multi-process job (the teacher's responses, "
-                                  "lm-eval and the architecture search run in one process); leave them out of a "
-                                  "multi-host `minitron run` and run them on one host afterwards")
         # score and prune (calibration ranking, the search's re-ranking) forward score.batch_size rows at a time:
         # split over data x fsdp, never replicated; the evaluate stage picks a batch that splits (`fitting_batch`)
         check_batch_rows(f"score.batch_size={self.cfg.score.batch_size}", self.cfg.score.batch_size, d * f,

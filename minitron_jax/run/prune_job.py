@@ -89,7 +89,8 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             del params, model  # the short runs need the devices; the winner is pruned again below
             ranked = short_distill.distill_candidates(cands, sd["recipe"], valid_rows, metric=sd["metric"], mesh=mesh,
                                             batch_size=batch_size, log=log)
-            report = short_distill.write_report(ranked, Path(sd["out"]), sd["metric"], sd["recipe"].steps)
+            report = multihost.decided(lambda: short_distill.write_report(ranked, Path(sd["out"]), sd["metric"],
+                                                                          sd["recipe"].steps), "search-report")
             log(report["summary"])
             target = ranked[0]["spec"]
             model = hf.from_pretrained(model_dir, mesh=mesh)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from minitron_jax.core import multihost
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import Preempted
 from minitron_jax.eval import evaluate
@@ -67,6 +68,28 @@ def save_candidates(table: list[dict], params, cfg, scores, teacher_dir, out: Pa
     return rows
 
 
+def _earlier(out: Path, done: Path) -> dict | None:
+    """The result of a short run finished before an interruption of the search, else None: an interrupted run's
+    directory is removed, so that it starts again and its curve is whole."""
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return None
+
+
+def _finish(out: Path, done: Path, curve: list, last: dict) -> dict:
+    """A finished short run's result (its validation curve, the mean of the last tenth of its distillation
+    losses), written to `done`; the checkpoints are removed (the weights are not needed)."""
+    losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in losses if "loss" in r]
+    tail = losses[-max(1, len(losses) // 10):]
+    res = json.loads(json.dumps({"distill_loss": sum(tail) / len(tail), "validation_curve": curve,
+                                 "validation_loss": curve[-1][1], **last}))
+    write_text(done, json.dumps(res))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return res
+
+
 def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "validation_loss", mesh=None,
                        batch_size: int = 8, log: Callable[[str], Any] = print) -> list[dict]:
     """Short distillation of every candidate (`rc`: the run's recipe; its student and out are replaced), then
@@ -91,24 +114,18 @@ def distill_candidates(rows: list[dict], rc, valid_rows, *, metric: str = "valid
                 last.update(validation_nll=nll.tolist(), validation_tokens=tok.tolist())
         out = Path(row["student"]).parent / "distill"
         done = out / "result.json"
-        if done.is_file():  # finished before an interruption of the search
-            row.update(json.loads(done.read_text()))
+        earlier = multihost.decided(lambda: _earlier(out, done), f"search-{i}-start")  # process 0's disk decides
+        if earlier is not None:  # finished before an interruption of the search
+            row.update(earlier)
         else:
-            shutil.rmtree(out, ignore_errors=True)  # an interrupted short run starts again: its curve is whole
             run_rc = dataclasses.replace(rc, student=row["student"], out=str(out), export=False, resume=False)
             log(f"[search {i + 1}/{len(rows)}] {row['spec']}: {rc.steps} distillation steps")
             summary = trainer.train(run_rc, log, hooks=[hook])
             if "preempted_at" in summary:
                 raise Preempted(f"the search's distillation of {row['spec']} was preempted at step "
                                 f"{summary['preempted_at']}; rerun to continue", summary["preempted_at"])
-            losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            losses = [r["loss"] for r in losses if "loss" in r]
-            tail = losses[-max(1, len(losses) // 10):]
-            res = {"distill_loss": sum(tail) / len(tail), "validation_curve": curve, "validation_loss": curve[-1][1],
-                   **last}
-            write_text(done, json.dumps(res))
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the result is kept; the weights are not needed
-            row.update(res)
+            # process 0 wrote the metrics: it reads them and writes the result, which every process takes
+            row.update(multihost.decided(lambda: _finish(out, done, curve, last), f"search-{i}-result"))
         row["distilled"] = row[metric]
         log(f"  {row['spec']}: pruned {row['loss']:.4f} -> {metric} {row['distilled']:.4f}")
     pr, dr = _rank([r["loss"] for r in rows]), _rank([r["distilled"] for r in rows])

@@ -20,7 +20,8 @@ def job(scenario: str, d: Path, timeout: int = 120) -> tuple[list[int], list[str
 
 
 def test_process_0_decides_and_its_errors_reach_every_process(tmp_path):
-    """A listing process 1 cannot see (its files are only where process 0 looks) is process 0's on both; a
+    """A listing process 1 cannot see (its files are only where process 0 looks) is process 0's on both, also
+    when process 0 makes it inside another decision (the decisions after it still line up: no hang); a
     LockError raised by process 0's decision is raised as a LockError with its message on process 1."""
     (tmp_path / "a").write_text("x")
     codes, logs, _ = job("decide", tmp_path)

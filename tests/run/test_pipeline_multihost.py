@@ -1,10 +1,12 @@
 """`minitron run` as one job on several hosts (issue 21): 2 processes x 2 fake CPU devices joined on 127.0.0.1 give
-the results of 1 process x 4 devices, with no peak_tflops given; processes that do not share `out` (each its own
+the results of 1 process x 4 devices, with no peak_tflops given (every stage: the architecture search's short
+runs, the teacher's responses and the align stage, lm-eval tasks too); processes that do not share `out` (each its own
 disk: a private tmpfs in its own mount namespace) stop together within seconds, naming shared storage."""
 
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,11 +29,29 @@ def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("pair"), sharpen=4.0)
 
 
-def test_two_processes_run_as_one(pair, tmp_path):
+def test_two_processes_run_as_one(pair, tmp_path, monkeypatch):
+    """Every stage, with the parts that read results back on the host: the search (prune.params, 2 candidates
+    distilled and ranked on validation rows), align.prompts (the teacher answers, the student is SFT'd on the
+    answers) and a local lm-eval task on each model."""
+    from distill_helpers import with_chat_template
+
+    from minitron_jax.model.config import LlamaConfig
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # the local lm-eval task names its JSONL from the repository root
     teacher, _, data = pair
+    teacher = with_chat_template(teacher, tmp_path / "chat_teacher")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Speak of {w}, {i}."}]}) + "\n"
+                               for i in range(4) for w in ("love", "time", "death", "kings")))
+    budget = int(0.6 * LlamaConfig.from_file(teacher).param_count())
+    every = ["prune.target=null", f"prune.params={budget}", "prune.calib_samples=4", "search.candidates=2",
+             "search.steps=2", "search.samples=4", f"align.prompts={prompts}", "align.steps=2", "align.warmup=0",
+             "align.max_new_tokens=8", "align.holdout_fraction=0.25",
+             "eval.lm_eval_tasks=[shakespeare_passages]", "eval.lm_eval_include_path=configs/lm_eval_tasks",
+             "eval.lm_eval_limit=2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(args(teacher, data, one), devices=4)
-    done = two_processes(["-m", "minitron_jax.run.cli"], args(teacher, data, two), devices=2)
+    run_cli(args(teacher, data, one) + every, devices=4)
+    done = two_processes(["-m", "minitron_jax.run.cli"], args(teacher, data, two) + every, devices=2)
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     (a, _), (b, _) = (load_scores(d / "score" / "scores.safetensors") for d in (one, two))
     assert sorted(a) == sorted(b)
@@ -42,12 +62,23 @@ def test_two_processes_run_as_one(pair, tmp_path):
     for name in pa:
         np.testing.assert_array_equal(pb[name].tensor(name), pa[name].tensor(name), err_msg=name)
     ra, rb = (json.loads((d / "evaluate" / "done.json").read_text()) for d in (one, two))
-    for model in ("teacher", "pruned", "distilled"):
+    for model in ("teacher", "pruned", "distilled", "aligned"):
         assert abs(rb[model]["held_out_loss"] - ra[model]["held_out_loss"]) <= 1e-4, model
         assert rb[model]["next_line_acc"] == ra[model]["next_line_acc"], model
+        (task,) = ra[model]["lm_eval"]
+        assert rb[model]["lm_eval"][task] == pytest.approx(ra[model]["lm_eval"][task], rel=1e-5), model
     assert (two / "report" / "report.md").is_file()
     lines = (two / "distill" / "metrics.jsonl").read_text().splitlines()  # one writer: each step once
     assert len([r for r in map(json.loads, lines) if "loss" in r]) == 4
+    sa, sb = (json.loads((d / "prune" / "search" / "search.json").read_text()) for d in (one, two))
+    assert [r["spec"] for r in sb] == [r["spec"] for r in sa] and len(sa) == 2
+    for x, y in zip(sa, sb):
+        np.testing.assert_allclose(np.array(y["validation_curve"]), np.array(x["validation_curve"]), rtol=0, atol=1e-4)
+    aa, ab = (d / "align" / "responses.jsonl" for d in (one, two))
+    assert ab.read_text() == aa.read_text() and len(aa.read_text().splitlines()) == 16  # one writer, greedy: same
+    la, lb = (json.loads((d / "align" / "done.json").read_text())["response_loss"] for d in (one, two))
+    assert lb == pytest.approx(la, abs=1e-4)
+    assert json.loads((two / "evaluate" / "lm_eval" / "aligned.json").read_text())["results"]  # process 0 wrote it
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) and root")
@@ -98,3 +129,26 @@ def test_score_prune_and_eval_as_two_processes(pair, tmp_path):
         np.testing.assert_array_equal(wb[n].tensor(n), wa[n].tensor(n), err_msg=n)
     ea, eb = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert abs(ea["loss"] - eb["loss"]) <= 1e-4 and ea["acc"] == eb["acc"]
+
+
+def test_convert_and_export_as_two_processes(pair, tmp_path):
+    """`convert` (every process writes its shards of the orbax checkpoint) and `export` (process 0 writes the
+    safetensors of the gathered weights) as 2 processes x 2 devices: the exported tensors equal the source's
+    bit for bit, and the checkpoint equals one converted by 1 process x 4 devices."""
+    import jax
+
+    from minitron_jax.io.orbax_model import load_model
+
+    teacher, _, _ = pair
+    run_cli(["convert", str(teacher), str(tmp_path / "one")], devices=4)
+    for argv in (["convert", str(teacher), str(tmp_path / "ckpt")], ["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]):
+        done = two_processes(["-m", "minitron_jax.run.cli"], argv, devices=2)
+        assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    src, out = open_checkpoint(teacher), open_checkpoint(tmp_path / "hf")
+    assert sorted(out) == sorted(src)
+    for name in src:
+        np.testing.assert_array_equal(out[name].tensor(name), src[name].tensor(name), err_msg=name)
+    a, b = (jax.tree_util.tree_flatten_with_path(load_model(tmp_path / d).params())[0] for d in ("one", "ckpt"))
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (path, x), (_, y) in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(path))
