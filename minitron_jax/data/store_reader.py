@@ -8,10 +8,10 @@ a bounded cache of offset chunks).
   documents are the `holdout` names (`TokenStore.find_documents`), else a `holdout_fraction`; the
   validation documents are a `validation_fraction` of the rest. A fraction is a per-document hash test
   (`u(split_seed, i) < fraction`, at least one document), so membership needs no permutation and no I/O.
-* `packing=concat` (`StoreWindows`): window w is tokens [w*S, (w+1)*S) of the store. Tokens of documents
-  outside the split get segment id 0 and mask 0, and each run of kept tokens its own segment id, so the
-  model never attends across a removed document and never trains on it. The loader orders the windows with
-  grain's index shuffle (`loader.Loader`): no permutation of all windows is held.
+* `packing=concat` (`StoreWindows`): window w is tokens [w*S, (w+1)*S) of the training documents' tokens in
+  store order (`KeptTokens`: the documents of the other splits left out, so no row loses targets to them; one
+  pass over the offsets keeps one count per 4,096 documents). The loader orders the windows with grain's index
+  shuffle (`loader.Loader`): no permutation of all windows is held.
 * `packing=first_fit` (`FirstFitStream`): the documents that start in each block of `block_tokens` tokens
   are cut into pieces of at most S and packed by first fit (`packing.first_fit_layout`); each epoch visits
   the blocks in a seeded order and each block's rows in a seeded order. Only the offsets of a block are
@@ -265,10 +265,65 @@ def _row(tokens: np.ndarray, segment_ids: np.ndarray) -> dict:
             "mask": (segment_ids > 0).astype(np.float32)}
 
 
+class KeptTokens:
+    """The tokens of the documents of one split (`keep`), in store order, as one stream read by position. Made
+    with one pass over the document offsets, in blocks of `block` documents, that keeps only each block's count
+    of kept tokens (one integer per block); a read finds its block by binary search, lays out that block's kept
+    documents (at most `cache` blocks held) and reads each contiguous run of kept tokens from the store."""
+
+    def __init__(self, store: TokenStore, split_map: SplitMap, keep: int = TRAIN, block: int = 4096, cache: int = 64):
+        self.store, self.split_map, self.keep, self.block, self._cache = store, split_map, keep, block, cache
+        counts = [0]
+        for a in range(0, store.n_documents, block):
+            starts, kept = self._layout(a)
+            counts.append(int(kept.sum()))
+        self.before = np.cumsum(counts)  # kept tokens before each block
+        self.n_tokens = int(self.before[-1])
+        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _layout(self, a: int) -> tuple[np.ndarray, np.ndarray]:
+        """(store start, kept length: 0 for a document of another split) of documents [a, a + block)."""
+        b = min(a + self.block, self.store.n_documents)
+        off = np.asarray(self.store.document_offsets(a, b), np.int64)
+        return off[:-1], np.diff(off) * (self.split_map.of(np.arange(a, b)) == self.keep)
+
+    def _get(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block k's document starts and the kept tokens before each of its documents (one more: the total)."""
+        if k in self._blocks:
+            self._blocks.move_to_end(k)
+            return self._blocks[k]
+        starts, kept = self._layout(k * self.block)
+        self._blocks[k] = (starts, np.concatenate([[0], np.cumsum(kept)]))
+        if len(self._blocks) > self._cache:
+            self._blocks.popitem(last=False)
+        return self._blocks[k]
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Kept tokens [a, b) of the stream."""
+        if not 0 <= a <= b <= self.n_tokens:
+            raise IndexError(f"kept tokens [{a}, {b}) of {self.n_tokens}")
+        runs: list[tuple[int, int]] = []
+        k = int(np.searchsorted(self.before, a, side="right")) - 1
+        while a < b:
+            starts, cum = self._get(k)
+            lo, hi = a - int(self.before[k]), min(b, int(self.before[k + 1])) - int(self.before[k])
+            js = np.flatnonzero((cum[1:] > lo) & (cum[:-1] < hi))  # kept documents overlapping [lo, hi)
+            for s, e in zip(starts[js] + np.maximum(lo - cum[js], 0), starts[js] + np.minimum(hi, cum[js + 1]) - cum[js]):
+                if runs and runs[-1][1] == s:  # adjacent kept documents: one read
+                    runs[-1] = (runs[-1][0], int(e))
+                else:
+                    runs.append((int(s), int(e)))
+            a += hi - lo
+            k += 1
+        return np.concatenate([np.asarray(self.store.read(s, e)) for s, e in runs]) if runs else np.zeros(0, np.uint32)
+
+
 class StoreWindows(RowSource):
-    """`packing=concat` rows by random access: window w = tokens [w*S, (w+1)*S) of the store, with the
-    tokens of documents outside `keep` removed (segment 0, mask 0). Same items as `packing.PackedRows`; finite
-    (the Loader shuffles it), no position kept."""
+    """`packing=concat` rows by random access: window w = tokens [w*S, (w+1)*S) of the store's documents of
+    the split `keep` (with a split: `KeptTokens`, the documents of the other splits left out, so every token of
+    a row is one to train on), one segment per row. Without a split the same items as `packing.PackedRows`
+    of `data.pack`; with one, those of `data.pack` over the kept documents in store order (what
+    `loader.build_corpus` gives for text). Finite (the Loader shuffles it), no position kept."""
 
     stream = False
 
@@ -276,11 +331,12 @@ class StoreWindows(RowSource):
                  vocab_size: int | None = None):
         self.store, self.seq_len, self.split_map, self.keep = store, seq_len, split_map, keep
         self.vocab_size = vocab_size
-        self.index = DocIndex(store) if split_map is not None and split_map.splits.active else None
-        self.n = store.n_tokens // seq_len
+        self.kept = KeptTokens(store, split_map, keep) if split_map is not None and split_map.splits.active else None
+        total = store.n_tokens if self.kept is None else self.kept.n_tokens
+        self.n = total // seq_len
         if self.n == 0:
-            raise DataError(f"token store {store.store} holds {store.n_tokens:,} tokens, less than one row of "
-                            f"seq_len={seq_len}; add data or lower seq_len")
+            raise DataError(f"token store {store.store} holds {total:,} tokens{'' if self.kept is None else ' to train on'}"
+                            f", less than one row of seq_len={seq_len}; add data or lower seq_len")
         if self.n >= MAX_WINDOWS:
             raise DataError(f"token store {store.store} gives {self.n:,} windows of {seq_len}, more than grain's "
                             f"index shuffle takes (2^32); raise seq_len or split the store")
@@ -294,19 +350,14 @@ class StoreWindows(RowSource):
 
     @property
     def identity(self) -> str:
-        return f"{self.store.store}:{self.store.n_tokens}:{self.seq_len}"
+        kept = "" if self.kept is None else f":{SPLIT_NAMES[self.keep]}:{self.kept.n_tokens}"
+        return f"{self.store.store}:{self.store.n_tokens}:{self.seq_len}{kept}"
 
     def __getitem__(self, w: int) -> dict:
         a, S = int(w) * self.seq_len, self.seq_len
-        tokens = np.asarray(self.store.read(a, a + S))
+        tokens = np.asarray(self.store.read(a, a + S) if self.kept is None else self.kept.read(a, a + S))
         check_token_ids(tokens, self.vocab_size, f"window {w} of token store {self.store.store}")
-        if self.index is None:
-            return _row(tokens, np.ones(S, np.int32))
-        docs, off = self.index.covering(a, a + S)
-        keep = self.split_map.of(docs) == self.keep
-        kept = np.repeat(keep, np.diff(np.clip(off, a, a + S)))
-        starts = kept & np.concatenate([[True], ~kept[:-1]])
-        return _row(tokens, np.where(kept, np.cumsum(starts), 0))
+        return _row(tokens, np.ones(S, np.int32))
 
 
 def _block_seed(*parts: int) -> int:

@@ -70,6 +70,22 @@ def list_keys(store) -> list[str]:
     return [k.decode() for k in _kv(store).list().result()]
 
 
+LOCK_SUFFIX = ".__lock"  # TensorStore's file kvstore writes KEY through KEY.__lock, then renames it to KEY
+
+
+def clear_stale_locks(store) -> int:
+    """Remove the `KEY.__lock` files that a writer killed mid-write left in the local store `store` (a URL has
+    none); returns how many. TensorStore's file kvstore reuses such a file without truncating it, so the next
+    write of KEY keeps the stale tail, and the shard then fails its checksum on every read ("DATA_LOSS: ...
+    Digest mismatch"). Call it only where no process is writing the store: before a resumed write starts."""
+    if "://" in str(store) or not Path(store).is_dir():
+        return 0
+    stale = [f for f in Path(store).rglob(f"*{LOCK_SUFFIX}") if f.is_file()]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
 def delete_all(store) -> None:
     import tensorstore as ts
     _kv(store).delete_range(ts.KvStore.KeyRange()).result()

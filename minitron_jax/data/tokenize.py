@@ -199,6 +199,7 @@ def _prepare(store: str, params: dict, overwrite: bool, run: dict | None = None)
         state = S.read_json(store, S.STATE)
         parts = any(k.startswith(PARTS) for k in keys)
         if S.MANIFEST not in keys and state is not None and state["params"] == params and _run_of(state) == run:
+            S.clear_stale_locks(store)  # a resume: no process writes yet (`tokenize-start` is decided first)
             return state
         if S.MANIFEST not in keys and state is not None and state["documents"] == 0 and not parts:
             S.delete_all(store)  # an unfinished store with nothing committed: start again, nothing is lost

@@ -53,7 +53,7 @@ from minitron_jax.core.lock import LOCK_NAME, output_lock
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.loader import Loader, training_data
 from minitron_jax.data.spec import DataSpec
-from minitron_jax.data.token_store import _kv, delete_key, list_keys, read_json, write_json
+from minitron_jax.data.token_store import _kv, clear_stale_locks, delete_key, list_keys, read_json, write_json
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
 from minitron_jax.model.llama import forward, lm_head_weight
 from minitron_jax.model.losses import _logits, _split
@@ -169,6 +169,7 @@ def _decide_start(out, header: dict, n: int) -> dict:
                           "differ; choose another out or delete it")
     state = read_json(out, STATE)
     if state is not None and state.get("header") == header:
+        clear_stale_locks(out)  # a resume: no process writes before this decision reaches it
         return {"start": int(state["rows_done"]), "note": f"resuming {out} at row {state['rows_done']} of {n}"}
     if state is None and [k for k in list_keys(out) if k != LOCK_NAME]:
         raise LogitsError(f"{out} exists and is not an unfinished teacher-logits store; choose another out")

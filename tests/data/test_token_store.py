@@ -150,6 +150,26 @@ def test_stopped_run_resumes_identically(corpus, store1, tmp_path):
     assert files(out) == files(store1)
 
 
+def test_resume_over_the_lock_files_of_a_killed_writer(corpus, store1, tmp_path):
+    """A writer killed mid-write leaves KEY.__lock (TensorStore writes KEY through it, then renames): seen in CI
+    as process 0 of a 2-process tokenize stopped by its peer's failure. TensorStore reuses such a file without
+    truncating it, so the resumed write of KEY kept the stale tail and every later read of that shard failed
+    ("DATA_LOSS ... Digest mismatch"). Here every shard of the stopped store gets a stale lock file longer than
+    itself: the resume gives the bytes of an uninterrupted run, and no lock file is left."""
+    src, tok, _ = corpus
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(src, tok, str(out), workers=1, _stop_after_commits=5, **SMALL)
+    shards = [f for f in out.rglob("*") if f.is_file() and "/c/" in f.as_posix()]
+    assert shards
+    rng = np.random.default_rng(0)
+    for f in shards:
+        (f.parent / (f.name + S.LOCK_SUFFIX)).write_bytes(rng.bytes(f.stat().st_size + 65536))
+    tokenize(src, tok, str(out), workers=1, **SMALL)
+    assert files(out) == files(store1)
+    assert not list(out.rglob("*" + S.LOCK_SUFFIX))
+
+
 def test_killed_run_resumes_identically(corpus, store1, tmp_path):
     src, tok, _ = corpus
     out = tmp_path / "s"

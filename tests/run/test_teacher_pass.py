@@ -114,6 +114,17 @@ def test_family_teacher_stored_topk_equals_transformers(tmp_path, family):
     check_stored_topk(make_setup(tmp_path / "pair", family), tmp_path)
 
 
+def bf16(x) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def assert_bf16_rounding(stored: np.ndarray, ref: np.ndarray, rtol: float = 1e-5) -> None:
+    """Each stored bfloat16 value is the rounding of a value within `rtol` of `ref` (fp32): a logit that close to
+    a rounding boundary may round either way, so exact equality with bf16(ref) would test the last fp32 bits."""
+    ok = (stored == bf16(ref)) | (stored == bf16(ref * (1 - rtol))) | (stored == bf16(ref * (1 + rtol)))
+    assert ok.all(), (stored[~ok], ref[~ok])
+
+
 def check_stored_topk(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +146,7 @@ def check_stored_topk(setup, tmp_path):
             top = -np.sort(-z, axis=-1)[:, :K]
             vals = got["values"][r, pos].astype(np.float32)
             idx = got["indices"][r, pos]
-            np.testing.assert_array_equal(vals, top.astype(ml_dtypes.bfloat16).astype(np.float32))
+            assert_bf16_rounding(vals, top)
             at = np.take_along_axis(z, idx, axis=-1)  # the logits the stored ids name
             np.testing.assert_allclose(at, top, rtol=1e-5, atol=1e-5)  # exact ids, up to ties
             lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -333,8 +344,14 @@ def test_two_processes_write_one_store(setup, tmp_path):
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
     a, b = read_all(tmp_path / "one"), read_all(tmp_path / "two")
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
-    np.testing.assert_array_equal(a["values"].astype(np.float32), b["values"].astype(np.float32))
-    np.testing.assert_array_equal(a["indices"], b["indices"])
+    # 1 device and 2 x 4 devices (fsdp) sum the matmuls in another order: the fp32 logits agree to about 1e-6,
+    # so a stored bfloat16 value may sit one unit in the last place away; the ids agree wherever the values do
+    va, vb = a["values"].astype(np.float32), b["values"].astype(np.float32)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(va), 1e-30))) - 7)
+    assert (np.abs(va - vb) <= ulp).all() and (va != vb).mean() < 1e-3, (va != vb).sum()
+    same = (va == vb).all(-1)
+    np.testing.assert_array_equal(a["indices"][same], b["indices"][same])
+    np.testing.assert_allclose(a["lse"], b["lse"], rtol=1e-5)
 
 
 INTERLEAVED = str(__import__("pathlib").Path(__file__).parents[1] / "interleaved_devices.py")
