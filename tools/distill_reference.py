@@ -75,6 +75,12 @@ def reference_rows(rc) -> np.ndarray:
     return kept[:n * rc.seq_len].reshape(n, rc.seq_len)
 
 
+def target_count(b: dict) -> int:
+    """Positions of a [b, S] batch trained on: a real token whose next token is real and in the same segment."""
+    m, seg = b["mask"], b["segment_ids"]
+    return int(((m[:, :-1] > 0) & (m[:, 1:] > 0) & (seg[:, :-1] == seg[:, 1:])).sum())
+
+
 def lr_at(rc, s: int) -> float:
     """The reference's LR of update s (0-based)."""
     if s < rc.warmup:
@@ -147,8 +153,7 @@ def plain_loop(rc, arm: str, emit) -> None:
     targets, t0 = 0, time.perf_counter()
     for t in range(rc.steps):
         b = batch(t)
-        targets += int(((b["mask"][:, :-1] > 0) & (b["mask"][:, 1:] > 0)
-                        & (b["segment_ids"][:, :-1] == b["segment_ids"][:, 1:])).sum())
+        targets += target_count(b)
         student, opt, loss = step(student, opt, teacher, {k: jnp.asarray(v) for k, v in b.items()})
         done = t + 1
         el = time.perf_counter() - t0
@@ -174,8 +179,7 @@ def count_targets(rc) -> None:
     n = []
     for t in range(rc.steps):
         b = loader.batch_at(t)
-        n.append(int(((b["mask"][:, :-1] > 0) & (b["mask"][:, 1:] > 0)
-                      & (b["segment_ids"][:, :-1] == b["segment_ids"][:, 1:])).sum()))
+        n.append(target_count(b))
     n = np.array(n)
     print(f"seed {rc.seed}: the trainer's {rc.steps} steps train on {n.sum():,} target tokens, {n.mean():.1f} per "
           f"step of {full} ({100 * (1 - n.mean() / full):.2f}% fewer); {int((n < full).sum())} steps lose some "

@@ -275,7 +275,7 @@ class KeptTokens:
         self.store, self.split_map, self.keep, self.block, self._cache = store, split_map, keep, block, cache
         counts = [0]
         for a in range(0, store.n_documents, block):
-            starts, kept = self._layout(a)
+            _, kept = self._layout(a)
             counts.append(int(kept.sum()))
         self.before = np.cumsum(counts)  # kept tokens before each block
         self.n_tokens = int(self.before[-1])
