@@ -38,6 +38,7 @@ WAIT_MS = 24 * 3600 * 1000  # how long a process waits for process 0's decision 
 _deciding = False  # process 0 is running a decision's fn (`decided`)
 _calls = itertools.count()  # every process makes the same calls in the same order: the keys line up
 SEEN_S = 10  # how long a failing process 0 waits for the others to read its message
+GRACE_S = 1.0  # then for them to exit
 _watching = False
 _failing = False
 
@@ -107,9 +108,11 @@ def _watch() -> None:
                 continue
             if _failing:  # this process's own failure: `fail` exits
                 return
-            with contextlib.suppress(Exception):  # tell a failing process 0 (the service's host) it was heard
-                client.key_value_set(f"{FAILED}-seen/{jax.process_index()}", "1")
+            # the message first: once process 0 (the service's host) hears back it exits, and JAX's error poller
+            # aborts this process when the service goes away
             print(f"minitron: stopping, another process of the job failed: {message}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # tell a failing process 0 it was heard
+                client.key_value_set(f"{FAILED}-seen/{jax.process_index()}", "1")
             os._exit(1)
 
     thread = threading.Thread(target=run, name="minitron-fail-together", daemon=True)
@@ -143,6 +146,7 @@ def fail(message: str, code: int = 1) -> None:
             for i in range(1, jax.process_count()):
                 with contextlib.suppress(Exception):
                     client.blocking_key_value_get(f"{FAILED}-seen/{i}", max(1, int(1000 * (end - time.monotonic()))))
+            time.sleep(GRACE_S)  # the others exit (code 1) before the service they poll goes away (an abort)
     sys.stdout.flush()
     os._exit(code)
 
