@@ -133,3 +133,38 @@ def store_b(tok_dir, tmp_path_factory):
 
     src = _write_docs(tmp_path_factory.mktemp("b") / "docs", "macbeth_gut.txt", 5000)
     return tokenize_store(src, tok_dir, tmp_path_factory.mktemp("sb") / "store")
+
+
+# ---------------------------------------------------------------------------- Cloud Storage, locally
+@pytest.fixture(scope="session")
+def gcs():
+    """`gcp-storage-emulator` (the Cloud Storage JSON API, in memory) on 127.0.0.1 for the whole session, with
+    STORAGE_EMULATOR_HOST pointing every client at it (one port per session: gcsfs keeps one client per
+    process). Yields the URL of a bucket that exists; give each test its own prefix (`gs_dir`)."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="minitron-test")
+    server.start()
+    before = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield "gs://minitron-test"
+    finally:
+        server.stop()
+        if before is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = before
+
+
+@pytest.fixture
+def gs_dir(gcs, request) -> str:
+    """A prefix of the emulator's bucket that no other test uses."""
+    import uuid
+
+    return f"{gcs}/{request.node.name.replace('[', '-').replace(']', '')[:60]}-{uuid.uuid4().hex[:8]}"

@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from minitron_jax.core import storage
 from minitron_jax.core.atomic import atomic_directory, check_output, copy_side_files
 from minitron_jax.core.errors import CheckpointError, clip_repr
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
@@ -57,8 +58,9 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------------------- reading
 def open_checkpoint(path: str | Path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the file that holds it, for a single or index-sharded safetensors checkpoint."""
-    path = Path(path)
+    """Tensor name -> the file that holds it, for a single or index-sharded safetensors checkpoint (a local
+    directory or a gs:// prefix: then every tensor is read by ranged reads)."""
+    path = storage.path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: expected an HF model directory")
     index = path / "model.safetensors.index.json"
@@ -116,6 +118,8 @@ def _inside(path: Path, fname: str, index: Path | None) -> Path:
     target = path / rel
     if not target.exists():
         raise CheckpointError(f"{where}, which is missing from {path}; re-download it")
+    if storage.is_url(path):  # object storage: no links to leave the prefix through
+        return target
     root = path.resolve()
     roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     real = target.resolve()
@@ -163,16 +167,19 @@ def _short(names: list[str], n: int = 6) -> str:
 
 def load_params(path: str | Path, cfg: LlamaConfig | None = None, *, mesh: Mesh | None = None,
                 dtype=None) -> tuple[dict[str, Any], LlamaConfig]:
-    """Stream an HF checkpoint into (sharded) arrays. Returns (params, config)."""
-    path = Path(path)
+    """Stream an HF checkpoint into (sharded) arrays. Returns (params, config). Each process reads only the
+    blocks its own devices hold (from gs://: by ranged reads, `core.storage.bytes_read` counts them)."""
+    path = storage.path(path)
     cfg = cfg or LlamaConfig.from_file(path)
     tensors = open_checkpoint(path)
     check_tensors(tensors, cfg, path)
     target = np.dtype(jnp.dtype(dtype or cfg.dtype))
+    remote = storage.is_url(path)
 
     def build(key: str, shape, axes, stacked: bool):
         sharding = (named_sharding(axes, shape, mesh) if mesh is not None
                     else SingleDeviceSharding(jax.devices()[0]))
+        blocks: dict[str, np.ndarray] = {}  # a block that several local devices hold is read once
 
         def read(index):
             if not stacked:
@@ -181,7 +188,18 @@ def load_params(path: str | Path, cfg: LlamaConfig | None = None, *, mesh: Mesh 
             return np.stack([np.asarray(tensors[hf_name(key, i)].tensor(hf_name(key, i))[index[1:]], dtype=target)
                              for i in layers])
 
-        return jax.make_array_from_callback(shape, sharding, read)
+        def once(index):
+            k = repr(index)
+            if k not in blocks:
+                blocks[k] = read(index)
+            return blocks[k]
+
+        rows = _row_blocks(shape, stacked, mesh) if remote else None
+        if rows is None or rows == sharding:
+            return jax.make_array_from_callback(shape, sharding, once)
+        # from gs://: each device reads a block of whole rows (one byte range per layer, no two devices the
+        # same bytes), then the devices exchange them into the parameter's own sharding
+        return _reshard(rows, sharding)(jax.make_array_from_callback(shape, rows, once))
 
     specs = param_specs(cfg)
     params: dict[str, Any] = {k: build(k, s.shape, s.axes, stacked=False) for k, s in specs.items() if k != "layers"}
@@ -189,12 +207,28 @@ def load_params(path: str | Path, cfg: LlamaConfig | None = None, *, mesh: Mesh 
     return params, cfg.replace(dtype=target.name)
 
 
+def _row_blocks(shape, stacked: bool, mesh: Mesh | None) -> NamedSharding | None:
+    """The sharding that gives each device of `mesh` a block of whole rows of each stored tensor (axis 1 of a
+    stacked [L, ...] parameter, else axis 0): contiguous bytes, read once per job. None when the rows do not
+    split evenly over the devices (then each device reads its own block of the parameter's sharding)."""
+    if mesh is None or mesh.size == 1:
+        return None
+    axis = 1 if stacked else 0
+    if len(shape) <= axis or shape[axis] % mesh.size:
+        return None
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), tuple(mesh.axis_names)))
+
+
+def _reshard(src: NamedSharding, dst) -> Any:
+    return jax.jit(lambda x: x, in_shardings=src, out_shardings=dst)
+
+
 def from_pretrained(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
                     remat: str = "none") -> Llama:
     """Load an HF Llama (Mistral, Qwen2, Qwen3) directory into a (sharded) `Llama`; `dtype` defaults to the stored dtype."""
     params, cfg = load_params(path, mesh=mesh, dtype=dtype)
     model = Llama(cfg, params=params, compute_dtype=compute_dtype, remat=remat)
-    model.source = str(Path(path).resolve())
+    model.source = str(path) if storage.is_url(path) else str(Path(path).resolve())
     return model
 
 

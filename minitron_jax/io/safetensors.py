@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import SafetensorsError
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -37,20 +38,20 @@ class SafetensorsFile:
     with each other, lie inside the file and do not overlap) so a damaged file is refused up front."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = storage.path(path)
+        self.remote = storage.is_url(path)  # gs://: the header, then each tensor slice, by ranged reads
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    self._bad(f"only {size} bytes: too short for the 8-byte header length", "re-download it")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER:
-                    self._bad(f"header length {n} is implausible (limit {MAX_HEADER})", "re-download or re-export it")
-                if 8 + n > size:
-                    self._bad(f"file is truncated: the header alone needs {n} bytes but the file has {size}",
-                              "re-download it")
-                raw = f.read(n)
+            size = storage.size(self.path)
+            head = storage.read_range(self.path, 0, min(8, size))
+            if len(head) < 8:
+                self._bad(f"only {size} bytes: too short for the 8-byte header length", "re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                self._bad(f"header length {n} is implausible (limit {MAX_HEADER})", "re-download or re-export it")
+            if 8 + n > size:
+                self._bad(f"file is truncated: the header alone needs {n} bytes but the file has {size}",
+                          "re-download it")
+            raw = storage.read_range(self.path, 8, 8 + n)
         except IsADirectoryError as e:
             raise SafetensorsError(f"{self.path} is a directory, not a .safetensors file") from e
         except OSError as e:
@@ -115,13 +116,78 @@ class SafetensorsFile:
         return DTYPES[self.header[name]["dtype"]]
 
     def tensor(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view; index it to read only what you need."""
+        """A read-only memory-mapped view (a `RangedTensor` for gs://); index it to read only what you need."""
+        if self.remote:
+            return RangedTensor(self, name)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         info = self.header[name]
         begin, end = info["data_offsets"]
         raw = self._mmap[self.data_start + begin: self.data_start + end]
         return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class RangedTensor:
+    """One tensor of a safetensors file in Cloud Storage: indexing it with slices reads only the byte runs of
+    that block (ranged GETs, `core.storage.read_ranges`), never the whole object. Runs closer than
+    `MERGE_GAP` are read as one (a GET costs about as much as that many bytes), and no read is larger than
+    `MAX_SPAN`, so host memory stays about the block asked for plus one span."""
+
+    MERGE_GAP = 1 << 20
+    MAX_SPAN = 64 << 20
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        info = file.header[name]
+        self.file, self.name = file, name
+        self.shape, self.dtype = tuple(info["shape"]), DTYPES[info["dtype"]]
+        self.ndim = len(self.shape)
+        self.begin = file.data_start + info["data_offsets"][0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[()]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        if any(not isinstance(i, slice) for i in index) or len(index) > self.ndim:
+            return self[()][index]  # integers, steps, arrays: the whole tensor, then NumPy's indexing
+        bounds = [i.indices(n) if k < len(index) else (0, n, 1) for k, (i, n) in
+                  enumerate(zip(index + (slice(None),) * (self.ndim - len(index)), self.shape))]
+        if any(step != 1 for _, _, step in bounds):
+            return self[()][index]
+        lo = np.array([a for a, _, _ in bounds], dtype=np.int64)
+        hi = np.maximum(lo, [b for _, b, _ in bounds])
+        out = np.empty(tuple(hi - lo), self.dtype)
+        if out.size == 0:
+            return out
+        item = self.dtype.itemsize
+        # the block is contiguous from dimension j on: one run of bytes per index of dimensions [0, j)
+        j = self.ndim - 1
+        while j > 0 and lo[j] == 0 and hi[j] == self.shape[j]:
+            j -= 1
+        strides = np.array([math.prod(self.shape[k + 1:]) for k in range(self.ndim)], dtype=np.int64) * item
+        run = int((hi[j] - lo[j]) * strides[j])
+        grids = np.meshgrid(*[np.arange(lo[k], hi[k], dtype=np.int64) for k in range(j)], indexing="ij")
+        starts = (self.begin + int(lo[j] * strides[j]) + sum((g * strides[k] for k, g in enumerate(grids)),
+                                                             np.zeros((), np.int64))).reshape(-1)
+        flat = out.reshape(-1, run // item)  # one row per run, in order
+        spans = self._spans(starts, run)
+        for (a, b, first, last), data in zip(spans, storage.read_ranges(self.file.path, [(a, b) for a, b, _, _ in spans])):
+            buf = np.frombuffer(data, dtype=np.uint8)
+            for r in range(first, last):
+                o = int(starts[r]) - a
+                flat[r] = buf[o: o + run].view(self.dtype)
+        return out
+
+    def _spans(self, starts: np.ndarray, run: int) -> list[tuple[int, int, int, int]]:
+        """(begin, end, first run, last run + 1) of the reads covering the runs at `starts` (ascending)."""
+        spans, first = [], 0
+        for r in range(1, len(starts) + 1):
+            if r == len(starts) or starts[r] - (starts[r - 1] + run) > self.MERGE_GAP \
+                    or starts[r] + run - starts[first] > self.MAX_SPAN:
+                spans.append((int(starts[first]), int(starts[r - 1]) + run, first, r))
+                first = r
+        return spans
 
 
 TensorSource = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import ConfigError, clip_repr
 from minitron_jax.model.family import FAMILIES, MOE_KEYS, Family, supported
 
@@ -267,7 +268,7 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
+        path = storage.path(path)  # local or gs://
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():

@@ -128,3 +128,32 @@ def test_valid_file_still_reads(ckpt):
     assert sorted(f.names()) == sorted(ref)
     for n in ref:
         np.testing.assert_array_equal(f.tensor(n), ref[n])
+
+
+# ---------------------------------------------------------------------------- ranged reads (gs://)
+@pytest.mark.parametrize("gap, span", [(0, 1 << 30), (1 << 20, 1 << 30), (64, 256)])
+def test_ranged_tensor_blocks_equal_numpy_slices(tmp_path, monkeypatch, gap, span):
+    """RangedTensor (what a gs:// checkpoint's tensors are) read block by block equals NumPy's slicing of the same
+    array, for row, column, inner and empty blocks, whether nearby runs merge (gap) and however reads are cut
+    (span); with gap 0 it reads exactly the block's bytes."""
+    from safetensors.numpy import save_file
+
+    from minitron_jax.core import storage
+    from minitron_jax.io.safetensors import RangedTensor
+    monkeypatch.setattr(RangedTensor, "MERGE_GAP", gap)
+    monkeypatch.setattr(RangedTensor, "MAX_SPAN", span)
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 10, 12)).astype(np.float32), "b": rng.integers(0, 9, (7, 5)).astype(np.int64)}
+    save_file(arrays, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    for name, index in [("a", (slice(1, 3),)), ("a", (slice(None), slice(None), slice(4, 8))),
+                        ("a", (slice(0, 2), slice(3, 9), slice(None))), ("a", (slice(2, 3), slice(5, 6), slice(0, 1))),
+                        ("a", ()), ("a", (slice(1, 1),)), ("b", (slice(None), slice(2, 5))), ("b", (slice(6, 99),)),
+                        ("a", (1, slice(None), slice(None, None, 2)))]:
+        t = RangedTensor(f, name)
+        before = storage.bytes_read()
+        got, want = t[index], arrays[name][index]
+        assert got.dtype == want.dtype and np.array_equal(got, want), (name, index)
+        if gap == 0 and all(isinstance(i, slice) and i.step is None for i in index):
+            assert storage.bytes_read() - before == want.nbytes, (name, index)
+    assert np.array_equal(np.asarray(RangedTensor(f, "b")), arrays["b"])

@@ -1,0 +1,145 @@
+"""Where a file lives: a local path or Cloud Storage (`gs://bucket/prefix`), behind one path API.
+
+`path(p)` gives a `pathlib.Path` for a local path and an `etils.epath.Path` for `gs://` (the path library
+orbax itself uses; its gs:// backend is fsspec's `gcsfs`), so code that reads and writes through the
+`Path` methods (`/`, `read_bytes`, `write_text`, `exists`, `iterdir`, `open`) serves both. Chosen over
+hand-written clients and over TensorStore's kvstores for files: epath + gcsfs is what orbax writes
+checkpoints through, and gcsfs gives ranged reads (`read_range`) and listings; TensorStore stays the
+store for token and logit arrays (its own gs:// driver).
+
+`STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` alone points every client at a local emulator: gcsfs reads
+it itself; `configure` sets TensorStore's endpoint and test token from it and turns off gcsfs's bucket-type
+probe (a gRPC call the emulator never answers, about 60 s per bucket).
+
+Bytes read by ranged reads are counted (`bytes_read`): what a sharded load costs each host.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Union
+
+from minitron_jax.core.errors import StorageError
+
+SCHEMES = ("gs",)  # besides local paths
+_lock = threading.Lock()
+_read = 0  # bytes read by `read_range` in this process
+
+
+def configure() -> None:
+    """Point TensorStore (and so orbax's array writes) and gcsfs at `STORAGE_EMULATOR_HOST` when it is set.
+    Idempotent; call before the first Cloud Storage client is made (`path` does)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not host:
+        return
+    host = host if "://" in host else "http://" + host
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def is_url(p) -> bool:
+    return "://" in str(p)
+
+
+def scheme(p) -> str:
+    return str(p).split("://", 1)[0] if is_url(p) else ""
+
+
+def path(p: Union[str, os.PathLike]) -> "Path":
+    """A `pathlib.Path` for a local path, an `etils.epath.Path` for `gs://bucket/...`; any other scheme is
+    refused with the ones that work."""
+    if not is_url(p):
+        return Path(p)
+    s = str(p)
+    if scheme(s) not in SCHEMES:
+        raise StorageError(f"{s}: the scheme {scheme(s)}:// is not supported; give a local path or "
+                           f"{' or '.join(f'{k}://bucket/path' for k in SCHEMES)} (mount other storage locally)")
+    bucket = s.split("://", 1)[1].split("/", 1)[0]
+    if len(bucket) < 3:
+        raise StorageError(f"{s}: '{bucket}' is not a bucket name (3 to 63 characters); give gs://BUCKET/path")
+    configure()
+    from etils import epath
+    return epath.Path(s)
+
+
+def filesystem():
+    """The gcsfs filesystem epath uses for gs:// (fsspec caches one instance per set of arguments)."""
+    configure()
+    import fsspec
+    return fsspec.filesystem("gs")
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through `read_range` so far."""
+    return _read
+
+
+def read_range(p, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the file `p` (local or gs://): a ranged GET on Cloud Storage, never the whole object."""
+    global _read
+    if end <= start:
+        return b""
+    if is_url(p):
+        data = filesystem().cat_file(str(p), start=start, end=end)
+    else:
+        with open(p, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    with _lock:
+        _read += len(data)
+    return data
+
+
+def read_ranges(p, spans: list[tuple[int, int]]) -> list[bytes]:
+    """Several [start, end) spans of one file: concurrent ranged GETs on Cloud Storage."""
+    global _read
+    spans = [(a, b) for a, b in spans]
+    if not is_url(p):
+        return [read_range(p, a, b) for a, b in spans]
+    out = filesystem().cat_ranges([str(p)] * len(spans), [a for a, _ in spans], [b for _, b in spans])
+    for i, d in enumerate(out):
+        if isinstance(d, BaseException):
+            raise d
+    with _lock:
+        _read += sum(len(d) for d in out)
+    return out
+
+
+def size(p) -> int:
+    """The size in bytes of the file `p`."""
+    if is_url(p):
+        return int(filesystem().info(str(p))["size"])
+    return os.stat(p).st_size
+
+
+def check_access(p, what: str = "path") -> None:
+    """Refuse, in one line naming `p` and the fix and before any weights load, a gs:// path whose bucket
+    cannot be used: no credentials, a bucket that does not exist, permission denied. Local paths pass."""
+    if not is_url(p):
+        return
+    path(p)  # the scheme and bucket name
+    s = str(p)
+    bucket = s.split("://", 1)[1].split("/", 1)[0]
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+        try:
+            google.auth.default()
+        except DefaultCredentialsError as e:
+            raise StorageError(f"{what}={s}: no Google Cloud credentials ({str(e).splitlines()[0]}); on a TPU VM "
+                               "the VM's service account is used, elsewhere run `gcloud auth application-default "
+                               "login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file") from e
+    try:
+        filesystem().ls(f"{bucket}/", detail=False)
+    except FileNotFoundError as e:
+        raise StorageError(f"{what}={s}: the bucket gs://{bucket} does not exist; create it (`gcloud storage "
+                           f"buckets create gs://{bucket}`) or fix the name") from e
+    except Exception as e:  # gcsfs: OSError("Forbidden: ...") for 403, HttpError for 401, others for the network
+        said = " ".join(str(e).split())
+        if isinstance(e, PermissionError) or any(k in said for k in ("Forbidden", "403", "401", "Unauthorized")):
+            raise StorageError(f"{what}={s}: permission denied on gs://{bucket} ({said}); grant this host's account "
+                               "roles/storage.objectUser on the bucket") from e
+        raise StorageError(f"{what}={s}: cannot reach gs://{bucket} ({type(e).__name__}: {said})") from e
