@@ -4,6 +4,10 @@
 `atomic_directory` repeats it, writes into a hidden sibling `.<name>.tmp-<token>` and, when complete,
 marks it as ours (`MARKER`), renames any previous output aside, renames the new one into place and
 only then deletes the old one. A directory without the marker is never replaced.
+
+On Cloud Storage (`gs://`) there are no renames: the finished temporary prefix is committed by server-side
+copies under a flag object (`INCOMPLETE`, written first and deleted last, after `MARKER`), and readers refuse
+a prefix that holds the flag (`check_complete`): no half-written output is ever taken for a whole one.
 """
 
 from __future__ import annotations
@@ -20,25 +24,39 @@ from typing import Iterable, Iterator
 
 import jax
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.errors import OutputError
 
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
               "added_tokens.json", "vocab.json", "merges.txt")
 MARKER = ".minitron-output.json"
+INCOMPLETE = ".minitron-incomplete.json"  # gs://: on a prefix while a commit replaces its objects
 WRITER = "minitron_jax"
 
 
 
 
-def is_minitron_output(path: str | Path) -> bool:
-    """Whether `path` is a directory that `atomic_directory` wrote (it holds a valid `MARKER`)."""
+def _ours(file) -> bool:
     try:
-        rec = json.loads((Path(path) / MARKER).read_text())
+        rec = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(rec, dict) and rec.get("written_by") == WRITER
+
+
+def is_minitron_output(path: str | Path) -> bool:
+    """Whether `path` is a directory that `atomic_directory` wrote (it holds a valid `MARKER`), or a gs://
+    prefix that one of its commits left half-done (`INCOMPLETE`)."""
+    d = storage.path(path)
+    return _ours(d / MARKER) or (storage.is_url(path) and _ours(d / INCOMPLETE))
+
+
+def check_complete(path: str | Path, what: str = "model") -> None:
+    """Refuse a gs:// prefix that a commit left half-written (local outputs are renamed into place whole)."""
+    if storage.is_url(path) and (storage.path(path) / INCOMPLETE).exists():
+        raise OutputError(f"{what} {path} is half-written (it holds {INCOMPLETE}: a writer stopped while "
+                          "committing it, or is committing it now); write it again (with --overwrite)")
 
 
 def _listing(path: Path, n: int = 5) -> str:
@@ -69,6 +87,8 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
     that lacks `MARKER`; `path` equal to, inside, or holding one of `inputs` (None entries are ignored);
     a path under a regular file; a parent directory that cannot be written.
     """
+    if storage.is_url(path):
+        return _check_url_output(storage.path(path), inputs, overwrite)
     path = Path(path).absolute()
     anc = next(a for a in (path, *path.parents) if a.exists() or a == a.parent)
     if anc != path:
@@ -95,6 +115,39 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
                               "that holds none of the inputs")
     _check_existing(path, overwrite)
     return path
+
+
+def _check_url_output(path, inputs, overwrite: bool):
+    """check_output for a gs:// prefix: the bucket is usable, the prefix is not one of the inputs nor holds or
+    lies in one, and an existing one is replaced only with `overwrite` and only if minitron wrote it."""
+    storage.check_access(path, "out")
+    url = str(path).rstrip("/")
+    for inp in inputs:
+        if inp is None or not storage.is_url(inp):
+            continue
+        src = str(inp).rstrip("/")
+        if src == url or url.startswith(src + "/") or src.startswith(url + "/"):
+            raise OutputError(f"output {url} and the input {inp} overlap; choose an --out outside the inputs")
+    _check_existing(path, overwrite)
+    return path
+
+
+def _commit_url(tmp, path, overwrite: bool) -> None:
+    """gs://: make the complete temporary prefix `tmp` the output `path`. The flag goes up first; the previous
+    output's objects are deleted; `tmp`'s objects are copied in (server-side), `MARKER` last; the flag comes
+    down last. A reader (`check_complete`) never takes the prefix for whole while the flag is there."""
+    _check_existing(path, overwrite)
+    fs = storage.filesystem()
+    flag = path / INCOMPLETE
+    flag.write_text(json.dumps({"written_by": WRITER, "from": str(tmp)}) + "\n")
+    key = lambda p: str(p).split("://", 1)[1]  # noqa: E731  gcsfs names objects bucket/key
+    old = [f for f in fs.find(key(path)) if not f.endswith("/" + INCOMPLETE)]
+    if old:
+        fs.rm(old)
+    new = sorted(fs.find(key(tmp)), key=lambda f: f.endswith("/" + MARKER))  # MARKER last
+    for f in new:
+        fs.copy(f, key(path) + f[len(key(tmp)):])
+    flag.unlink()
 
 
 def _install(tmp: Path, path: Path, token: str, overwrite: bool) -> None:
@@ -132,14 +185,17 @@ def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable
     `mkdir` or a failed install is raised on every process, and no process leaves the `with` before the
     output is in place (the next stage, on every host, reads it).
     """
+    remote = storage.is_url(path)
+
     def prepare() -> list[str]:  # the checks, a token unique to this writer, its temporary
         out = check_output(path, inputs=tuple(inputs), overwrite=overwrite)
         token = f"{os.getpid() % 2**31}-{secrets.randbits(31):08x}"
-        (out.parent / f".{out.name}.tmp-{token}").mkdir(parents=True)
+        if not remote:  # object storage has no directories to make
+            (out.parent / f".{out.name}.tmp-{token}").mkdir(parents=True)
         return [str(out), token]
 
     out, token = multihost.decided(prepare, "output-prepare")
-    path = Path(out)
+    path = storage.path(out)
     tmp = path.parent / f".{path.name}.tmp-{token}"
     lead = jax.process_index() == 0
     try:
@@ -149,11 +205,17 @@ def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable
             (tmp / MARKER).write_text(json.dumps(
                 {"written_by": WRITER, "version": _version(), "kind": kind, "host": socket.gethostname(),
                  "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
-            _install(tmp, path, token, overwrite)
+            if remote:
+                _commit_url(tmp, path, overwrite)
+            else:
+                _install(tmp, path, token, overwrite)
 
         multihost.decided(install, "output-install")
     finally:
-        if lead and tmp.exists():
+        if lead and remote:
+            with contextlib.suppress(FileNotFoundError):
+                storage.filesystem().rm(str(tmp).split("://", 1)[1], recursive=True)
+        elif lead and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -190,6 +252,10 @@ def copy_side_files(source: str | Path | None, dest: Path) -> None:
     """Tokenizer and generation-config files travel with the weights."""
     if source is None:
         return
+    src = storage.path(source)
     for name in SIDE_FILES:
-        if (Path(source) / name).exists():
-            shutil.copy2(Path(source) / name, dest / name)
+        if (src / name).exists():
+            if storage.is_url(source) or storage.is_url(dest):
+                (dest / name).write_bytes((src / name).read_bytes())
+            else:
+                shutil.copy2(src / name, dest / name)

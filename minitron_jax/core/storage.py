@@ -29,8 +29,13 @@ _read = 0  # bytes read by `read_range` in this process
 
 
 def configure() -> None:
-    """Point TensorStore (and so orbax's array writes) and gcsfs at `STORAGE_EMULATOR_HOST` when it is set.
-    Idempotent; call before the first Cloud Storage client is made (`path` does)."""
+    """Every gcsfs client lists afresh (no listings cache: other hosts, and other clients in this process such
+    as epath's own, write objects a cached listing would not show); and with `STORAGE_EMULATOR_HOST` set,
+    TensorStore (and so orbax's array writes) and gcsfs go to the emulator. Idempotent; call before the first
+    Cloud Storage client is made (`path` and `filesystem` do)."""
+    import fsspec.config
+    for proto in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
     host = os.environ.get("STORAGE_EMULATOR_HOST")
     if not host:
         return

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from minitron_jax.core import storage
-from minitron_jax.core.atomic import atomic_directory, check_output, copy_side_files
+from minitron_jax.core.atomic import atomic_directory, check_complete, check_output, copy_side_files
 from minitron_jax.core.errors import CheckpointError, clip_repr
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
@@ -63,6 +63,7 @@ def open_checkpoint(path: str | Path) -> dict[str, SafetensorsFile]:
     path = storage.path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: expected an HF model directory")
+    check_complete(path)
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():

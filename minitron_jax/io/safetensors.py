@@ -204,7 +204,7 @@ def write_file(path: str | Path, tensors: Iterable[TensorSource], metadata: dict
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with storage.path(path).open("wb") as f:  # local or gs:// (a streamed upload)
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, fetch in tensors:

@@ -494,3 +494,77 @@ def test_two_hosts_each_read_their_half_of_a_checkpoint_in_cloud_storage(ckpt, g
     assert [g["bytes_read"] for g in got] == [headers + (total - headers) // 2] * 2, (got, headers, total)
     local = mj.from_pretrained(ckpt, mesh=make_mesh(1, -1, 1, devices=jax.devices()[:4]))
     assert got[0]["fingerprint"] == got[1]["fingerprint"] == model_fingerprint(local.config, local.params())
+
+
+def download(url: str, local: Path) -> Path:
+    """Copy every object under a gs:// prefix to a local directory (what a user does before `transformers`)."""
+    from minitron_jax.core import storage
+    local.mkdir(parents=True)
+    for f in storage.path(url).iterdir():
+        (local / f.name).write_bytes(f.read_bytes())
+    return local
+
+
+def test_export_to_cloud_storage_equals_a_local_export_and_loads_in_transformers(tmp_path, gs_dir):
+    """save_pretrained to gs:// writes the bytes a local export writes (shards, index, config, side files), under
+    the same ownership marker, leaves no temporary prefix, and the download loads in transformers with the
+    source's logits; an export over it replaces only what it wrote before (a shard fewer: the old ones go)."""
+    from minitron_jax.core import storage
+    from minitron_jax.core.atomic import MARKER
+    from minitron_jax.core.errors import OutputError
+    src = tmp_path / "src"
+    save_tiny(src)
+    model = mj.from_pretrained(src)
+    mj.save_pretrained(model, tmp_path / "local", max_shard_size="40KB")
+    url = gs_dir + "/student_hf"
+    mj.save_pretrained(model, url, max_shard_size="40KB")
+    got = download(url, tmp_path / "down")
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(p.name for p in got.iterdir()) == names and "model.safetensors.index.json" in names
+    for n in names:
+        if n != MARKER:  # its time and pid differ
+            assert (got / n).read_bytes() == (tmp_path / "local" / n).read_bytes(), n
+    assert [p.name for p in storage.path(gs_dir).iterdir()] == ["student_hf"]  # no temporary prefix left
+    hf = AutoModelForCausalLM.from_pretrained(got, dtype=torch.float32).eval()
+    orig = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.tensor(np.random.RandomState(0).randint(0, 128, (2, 24)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(hf(ids).logits.numpy(), orig(ids).logits.numpy())
+    with pytest.raises(OutputError, match="exists; choose another path or pass --overwrite"):
+        mj.save_pretrained(model, url)
+    mj.save_pretrained(model, url, overwrite=True)  # one shard now
+    assert sorted(p.name for p in storage.path(url).iterdir()) == sorted([MARKER, "config.json", "model.safetensors",
+                                                                        "generation_config.json"])
+
+
+def test_a_prefix_left_half_committed_is_refused_by_readers_and_written_again(tmp_path, gs_dir, monkeypatch):
+    """A commit to gs:// that stops half-way (here: the 2nd server-side copy fails) leaves the flag object; loading
+    the prefix is refused naming it, a user's upload there is not mistaken for it, and the same export with
+    overwrite replaces it whole."""
+    from minitron_jax.core import storage
+    from minitron_jax.core.errors import OutputError
+    src = tmp_path / "src"
+    save_tiny(src)
+    model = mj.from_pretrained(src)
+    url = gs_dir + "/student_hf"
+    fs = storage.filesystem()  # the client the commit uses (fsspec keeps one per set of arguments)
+    real, calls = fs.copy, []
+
+    def copy_then_fail(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise OSError("injected: connection reset during the commit")
+        return real(*a, **k)
+    monkeypatch.setattr(fs, "copy", copy_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        mj.save_pretrained(model, url, max_shard_size="40KB")
+    monkeypatch.setattr(fs, "copy", real)
+    with pytest.raises(OutputError, match=r"student_hf is half-written \(it holds "
+                                                       r"\.minitron-incomplete\.json"):
+        mj.from_pretrained(url)
+    with pytest.raises(OutputError, match="exists; choose another path or pass --overwrite"):
+        mj.save_pretrained(model, url)
+    mj.save_pretrained(model, url, overwrite=True)
+    assert np.array_equal(np.asarray(mj.from_pretrained(url).params()["embed_tokens"]),
+                          np.asarray(model.params()["embed_tokens"]))
+    assert sorted(p.name for p in storage.path(gs_dir).iterdir()) == ["student_hf"]
