@@ -7,6 +7,12 @@ left behind by a dead run never blocks: only a live holder does, and the file's 
 only. A clean exit removes the file (and the directory, when the lock created it and nothing else was
 written).
 
+On Cloud Storage (`gs://`) there is no flock: the lock is the object `out/.minitron.lock`, created with a
+generation precondition (create only if absent: of two runs that race, Cloud Storage lets one create it), whose
+record the holder refreshes every `HEARTBEAT_S`. A run that died leaves it behind: one whose record is older
+than `STALE_S` is taken over (deleted only at the generation read, so that two runs taking it over cannot
+delete each other's fresh lock).
+
 Multi-process (multi-host) runs: process 0 takes the lock; the others wait for its outcome (a broadcast
 from process 0, which doubles as the barrier) and all fail together when the directory is taken. This
 assumes `out` is one directory that every host sees (as orbax checkpointing does) on a file system with
@@ -25,14 +31,18 @@ import os
 import shlex
 import socket
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.errors import LockError
 
 LOCK_NAME = ".minitron.lock"
+HEARTBEAT_S = 60  # gs://: the holder rewrites its record this often
+STALE_S = 600  # gs://: a record this old is a dead run's
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -107,11 +117,69 @@ def _release(directory: Path, fd: int | None, created: bool) -> None:
             directory.rmdir()
 
 
+def _key(p) -> str:
+    return str(p).split("://", 1)[1]  # gcsfs names objects bucket/key
+
+
+def _taken_url(directory, info: dict, what: str) -> LockError:
+    who = (f"{info.get('what', 'a run')} (pid {info.get('pid', '?')} on host {info.get('host', '?')}, started "
+           f"{info.get('start', '?')}, alive at {info.get('alive', '?')}: {info.get('command', '?')})")
+    return LockError(f"{directory} is in use by {who}; wait for it to end or choose another output directory for "
+                     f"this {what} (a lock whose holder stopped refreshing it {STALE_S} s ago is taken over)")
+
+
+def _acquire_url(directory, what: str) -> tuple[threading.Event, threading.Thread]:
+    """Create the gs:// lock object (only if absent), or take over a dead run's; start its heartbeat."""
+    fs = storage.filesystem()
+    key = _key(directory / LOCK_NAME)
+
+    def record() -> bytes:
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        return (json.dumps({**holder, "alive": now, "alive_s": time.time()}) + "\n").encode()
+
+    holder = _holder(what)
+    for _ in range(3):
+        try:
+            info = fs.info(key)
+        except FileNotFoundError:
+            info = None
+        if info is not None:
+            try:
+                rec = json.loads(fs.cat_file(key))
+            except (FileNotFoundError, ValueError):
+                continue  # released or being written: look again
+            rec = rec if isinstance(rec, dict) else {}
+            if time.time() - float(rec.get("alive_s", 0)) < STALE_S:
+                raise _taken_url(directory, rec, what)
+            bucket, name = key.split("/", 1)
+            with contextlib.suppress(FileNotFoundError, FileExistsError):  # a dead run's: delete only the object
+                fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=str(info["generation"]))  # we read
+        try:
+            fs.pipe_file(key, record(), mode="create")  # ifGenerationMatch=0: Cloud Storage lets one run create it
+            break
+        except FileExistsError:  # another run created it since we looked
+            continue
+    else:
+        raise LockError(f"{directory}: could not take the lock {LOCK_NAME} (other runs keep creating it); try again")
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a missed beat only ages the record
+                fs.pipe_file(key, record())
+    thread = threading.Thread(target=beat, name="minitron-lock-heartbeat", daemon=True)
+    thread.start()
+    return stop, thread
+
+
 @contextlib.contextmanager
 def output_lock(directory: str | Path, what: str = "run") -> Iterator[Path]:
     """Hold `directory` (created if needed) for the body of the `with`; `what` names the run in messages
     ("minitron distill"). Raises LockError, naming the holder, when another live run holds it."""
     import jax
+    if storage.is_url(directory):
+        yield from _output_lock_url(storage.path(directory), what)
+        return
     directory = Path(directory)
     held: dict = {"fd": None, "created": False}
 
@@ -126,3 +194,23 @@ def output_lock(directory: str | Path, what: str = "run") -> Iterator[Path]:
     finally:
         if jax.process_index() == 0:
             _release(directory, fd, created)
+
+
+def _output_lock_url(directory, what: str) -> Iterator:
+    import jax
+    held: dict = {}
+
+    def take() -> bool:
+        storage.check_access(directory, "out")
+        held["stop"], held["thread"] = _acquire_url(directory, what)
+        return True
+
+    multihost.decided(take, "output-lock")
+    try:
+        yield directory
+    finally:
+        if jax.process_index() == 0:
+            held["stop"].set()
+            held["thread"].join()
+            with contextlib.suppress(FileNotFoundError):
+                storage.filesystem().rm_file(_key(directory / LOCK_NAME))

@@ -107,3 +107,68 @@ def test_distill_into_a_held_directory_is_refused_before_work(holder, tmp_path, 
         main(["distill", f"teacher={t}", f"student={s}", f"data={d}", f"out={out}", "steps=2", "warmup=0",
               "seq_len=32"])
     assert sorted(p.name for p in out.iterdir()) == before == [LOCK_NAME]
+
+
+# ---------------------------------------------------------------------------- gs:// (emulator)
+def _record(url):
+    from minitron_jax.core import storage
+    return json.loads((storage.path(url) / LOCK_NAME).read_text())
+
+
+def test_a_lock_in_cloud_storage_refuses_a_second_run_and_goes_at_exit(gs_dir):
+    """The lock object names its holder; a second run is refused naming it; at exit the object is gone and the
+    next run takes it."""
+    from minitron_jax.core import storage
+    with output_lock(gs_dir, "minitron distill"):
+        rec = _record(gs_dir)
+        assert rec["pid"] == os.getpid() and rec["what"] == "minitron distill"
+        with pytest.raises(LockError, match=rf"^{gs_dir} is in use by minitron distill \(pid {os.getpid()} on host "):
+            with output_lock(gs_dir, "minitron run"):
+                pass
+    assert not (storage.path(gs_dir) / LOCK_NAME).exists()
+    with output_lock(gs_dir, "minitron run"):
+        assert _record(gs_dir)["what"] == "minitron run"
+
+
+def test_a_dead_runs_lock_in_cloud_storage_is_taken_over_and_a_live_one_is_refreshed(gs_dir, monkeypatch):
+    """A lock whose record stopped being refreshed STALE_S ago (its run died) is taken over; the holder's
+    heartbeat keeps its own record fresh."""
+    import time
+
+    from minitron_jax.core import lock, storage
+    (storage.path(gs_dir) / LOCK_NAME).write_text(json.dumps({"what": "minitron run", "pid": 1, "host": "dead",
+                                                              "alive_s": time.time() - lock.STALE_S - 1}))
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.2)
+    with output_lock(gs_dir, "minitron distill"):
+        first = _record(gs_dir)
+        assert first["pid"] == os.getpid()
+        time.sleep(1.0)
+        assert _record(gs_dir)["alive_s"] > first["alive_s"]
+
+
+def test_a_run_that_loses_the_race_to_create_the_lock_is_refused(gs_dir, monkeypatch):
+    """The lock is created only if absent (mode=create: ifGenerationMatch=0). When another run creates it
+    between this run's look and its create, Cloud Storage answers 412 (raised here: the emulator ignores
+    preconditions) and this run is refused naming the winner."""
+    from minitron_jax.core import storage
+    fs = storage.filesystem()
+    winner = {"what": "minitron run", "pid": 4242, "host": "host-b", "alive_s": __import__("time").time()}
+    real_info, real_pipe, modes = fs.info, fs.pipe_file, []
+
+    def info_misses_once(path, **k):
+        if not modes:
+            raise FileNotFoundError(path)  # not there when this run looked
+        return real_info(path, **k)
+
+    def pipe(path, data, mode="overwrite", **k):
+        modes.append(mode)
+        if len(modes) == 1:  # the other run's create lands first; ours fails its precondition
+            real_pipe(path, json.dumps(winner).encode())
+            raise FileExistsError(path)
+        return real_pipe(path, data, mode=mode, **k)
+    monkeypatch.setattr(fs, "info", info_misses_once)
+    monkeypatch.setattr(fs, "pipe_file", pipe)
+    with pytest.raises(LockError, match=r"is in use by minitron run \(pid 4242 on host host-b"):
+        with output_lock(gs_dir, "minitron distill"):
+            pass
+    assert modes == ["create"]
