@@ -16,6 +16,7 @@ Bytes read by ranged reads are counted (`bytes_read`): what a sharded load costs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -148,3 +149,26 @@ def check_access(p, what: str = "path") -> None:
             raise StorageError(f"{what}={s}: permission denied on gs://{bucket} ({said}); grant this host's account "
                                "roles/storage.objectUser on the bucket") from e
         raise StorageError(f"{what}={s}: cannot reach gs://{bucket} ({type(e).__name__}: {said})") from e
+
+
+def local_copy(url, names, what: str = "directory") -> Path:
+    """A local temporary copy of the small files `names` (those that exist) of the gs:// directory `url`, for
+    readers that take local paths only (a tokenizer: `transformers` and `tokenizers` read files); removed at
+    exit. A local `url` is returned as it is."""
+    if not is_url(url):
+        return Path(url)
+    import atexit
+    import shutil
+    import tempfile
+    src = path(url)
+    check_access(url, what)
+    d = Path(tempfile.mkdtemp(prefix="minitron-gs-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    got = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).write_bytes((src / name).read_bytes())
+            got += 1
+    if not got:
+        raise StorageError(f"{what} {url} holds none of {', '.join(names)}; give the directory that holds them")
+    return d

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import StoreError
 
 FORMAT = "minitron-token-store"
@@ -45,8 +46,11 @@ MANIFEST_FIELDS = ("format", "version", "tokens", "documents", "dtype", "tokeniz
 
 
 def kvstore_url(store: str | Path) -> str:
-    """`file:///abs/path` for a local path; a URL (`scheme://...`) unchanged."""
+    """`file:///abs/path` for a local path; a URL (`scheme://...`) unchanged (gs://: TensorStore is pointed at
+    `STORAGE_EMULATOR_HOST` when that is set, `core.storage.configure`)."""
     s = str(store)
+    if s.startswith("gs://"):
+        storage.configure()
     return s.rstrip("/") if "://" in s else "file://" + str(Path(s).absolute())
 
 
@@ -135,7 +139,7 @@ def open_array(store, name: str, dtype: str = "uint32", shard: int = TOKEN_SHARD
 
 def tokenizer_identity(path: str | Path) -> str:
     """sha256 of `tokenizer.json` (in directory `path`, or `path` itself): the store's tokenizer identity."""
-    p = Path(path)
+    p = storage.path(path)
     p = p / "tokenizer.json" if p.is_dir() else p
     if not p.is_file():
         raise StoreError(f"{p} does not exist: a token store needs a fast (tokenizers) tokenizer saved as "

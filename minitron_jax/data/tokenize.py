@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import DataError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data import token_store as S
@@ -96,6 +97,9 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(e.ids) for e in enc), np.int64, len(enc))
     ids = np.fromiter((i for e in enc for i in e.ids), np.uint32, int(lengths.sum()))
     return ids, lengths
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what tokenize reads
 
 
 def _special_ids(tokenizer: Path, tok_json: str) -> tuple[int | None, int]:
@@ -257,7 +261,7 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
         raise ValueError(f"workers={workers} must be at least 1")
     if stripe_docs < 1:
         raise ValueError(f"stripe_docs={stripe_docs} must be at least 1")
-    tokenizer = Path(tokenizer)
+    tokenizer = storage.local_copy(tokenizer, TOKENIZER_FILES, "--tokenizer")  # gs://: its few small files
     sha = S.tokenizer_identity(tokenizer)
     tok_json = str(tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer)
     bos, eos = _special_ids(tokenizer, tok_json)
