@@ -143,13 +143,12 @@ def gcs():
     process). Yields the URL of a bucket that exists; give each test its own prefix (`gs_dir`)."""
     import socket
 
-    from gcp_storage_emulator.server import create_server
+    from gcs_emulator import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="minitron-test")
-    server.start()
+    server = serve(port)  # answering as Cloud Storage does where the emulator does not (tests/gcs_emulator.py)
     before = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:

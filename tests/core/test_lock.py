@@ -147,28 +147,24 @@ def test_a_dead_runs_lock_in_cloud_storage_is_taken_over_and_a_live_one_is_refre
 
 
 def test_a_run_that_loses_the_race_to_create_the_lock_is_refused(gs_dir, monkeypatch):
-    """The lock is created only if absent (mode=create: ifGenerationMatch=0). When another run creates it
-    between this run's look and its create, Cloud Storage answers 412 (raised here: the emulator ignores
-    preconditions) and this run is refused naming the winner."""
+    """The lock is created only if absent (ifGenerationMatch=0). When another run's lock appears between this run's
+    look and its create, Cloud Storage answers 412 (the test emulator too, tests/gcs_emulator.py): this run is
+    refused naming the winner, whose record is left as it was (an unconditional write would have replaced it)."""
+    import time
+
     from minitron_jax.core import storage
-    fs = storage.filesystem()
-    winner = {"what": "minitron run", "pid": 4242, "host": "host-b", "alive_s": __import__("time").time()}
-    real_info, real_pipe, modes = fs.info, fs.pipe_file, []
+    winner = {"what": "minitron run", "pid": 4242, "host": "host-b", "alive_s": time.time()}
+    (storage.path(gs_dir) / LOCK_NAME).write_text(json.dumps(winner))
+    fs, looks = storage.filesystem(), []
+    real_info = fs.info
 
     def info_misses_once(path, **k):
-        if not modes:
-            raise FileNotFoundError(path)  # not there when this run looked
+        looks.append(path)
+        if len(looks) == 1:
+            raise FileNotFoundError(path)  # not there yet when this run looked
         return real_info(path, **k)
-
-    def pipe(path, data, mode="overwrite", **k):
-        modes.append(mode)
-        if len(modes) == 1:  # the other run's create lands first; ours fails its precondition
-            real_pipe(path, json.dumps(winner).encode())
-            raise FileExistsError(path)
-        return real_pipe(path, data, mode=mode, **k)
     monkeypatch.setattr(fs, "info", info_misses_once)
-    monkeypatch.setattr(fs, "pipe_file", pipe)
     with pytest.raises(LockError, match=r"is in use by minitron run \(pid 4242 on host host-b"):
         with output_lock(gs_dir, "minitron distill"):
             pass
-    assert modes == ["create"]
+    assert _record(gs_dir) == winner and len(looks) == 2

@@ -476,10 +476,10 @@ def test_several_processes_resume_their_parts(corpus, store1, tmp_path, processe
     assert all(isinstance(g, dict) and g["documents"] == 1 for g in lone), lone  # process 1 has no document
 
 
-def test_minitron_tokenize_reads_its_tokenizer_from_cloud_storage(corpus, gs_dir, tmp_path, capsys):
+def test_minitron_tokenize_from_and_into_cloud_storage(corpus, gs_dir, tmp_path, capsys):
     """`minitron tokenize SOURCE --tokenizer gs://...` (emulator) stores the same tokens, offsets and names as with
     the local tokenizer directory (same tokenizer identity in the manifest); an unsupported scheme is refused.
-    (A store on gs:// is not tested here: the emulator ignores suffix byte ranges, which sharded zarr reads use.)"""
+    The same with the store in the bucket (`--out gs://...`) too: the same tokens, offsets and names."""
     from minitron_jax.core import storage
     from minitron_jax.run.cli import main
     src, tok, _ = corpus
@@ -494,5 +494,11 @@ def test_minitron_tokenize_reads_its_tokenizer_from_cloud_storage(corpus, gs_dir
     np.testing.assert_array_equal(got.document_offsets(), want.document_offsets())
     assert got.names(0, got.n_documents) == want.names(0, want.n_documents)
     assert got.manifest["tokenizer"] == want.manifest["tokenizer"]
+    main(["tokenize", str(src), "--tokenizer", f"{gs_dir}/tok", "--out", f"{gs_dir}/store"])
+    remote = S.open_store(f"{gs_dir}/store")
+    np.testing.assert_array_equal(remote.read(0, len(remote)), want.read(0, len(want)))
+    np.testing.assert_array_equal(remote.document_offsets(), want.document_offsets())
+    assert remote.names(0, remote.n_documents) == want.names(0, want.n_documents)
+    assert sorted(S.list_keys(f"{gs_dir}/store")) == sorted(S.list_keys(str(tmp_path / "local")))
     with pytest.raises(SystemExit, match="s3://b/tok: the scheme s3:// is not supported"):
         main(["tokenize", str(src), "--tokenizer", "s3://b/tok", "--out", str(tmp_path / "s3")])
