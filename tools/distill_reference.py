@@ -188,6 +188,19 @@ def count_targets(rc) -> None:
         print(f"  steps {a + 1}-{a + rc.eval_every}: {100 * (1 - n[a:a + rc.eval_every].mean() / full):.2f}% fewer")
 
 
+def order_check(rc, seeds=range(6), bins: int = 10) -> None:
+    """How uniformly the first steps x batch rows of grain's shuffle (the trainer's order) and of a numpy
+    permutation (the reference's) cover the windows: counts in `bins` equal bins and their chi2."""
+    import grain
+    n, k = len(reference_rows(rc)), rc.steps * rc.batch_size
+    for seed in seeds:
+        for name, idx in (("grain", np.array(list(grain.MapDataset.source(list(range(n))).shuffle(seed=seed)[:k]))),
+                          ("numpy", np.random.default_rng(seed).permutation(n)[:k])):
+            h = np.histogram(idx, bins=bins, range=(0, n))[0]
+            print(f"seed {seed} {name}: first {k} of {n} windows by {bins} bins {h.tolist()}, "
+                  f"chi2 {((h - k / bins) ** 2 / (k / bins)).sum():.1f} ({bins - 1} dof)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a `minitron run` out (data and prune stages done)")
@@ -195,6 +208,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/issue26", help="results.jsonl and the trainer arm's runs")
     ap.add_argument("--count-targets", action="store_true")
+    ap.add_argument("--order-check", action="store_true", help="how uniform the two orders' first rows are")
     ap.add_argument("--steps", type=int, default=None, help="fewer steps (a smoke test; the schedule follows)")
     args = ap.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
@@ -203,6 +217,8 @@ def main(argv=None) -> None:
         rc = dataclasses.replace(rc, steps=args.steps, warmup=min(rc.warmup, args.steps - 1))
     if args.count_targets:
         return count_targets(rc)
+    if args.order_check:
+        return order_check(rc)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
