@@ -140,7 +140,7 @@ def _commit_url(tmp, path, overwrite: bool) -> None:
     fs = storage.filesystem()
     flag = path / INCOMPLETE
     flag.write_text(json.dumps({"written_by": WRITER, "from": str(tmp)}) + "\n")
-    key = lambda p: str(p).split("://", 1)[1]  # noqa: E731  gcsfs names objects bucket/key
+    key = storage.key
     old = [f for f in fs.find(key(path)) if not f.endswith("/" + INCOMPLETE)]
     if old:
         fs.rm(old)
@@ -214,7 +214,7 @@ def atomic_directory(path: str | Path, *, kind: str = "output", inputs: Iterable
     finally:
         if lead and remote:
             with contextlib.suppress(FileNotFoundError):
-                storage.filesystem().rm(str(tmp).split("://", 1)[1], recursive=True)
+                storage.filesystem().rm(storage.key(tmp), recursive=True)
         elif lead and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

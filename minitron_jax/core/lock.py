@@ -117,10 +117,6 @@ def _release(directory: Path, fd: int | None, created: bool) -> None:
             directory.rmdir()
 
 
-def _key(p) -> str:
-    return str(p).split("://", 1)[1]  # gcsfs names objects bucket/key
-
-
 def _taken_url(directory, info: dict, what: str) -> LockError:
     who = (f"{info.get('what', 'a run')} (pid {info.get('pid', '?')} on host {info.get('host', '?')}, started "
            f"{info.get('start', '?')}, alive at {info.get('alive', '?')}: {info.get('command', '?')})")
@@ -131,7 +127,7 @@ def _taken_url(directory, info: dict, what: str) -> LockError:
 def _acquire_url(directory, what: str) -> tuple[threading.Event, threading.Thread]:
     """Create the gs:// lock object (only if absent), or take over a dead run's; start its heartbeat."""
     fs = storage.filesystem()
-    key = _key(directory / LOCK_NAME)
+    key = storage.key(directory / LOCK_NAME)
 
     def record() -> bytes:
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -213,4 +209,4 @@ def _output_lock_url(directory, what: str) -> Iterator:
             held["stop"].set()
             held["thread"].join()
             with contextlib.suppress(FileNotFoundError):
-                storage.filesystem().rm_file(_key(directory / LOCK_NAME))
+                storage.filesystem().rm_file(storage.key(directory / LOCK_NAME))

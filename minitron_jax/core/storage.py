@@ -54,6 +54,15 @@ def scheme(p) -> str:
     return str(p).split("://", 1)[0] if is_url(p) else ""
 
 
+def key(p) -> str:
+    """The object name gcsfs uses for a gs:// path: `bucket/prefix/name`."""
+    return str(p).split("://", 1)[1]
+
+
+def bucket(p) -> str:
+    return key(p).split("/", 1)[0]
+
+
 def path(p: Union[str, os.PathLike]) -> "Path":
     """A `pathlib.Path` for a local path, an `etils.epath.Path` for `gs://bucket/...`; any other scheme is
     refused with the ones that work."""
@@ -63,9 +72,8 @@ def path(p: Union[str, os.PathLike]) -> "Path":
     if scheme(s) not in SCHEMES:
         raise StorageError(f"{s}: the scheme {scheme(s)}:// is not supported; give a local path or "
                            f"{' or '.join(f'{k}://bucket/path' for k in SCHEMES)} (mount other storage locally)")
-    bucket = s.split("://", 1)[1].split("/", 1)[0]
-    if len(bucket) < 3:
-        raise StorageError(f"{s}: '{bucket}' is not a bucket name (3 to 63 characters); give gs://BUCKET/path")
+    if len(bucket(s)) < 3:
+        raise StorageError(f"{s}: '{bucket(s)}' is not a bucket name (3 to 63 characters); give gs://BUCKET/path")
     configure()
     from etils import epath
     return epath.Path(s)
@@ -102,11 +110,10 @@ def read_range(p, start: int, end: int) -> bytes:
 def read_ranges(p, spans: list[tuple[int, int]]) -> list[bytes]:
     """Several [start, end) spans of one file: concurrent ranged GETs on Cloud Storage."""
     global _read
-    spans = [(a, b) for a, b in spans]
     if not is_url(p):
         return [read_range(p, a, b) for a, b in spans]
     out = filesystem().cat_ranges([str(p)] * len(spans), [a for a, _ in spans], [b for _, b in spans])
-    for i, d in enumerate(out):
+    for d in out:
         if isinstance(d, BaseException):
             raise d
     with _lock:
@@ -127,8 +134,7 @@ def check_access(p, what: str = "path") -> None:
     if not is_url(p):
         return
     path(p)  # the scheme and bucket name
-    s = str(p)
-    bucket = s.split("://", 1)[1].split("/", 1)[0]
+    s, b = str(p), bucket(p)
     if not os.environ.get("STORAGE_EMULATOR_HOST"):
         import google.auth
         from google.auth.exceptions import DefaultCredentialsError
@@ -139,16 +145,16 @@ def check_access(p, what: str = "path") -> None:
                                "the VM's service account is used, elsewhere run `gcloud auth application-default "
                                "login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file") from e
     try:
-        filesystem().ls(f"{bucket}/", detail=False)
+        filesystem().ls(f"{b}/", detail=False)
     except FileNotFoundError as e:
-        raise StorageError(f"{what}={s}: the bucket gs://{bucket} does not exist; create it (`gcloud storage "
-                           f"buckets create gs://{bucket}`) or fix the name") from e
+        raise StorageError(f"{what}={s}: the bucket gs://{b} does not exist; create it (`gcloud storage "
+                           f"buckets create gs://{b}`) or fix the name") from e
     except Exception as e:  # gcsfs: OSError("Forbidden: ...") for 403, HttpError for 401, others for the network
         said = " ".join(str(e).split())
         if isinstance(e, PermissionError) or any(k in said for k in ("Forbidden", "403", "401", "Unauthorized")):
-            raise StorageError(f"{what}={s}: permission denied on gs://{bucket} ({said}); grant this host's account "
+            raise StorageError(f"{what}={s}: permission denied on gs://{b} ({said}); grant this host's account "
                                "roles/storage.objectUser on the bucket") from e
-        raise StorageError(f"{what}={s}: cannot reach gs://{bucket} ({type(e).__name__}: {said})") from e
+        raise StorageError(f"{what}={s}: cannot reach gs://{b} ({type(e).__name__}: {said})") from e
 
 
 def local_copy(url, names, what: str = "directory") -> Path:
