@@ -231,7 +231,15 @@ def _version() -> str:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside `path`, unique to this writer (process id and a random token: two processes
     or hosts writing the same file on a shared disk never write into one temporary); on normal exit it replaces
-    `path`, on error it is removed and `path` is left as it was."""
+    `path`, on error it is removed and `path` is left as it was. For gs:// the temporary is a local file, uploaded
+    as one object on normal exit (an object upload is whole or absent: readers never see part of it)."""
+    if storage.is_url(path):
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="minitron-upload-") as d:
+            tmp = Path(d) / storage.path(path).name
+            yield tmp
+            storage.upload(tmp, path)
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
@@ -242,10 +250,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """One small file, whole or not at all: written under a name unique to this writer, then renamed."""
+    """One small file, whole or not at all: written under a name unique to this writer, then renamed (gs://: one
+    object upload)."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return storage.path(path)
 
 
 def copy_side_files(source: str | Path | None, dest: Path) -> None:

@@ -128,6 +128,11 @@ def size(p) -> int:
     return os.stat(p).st_size
 
 
+def upload(local, url) -> None:
+    """The local file `local` as the object `url`, in one upload (whole or absent)."""
+    filesystem().put_file(str(local), key(url))
+
+
 def check_access(p, what: str = "path") -> None:
     """Refuse, in one line naming `p` and the fix and before any weights load, a gs:// path whose bucket
     cannot be used: no credentials, a bucket that does not exist, permission denied. Local paths pass."""

@@ -26,6 +26,18 @@ def test_local_paths_and_gs_urls_read_and_write_through_one_api(gs_dir, tmp_path
     assert str(storage.path(gs_dir)) == gs_dir  # a URL stays a URL (pathlib would make it gs:/...)
 
 
+def test_a_file_on_gs_is_written_whole_or_not_at_all(gs_dir):
+    from minitron_jax.core.atomic import atomic_file, write_text
+    target = f"{gs_dir}/summary.json"
+    assert write_text(target, '{"a": 1}') == storage.path(target)
+    assert json.loads(storage.path(target).read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:  # a writer that fails half-way
+        tmp.write_text('{"a": 2, "b"')
+        raise RuntimeError("disk full")
+    assert json.loads(storage.path(target).read_text()) == {"a": 1}  # the old object, untouched
+    assert [p.name for p in storage.path(gs_dir).iterdir()] == ["summary.json"]  # no temporary left
+
+
 def test_ranged_reads_read_and_count_only_their_bytes(gs_dir):
     data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
     f = storage.path(gs_dir) / "blob.bin"
