@@ -198,3 +198,19 @@ def store_reference(store):
     tokens = np.asarray(st.read(0, st.n_tokens))
     doc_of = np.searchsorted(off, np.arange(st.n_tokens), side="right") - 1
     return st, off, tokens, doc_of
+
+
+# ---------------------------------------------------------------------------- Cloud Storage (emulator)
+def upload(local: Path, url: str) -> str:
+    """Copy a local directory (every file, recursively, byte for byte) to the gs:// prefix `url`."""
+    from minitron_jax.core import storage
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        (storage.path(url) / f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+    return url
+
+
+def gs_files(url: str) -> list[str]:
+    """The object names under the gs:// prefix `url`, relative to it."""
+    from minitron_jax.core import storage
+    fs, key = storage.filesystem(), storage.key(url)
+    return sorted(p[len(key) + 1:] for p in fs.find(key))

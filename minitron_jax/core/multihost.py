@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron_jax.core import errors
+from minitron_jax.core import errors, storage
 from minitron_jax.core.errors import MinitronError
 
 FAILED = "minitron/failed"  # the key a failing process writes its message to
@@ -243,6 +243,6 @@ def file_hashes(directory: str | Path, names: tuple[str, ...]) -> dict[str, str]
     import hashlib
     out = {}
     for name in names:
-        path = Path(directory) / name
+        path = storage.path(directory) / name
         out[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Union
 
@@ -131,6 +132,53 @@ def size(p) -> int:
 def upload(local, url) -> None:
     """The local file `local` as the object `url`, in one upload (whole or absent)."""
     filesystem().put_file(str(local), key(url))
+
+
+class Mirror:
+    """A local folder copied to the gs:// prefix `url` by `sync` (the files changed since the last one): for files
+    that grow by appends (metrics.jsonl, TensorBoard's event files), which objects cannot do. The files named in
+    `fetch` are first copied down, so that a resumed run appends to them. `close` syncs and removes the folder."""
+
+    def __init__(self, url, fetch=()):
+        import tempfile
+        self.url = str(url)
+        self.local = Path(tempfile.mkdtemp(prefix="minitron-mirror-"))
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._last = time.monotonic()
+        for name in fetch:
+            with contextlib.suppress(FileNotFoundError):
+                (self.local / name).write_bytes((path(self.url) / name).read_bytes())
+                self._sent[name] = self._stamp(self.local / name)
+
+    @staticmethod
+    def _stamp(f: Path) -> tuple[int, int]:
+        st = f.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def sync(self, every_s: float = 0.0) -> None:
+        if every_s and time.monotonic() - self._last < every_s:
+            return
+        self._last = time.monotonic()
+        for f in sorted(self.local.rglob("*")):
+            rel = f.relative_to(self.local).as_posix()
+            if f.is_file() and self._sent.get(rel) != (stamp := self._stamp(f)):
+                upload(f, f"{self.url}/{rel}")
+                self._sent[rel] = stamp
+
+    def close(self) -> None:
+        import shutil
+        try:
+            self.sync()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def move(src, dst) -> None:
+    """Rename the file or directory `src` to `dst` (gs://: copies of every object, then deletes)."""
+    if is_url(src):
+        filesystem().mv(key(src), key(dst), recursive=True)
+    else:
+        os.replace(src, dst)
 
 
 def check_access(p, what: str = "path") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -135,6 +136,19 @@ def training_data(rc, tokenizer, vocab_size: int, cache_dir: str | Path | None =
         held = PackedRows(spec.held_out_rows(rc.seq_len, n, vocab_size=vocab_size,
                                              what="the held-out evaluation during training"))
     return rows, held, stream
+
+
+def data_fingerprint(rows: RowSource, held: PackedRows | None) -> dict[str, str]:
+    """What the processes of a job must agree on before training (`multihost.same_everywhere`): the training rows
+    (their identity; for finite rows also the first and last row, which the splits and packing decide) and the
+    held-out rows. Cheap: two rows are read."""
+    fp = {"training rows": rows.identity}
+    if not rows.stream and len(rows):
+        ends = np.concatenate([rows[0]["input_ids"], rows[len(rows) - 1]["input_ids"]])
+        fp["training rows"] += f":{zlib.crc32(ends.tobytes()):08x}"
+    if held is not None:
+        fp["held-out rows"] = f"{len(held)}:{zlib.crc32(np.ascontiguousarray(held.tokens).tobytes()):08x}"
+    return fp
 
 
 def _stack(items: list[dict]) -> dict:

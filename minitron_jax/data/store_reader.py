@@ -37,7 +37,7 @@ import numpy as np
 from minitron_jax.core.errors import DataError, StoreError
 from minitron_jax.data.packing import first_fit_layout
 from minitron_jax.data.rows import RowSource
-from minitron_jax.data.text import check_token_ids, pack, sample_budget
+from minitron_jax.data.text import TEXT_SUFFIXES, check_token_ids, pack, sample_budget
 from minitron_jax.data.token_store import MANIFEST, TokenStore, open_store, tokenizer_identity
 
 TRAIN, VALIDATION, HOLDOUT = 0, 1, 2
@@ -51,8 +51,8 @@ def is_store(data) -> bool:
     if isinstance(data, dict):
         return False
     s = str(data)
-    if "://" in s:
-        return True
+    if "://" in s:  # a kvstore URL; on gs:// a text file is named by its suffix (no request made here)
+        return not (s.startswith("gs://") and s.rstrip("/").endswith(TEXT_SUFFIXES))
     p = Path(s)
     return p.is_dir() and ((p / MANIFEST).is_file() or (p / "state.json").is_file())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import json
 import sys
 import threading
@@ -24,6 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import FIELD_HINT, DataError
 from minitron_jax.data.hf_sources import iter_hf
 
@@ -59,7 +61,8 @@ def _read_txt(path: Path, chunk_chars: int = PIECE_CHARS) -> Iterator[str]:
     MAX_REPLACED of the characters read are replacements; a warning names fewer, when the file is closed."""
     bad = chars = 0
     try:
-        with open(path, encoding="utf-8", errors="minitron_count_replace", newline=None) as f:
+        with storage.path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8",
+                                                                    errors="minitron_count_replace", newline=None) as f:
             while True:
                 before = getattr(_replaced, "n", 0)
                 text = f.read(chunk_chars)
@@ -82,7 +85,7 @@ def _read_txt(path: Path, chunk_chars: int = PIECE_CHARS) -> Iterator[str]:
 def read_jsonl(path: str | Path):
     """(line number, object) for each non-blank line, read lazily; a line that is not UTF-8 or not a JSON
     object is a DataError naming the file and line."""
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for i, raw in enumerate(f):
             try:
                 line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
@@ -112,7 +115,7 @@ def _file_documents(path: Path, field: str) -> Iterator[tuple[str, Iterator[str]
             yield f"{path.name}:{n}", iter((row[field],))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path.open("rb") if storage.is_url(path) else path)
         if field not in f.schema_arrow.names:
             raise DataError(f"{path} has no {field!r} column (columns: {f.schema_arrow.names}); "
                             + FIELD_HINT)
@@ -132,7 +135,7 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple
     if isinstance(path, str) and path.startswith("hf:"):
         yield from iter_hf(path, text_field)
         return
-    path = Path(path)
+    path = storage.path(path)  # local or gs://
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()

@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.allocator import ensure
 from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import check_output, write_text
@@ -223,7 +223,7 @@ def cmd_train(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "start_eval"}, indent=2, default=str))
     if "preempted_at" in summary:  # non-zero exit (143, see main) so that a scheduler requeues the job
         step = summary["preempted_at"]
-        raise Preempted(f"preempted (SIGTERM) after step {step}: saved step {step} to {Path(rc.out) / 'checkpoints'}; "
+        raise Preempted(f"preempted (SIGTERM) after step {step}: saved step {step} to {storage.path(rc.out) / 'checkpoints'}; "
                         "rerun with resume=true to continue", step)
 
 

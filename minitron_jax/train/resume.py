@@ -8,7 +8,6 @@ to out/checkpoints_skipped. recipe.json is (re)written only once a run has start
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import ResumeError
 from minitron_jax.core.yaml_config import dump
@@ -26,8 +26,10 @@ from minitron_jax.train.run_config import RunConfig, check_resume
 
 
 def checkpoint_manager(path: Path, rc: RunConfig) -> ocp.CheckpointManager:
+    """orbax writes local folders and gs:// prefixes alike (through epath)."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(path.absolute(), options=opts, item_handlers={
+    path = storage.path(path) if storage.is_url(path) else Path(path).absolute()
+    return ocp.CheckpointManager(path, options=opts, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler()})
 
 
@@ -87,8 +89,9 @@ def restore_newest(mngr: ocp.CheckpointManager, state, out: Path, log: Callable[
     and moved to out/checkpoints_skipped (else the run could not save those steps again); none restoring
     is a ResumeError."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    ckpt_dir, skipped = Path(str(mngr.directory)), []
-    for step in sorted(mngr.all_steps(), reverse=True):
+    ckpt_dir, skipped = storage.path(str(mngr.directory)), []
+    # decided once: every process tries the same steps in the same order (its own listing could differ)
+    for step in multihost.decided(lambda: sorted(mngr.all_steps(), reverse=True), "restore-steps"):
         try:
             restored, error = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                          loader=ocp.args.JsonRestore())), None
@@ -107,7 +110,7 @@ def restore_newest(mngr: ocp.CheckpointManager, state, out: Path, log: Callable[
             aside = out / "checkpoints_skipped"
             aside.mkdir(exist_ok=True)
             for s, _ in skipped:
-                os.replace(ckpt_dir / str(s), aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+                storage.move(ckpt_dir / str(s), aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("minitron: damaged checkpoints moved aside")

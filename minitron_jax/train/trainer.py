@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import TrainingError
 from minitron_jax.core.lock import output_lock
 from minitron_jax.core.progress import Progress
-from minitron_jax.data.loader import Loader, eval_batches, training_data
+from minitron_jax.data.loader import Loader, data_fingerprint, eval_batches, training_data
 from minitron_jax.io import hf
 from minitron_jax.io.hf import save_params
 from minitron_jax.model.config import LlamaConfig
@@ -90,6 +90,8 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
         return loop(setup(rc, s_cfg, t_cfg, tok, log, stack), hooks)
 
 
+MIRROR_EVERY_S = 30  # out on gs://: metrics.jsonl and TensorBoard reach the bucket at least this often
+
 # ---------------------------------------------------------------------------- setup
 @dataclasses.dataclass
 class Job:
@@ -112,7 +114,7 @@ class Job:
 def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log: Callable[[str], Any],
           stack: contextlib.ExitStack) -> Job:
     """Everything before step 1, once `out` is held; `stack` closes the checkpoint manager."""
-    out = Path(rc.out)
+    out = storage.path(rc.out)  # a local folder or a gs:// prefix
     multihost.check_shared(out)  # a multi-host job: every host must see the checkpoints process 0's writes
     ckpt_dir = out / "checkpoints"
     # decided once: hosts that each read their own listing would not agree on restoring or starting at step 0
@@ -136,7 +138,10 @@ def setup(rc: RunConfig, s_cfg: LlamaConfig, t_cfg: LlamaConfig | None, tok, log
         log(f"resume=true but {ckpt_dir} has no checkpoint: starting at step 0")
     teacher_layers, proj = hidden_init(rc.student, s_cfg, t_cfg) if uses_hidden(rc) else (None, None)
     out.mkdir(parents=True, exist_ok=True)
-    train_rows, held, stream = training_data(rc, tok, s_cfg.vocab_size, out / "data_cache", log=log)
+    cache = None if storage.is_url(out) else out / "data_cache"  # tokenized text: cached on local disks only
+    train_rows, held, stream = training_data(rc, tok, s_cfg.vocab_size, cache, log=log)
+    # every host derives the splits and rows from the data itself: they must come out the same everywhere
+    multihost.same_everywhere(data_fingerprint(train_rows, held), "training data (rows and splits)")
     loader = Loader(train_rows, rc.batch_size, seed=rc.seed, stream=stream)
 
     mesh = make_mesh(*rc.mesh)
@@ -276,12 +281,16 @@ def loop(job: Job, hooks=()) -> dict[str, Any]:
     flops_step = rc.batch_size * rc.seq_len * (3 * job.s_cfg.flops_per_token(rc.seq_len) + (
         job.t_cfg.flops_per_token(rc.seq_len) if job.t_params is not None else 0.0))
     peak = rc.peak_tflops * 1e12 if rc.peak_tflops else measure_peak_flops()
-    tb = None
-    if jax.process_index() == 0:
+    tb = mirror = None
+    if jax.process_index() == 0:  # metrics.jsonl and TensorBoard: appended files, so on gs:// a mirrored local folder
         from tensorboardX import SummaryWriter
-        tb = SummaryWriter(str(job.out / "tensorboard"))
-    prog = Progress(rc.steps, rc.mode, metrics_path=(job.out / "metrics.jsonl") if jax.process_index() == 0 else None)
+        mirror = storage.Mirror(job.out, fetch=("metrics.jsonl",)) if storage.is_url(job.out) else None
+        logs = mirror.local if mirror is not None else job.out
+        tb = SummaryWriter(str(logs / "tensorboard"), flush_secs=MIRROR_EVERY_S)
+    prog = Progress(rc.steps, rc.mode, metrics_path=(logs / "metrics.jsonl") if jax.process_index() == 0 else None)
     prog.step = run.step
+    if mirror is not None:
+        hooks = (*hooks, lambda run: mirror.sync(every_s=MIRROR_EVERY_S))
     with sigterm_stops(run):
         try:
             evaluate = make_evaluate(job)
@@ -306,6 +315,8 @@ def loop(job: Job, hooks=()) -> dict[str, Any]:
             prog.close()
             if tb is not None:
                 tb.close()
+            if mirror is not None:
+                mirror.close()  # the last lines reach the bucket, also when the run fails
     return finish(job, run, summary)
 
 

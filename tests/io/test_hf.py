@@ -30,6 +30,7 @@ from helpers import (
     rel_err,
     save_tiny,
     transformers_refuses,
+    upload,
     write_config,
 )
 from safetensors.numpy import load_file, save_file
@@ -444,14 +445,6 @@ def test_pruned_shape_exports_with_explicit_head_dim(tmp_path):
 
 
 # ---------------------------------------------------------------------------- Cloud Storage (emulator)
-def upload(local: Path, url: str) -> str:
-    """Copy a local model directory to gs:// (every file, byte for byte)."""
-    from minitron_jax.core import storage
-    for f in sorted(local.iterdir()):
-        (storage.path(url) / f.name).write_bytes(f.read_bytes())
-    return url
-
-
 def test_checkpoint_in_cloud_storage_loads_as_from_disk(ckpt, gs_dir):
     """An index-sharded HF checkpoint uploaded to gs:// loads onto an 8-device mesh bit for bit as from disk, its
     config and tokenizer-free header reads included; the load reads its bytes by ranges and never more than the
