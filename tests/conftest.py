@@ -162,8 +162,14 @@ def gcs():
 
 
 @pytest.fixture
-def gs_dir(gcs, request) -> str:
-    """A prefix of the emulator's bucket that no other test uses."""
+def gs_dir(gcs, request):
+    """A prefix of the emulator's bucket that no other test uses. Afterwards, nothing of it may have landed on local
+    disk: `pathlib.Path(url)` makes gs:/... relative to the working directory, and `pathlib.Path(epath.Path(url))`
+    makes /gs/... (epath's mount point): code that wraps a gs:// path in pathlib writes there, silently."""
     import uuid
 
-    return f"{gcs}/{request.node.name.replace('[', '-').replace(']', '')[:60]}-{uuid.uuid4().hex[:8]}"
+    url = f"{gcs}/{request.node.name.replace('[', '-').replace(']', '')[:60]}-{uuid.uuid4().hex[:8]}"
+    yield url
+    key = url.split("://", 1)[1]
+    leaked = [p for p in (Path("/gs") / key, Path("gs:") / key, Path(__file__).parents[1] / "gs:" / key) if p.exists()]
+    assert not leaked, f"written to local disk instead of {url}: {leaked}"

@@ -1,5 +1,7 @@
 """Progress lines (step, tokens/s, ETA) on stderr and a JSONL metrics file, for every long job.
 
+A metrics file on gs:// is kept locally and copied to the bucket (`storage.Mirror`): objects cannot be appended to.
+
 Each `update` record carries `tokens_per_s`, the throughput of that update's own interval (its tokens
 over the wall time since the previous update), and `tokens_per_s_avg`, the average since the start."""
 
@@ -10,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+MIRROR_EVERY_S = 30  # a metrics file on gs:// reaches the bucket at least this often (and at close)
+
 
 class Progress:
     def __init__(self, total: int, desc: str, *, metrics_path: str | Path | None = None,
@@ -19,7 +23,14 @@ class Progress:
         # in a multi-process job one file, written by process 0 (without importing jax: tokenize's workers)
         jax = sys.modules.get("jax")
         lead = jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
-        self.metrics = open(metrics_path, "a") if metrics_path and lead else None
+        self.metrics = self.mirror = None
+        if metrics_path and lead:
+            if "://" in str(metrics_path):  # gs://: appended to a local copy, which reaches the bucket every 30 s
+                from minitron_jax.core import storage
+                parent, name = str(metrics_path).rsplit("/", 1)
+                self.mirror = storage.Mirror(parent, fetch=(name,))
+                metrics_path = self.mirror.local / name
+            self.metrics = open(metrics_path, "a")
         self.start = self.last_print = self.last_update = time.perf_counter()
         self.step = self.tokens = 0
 
@@ -46,7 +57,11 @@ class Progress:
         if self.metrics:
             self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
+            if self.mirror is not None:
+                self.mirror.sync(every_s=MIRROR_EVERY_S)
 
     def close(self) -> None:
         if self.metrics:
             self.metrics.close()
+        if self.mirror is not None:
+            self.mirror.close()

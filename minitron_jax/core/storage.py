@@ -140,9 +140,12 @@ class Mirror:
     `fetch` are first copied down, so that a resumed run appends to them. `close` syncs and removes the folder."""
 
     def __init__(self, url, fetch=()):
+        import atexit
+        import shutil
         import tempfile
         self.url = str(url)
         self.local = Path(tempfile.mkdtemp(prefix="minitron-mirror-"))
+        atexit.register(shutil.rmtree, self.local, ignore_errors=True)  # also when `close` is never reached
         self._sent: dict[str, tuple[int, int]] = {}
         self._last = time.monotonic()
         for name in fetch:
@@ -208,6 +211,23 @@ def check_access(p, what: str = "path") -> None:
             raise StorageError(f"{what}={s}: permission denied on gs://{b} ({said}); grant this host's account "
                                "roles/storage.objectUser on the bucket") from e
         raise StorageError(f"{what}={s}: cannot reach gs://{b} ({type(e).__name__}: {said})") from e
+
+
+def download(url, what: str = "directory") -> Path:
+    """A local temporary copy of every object under the gs:// prefix `url` (for readers of whole local folders:
+    `transformers.from_pretrained`); removed at exit. A local `url` is returned as it is."""
+    if not is_url(url):
+        return Path(url)
+    import atexit
+    import shutil
+    import tempfile
+    check_access(url, what)
+    d = Path(tempfile.mkdtemp(prefix="minitron-gs-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    filesystem().get(key(url).rstrip("/") + "/", str(d) + "/", recursive=True)
+    if not any(d.iterdir()):
+        raise StorageError(f"{what} {url} holds no files; give the prefix that holds them")
+    return d
 
 
 def local_copy(url, names, what: str = "directory") -> Path:

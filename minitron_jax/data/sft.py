@@ -18,11 +18,11 @@ attention and targets never cross two examples, and padding is masked. A seeded 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import DataError
 from minitron_jax.data import text
 from minitron_jax.data.chat import prompt_ids, tokenize_chat
@@ -72,7 +72,7 @@ def example(path, line: int, row: dict, tok) -> Example:
 def read_examples(path, tok, vocab_size: int | None = None) -> list[Example]:
     """Every line of `path` as an `Example`; an empty file, a malformed line or an id outside the vocabulary
     is refused, naming the file and line."""
-    path = Path(path)
+    path = storage.path(path)  # local or gs://
     if not path.is_file():
         raise DataError(f"data={path} is not a file; SFT data is one JSONL file whose lines are {FORMS}")
     out = []

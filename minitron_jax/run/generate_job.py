@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.chat import prompt_ids
@@ -63,7 +63,7 @@ def read_prompts(path, tok, *, limit: int, max_new_tokens: int) -> list[tuple[di
 def stop_ids(model_dir, cfg: LlamaConfig, tok, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """The eos ids of config.json, generation_config.json and the tokenizer, and `extra`."""
     ids = set(int(i) for i in extra)
-    gen = Path(model_dir) / "generation_config.json"
+    gen = storage.path(model_dir) / "generation_config.json"
     for eos in (cfg.eos_token_id, json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None,
                 tok.eos_token_id):
         ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
@@ -102,28 +102,31 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: give at least 1")
     check_batch_rows(f"--batch-size {batch_size}", batch_size, batch_rows(mesh))  # split over the mesh, not replicated
-    out = Path(out)
-    if out.is_dir():
+    if storage.path(out).is_dir():
         raise OutputError(f"--out {out} is a directory; give a .jsonl file path")
+    lead = jax.process_index() == 0  # every process runs every batch (SPMD); process 0 writes the file
+    # gs://: process 0 appends to a local copy and uploads it after each batch (objects cannot be appended to)
+    mirror = storage.Mirror(str(out).rsplit("/", 1)[0], fetch=(storage.path(out).name,)) \
+        if lead and storage.is_url(out) else None
+    local = mirror.local / storage.path(out).name if mirror is not None else Path(out)
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
     limit = context_limit(cfg)
     rows = read_prompts(prompts_path, tok, limit=limit, max_new_tokens=max_new_tokens)
     stops = stop_ids(model_dir, cfg, tok, extra_stop_ids)
-    skip = multihost.decided(lambda: finished_lines(out, rows, prompts_path), "generate-resume")  # process 0's file
+    skip = multihost.decided(lambda: finished_lines(local, rows, prompts_path), "generate-resume")  # process 0's file
     summary = {"out": str(out), "rows": len(rows), "skipped": skip, "generated_tokens": 0, "stop_ids": list(stops)}
     if skip == len(rows):
         log(f"[generate] {out} already answers all {len(rows)} prompts")
         return summary
-    lead = jax.process_index() == 0  # every process runs every batch (SPMD); process 0 writes the file
     if lead:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
     model = from_pretrained(model_dir, mesh=mesh, dtype=dtype)
     params = model.params()
     gen = Generator(cfg, sampling, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=batch_size, mesh=mesh,
                     attention=attention, max_len=limit)
     progress = Progress(len(rows) - skip, "generate")
-    with open(out, "a", encoding="utf-8") if lead else contextlib.nullcontext() as f:
+    with open(local, "a", encoding="utf-8") if lead else contextlib.nullcontext() as f:
         for start in range(skip, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             results, _ = gen(params, [ids for _, ids in batch], range(start, start + len(batch)), seed=seed)
@@ -138,9 +141,13 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
                 f.write("".join(lines))
                 f.flush()
                 os.fsync(f.fileno())
+                if mirror is not None:
+                    mirror.sync()
             tokens = sum(len(r.tokens) for r in results)
             summary["generated_tokens"] += tokens
             progress.update(len(batch), tokens=tokens)
     progress.close()
+    if mirror is not None:
+        mirror.close()
     multihost.decided(lambda: None, "generate-written")  # every host goes on once process 0's file is complete
     return summary

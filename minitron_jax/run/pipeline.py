@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.assets import fetch_shakespeare, fetch_smollm2
-from minitron_jax.core.atomic import write_text
+from minitron_jax.core.atomic import atomic_file, write_text
 from minitron_jax.core.errors import DataError, Preempted, RecipeError
 from minitron_jax.core.lock import output_lock
 from minitron_jax.core.yaml_config import DataArg, build, coerce, load_values, merge, read_yaml
@@ -292,7 +292,7 @@ def align_recipe(cfg: PipelineConfig, **values) -> RunConfig:
 def dry_run(cfg: PipelineConfig, devices: int, peak_flops: float, mfu: float, log=print) -> dict:
     """Plan the run from configs alone: counts, per-device memory, FLOPs, step time (no weights)."""
 
-    teacher = Path(cfg.teacher) if cfg.teacher != "smollm2" else None
+    teacher = storage.path(cfg.teacher) if cfg.teacher != "smollm2" else None
     if teacher is None:
         teacher = fetch_smollm2(progress=log)
     t_cfg = LlamaConfig.from_file(teacher)
@@ -352,7 +352,7 @@ class RunState:
     @property
     def teacher_dir(self) -> Path:
         """The teacher the stages after teacher correction use: the corrected one once the finetune stage ran."""
-        return Path(self.outputs["finetune"]["teacher"]) if "finetune" in self.outputs else self.teacher
+        return storage.path(self.outputs["finetune"]["teacher"]) if "finetune" in self.outputs else self.teacher
 
 
 def tokenize_job() -> Job | None:
@@ -366,7 +366,7 @@ def tokenize_job() -> Job | None:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, log: Callable[[str], Any] = print):
-        self.cfg, self.log, self.out = cfg, log, Path(cfg.out)
+        self.cfg, self.log, self.out = cfg, log, storage.path(cfg.out)  # a local folder or a gs:// prefix
 
     def done(self, stage: str) -> dict | None:
         """The stage's marker (None: not done), as process 0 reads it: every host takes the same branch."""
@@ -445,11 +445,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
     def inputs(self) -> tuple[Path, Path]:
-        teacher = fetch_smollm2(progress=self.log) if self.cfg.teacher == "smollm2" else Path(self.cfg.teacher)
+        teacher = fetch_smollm2(progress=self.log) if self.cfg.teacher == "smollm2" else storage.path(self.cfg.teacher)
         if isinstance(self.cfg.data, dict):
             return teacher, self.cfg.data
         data = fetch_shakespeare(progress=self.log) if self.cfg.data == "shakespeare" else self.cfg.data
-        return teacher, Path(data) if self.spec(data).is_text else data
+        return teacher, storage.path(data) if self.spec(data).is_text else data
 
     def validate(self, teacher: Path, data) -> None:
         """Everything that can be checked before expensive work."""
@@ -478,7 +478,7 @@ class Pipeline:
         self.splits()  # refuses impossible fractions
         if not self.spec(data).is_text:
             self.check_store(teacher, data)
-        elif not Path(data).exists():
+        elif not storage.path(data).exists():
             raise DataError(f"data path {data} does not exist")
         elif self.cfg.holdout:  # text: the names must match (the fractions are checked on the store it becomes)
             split_documents(read_documents(data, rc.text_field), holdout=self.cfg.holdout)
@@ -496,7 +496,7 @@ class Pipeline:
         align_recipe(self.cfg, student=str(teacher), data="-", teacher=str(teacher) if a.kd else None)
         tok = load_tokenizer(teacher, vocab_size=cfg.vocab_size)
         if a.prompts is not None:
-            if not Path(a.prompts).is_file():
+            if not storage.path(a.prompts).is_file():
                 raise DataError(f"align.prompts={a.prompts} is not a file; give a JSONL of 'prompt' or 'messages' lines")
             read_prompts(a.prompts, tok, limit=context_limit(cfg), max_new_tokens=a.max_new_tokens)
         else:
@@ -718,10 +718,11 @@ class Pipeline:
 
     def evaluate_stage(self, run: RunState) -> dict:
         pruned, distilled = run.outputs["prune"], run.outputs["distill"]
-        models = {"teacher": run.teacher_dir, "pruned": Path(pruned["student"]), "distilled": Path(distilled["student"])}
+        models = {"teacher": run.teacher_dir, "pruned": storage.path(pruned["student"]),
+                  "distilled": storage.path(distilled["student"])}
         tokens = {"distilled": distilled["tokens"]}
         if "align" in run.outputs:
-            models["aligned"] = Path(run.outputs["align"]["student"])
+            models["aligned"] = storage.path(run.outputs["align"]["student"])
             tokens["aligned"] = distilled["tokens"]  # the distillation's; SFT tokens are in the align table
         out = self.evaluate(models, run.tok, run.store, tokens, run.mesh, vocab_size=run.vocab_size)
         if self.cfg.eval.lm_eval_tasks:
@@ -782,7 +783,8 @@ class Pipeline:
         ax[1].set(title="held-out LM loss of the student", xlabel="step", ylabel="loss")
         fig.tight_layout()
         (self.out / "report").mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.out / "report" / "loss_curves.png", dpi=90)
+        with atomic_file(self.out / "report" / "loss_curves.png") as tmp:
+            fig.savefig(tmp, dpi=90)
         plt.close(fig)
         table = ["| model | params | held-out loss | held-out ppl | next-line acc (norm) | distillation tokens | gap closed |",
                  "|---|---|---|---|---|---|---|"]
@@ -806,7 +808,7 @@ class Pipeline:
                         f"Exported student (loads in transformers): `{distilled['student']}`", "",
                         "transformers `generate` (greedy) with the exported student:", "", "```", sample, "```", "",
                         "![importance](../score/scores.png)", "", "![loss curves](loss_curves.png)", ""])
-        (self.out / "report" / "report.md").write_text(md)
+        write_text(self.out / "report" / "report.md", md)
         self.log("\n".join(table) + (f"\n\n{self.align_table(align)}" if align is not None else "")
                  + (f"\n\n{self.lm_eval_table(results)}" if self.cfg.eval.lm_eval_tasks else "")
                  + f"\n\nstudent: {distilled['student']}\ntransformers generate:\n{sample}\n"
@@ -844,6 +846,7 @@ class Pipeline:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        student = storage.download(student, "the exported student")  # gs://: transformers reads local folders
         tok = AutoTokenizer.from_pretrained(student)
         model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
         ids = tok(prompt, return_tensors="pt").input_ids

@@ -42,7 +42,6 @@ loss as online `top_k=k`, so a run from stored float32 values equals the online 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,9 +203,9 @@ def _write(rc, lc: LogitsConfig, loader, header: dict, n: int, b: int, out, t_cf
     B = rc.batch_size
     fn = make_topk_fn(t_cfg, lc.k, rc.chunk_size, rc.attention, dtype, mesh=mesh, rows=B)
     steps = -(-n // B)
-    local_dir = "://" not in str(out)
-    prog = Progress(steps, "teacher-logits", metrics_path=(Path(str(out)) / "metrics.jsonl")
-                    if jax.process_index() == 0 and local_dir else None)
+    files = "://" not in str(out) or str(out).startswith("gs://")  # a folder or a gs:// prefix: metrics beside it
+    prog = Progress(steps, "teacher-logits", metrics_path=f"{str(out).rstrip('/')}/metrics.jsonl"
+                    if jax.process_index() == 0 and files else None)
     prog.step = start // B
     mass_sum = tok_sum = 0.0
     pending = []

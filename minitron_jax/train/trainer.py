@@ -32,7 +32,7 @@ from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import check_output, write_text
 from minitron_jax.core.errors import TrainingError
 from minitron_jax.core.lock import output_lock
-from minitron_jax.core.progress import Progress
+from minitron_jax.core.progress import MIRROR_EVERY_S, Progress
 from minitron_jax.data.loader import Loader, data_fingerprint, eval_batches, training_data
 from minitron_jax.io import hf
 from minitron_jax.io.hf import save_params
@@ -89,8 +89,6 @@ def train(rc: RunConfig, log: Callable[[str], Any] | None = None, hooks: tuple[H
     with output_lock(rc.out, f"minitron {rc.mode}"), contextlib.ExitStack() as stack:
         return loop(setup(rc, s_cfg, t_cfg, tok, log, stack), hooks)
 
-
-MIRROR_EVERY_S = 30  # out on gs://: metrics.jsonl and TensorBoard reach the bucket at least this often
 
 # ---------------------------------------------------------------------------- setup
 @dataclasses.dataclass

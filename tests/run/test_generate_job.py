@@ -134,3 +134,23 @@ def test_two_processes_generate_what_one_does(model_dir, tmp_path):
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     one, two = ((tmp_path / f"{n}.jsonl").read_text() for n in ("one", "two"))
     assert one == two and len(one.splitlines()) == len(LINES)
+
+
+def test_model_prompts_and_output_in_cloud_storage(model_dir, tmp_path, gs_dir):
+    """Issue 22: model, prompts and output on gs:// (the emulator) give the local run's file, and a rerun over an
+    output that answers the first lines (a stopped run's last upload) generates only the rest."""
+    from helpers import upload
+
+    from minitron_jax.core import storage
+
+    prompts = write_lines(tmp_path / "p.jsonl", LINES)
+    kw = dict(max_new_tokens=5, batch_size=2, log=lambda m: None)
+    generate_file(model_dir, prompts, tmp_path / "out.jsonl", **kw)
+    want = (tmp_path / "out.jsonl").read_text()
+    model, out = upload(model_dir, f"{gs_dir}/model"), f"{gs_dir}/gen/out.jsonl"
+    (storage.path(gs_dir) / "p.jsonl").write_bytes(prompts.read_bytes())
+    s = generate_file(model, f"{gs_dir}/p.jsonl", out, **kw)
+    assert s["skipped"] == 0 and storage.path(out).read_text() == want
+    storage.path(out).write_text("".join(want.splitlines(keepends=True)[:3]))
+    s = generate_file(model, f"{gs_dir}/p.jsonl", out, **kw)
+    assert s["skipped"] == 3 and storage.path(out).read_text() == want
