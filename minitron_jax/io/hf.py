@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from minitron_jax.core import storage
-from minitron_jax.core.atomic import atomic_directory, check_complete, check_output, copy_side_files
+from minitron_jax.core.atomic import SIDE_FILES, atomic_directory, check_complete, check_output, copy_side_files
 from minitron_jax.core.errors import CheckpointError, clip_repr
 from minitron_jax.io.safetensors import SafetensorsFile, write_file
 from minitron_jax.model.config import LlamaConfig
@@ -240,7 +240,11 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     """The tokenizer of an HF model directory (`AutoTokenizer`, never remote code). Checks its files
-    first, and with `vocab_size` (the model's embedding rows) refuses one that can emit larger ids."""
+    first, and with `vocab_size` (the model's embedding rows) refuses one that can emit larger ids. From gs://:
+    a local copy of its tokenizer files (`transformers` reads local files)."""
+    if storage.is_url(path):
+        check_complete(path)
+        path = storage.local_copy(path, SIDE_FILES, "model directory")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: expected an HF model directory with tokenizer files")

@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.allocator import ensure
 from minitron_jax.core.assets import FETCHERS, fetch_shakespeare, fetch_smollm2
 from minitron_jax.core.atomic import check_output, write_text
@@ -56,8 +56,11 @@ def _mesh(spec: str | None):
 
 
 def _check_writable_dir(path, flag: str) -> None:
-    """A directory the command will write into: creatable (not under a file) and writable, before any work."""
+    """A directory the command will write into: creatable (not under a file) and writable, before any work
+    (gs://: the bucket is usable, `storage.check_access`)."""
     import os
+    if storage.is_url(path):
+        return storage.check_access(path, flag)
     p = Path(path).absolute()
     q = p
     while not q.exists():
@@ -83,7 +86,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_convert(args) -> None:
     # several hosts: each writes its own shards of the orbax checkpoint, so they must share its folder
-    multihost.check_shared(Path(args.out).absolute().parent, "--out's folder")
+    multihost.check_shared(args.out if storage.is_url(args.out) else Path(args.out).absolute().parent, "--out's folder")
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
     model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
@@ -118,7 +121,7 @@ def cmd_parity(args) -> None:
           f"| top-1 agreement | {result['top1_agreement']:.4f} | |\n"
           f"| parameters | {result['params']:,} | |\n\nparity: {'PASS' if ok else 'FAIL'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     if not ok:
         raise SystemExit(1)
 
@@ -159,7 +162,7 @@ def _batch(args, mesh) -> int:
 
 
 def _check_scores_path(path: str) -> None:
-    p = Path(path)
+    p = storage.path(path)
     if p.is_dir():
         hint = f"; did you mean --scores {p / 'scores.safetensors'}?" if (p / "scores.safetensors").is_file() else ""
         raise SystemExit(f"--scores {path} is a directory; give the scores.safetensors file that `minitron score` "
@@ -276,7 +279,7 @@ def cmd_plan(args) -> None:
                                    "`minitron teacher-logits`; the teacher's pass is paid once, before):"))
         print(format_plan(plan["other_mode"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(plan, indent=2))
+        write_text(args.json, json.dumps(plan, indent=2))
 
 
 def cmd_run(args) -> None:
@@ -303,7 +306,7 @@ def cmd_eval(args) -> None:
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
-        _check_writable_dir(Path(args.json).absolute().parent, "--json")
+        _check_writable_dir(args.json if storage.is_url(args.json) else Path(args.json).absolute().parent, "--json")
     mesh = _mesh(args.mesh)
     _batch(args, mesh)
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
