@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.errors import DataError, OutputError
 from minitron_jax.core.progress import Progress
 from minitron_jax.data.chat import prompt_ids
@@ -63,7 +63,7 @@ def read_prompts(path, tok, *, limit: int, max_new_tokens: int) -> list[tuple[di
 def stop_ids(model_dir, cfg: LlamaConfig, tok, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """The eos ids of config.json, generation_config.json and the tokenizer, and `extra`."""
     ids = set(int(i) for i in extra)
-    gen = Path(model_dir) / "generation_config.json"
+    gen = storage.path(model_dir) / "generation_config.json"
     for eos in (cfg.eos_token_id, json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None,
                 tok.eos_token_id):
         ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
