@@ -10,7 +10,7 @@ import pytest
 from helpers import save_tiny
 
 from minitron_jax.core import storage
-from minitron_jax.core.atomic import MARKER
+from minitron_jax.core.atomic import INCOMPLETE, MARKER
 from minitron_jax.io.hf import open_checkpoint
 from minitron_jax.run.cli import main
 
@@ -74,6 +74,9 @@ def test_convert_and_export_read_and_write_cloud_storage(tmp_path, gs_dir):
     assert tensors(tmp_path / "out2") == tensors(gs_dir + "/out2") == tensors(src)
     with pytest.raises(SystemExit, match=r"output gs://.*/out exists; choose another path or pass --overwrite"):
         main(["export", gs_dir + "/ckpt", gs_dir + "/out"])
+    storage.path(gs_dir + "/ckpt2/" + INCOMPLETE).write_text('{"written_by": "minitron_jax"}')  # a commit cut short
+    with pytest.raises(SystemExit, match=r"^minitron export: checkpoint gs://\S+/ckpt2 is half-written"):
+        main(["export", gs_dir + "/ckpt2", gs_dir + "/out3"])
 
 
 # ---------------------------------------------------------------------------- score, prune, eval
