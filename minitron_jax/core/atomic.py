@@ -103,7 +103,7 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
                           "choose a writable --out or fix the permissions")
     real = path.resolve()
     for inp in inputs:
-        if inp is None:
+        if inp is None or storage.is_url(inp):  # a gs:// input never overlaps a local output
             continue
         src = Path(inp).absolute().resolve()
         if src == real:

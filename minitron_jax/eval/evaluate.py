@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import DataError, EvalError
 from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.text import check_token_ids, read_jsonl
@@ -271,8 +272,8 @@ def eval_set(data: str | Path, tokenizer, *, seq_len: int, samples: int, task: s
 def run_model(model: str | Path) -> tuple[Path, dict | None]:
     """(model directory, the run's recorded settings or None): a training run's out directory (recipe.json
     and the student_hf it exported) or that student_hf give the student and out/recipe.json; any other
-    directory is a model as it is."""
-    model = Path(model)
+    directory is a model as it is. Local or gs://."""
+    model = storage.path(model)
     if (model / "recipe.json").is_file() and not (model / "config.json").is_file():
         if not (model / "student_hf").is_dir():
             raise EvalError(f"{model} is a training run's out without the student it exports ({model / 'student_hf'}):"
@@ -297,7 +298,7 @@ def eval_split_seed(model: str | Path, recorded: dict | None, given: int | None)
     if have is None:
         return 0 if given is None else given
     if given is not None and given != have:
-        recipe = Path(model).parent / "recipe.json"
+        recipe = storage.path(model).parent / "recipe.json"
         raise EvalError(f"--split-seed {given}, but {model} was trained with split_seed={have} ({recipe}): its "
                         f"held-out documents are drawn with split_seed={have}, so split_seed={given} would score it "
                         f"partly on documents it trained on; drop --split-seed (the run's is used) or pass "

@@ -1,7 +1,8 @@
 """Model checkpoints in orbax format: `params/` (orbax, sharded), `config.json` (HF), tokenizer files.
 
 `minitron convert` writes one from an HF directory, `minitron export` turns one back into HF.
-Restores go straight into the requested shardings.
+Restores go straight into the requested shardings. Either end may be `gs://` (orbax writes and reads
+through `etils.epath`; a gs:// checkpoint is committed whole by `atomic_directory`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from minitron_jax.core.atomic import atomic_directory, copy_side_files
+from minitron_jax.core import storage
+from minitron_jax.core.atomic import atomic_directory, check_complete, copy_side_files
 from minitron_jax.model.config import LlamaConfig
 from minitron_jax.model.llama import Llama, is_param_spec, param_specs
 from minitron_jax.model.sharding import named_sharding
@@ -31,7 +33,7 @@ def save_model(model: Llama, path: str | Path, *, overwrite: bool = False) -> Pa
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             copy_side_files(model.source, tmp)
-    return Path(path).absolute()
+    return storage.path(path) if storage.is_url(path) else Path(path).absolute()
 
 
 def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
@@ -48,7 +50,8 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
 def load_model(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
                remat: str = "none") -> Llama:
     """Restore a checkpoint written by `save_model` into (sharded) device arrays."""
-    path = Path(path).absolute()
+    path = storage.path(path) if storage.is_url(path) else Path(path).absolute()
+    check_complete(path, "checkpoint")
     if not (path / "params").is_dir() or not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a minitron checkpoint (needs params/ and config.json); "
                                 "create one with `minitron convert HF_DIR OUT`")

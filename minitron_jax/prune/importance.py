@@ -10,11 +10,13 @@ Default (l2, mean) is ModelOpt's: score[c] = sqrt(sum_b (mean_s |a[b,s,c]|)^2).
 
 Files: `save_scores` refuses non-finite scores (nothing written) and records the scored model's
 fingerprint (`model_fingerprint`: a hash of its config and one of a small corner of every weight);
-`check_scores_match` refuses scores of another model before pruning with them.
+`check_scores_match` refuses scores of another model before pruning with them. Every path may be `gs://`
+(`core.storage`): scores are read by ranged reads and written as whole objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import atomic_file
 from minitron_jax.core.errors import ScoresError
 from minitron_jax.core.progress import Progress
@@ -227,7 +229,7 @@ def save_scores(path: str | Path, scores: dict[str, np.ndarray], metadata: dict[
 
     Non-finite scores are refused (ScoresError, nothing written). `cfg` (and `params`) of the scored model
     add its `model_fingerprint` to the metadata, which `check_scores_match` compares before pruning."""
-    path = Path(path)
+    path = storage.path(path)
     check_finite_scores(scores, path)
     if cfg is not None:
         metadata = {**metadata, **model_fingerprint(cfg, params)}
@@ -301,7 +303,7 @@ def plot_scores(scores: dict[str, np.ndarray], path: str | Path, title: str = ""
     with atomic_file(path) as tmp:  # the temporary name keeps the .png suffix that savefig reads
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    return Path(path)
+    return storage.path(path)
 
 
 def add_depth_scores(scores: dict, params, cfg, rows: np.ndarray, *, batch_size: int, layer_loss_samples: int = 0,
@@ -344,6 +346,21 @@ def calibration_samples(data, tokenizer, samples: int, seq_len: int, seed: int =
     return spec.calibration_rows(tokenizer, samples, seq_len, seed, split=split, vocab_size=vocab_size)
 
 
+@contextlib.contextmanager
+def _metrics_file(out_dir):
+    """Where the progress records go: `out_dir/metrics.jsonl`, appended to. On gs:// (objects cannot be appended
+    to) process 0 appends to a local copy, uploaded whole when scoring ends."""
+    path = out_dir / "metrics.jsonl"
+    if not storage.is_url(out_dir):
+        yield path
+    elif jax.process_index() != 0:  # process 0 writes the one file (`Progress`)
+        yield None
+    else:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(path.read_bytes() if path.exists() else b"")
+            yield tmp
+
+
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
                 layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text",
@@ -361,16 +378,19 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
     refused before any data is read."""
 
     check_batch_rows(f"batch_size={batch_size}", batch_size, batch_rows(mesh))
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     params, cfg = model.params(), model.config
     exclude = parse_holdout(exclude)
     rows = calibration_samples(data, tokenizer, samples, seq_len, seed, text_field=text_field,
                                vocab_size=cfg.vocab_size, exclude=exclude, splits=splits)  # fails fast
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl", attention=attention)
-    scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
-    add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
-                     window=window, tokenizer=tokenizer, task_items=task_items, window_samples=window_samples, **kw)
+    if not storage.is_url(out_dir):  # object storage has no directories to make
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with _metrics_file(out_dir) as metrics_path:
+        kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=metrics_path, attention=attention)
+        scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
+        add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
+                         window=window, tokenizer=tokenizer, task_items=task_items, window_samples=window_samples,
+                         **kw)
     meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
             "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.model.config import LlamaConfig
@@ -38,14 +38,14 @@ def prune_record(cfg: LlamaConfig, scores: dict, target, *, source=None) -> dict
 def save_prune_record(directory, record: dict[str, Any]) -> Path:
     """Write `record` (from `prune_record`) as `directory/minitron_prune.json`: process 0 writes it, and every process
     of a multi-host job goes on once it is there (`multihost.decided`)."""
-    path = Path(directory) / PRUNE_RECORD
+    path = storage.path(directory) / PRUNE_RECORD
     multihost.decided(lambda: str(write_text(path, json.dumps(record) + "\n")), "prune-record")
     return path
 
 
 def load_prune_record(directory) -> dict[str, Any] | None:
     """The record saved beside a pruned student, or None if the directory has none."""
-    path = Path(directory) / PRUNE_RECORD
+    path = storage.path(directory) / PRUNE_RECORD
     if not path.exists():
         return None
     try:

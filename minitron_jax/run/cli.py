@@ -56,8 +56,11 @@ def _mesh(spec: str | None):
 
 
 def _check_writable_dir(path, flag: str) -> None:
-    """A directory the command will write into: creatable (not under a file) and writable, before any work."""
+    """A directory the command will write into: creatable (not under a file) and writable, before any work
+    (gs://: the bucket is usable, `storage.check_access`)."""
     import os
+    if storage.is_url(path):
+        return storage.check_access(path, flag)
     p = Path(path).absolute()
     q = p
     while not q.exists():
@@ -83,7 +86,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_convert(args) -> None:
     # several hosts: each writes its own shards of the orbax checkpoint, so they must share its folder
-    multihost.check_shared(Path(args.out).absolute().parent, "--out's folder")
+    multihost.check_shared(args.out if storage.is_url(args.out) else Path(args.out).absolute().parent, "--out's folder")
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
     model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
@@ -118,7 +121,7 @@ def cmd_parity(args) -> None:
           f"| top-1 agreement | {result['top1_agreement']:.4f} | |\n"
           f"| parameters | {result['params']:,} | |\n\nparity: {'PASS' if ok else 'FAIL'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     if not ok:
         raise SystemExit(1)
 
@@ -159,7 +162,7 @@ def _batch(args, mesh) -> int:
 
 
 def _check_scores_path(path: str) -> None:
-    p = Path(path)
+    p = storage.path(path)
     if p.is_dir():
         hint = f"; did you mean --scores {p / 'scores.safetensors'}?" if (p / "scores.safetensors").is_file() else ""
         raise SystemExit(f"--scores {path} is a directory; give the scores.safetensors file that `minitron score` "
@@ -276,7 +279,7 @@ def cmd_plan(args) -> None:
                                    "`minitron teacher-logits`; the teacher's pass is paid once, before):"))
         print(format_plan(plan["other_mode"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(plan, indent=2))
+        write_text(args.json, json.dumps(plan, indent=2))
 
 
 def cmd_run(args) -> None:
@@ -303,7 +306,7 @@ def cmd_eval(args) -> None:
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
-        _check_writable_dir(Path(args.json).absolute().parent, "--json")
+        _check_writable_dir(args.json if storage.is_url(args.json) else Path(args.json).absolute().parent, "--json")
     mesh = _mesh(args.mesh)
     _batch(args, mesh)
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
@@ -326,6 +329,10 @@ def cmd_generate(args) -> None:
     except ValueError:
         raise SystemExit(f"--stop-ids {args.stop_ids!r}: expected token ids separated by commas, e.g. 2,13")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if storage.is_url(args.out):
+        raise SystemExit(f"--out {args.out}: generate appends each batch's lines to its JSONL and resumes from them, "
+                         "which a Cloud Storage object cannot take; give a local path and copy the file to the "
+                         "bucket when it is done (gcloud storage cp)")
     if Path(args.out).is_dir():  # before the mesh and the weights
         raise SystemExit(f"--out {args.out} is a directory; give a .jsonl file path")
     _check_writable_dir(Path(args.out).absolute().parent, "--out")
@@ -337,6 +344,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_lm_eval(args) -> None:
+    for flag, p in (("--model", args.model), ("--out", args.out)):
+        if storage.is_url(p):
+            raise SystemExit(f"{flag} {p}: lm-eval takes local paths only (not yet gs://); copy the model from the "
+                             "bucket first and the results to it after (gcloud storage cp)")
     mesh = _mesh(args.mesh)
     lm_eval_tasks(args.model, args.tasks.split(","), args.out, include_path=args.include_path or (),
                   num_fewshot=args.num_fewshot, limit=args.limit, batch_size=_batch(args, mesh), mesh=mesh,

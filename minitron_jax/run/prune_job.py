@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import PruneError
 from minitron_jax.data.store_reader import TRAIN, VALIDATION
@@ -97,12 +97,12 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
             params, new = prune(model.params(), cfg, scores, target)
             done = {c["spec"] for c in ranked}
             table = ranked + [r for r in table if r["spec"] not in done]
-    out = Path(out)
+    out = storage.path(out)  # local or gs://
     if fmt == "hf":
         save_params(params, new, out, source=model_dir, overwrite=overwrite)
     else:
         pruned = Llama(new, params=params)
-        pruned.source = str(Path(model_dir).resolve())
+        pruned.source = str(model_dir) if storage.is_url(model_dir) else str(Path(model_dir).resolve())
         save_model(pruned, out, overwrite=overwrite)
     record = prune_record(cfg, scores, target, source=model_dir)
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
