@@ -329,13 +329,9 @@ def cmd_generate(args) -> None:
     except ValueError:
         raise SystemExit(f"--stop-ids {args.stop_ids!r}: expected token ids separated by commas, e.g. 2,13")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    if storage.is_url(args.out):
-        raise SystemExit(f"--out {args.out}: generate appends each batch's lines to its JSONL and resumes from them, "
-                         "which a Cloud Storage object cannot take; give a local path and copy the file to the "
-                         "bucket when it is done (gcloud storage cp)")
-    if Path(args.out).is_dir():  # before the mesh and the weights
+    if storage.path(args.out).is_dir():  # before the mesh and the weights
         raise SystemExit(f"--out {args.out} is a directory; give a .jsonl file path")
-    _check_writable_dir(Path(args.out).absolute().parent, "--out")
+    _check_writable_dir(args.out if storage.is_url(args.out) else Path(args.out).absolute().parent, "--out")
     mesh = _mesh(args.mesh)
     summary = generate_file(args.model, args.prompts, args.out, sampling=sampling, max_new_tokens=args.max_new_tokens,
                             batch_size=_batch(args, mesh), mesh=mesh, seed=args.seed, extra_stop_ids=stops,
@@ -344,10 +340,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_lm_eval(args) -> None:
-    for flag, p in (("--model", args.model), ("--out", args.out)):
-        if storage.is_url(p):
-            raise SystemExit(f"{flag} {p}: lm-eval takes local paths only (not yet gs://); copy the model from the "
-                             "bucket first and the results to it after (gcloud storage cp)")
     mesh = _mesh(args.mesh)
     lm_eval_tasks(args.model, args.tasks.split(","), args.out, include_path=args.include_path or (),
                   num_fewshot=args.num_fewshot, limit=args.limit, batch_size=_batch(args, mesh), mesh=mesh,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from minitron_jax.core import multihost
+from minitron_jax.core import multihost, storage
 from minitron_jax.core.atomic import write_text
 from minitron_jax.core.errors import DataError, EvalError, OutputError
 from minitron_jax.io.hf import from_pretrained, load_tokenizer
@@ -44,16 +44,19 @@ def import_lm_eval():
 
 
 def check_paths(model_dir, out) -> None:
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)  # local or gs://
     if not model_dir.is_dir():
         raise EvalError(f"--model {model_dir} is not a directory; give an HF model directory (config.json, "
                         "safetensors weights, tokenizer files)")
     if not (model_dir / "config.json").is_file():
         raise EvalError(f"--model {model_dir} has no config.json; give an HF model directory (minitron export or "
                         "prune --format hf write one)")
-    out = Path(out)
-    if out.is_dir():
+    if storage.path(out).is_dir():
         raise OutputError(f"--out {out} is a directory; give a .json file path")
+    if storage.is_url(out):
+        storage.check_access(out, "--out")
+        return
+    out = Path(out)
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise OutputError(f"--out {out} is under {parent}, which is a file; choose another --out")
@@ -160,7 +163,7 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     tm.load = lambda _names: loaded  # simple_evaluate loads the same list again: hand it what is loaded
 
     model = from_pretrained(model_dir, mesh=mesh, dtype=dtype)
-    info = {"model_source": str(Path(model_dir).resolve()), "model_num_parameters": cfg.param_count(),
+    info = {"model_source": str(model_dir) if storage.is_url(model_dir) else str(Path(model_dir).resolve()), "model_num_parameters": cfg.param_count(),
             "model_dtype": str(jax.tree.leaves(model.params())[0].dtype)}
     lm = MinitronLM(model.params(), cfg, tok, max_length=max_length or limit_ctx, stop_ids=stop_ids(model_dir, cfg, tok),
                     batch_size=batch_size, mesh=mesh, attention=attention, seed=seed, info=info)
@@ -175,7 +178,8 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
     def write() -> str:  # process 0 writes; every process of a multi-host job goes on once the file is there
-        Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+        if not storage.is_url(out):
+            Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
         return str(write_text(out, text))
     multihost.decided(write, "lm-eval-results")
     log(lm_eval.utils.make_table(results))

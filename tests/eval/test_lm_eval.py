@@ -133,6 +133,21 @@ def test_results_file_is_lm_eval_layout(ours):
     assert ours["config"]["model_num_parameters"] > 0
 
 
+def test_model_and_results_in_cloud_storage(ours, model_dir, gs_dir):
+    """Issue 22: `minitron lm-eval` of a gs:// model (the emulator) writing its results to gs:// gives the local
+    run's numbers."""
+    from helpers import upload
+
+    from minitron_jax.core import storage
+
+    model, out = upload(model_dir, f"{gs_dir}/model"), f"{gs_dir}/lm_eval/results.json"
+    main(["lm-eval", "--model", model, "--tasks", "shakespeare_passages", "--include-path", "configs/lm_eval_tasks",
+          "--num-fewshot", "2", "--batch-size", "8", "--mesh", "1,8,1", "--bootstrap-iters", "0", "--out", out])
+    got = json.loads(storage.path(out).read_text())
+    assert got["results"]["shakespeare_passages"] == ours["results"]["shakespeare_passages"]
+    assert got["config"]["model_args"]["model"] == model
+
+
 def test_loglikelihood_requests_equal_hf_backend(model_dir):
     """Direct requests, one device: an empty context (the prefix token), contexts longer than the model's 96
     positions (cut from the left), trailing spaces moved to the continuation; rolling windows; and at the token
