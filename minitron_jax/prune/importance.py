@@ -16,7 +16,6 @@ fingerprint (`model_fingerprint`: a hash of its config and one of a small corner
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -346,21 +345,6 @@ def calibration_samples(data, tokenizer, samples: int, seq_len: int, seed: int =
     return spec.calibration_rows(tokenizer, samples, seq_len, seed, split=split, vocab_size=vocab_size)
 
 
-@contextlib.contextmanager
-def _metrics_file(out_dir):
-    """Where the progress records go: `out_dir/metrics.jsonl`, appended to. On gs:// (objects cannot be appended
-    to) process 0 appends to a local copy, uploaded whole when scoring ends."""
-    path = out_dir / "metrics.jsonl"
-    if not storage.is_url(out_dir):
-        yield path
-    elif jax.process_index() != 0:  # process 0 writes the one file (`Progress`)
-        yield None
-    else:
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(path.read_bytes() if path.exists() else b"")
-            yield tmp
-
-
 def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samples: int = 1024, seq_len: int = 4096,
                 batch_size: int = 8, seed: int = 0, score_config: ScoreConfig = ScoreConfig(), mesh=None,
                 layer_loss_samples: int = 0, window: int = 0, task_items=None, text_field: str = "text",
@@ -385,12 +369,11 @@ def score_model(model, tokenizer, data: str | Path, out_dir: str | Path, *, samp
                                vocab_size=cfg.vocab_size, exclude=exclude, splits=splits)  # fails fast
     if not storage.is_url(out_dir):  # object storage has no directories to make
         out_dir.mkdir(parents=True, exist_ok=True)
-    with _metrics_file(out_dir) as metrics_path:
-        kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=metrics_path, attention=attention)
-        scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
-        add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
-                         window=window, tokenizer=tokenizer, task_items=task_items, window_samples=window_samples,
-                         **kw)
+    # gs://: Progress appends to a local copy of metrics.jsonl and uploads it (objects cannot be appended to)
+    kw = dict(mesh=mesh, compute_dtype=model.compute_dtype, metrics_path=out_dir / "metrics.jsonl", attention=attention)
+    scores = compute_scores(params, cfg, rows, batch_size=batch_size, score_config=score_config, **kw)
+    add_depth_scores(scores, params, cfg, rows, batch_size=batch_size, layer_loss_samples=layer_loss_samples,
+                     window=window, tokenizer=tokenizer, task_items=task_items, window_samples=window_samples, **kw)
     meta = {"samples": samples, "seq_len": seq_len, "seed": seed, "batch_agg": score_config.batch_agg,
             "seq_agg": score_config.seq_agg, "mlp_site": score_config.mlp_site, "data": str(data),
             "source_model": model.source or "", "layer_loss_samples": layer_loss_samples,
