@@ -176,6 +176,14 @@ class Mirror:
             shutil.rmtree(self.local, ignore_errors=True)
 
 
+def files(p) -> list:
+    """Every file under the directory `p`, recursively, sorted (gs://: one listing of the prefix; epath's rglob
+    refuses gs://)."""
+    if is_url(p):
+        return sorted(path(f"gs://{k}") for k in filesystem().find(key(p).rstrip("/") + "/"))
+    return sorted(f for f in Path(p).rglob("*") if f.is_file())
+
+
 def move(src, dst) -> None:
     """Rename the file or directory `src` to `dst` (gs://: copies of every object, then deletes)."""
     if is_url(src):

@@ -153,7 +153,7 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple
                 i += 1
     elif path.is_dir():
         # .json files in a directory are metadata (markers, configs), not JSONL data
-        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet")):
+        for f in (p for p in storage.files(path) if p.suffix in (".txt", ".jsonl", ".parquet")):
             yield from _file_documents(f, text_field)
     else:
         yield from _file_documents(path, text_field)

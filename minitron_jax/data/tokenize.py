@@ -187,6 +187,8 @@ def _prepare(store: str, params: dict, overwrite: bool, run: dict | None = None)
         if p.exists() and not p.is_dir():
             raise S.StoreError(f"--out {store} is an existing file; a token store is a directory: choose another path")
         for src in params["sources"]:  # an hf: source's local dataset directory too
+            if storage.is_url(src):
+                continue
             src_ = Path(src[3:].partition("?")[0] if src.startswith("hf:") else src).resolve()
             if src.startswith("hf:") and not src_.is_dir():
                 continue
@@ -252,10 +254,10 @@ def tokenize(sources: str | Sequence[str], tokenizer: str | Path, out: str, *, w
     store of the same arguments; a complete one is replaced only with `overwrite`. With `job` of several
     processes (every process calls this with the same arguments), each tokenizes its stripes of
     `stripe_docs` source documents and the store is the same bytes as 1 process writes (module docstring)."""
-    sources = [normalize(s) if is_hf_source(s) else str(Path(s).absolute())  # hf: refuses scripts, unknown keys
-               for s in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    sources = [normalize(s) if is_hf_source(s) else str(s) if storage.is_url(s) else str(Path(s).absolute())
+               for s in ([sources] if isinstance(sources, (str, Path)) else sources)]  # hf: refuses scripts, unknown keys
     for s in sources:
-        if not is_hf_source(s) and not Path(s).exists():
+        if not is_hf_source(s) and not storage.path(s).exists():  # local or gs://
             raise DataError(f"source {s} does not exist")
     if workers < 1:
         raise ValueError(f"workers={workers} must be at least 1")
@@ -548,6 +550,6 @@ def _share(n: int, P: int, p: int) -> range:
 
 def _source_chars(sources: Sequence[str]) -> int:
     """About the characters to read: the bytes of the source files (the progress total)."""
-    files = [p for s in sources for p in (data_files(s) if is_hf_source(s) else
-                                          [Path(s)] if Path(s).is_file() else Path(s).rglob("*"))]
-    return max(1, sum(p.stat().st_size for p in files if p.is_file()))
+    files = [p for s in sources for p in (data_files(s) if is_hf_source(s) else [storage.path(s)]
+                                          if storage.path(s).is_file() else storage.files(s))]
+    return max(1, sum(storage.size(p) if storage.is_url(p) else p.stat().st_size for p in files if p.is_file()))

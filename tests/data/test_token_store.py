@@ -479,7 +479,7 @@ def test_several_processes_resume_their_parts(corpus, store1, tmp_path, processe
 def test_minitron_tokenize_from_and_into_cloud_storage(corpus, gs_dir, tmp_path, capsys):
     """`minitron tokenize SOURCE --tokenizer gs://...` (emulator) stores the same tokens, offsets and names as with
     the local tokenizer directory (same tokenizer identity in the manifest); an unsupported scheme is refused.
-    The same with the store in the bucket (`--out gs://...`) too: the same tokens, offsets and names."""
+    The same with the documents and the store in the bucket too: the same tokens, offsets and names."""
     from minitron_jax.core import storage
     from minitron_jax.run.cli import main
     src, tok, _ = corpus
@@ -494,7 +494,12 @@ def test_minitron_tokenize_from_and_into_cloud_storage(corpus, gs_dir, tmp_path,
     np.testing.assert_array_equal(got.document_offsets(), want.document_offsets())
     assert got.names(0, got.n_documents) == want.names(0, want.n_documents)
     assert got.manifest["tokenizer"] == want.manifest["tokenizer"]
-    main(["tokenize", str(src), "--tokenizer", f"{gs_dir}/tok", "--out", f"{gs_dir}/store"])
+    from helpers import upload  # the documents in the bucket too
+    source = upload(src, f"{gs_dir}/src") if src.is_dir() else None
+    if source is None:
+        (storage.path(gs_dir) / "src" / src.name).write_bytes(src.read_bytes())
+        source = f"{gs_dir}/src/{src.name}"
+    main(["tokenize", source, "--tokenizer", f"{gs_dir}/tok", "--out", f"{gs_dir}/store"])
     remote = S.open_store(f"{gs_dir}/store")
     np.testing.assert_array_equal(remote.read(0, len(remote)), want.read(0, len(want)))
     np.testing.assert_array_equal(remote.document_offsets(), want.document_offsets())
