@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax.core import storage
 from minitron_jax.core.errors import LogitsError, RecipeError
 from minitron_jax.data.spec import DataSpec, with_split_seed
 from minitron_jax.data.token_store import MANIFEST as STORE_MANIFEST
@@ -87,12 +88,17 @@ def teacher_identity(path: str | Path) -> dict[str, str]:
     with contextlib.ExitStack() as stack:
         maps = {}
         for name, f in sorted(files.items()):
-            if f.path not in maps:
+            remote = storage.is_url(f.path)  # gs://: ranged reads of HASH_PIECE bytes, never the whole object
+            if f.path not in maps and not remote:
                 maps[f.path] = stack.enter_context(_mapped(f.path))
             info = f.header[name]
             a, b = info["data_offsets"]
             h.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
-            _hash_bytes(h, maps[f.path], f.data_start + a, f.data_start + b)
+            if remote:
+                for at in range(f.data_start + a, f.data_start + b, HASH_PIECE):
+                    h.update(storage.read_range(f.path, at, min(f.data_start + b, at + HASH_PIECE)))
+            else:
+                _hash_bytes(h, maps[f.path], f.data_start + a, f.data_start + b)
     out["weights_sha256"] = h.hexdigest()
     return out
 

@@ -454,3 +454,24 @@ def test_teacher_logits_refuses_text_data_and_an_out_that_is_something_else(setu
     with pytest.raises(LogitsError, match="not an unfinished teacher-logits store"):
         write_teacher_logits(recipe(setup, other), LogitsConfig(k=K, samples=8), log=lambda s: None)
     assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_a_store_in_cloud_storage_from_a_teacher_there(setup, whole, gs_dir, tmp_path):
+    """Issue 22: `minitron teacher-logits` with the teacher, the token store and `out` on gs:// (the emulator)
+    writes the arrays of a local store; a distillation reads them from the bucket (its teacher identity hashed by
+    ranged reads) exactly as from the local store."""
+    from distill_helpers import metrics, run_cli
+    from helpers import upload
+
+    from minitron_jax.train.trainer import train
+    teacher, _, store = setup
+    remote = {"teacher": upload(teacher, f"{gs_dir}/teacher"), "store": upload(store, f"{gs_dir}/store")}
+    out = f"{gs_dir}/tl"
+    run_cli(["teacher-logits", *cli_args((remote["teacher"], None, remote["store"]), out, "samples=36",
+                                         "commit_every=2")], devices=1)
+    assert_same_store(whole, out)
+    for name, logits, t in (("local", whole, teacher), ("remote", out, remote["teacher"])):
+        train(recipe(setup, tmp_path / name, teacher=str(t), teacher_logits=str(logits), steps=2, export=False,
+                     data=remote["store"] if name == "remote" else str(store)), log=lambda s: None)
+    a, b = metrics(tmp_path / "local"), metrics(tmp_path / "remote")
+    assert [(r["loss"], r["batch_fingerprint"]) for r in a] == [(r["loss"], r["batch_fingerprint"]) for r in b]
