@@ -27,9 +27,7 @@ class Progress:
         if metrics_path and lead:
             if "://" in str(metrics_path):  # gs://: appended to a local copy, which reaches the bucket every 30 s
                 from minitron_jax.core import storage
-                parent, name = str(metrics_path).rsplit("/", 1)
-                self.mirror = storage.Mirror(parent, fetch=(name,))
-                metrics_path = self.mirror.local / name
+                self.mirror, metrics_path = storage.Mirror.of_file(metrics_path)
             self.metrics = open(metrics_path, "a")
         self.start = self.last_print = self.last_update = time.perf_counter()
         self.step = self.tokens = 0

@@ -168,12 +168,25 @@ class Mirror:
                 upload(f, f"{self.url}/{rel}")
                 self._sent[rel] = stamp
 
+    @classmethod
+    def of_file(cls, url) -> tuple["Mirror", Path]:
+        """A mirror of the folder of the one gs:// file `url` (its current content fetched), and the local file to
+        append to."""
+        parent, name = str(url).rsplit("/", 1)
+        mirror = cls(parent, fetch=(name,))
+        return mirror, mirror.local / name
+
     def close(self) -> None:
         import shutil
         try:
             self.sync()
         finally:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+def absolute(p):
+    """`p` as an absolute local `pathlib.Path`, or the `epath.Path` of a gs:// URL (which is absolute)."""
+    return path(p) if is_url(p) else Path(p).absolute()
 
 
 def files(p) -> list:

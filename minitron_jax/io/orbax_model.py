@@ -33,7 +33,7 @@ def save_model(model: Llama, path: str | Path, *, overwrite: bool = False) -> Pa
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
             copy_side_files(model.source, tmp)
-    return storage.path(path) if storage.is_url(path) else Path(path).absolute()
+    return storage.absolute(path)
 
 
 def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
@@ -50,7 +50,7 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, dtype) -> dict:
 def load_model(path: str | Path, *, mesh: Mesh | None = None, dtype=None, compute_dtype=None,
                remat: str = "none") -> Llama:
     """Restore a checkpoint written by `save_model` into (sharded) device arrays."""
-    path = storage.path(path) if storage.is_url(path) else Path(path).absolute()
+    path = storage.absolute(path)
     check_complete(path, "checkpoint")
     if not (path / "params").is_dir() or not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a minitron checkpoint (needs params/ and config.json); "

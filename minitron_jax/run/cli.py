@@ -55,6 +55,11 @@ def _mesh(spec: str | None):
         raise SystemExit(f"--mesh {spec}: {e}")
 
 
+def _folder(path):
+    """Where an output file goes, for the checks before any work: its local folder, or the gs:// URL itself."""
+    return path if storage.is_url(path) else Path(path).absolute().parent
+
+
 def _check_writable_dir(path, flag: str) -> None:
     """A directory the command will write into: creatable (not under a file) and writable, before any work
     (gs://: the bucket is usable, `storage.check_access`)."""
@@ -86,7 +91,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_convert(args) -> None:
     # several hosts: each writes its own shards of the orbax checkpoint, so they must share its folder
-    multihost.check_shared(args.out if storage.is_url(args.out) else Path(args.out).absolute().parent, "--out's folder")
+    multihost.check_shared(_folder(args.out), "--out's folder")
     check_output(args.out, inputs=(args.hf_dir,), overwrite=args.overwrite)
     model = hf.from_pretrained(args.hf_dir, mesh=_mesh(args.mesh), dtype=args.dtype)
     print(save_model(model, args.out, overwrite=args.overwrite))
@@ -306,7 +311,7 @@ def cmd_eval(args) -> None:
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)  # before any weights load
     if args.json:
-        _check_writable_dir(args.json if storage.is_url(args.json) else Path(args.json).absolute().parent, "--json")
+        _check_writable_dir(_folder(args.json), "--json")
     mesh = _mesh(args.mesh)
     _batch(args, mesh)
     rows, items = eval_set(args.data, tok, seq_len=args.seq_len, samples=args.samples, task=args.task,
@@ -331,7 +336,7 @@ def cmd_generate(args) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if storage.path(args.out).is_dir():  # before the mesh and the weights
         raise SystemExit(f"--out {args.out} is a directory; give a .jsonl file path")
-    _check_writable_dir(args.out if storage.is_url(args.out) else Path(args.out).absolute().parent, "--out")
+    _check_writable_dir(_folder(args.out), "--out")
     mesh = _mesh(args.mesh)
     summary = generate_file(args.model, args.prompts, args.out, sampling=sampling, max_new_tokens=args.max_new_tokens,
                             batch_size=_batch(args, mesh), mesh=mesh, seed=args.seed, extra_stop_ids=stops,

@@ -106,9 +106,7 @@ def generate_file(model_dir, prompts_path, out, *, sampling: Sampling = Sampling
         raise OutputError(f"--out {out} is a directory; give a .jsonl file path")
     lead = jax.process_index() == 0  # every process runs every batch (SPMD); process 0 writes the file
     # gs://: process 0 appends to a local copy and uploads it after each batch (objects cannot be appended to)
-    mirror = storage.Mirror(str(out).rsplit("/", 1)[0], fetch=(storage.path(out).name,)) \
-        if lead and storage.is_url(out) else None
-    local = mirror.local / storage.path(out).name if mirror is not None else Path(out)
+    mirror, local = storage.Mirror.of_file(out) if lead and storage.is_url(out) else (None, Path(out))
     cfg = LlamaConfig.from_file(model_dir)
     tok = load_tokenizer(model_dir, vocab_size=cfg.vocab_size)
     limit = context_limit(cfg)

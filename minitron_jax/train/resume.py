@@ -28,8 +28,7 @@ from minitron_jax.train.run_config import RunConfig, check_resume
 def checkpoint_manager(path: Path, rc: RunConfig) -> ocp.CheckpointManager:
     """orbax writes local folders and gs:// prefixes alike (through epath)."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True, create=True)
-    path = storage.path(path) if storage.is_url(path) else Path(path).absolute()
-    return ocp.CheckpointManager(path, options=opts, item_handlers={
+    return ocp.CheckpointManager(storage.absolute(path), options=opts, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler()})
 
 
