@@ -90,6 +90,33 @@ def test_two_processes_match_one(short_pair, reference, tmp_path):
     assert (out / "student_hf" / "model.safetensors").exists()
 
 
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) and root")
+def test_hosts_that_read_different_data_stop_before_training(pair, tmp_path):
+    """Each process reads `data` from its own disk (a private tmpfs at the same path, in its own mount namespace),
+    and process 1's copy has lost the second half of one play: both stop before any step with one message naming
+    the training data, rather than train on different rows (or hang at a collective)."""
+    from distill_helpers import two_processes
+
+    t, s, d = pair
+    other = shutil.copytree(d, tmp_path / "other")
+    play = other / "macbeth_gut.txt"
+    play.write_text(play.read_text()[: len(play.read_text()) // 2])
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    fill = f'if [ "$MINITRON_PROCESS_ID" = 0 ]; then cp {d}/* {disk}/; else cp {other}/* {disk}/; fi'
+    mount = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {disk} && {fill} && exec "$0" "$@"')
+    out = tmp_path / "out"  # shared by both: only the data differs
+    done = two_processes(["-m", "minitron_jax.run.cli"], ["distill", *args((t, s, disk), out, "steps=2")], devices=2,
+                         prefix=mount, timeout=300)
+    assert [p.returncode for p in done] == [1, 1], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    for p in done:
+        assert ("the processes of the job do not see the same training data (rows and splits): "
+                "training rows (process 1)") in p.stderr, p.stderr[-3000:]
+        assert "step 0 held-out" not in p.stdout + p.stderr  # stopped before the weights loaded
+    assert not (out / "checkpoints").exists() and not (out / "student_hf").exists()
+    assert not list(disk.iterdir())  # each process's data lived in its own tmpfs
+
+
 def test_killed_job_resumes_exactly(short_pair, reference, tmp_path):
     out = tmp_path / "killed"
     crashed = train_with_hook("kill", 7, args(short_pair, out, *PACKED), check=False)
