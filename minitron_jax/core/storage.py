@@ -189,6 +189,11 @@ def absolute(p):
     return path(p) if is_url(p) else Path(p).absolute()
 
 
+def source_name(p) -> str:
+    """The name a model records for where it came from: a local path resolved (symlinks too), a gs:// URL as given."""
+    return str(p) if is_url(p) else str(Path(p).resolve())
+
+
 def files(p) -> list:
     """Every file under the directory `p`, recursively, sorted (gs://: one listing of the prefix; epath's rglob
     refuses gs://)."""

@@ -552,4 +552,4 @@ def _source_chars(sources: Sequence[str]) -> int:
     """About the characters to read: the bytes of the source files (the progress total)."""
     files = [p for s in sources for p in (data_files(s) if is_hf_source(s) else [storage.path(s)]
                                           if storage.path(s).is_file() else storage.files(s))]
-    return max(1, sum(storage.size(p) for p in files if p.is_file()))
+    return max(1, sum(storage.size(p) for p in files))  # files only: no request per object to ask again

@@ -229,7 +229,7 @@ def from_pretrained(path: str | Path, *, mesh: Mesh | None = None, dtype=None, c
     """Load an HF Llama (Mistral, Qwen2, Qwen3) directory into a (sharded) `Llama`; `dtype` defaults to the stored dtype."""
     params, cfg = load_params(path, mesh=mesh, dtype=dtype)
     model = Llama(cfg, params=params, compute_dtype=compute_dtype, remat=remat)
-    model.source = str(path) if storage.is_url(path) else str(Path(path).resolve())
+    model.source = storage.source_name(path)
     return model
 
 

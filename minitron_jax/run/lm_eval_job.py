@@ -163,7 +163,7 @@ def lm_eval_tasks(model_dir, tasks: Sequence[str], out, *, include_path: Sequenc
     tm.load = lambda _names: loaded  # simple_evaluate loads the same list again: hand it what is loaded
 
     model = from_pretrained(model_dir, mesh=mesh, dtype=dtype)
-    info = {"model_source": str(model_dir) if storage.is_url(model_dir) else str(Path(model_dir).resolve()), "model_num_parameters": cfg.param_count(),
+    info = {"model_source": storage.source_name(model_dir), "model_num_parameters": cfg.param_count(),
             "model_dtype": str(jax.tree.leaves(model.params())[0].dtype)}
     lm = MinitronLM(model.params(), cfg, tok, max_length=max_length or limit_ctx, stop_ids=stop_ids(model_dir, cfg, tok),
                     batch_size=batch_size, mesh=mesh, attention=attention, seed=seed, info=info)

@@ -102,7 +102,7 @@ def prune_saved(model_dir: str | Path, scores_path: str | Path, out: str | Path,
         save_params(params, new, out, source=model_dir, overwrite=overwrite)
     else:
         pruned = Llama(new, params=params)
-        pruned.source = str(model_dir) if storage.is_url(model_dir) else str(Path(model_dir).resolve())
+        pruned.source = storage.source_name(model_dir)
         save_model(pruned, out, overwrite=overwrite)
     record = prune_record(cfg, scores, target, source=model_dir)
     keys = ("spec", "params", "loss", "distilled", "validation_loss", "distill_loss", "rank_pruned", "rank_distilled",
